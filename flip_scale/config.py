@@ -1,0 +1,401 @@
+"""Typed configuration: dataclasses, YAML recipes with `_base_:` inheritance, `key.sub=value` overrides.
+
+Every recipe is resolved into one `Config` before anything is built. Unknown keys, wrong types and
+out-of-range values are refused with a message that names the key, the value and what is valid.
+This module imports nothing of the package (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what would be valid."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast where supported) | fp32 | bf16
+    log_every_steps: int = 10
+    deterministic: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # registry name: tiny, B/16, L/16, H/14, G/14
+    mask_ratio: float = 0.5
+    masking: str = "random"  # the token-removal strategy (only `random` so far)
+    vision_pool: str = "avg_patches"  # avg_patches (OpenCLIP pool_type=avg) | avg_all (FLIP's code) | cls
+    text_pad_mask: bool = False  # FLIP's code attends to padding; true masks it out
+    text_causal: bool = False  # CLIP-style: causal mask + end-of-text pooling
+    image_size: Optional[int] = None  # None: the registry's size
+    context_length: int = 32
+    vocab_size: Optional[int] = None  # None: the registry's size; must be >= the tokenizer's
+    # Architecture overrides (None: the registry's value for `name`).
+    embed_dim: Optional[int] = None
+    patch_size: Optional[int] = None
+    vision_width: Optional[int] = None
+    vision_layers: Optional[int] = None
+    vision_heads: Optional[int] = None
+    vision_mlp_dim: Optional[int] = None
+    text_width: Optional[int] = None
+    text_layers: Optional[int] = None
+    text_heads: Optional[int] = None
+    text_mlp_dim: Optional[int] = None
+    norm_eps: float = 1e-6
+    logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
+    logit_scale_max: float = 4.605170185988092  # log(100)
+
+
+@dataclass
+class LossConfig:
+    kind: str = "contrastive"
+    # Exact global-batch contrast under micro-batching (two-pass feature cache). `per_microbatch`
+    # contrasts each micro-batch alone: cheaper, but it changes the math.
+    microbatch_contrast: str = "exact"  # exact | per_microbatch
+
+
+@dataclass
+class DataConfig:
+    train_shards: Union[str, list] = "data/synthetic/train-{000000..000007}.tar"
+    tokenizer: str = "data/synthetic/tokenizer.model"
+    synthetic: bool = False  # write synthetic shards + tokenizer if `train_shards` do not exist
+    synthetic_dir: str = "data/synthetic"
+    synthetic_train_samples: int = 4096
+    synthetic_eval_samples: int = 512
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.05  # stop when more than this fraction of samples is unreadable
+    bad_check_after: int = 200  # ... judged only after this many samples
+    crop_scale_min: float = 0.5
+    crop_scale_max: float = 1.0
+    hflip: bool = True
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: Optional[float] = None  # None: base_lr * global_batch_size / 256
+    base_lr: float = 4e-6
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.2
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum_steps: int = 1
+    fused: str = "auto"  # auto | true | false: fused AdamW kernel where the device has one
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "fsdp"  # fsdp | deepspeed
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the world size leaves
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    microbatches: int = 1
+    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing_every: int = 2  # selective: every k-th block
+    param_dtype: str = "bf16"  # FSDP MixedPrecisionPolicy on GPU
+    reduce_dtype: str = "fp32"
+    cpu_offload: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th step (0: none)
+    async_save: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the end
+    at_end: bool = True
+    zero_shot_shards: Union[str, list] = ""
+    classnames: str = ""
+    templates: str = "flip_short"  # flip_short (7) | openai (80) | a path, one template per line with {}
+    batch_size: int = 256
+    max_samples: int = 0  # 0: all
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: Union[str, Path]) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+
+# Allowed values of string options, checked after loading.
+CHOICES = {
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "model.masking": ("random",),
+    "model.vision_pool": ("avg_patches", "avg_all", "cls"),
+    "loss.kind": ("contrastive",),
+    "loss.microbatch_contrast": ("exact", "per_microbatch"),
+    "optim.name": ("adamw",),
+    "optim.fused": ("auto", "true", "false"),
+    "schedule.name": ("cosine", "constant"),
+    "parallel.engine": ("fsdp", "deepspeed"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
+    "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.param_dtype": ("bf16", "fp32"),
+    "parallel.reduce_dtype": ("bf16", "fp32"),
+}
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming the key and the expected type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "4e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:  # pragma: no cover - only the types above are used
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            guess = _closest(str(key), names)
+            raise ConfigError(
+                f"unknown config key '{full}'; did you mean '{prefix}{guess}'? "
+                f"Valid keys under '{prefix.rstrip('.') or 'config'}': {', '.join(names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full + ".")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- YAML + overrides
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(path: Union[str, Path]) -> Path:
+    """A recipe path as given, else relative to the package's `configs/` folder."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / path.name, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.exists():
+            return candidate
+    available = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))) if CONFIG_DIR.exists() else "none"
+    raise ConfigError(f"config file '{path}' not found (recipes in {CONFIG_DIR}: {available})")
+
+
+def load_yaml_tree(path: Union[str, Path], _seen: Optional[set] = None) -> dict:
+    """Read a recipe and its `_base_` chain (a path or a list of paths, relative to the file)."""
+    path = resolve_config_path(path)
+    seen = set() if _seen is None else _seen
+    real = path.resolve()
+    if real in seen:
+        raise ConfigError(f"_base_ cycle: {path} includes itself")
+    seen = seen | {real}
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.exists():
+            base_path = resolve_config_path(base)
+        merged = _deep_merge(merged, load_yaml_tree(base_path, seen))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value (e.g. train.max_steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict, overrides) -> dict:
+    tree = _deep_merge({}, tree)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def validate(cfg: Config) -> Config:
+    for dotted, options in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in options:
+            raise ConfigError(f"{dotted}: '{value}' is not valid; choose one of {', '.join(options)}")
+    if not 0.0 <= cfg.model.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio: {cfg.model.mask_ratio} is outside [0, 1)")
+    positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "model.context_length": cfg.model.context_length,
+        "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
+        "parallel.microbatches": cfg.parallel.microbatches,
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
+        "parallel.dp_replicate": cfg.parallel.dp_replicate,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard: must be -1 (fill the world) or >= 1, got {cfg.parallel.dp_shard}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: {cfg.data.max_bad_fraction} is outside [0, 1]")
+    if not 0.0 < cfg.data.crop_scale_min <= cfg.data.crop_scale_max <= 1.0:
+        raise ConfigError(
+            f"data.crop_scale_min/max: need 0 < min <= max <= 1, got {cfg.data.crop_scale_min}, {cfg.data.crop_scale_max}"
+        )
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    return validate(_build(Config, tree, ""))
+
+
+def load_config(path: Union[str, Path, None] = None, overrides=None) -> Config:
+    """Load a recipe (default `configs/tiny.yaml`), apply `key.sub=value` overrides, validate."""
+    tree = load_yaml_tree(path if path is not None else CONFIG_DIR / "tiny.yaml")
+    tree = apply_overrides(tree, overrides)
+    return config_from_dict(tree)
+
+
+def effective_lr(cfg: Config) -> float:
+    """Peak learning rate: `optim.lr` if set, else the linear scaling rule base_lr x batch / 256."""
+    if cfg.optim.lr is not None:
+        return cfg.optim.lr
+    return cfg.optim.base_lr * cfg.train.global_batch_size / 256

@@ -1,0 +1,70 @@
+"""Symmetric InfoNCE over the global batch; the loss owns its distributed gather.
+
+Each rank gathers the features of every data-parallel rank *with* gradient, then computes only
+its own rows of the global logit matrix (local loss): image rows against all texts and text rows
+against all images. The mean of the ranks' losses is the one-process loss over the global batch,
+and with gradients averaged over data-parallel ranks (as FSDP/DDP do) the gradients are equal too:
+the gather's backward sums every rank's contribution back onto the features that produced it.
+The group is that of the data-parallel ranks only: tensor- and pipeline-parallel ranks of one
+replica hold the same samples and must never be gathered over.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Concatenate `x` of every rank of `group` along dim 0; the backward sums the gradients."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous(), group=group), dim=0)
+
+
+def contrastive_loss_rows(
+    image_local: torch.Tensor,
+    text_local: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    row_offset: int,
+) -> torch.Tensor:
+    """Mean symmetric cross-entropy of the local rows; positives sit at `row_offset + i`."""
+    scale = logit_scale.exp()
+    logits_image = scale * image_local.float() @ text_all.float().t()
+    logits_text = scale * text_local.float() @ image_all.float().t()
+    labels = torch.arange(image_local.shape[0], device=image_local.device) + row_offset
+    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
+
+
+class ContrastiveLoss(nn.Module):
+    """loss(image_features, text_features, logit_scale) with features [B_local, D], L2-normalised.
+
+    `logit_scale` is the log-temperature parameter (the loss takes its exp). With `group` set, the
+    global batch is the concatenation of the local batches of the group's ranks in rank order; all
+    ranks must hold the same number of samples.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        self.group = group
+
+    def forward(self, image_features, text_features, logit_scale):
+        image_all = gather_with_grad(image_features, self.group)
+        text_all = gather_with_grad(text_features, self.group)
+        rank = dist.get_rank(self.group) if self.group is not None else 0
+        offset = rank * image_features.shape[0]
+        return contrastive_loss_rows(image_features, text_features, image_all, text_all, logit_scale, offset)
+
+
+def build_loss(loss_cfg, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    if loss_cfg.kind != "contrastive":
+        raise ValueError(f"loss.kind: unknown loss '{loss_cfg.kind}'; valid: contrastive")
+    return ContrastiveLoss(group)

@@ -1,0 +1,95 @@
+"""The FLIP model: image tower + text tower + learnable temperature."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import FlipArch, arch_from_config
+from .text import TextTower
+from .vit import VisionTower
+
+
+class FLIPModel(nn.Module):
+    def __init__(
+        self,
+        arch: FlipArch,
+        mask_ratio: float = 0.5,
+        masking: str = "random",
+        vision_pool: str = "avg_patches",
+        text_pad_mask: bool = False,
+        text_causal: bool = False,
+        norm_eps: float = 1e-6,
+        logit_scale_init: float = math.log(1 / 0.07),
+        logit_scale_max: float = math.log(100.0),
+    ):
+        super().__init__()
+        self.arch = arch
+        self.logit_scale_init = logit_scale_init
+        self.logit_scale_max = logit_scale_max
+        self.visual = VisionTower(arch, mask_ratio, masking, vision_pool, norm_eps)
+        self.text = TextTower(arch, text_pad_mask, text_causal, norm_eps)
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.visual.mask_ratio
+
+    @mask_ratio.setter
+    def mask_ratio(self, value: float) -> None:
+        self.visual.mask_ratio = value
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.visual.init_weights()
+        self.text.init_weights()
+        self.logit_scale.fill_(self.logit_scale_init)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the temperature in [0, log 100]; called after every optimizer step."""
+        self.logit_scale.clamp_(0.0, self.logit_scale_max)
+
+    def encode_image(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, normalize: bool = True):
+        features = self.visual(images, mask_noise)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True):
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask_noise: Optional[torch.Tensor] = None):
+        """-> (image features, text features) L2-normalised, each [B, embed_dim]."""
+        return self.encode_image(images, mask_noise), self.encode_text(tokens)
+
+
+def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True) -> FLIPModel:
+    """Build the model of a `ModelConfig`. On `device="meta"` nothing is allocated or initialised."""
+    arch = arch_from_config(model_cfg)
+    with torch.device(device):
+        model = FLIPModel(
+            arch,
+            mask_ratio=model_cfg.mask_ratio,
+            masking=model_cfg.masking,
+            vision_pool=model_cfg.vision_pool,
+            text_pad_mask=model_cfg.text_pad_mask,
+            text_causal=model_cfg.text_causal,
+            norm_eps=model_cfg.norm_eps,
+            logit_scale_init=model_cfg.logit_scale_init,
+            logit_scale_max=model_cfg.logit_scale_max,
+        )
+    if init and torch.device(device).type != "meta":
+        model.init_weights()
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Parameter counts by tower (works on the meta device)."""
+    vision = sum(p.numel() for p in model.visual.parameters())
+    text = sum(p.numel() for p in model.text.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"params_vision": vision, "params_text": text, "params_total": total}

@@ -1,0 +1,118 @@
+"""FLIP's image tower: a ViT whose removed patches never enter the encoder.
+
+patchify -> + fixed 2-D sin-cos position embedding -> keep a random (1 - mask_ratio) of the
+patches of each sample -> prepend CLS (no position embedding) -> blocks on the visible tokens ->
+final LayerNorm -> pool -> bias-free projection. No LayerNorm right after the patch embedding.
+
+A pipeline stage may hold only some of the blocks: the parts it does not hold (`patch_embed`
+before the blocks, `ln_post`/`proj` after them) are set to None and skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .masking import build_masking
+from .registry import FlipArch
+from .transformer import init_block_weights, make_blocks
+
+
+def sincos_2d_position_embedding(width: int, grid_size: int) -> np.ndarray:
+    """[grid^2, width] fixed 2-D sin-cos table (MAE / FLIP / OpenCLIP `sin_cos_2d` layout)."""
+    if width % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {width}")
+
+    def one_dim(dim: int, positions: np.ndarray) -> np.ndarray:
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    return np.concatenate([one_dim(width // 2, grid[0]), one_dim(width // 2, grid[1])], axis=1)
+
+
+class VisionTower(nn.Module):
+    def __init__(
+        self,
+        arch: FlipArch,
+        mask_ratio: float = 0.0,
+        masking: str = "random",
+        pool: str = "avg_patches",
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        width = arch.vision.width
+        self.arch = arch
+        self.pool = pool
+        self.patch_size = arch.patch_size
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=arch.patch_size, stride=arch.patch_size, bias=False)
+        # Fixed, so a buffer: recomputed by init_weights, never trained, not in checkpoints.
+        self.register_buffer("pos_embed", torch.zeros(arch.num_patches, width), persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(width))
+        self.masking = build_masking(masking, mask_ratio)
+        self.blocks = make_blocks(width, arch.vision.layers, arch.vision.heads, arch.vision.mlp_dim, norm_eps)
+        self.ln_post = nn.LayerNorm(width, eps=norm_eps)
+        self.proj = nn.Linear(width, arch.embed_dim, bias=False)
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.masking.mask_ratio
+
+    @mask_ratio.setter
+    def mask_ratio(self, value: float) -> None:
+        self.masking.mask_ratio = value
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        if self.patch_embed is not None:
+            weight = self.patch_embed.weight
+            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            nn.init.normal_(self.cls_token, std=0.02)
+            table = sincos_2d_position_embedding(self.pos_embed.shape[1], self.arch.grid_size)
+            self.pos_embed.copy_(torch.from_numpy(table).to(self.pos_embed.dtype))
+        for block in self.blocks.values():
+            init_block_weights(block)
+        if self.ln_post is not None:
+            nn.init.ones_(self.ln_post.weight)
+            nn.init.zeros_(self.ln_post.bias)
+            nn.init.normal_(self.proj.weight, std=self.proj.in_features**-0.5)
+
+    def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images [B, 3, H, W] -> tokens [B, 1 + visible, width] (CLS first)."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, L, width]
+        if x.shape[1] != self.pos_embed.shape[0]:
+            raise ValueError(
+                f"image of {tuple(images.shape[-2:])} px gives {x.shape[1]} patches; the model is built for "
+                f"{self.arch.image_size} px ({self.pos_embed.shape[0]} patches)"
+            )
+        x = x + self.pos_embed.to(x.dtype)
+        x = self.masking(x, mask_noise)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, width] -> features [B, embed_dim] (not normalised)."""
+        x = self.ln_post(x)
+        if self.pool == "avg_patches":
+            pooled = x[:, 1:].mean(dim=1)
+        elif self.pool == "avg_all":
+            pooled = x.mean(dim=1)
+        else:
+            pooled = x[:, 0]
+        return self.proj(pooled)
+
+    def forward(self, x: torch.Tensor, mask_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.patch_embed is not None:
+            x = self.embed(x, mask_noise)
+        for block in self.blocks.values():
+            x = block(x)
+        if self.ln_post is not None:
+            x = self.head(x)
+        return x
