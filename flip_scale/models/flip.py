@@ -63,8 +63,12 @@ class FLIPModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask_noise: Optional[torch.Tensor] = None):
-        """-> (image features, text features) L2-normalised, each [B, embed_dim]."""
-        return self.encode_image(images, mask_noise), self.encode_text(tokens)
+        """-> (image features, text features, log temperature); features L2-normalised [B, embed_dim].
+
+        The temperature is returned from inside forward so that a sharded model (FSDP2) hands out
+        the gathered parameter, with its gradient path, rather than a shard.
+        """
+        return self.encode_image(images, mask_noise), self.encode_text(tokens), self.logit_scale * 1.0
 
 
 def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True) -> FLIPModel:
