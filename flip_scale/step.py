@@ -1,0 +1,103 @@
+"""Forward + backward of one global batch, with exact contrast under micro-batching.
+
+The contrastive loss couples every sample of the global batch, so splitting the batch into
+micro-batches (gradient accumulation) and contrasting each alone changes the math. The two-pass
+feature cache keeps it exact:
+
+  pass 1  embed every micro-batch without autograd, concatenate the embeddings;
+          compute the loss on the whole batch and d(loss)/d(embeddings), d(loss)/d(log temperature);
+  pass 2  re-run each micro-batch with autograd and back-propagate its slice of those gradients.
+
+Both passes must see the same mask for a sample: the caller passes `mask_noise` (one row per
+sample, a function of seed, step and the sample's global index), sliced here with the batch.
+With one micro-batch it is a plain forward/backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+
+def _split(tensor: Optional[torch.Tensor], parts: int):
+    if tensor is None:
+        return [None] * parts
+    return list(tensor.chunk(parts, dim=0))
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the data-parallel gradient reduction of all but the last micro-batch (FSDP2)."""
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is None or enabled:
+        yield
+        return
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    loss_fn,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    mask_noise: Optional[torch.Tensor] = None,
+    microbatches: int = 1,
+    exact: bool = True,
+    autocast=contextlib.nullcontext,
+) -> torch.Tensor:
+    """Accumulate the gradients of the loss over (images, tokens) into the model; return the loss.
+
+    `loss_fn(image_features, text_features, log_temperature)` must do its own data-parallel gather.
+    `exact=False` contrasts each micro-batch alone (cheaper, different math), averaging the losses.
+    """
+    batch = images.shape[0]
+    if microbatches < 1 or batch % microbatches:
+        raise ValueError(f"a local batch of {batch} samples cannot be split into {microbatches} equal micro-batches")
+    image_chunks, token_chunks, noise_chunks = _split(images, microbatches), _split(tokens, microbatches), _split(mask_noise, microbatches)
+
+    if microbatches == 1 or not exact:
+        total = torch.zeros((), device=images.device)
+        for index in range(microbatches):
+            with gradient_sync(model, index == microbatches - 1):
+                with autocast():
+                    image_features, text_features, log_scale = model(image_chunks[index], token_chunks[index], noise_chunks[index])
+                    loss = loss_fn(image_features, text_features, log_scale) / microbatches
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    # Pass 1: embeddings of the whole batch, no autograd graph kept.
+    with torch.no_grad():
+        image_parts, text_parts = [], []
+        for index in range(microbatches):
+            with autocast():
+                image_features, text_features, log_scale = model(image_chunks[index], token_chunks[index], noise_chunks[index])
+            image_parts.append(image_features)
+            text_parts.append(text_features)
+    image_all = torch.cat(image_parts).detach().requires_grad_(True)
+    text_all = torch.cat(text_parts).detach().requires_grad_(True)
+    log_scale = log_scale.detach().requires_grad_(True)
+    with autocast():
+        loss = loss_fn(image_all, text_all, log_scale)
+    loss.backward()
+    image_grads = image_all.grad.chunk(microbatches)
+    text_grads = text_all.grad.chunk(microbatches)
+
+    # Pass 2: re-run each micro-batch with autograd and push its slice of the cached gradients.
+    for index in range(microbatches):
+        with gradient_sync(model, index == microbatches - 1):
+            with autocast():
+                image_features, text_features, scale_out = model(image_chunks[index], token_chunks[index], noise_chunks[index])
+            outputs = [image_features, text_features]
+            grads = [image_grads[index].to(image_features.dtype), text_grads[index].to(text_features.dtype)]
+            if index == 0:  # the temperature's gradient enters once
+                outputs.append(scale_out)
+                grads.append(log_scale.grad.to(scale_out.dtype))
+            torch.autograd.backward(outputs, grads)
+    return loss.detach()
