@@ -62,13 +62,16 @@ class FLIPModel(nn.Module):
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask_noise: Optional[torch.Tensor] = None):
+    def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor], mask_noise: Optional[torch.Tensor] = None):
         """-> (image features, text features, log temperature); features L2-normalised [B, embed_dim].
 
-        The temperature is returned from inside forward so that a sharded model (FSDP2) hands out
-        the gathered parameter, with its gradient path, rather than a shard.
+        Either input may be None (its features are then None): evaluation embeds images and class
+        prompts separately, through forward, so that a sharded model gathers its weights. The
+        temperature is returned from inside forward for the same reason.
         """
-        return self.encode_image(images, mask_noise), self.encode_text(tokens), self.logit_scale * 1.0
+        image_features = self.encode_image(images, mask_noise) if images is not None else None
+        text_features = self.encode_text(tokens) if tokens is not None else None
+        return image_features, text_features, self.logit_scale * 1.0
 
 
 def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True) -> FLIPModel:

@@ -1,0 +1,83 @@
+"""AdamW with decay / no-decay groups, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .config import Config, effective_lr
+
+log = logging.getLogger("flip_scale.optim")
+
+# Parameters that never decay, by name: position embeddings and the temperature
+# (FLIP's code: biases, norm scales and position embeddings; the temperature too, as OpenCLIP).
+NO_DECAY_NAMES = ("pos_embed", "logit_scale", "cls_token")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay; biases, norms, embeddings of position and the temperature do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _use_fused(setting: str, device: torch.device) -> bool:
+    if setting == "true":
+        return True
+    if setting == "false":
+        return False
+    return device.type == "cuda"
+
+
+def nvidia_apex_available() -> bool:
+    """True only for NVIDIA's apex (the PyPI package named `apex` is an unrelated toolkit)."""
+    try:
+        import apex  # noqa: F401
+        from apex.optimizers import FusedAdam  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    fused = _use_fused(cfg.optim.fused, device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=effective_lr(cfg),
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        fused=fused if fused else None,
+        foreach=None if fused else True,
+    )
+    log.info("optimizer: torch AdamW (%s)", "fused" if fused else "foreach")
+    return optimizer
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from 0, then cosine to min_lr."""
+    peak = effective_lr(cfg)
+    warmup = cfg.schedule.warmup_steps
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if cfg.schedule.name == "constant":
+        return peak
+    total = max(1, cfg.train.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / total)
+    return cfg.schedule.min_lr + 0.5 * (peak - cfg.schedule.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    peak = effective_lr(cfg)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / peak if peak else 0.0)
