@@ -27,9 +27,9 @@ setup(
     entry_points={
         "console_scripts": [
             "flip-train=flip_scale.train:main",
-            "flip-model-info=flip_scale.tools_entry:model_info",
-            "flip-make-synthetic-shards=flip_scale.tools_entry:make_synthetic_shards",
-            "flip-train-tokenizer=flip_scale.tools_entry:train_tokenizer",
+            "flip-model-info=flip_scale.models.info:main",
+            "flip-make-synthetic-shards=flip_scale.data.synthetic:main",
+            "flip-train-tokenizer=flip_scale.data.tokenizer:main",
         ]
     },
 )

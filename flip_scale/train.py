@@ -1,0 +1,360 @@
+"""`flip-train`: the training entry point.
+
+    flip-train                                   # configs/tiny.yaml: tiny FLIP on synthetic data, CPU
+    flip-train --config configs/flip_l16.yaml --run-dir runs/l16 --resume auto train.max_steps=1000
+    torchrun --nproc_per_node 8 -m flip_scale.train --config configs/flip_g14.yaml parallel.tp=2
+
+The loop reads as a list of steps: get batch -> forward/backward (exact global-batch contrast) ->
+clip -> optimizer step -> clamp temperature -> log -> checkpoint -> evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import find_latest, load_checkpoint, resolve_resume, save_checkpoint
+from .config import Config, ConfigError, effective_lr, load_config
+from .distributed import ProcessInfo, barrier, init_distributed, shutdown
+from .loss import build_loss
+from .metrics import MetricsWriter, Progress, format_duration
+from .models import arch_from_config, build_model, count_parameters, masking_noise
+from .optim import build_optimizer, build_scheduler, nvidia_apex_available
+from .step import forward_backward
+
+log = logging.getLogger("flip_scale")
+
+EPILOG = """examples:
+  flip-train                                      tiny FLIP on synthetic data (CPU, a few minutes)
+  flip-train --config configs/flip_b16.yaml --run-dir runs/b16 data.train_shards='/data/{00000..01023}.tar'
+  flip-train --resume auto --run-dir runs/tiny    continue from the last complete checkpoint
+  torchrun --nproc_per_node 4 -m flip_scale.train parallel.dp_shard=4
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="flip-train",
+        description="Train a FLIP model. Overrides are key.sub=value pairs after the options.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML recipe (default: configs/tiny.yaml)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe name>)")
+    parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint of the run directory, if any) or a checkpoint path")
+    parser.add_argument("--init-from", default=None, help="start from the weights of this checkpoint (fresh optimizer and step)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=100 model.mask_ratio=0.75")
+    return parser.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def default_run_dir(config_path: Optional[str]) -> Path:
+    name = Path(config_path).stem if config_path else "tiny"
+    return Path("runs") / name
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_seen: int = 0
+    skipped_samples: int = 0
+
+
+def _dp_sum(value: float, group, device) -> float:
+    if group is None:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, group=group)
+    return float(tensor.item())
+
+
+class Trainer:
+    """Builds the parts from one config and runs the loop. Parallel layout: `flip_scale.parallel`."""
+
+    def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo):
+        from .data import Tokenizer, build_train_loader, ensure_synthetic_data
+        from .parallel import ParallelDims, clip_grad_norm_, parallelize_model
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.proc = proc
+        self.device = proc.device
+        self.arch = arch_from_config(cfg.model)
+        self.clip_grad_norm_ = clip_grad_norm_
+
+        # Layout first: an impossible one is refused before anything is built.
+        self.dims = ParallelDims.from_config(
+            cfg.parallel, proc.world_size, arch=self.arch,
+            global_batch_size=cfg.train.global_batch_size, grad_accum_steps=cfg.optim.grad_accum_steps,
+        )
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.local_batch = cfg.train.global_batch_size // self.dims.dp_size
+        self.precision = resolve_precision(cfg, self.device)
+
+        if proc.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            ensure_synthetic_data(cfg.data, image_size=self.arch.image_size, vocab_size=self.arch.vocab_size)
+        barrier()
+        self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length)
+        if self.tokenizer.vocab_size > self.arch.vocab_size:
+            raise ConfigError(
+                f"the tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{self.arch.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} or more"
+            )
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, device="meta")
+        self.counts = count_parameters(model)
+        self.model = parallelize_model(model, self.dims, self.mesh, cfg, self.device)
+        self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.state = TrainState()
+        self.data_state = None
+        self._build_loader = lambda: build_train_loader(
+            cfg.data, self.arch.image_size, self.tokenizer, self.dims.dp_rank, self.dims.dp_size,
+            self.local_batch, cfg.train.seed,
+        )
+        self.metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=cfg.logging.tensorboard)
+        self.eval_metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=False, filename="eval.jsonl")
+
+    # ------------------------------------------------------------------ setup reporting
+    def describe(self) -> None:
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
+        c = self.counts
+        log.info(
+            "model %s: %.2fM params (vision %.2fM, text %.2fM); mask ratio %.2f -> %d of %d patches visible",
+            self.cfg.model.name, c["params_total"] / 1e6, c["params_vision"] / 1e6, c["params_text"] / 1e6,
+            self.cfg.model.mask_ratio, max(1, int(self.arch.num_patches * (1 - self.cfg.model.mask_ratio))),
+            self.arch.num_patches,
+        )
+        log.info("layout: %s | world %d | device %s | precision %s", self.dims.describe(), self.proc.world_size,
+                 self.device, self.precision)
+        log.info("global batch %d = %d data-parallel ranks x %d (grad accumulation %d, %s contrast)",
+                 self.cfg.train.global_batch_size, self.dims.dp_size, self.local_batch, self.cfg.optim.grad_accum_steps,
+                 self.cfg.loss.microbatch_contrast)
+        log.info("peak lr %.3e, warmup %d, %s schedule, %d steps; fused ops: apex %s",
+                 effective_lr(self.cfg), self.cfg.schedule.warmup_steps, self.cfg.schedule.name, self.cfg.train.max_steps,
+                 "yes" if nvidia_apex_available() else "no (PyTorch AdamW / LayerNorm)")
+        if self.proc.world_size > 1:
+            # Every rank reports its own share (warning level: other ranks log only warnings).
+            log.warning("rank %d holds %.2fM parameters locally", self.proc.rank, local / 1e6)
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self, path: Path) -> None:
+        trainer_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.dims.dp_rank)
+        self.state = TrainState(
+            step=trainer_state["step"], samples_seen=trainer_state.get("samples_seen", 0),
+            skipped_samples=trainer_state.get("skipped_samples", 0),
+        )
+        self.data_state = trainer_state.get("data_state")
+        log.info("resumed from %s at step %d (%d samples seen)", path, self.state.step, self.state.samples_seen)
+
+    def init_from(self, path: Path) -> None:
+        load_checkpoint(path, self.model)
+        log.info("initialised weights from %s (fresh optimizer, step 0)", path)
+
+    def save(self, loader) -> Path:
+        data_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+        return save_checkpoint(
+            self.run_dir, self.state.step, self.model, self.optimizer, self.scheduler,
+            trainer_state={
+                "samples_seen": self.state.samples_seen, "skipped_samples": self.state.skipped_samples,
+                "layout": self.dims.describe(), "world_size": self.proc.world_size,
+                "model_arch": self.arch.to_dict(),
+            },
+            config_yaml=self.cfg.to_yaml(), data_state=data_state, dp_rank=self.dims.dp_rank,
+            keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def mask_noise(self, step: int, batch_size: int) -> Optional[torch.Tensor]:
+        if self.cfg.model.mask_ratio <= 0:
+            return None
+        first = self.dims.dp_rank * batch_size
+        index = torch.arange(first, first + batch_size)
+        return masking_noise(self.cfg.train.seed, step, index, self.arch.num_patches).to(self.device)
+
+    def train_step(self, batch: dict) -> dict:
+        images = batch["images"].to(self.device, non_blocking=True)
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        noise = self.mask_noise(self.state.step, images.shape[0])
+        self.model.train()
+        loss = forward_backward(
+            self.model, self.loss_fn, images, tokens, noise,
+            microbatches=self.cfg.optim.grad_accum_steps,
+            exact=self.cfg.loss.microbatch_contrast == "exact",
+            autocast=self.autocast,
+        )
+        grad_norm = self.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, self.dims)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale(self.model)
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        loader = self._build_loader()
+        if self.data_state is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(self.data_state)
+        batches = iter(loader)
+        progress = Progress(self.state.step, cfg.train.max_steps)
+        dp_group = self.dims.dp_group
+        last = {}
+        window_loss, window_skipped, window_steps = 0.0, 0, 0
+        while self.state.step < cfg.train.max_steps:
+            batch = next(batches)
+            out = self.train_step(batch)
+            self.state.step += 1
+            self.state.samples_seen += cfg.train.global_batch_size
+            window_loss += float(out["loss"])
+            window_skipped += int(batch.get("skipped", 0))
+            window_steps += 1
+            step = self.state.step
+            if step % cfg.train.log_every_steps == 0 or step == cfg.train.max_steps or step == 1:
+                # Metrics are reduced once, over the data-parallel ranks, and written by rank 0.
+                loss = _dp_sum(window_loss / window_steps, dp_group, self.device) / self.dims.dp_size
+                skipped = int(_dp_sum(window_skipped, dp_group, self.device))
+                self.state.skipped_samples += skipped
+                elapsed, steps = progress.interval(step)
+                values = {
+                    "loss": loss,
+                    "lr": out["lr"],
+                    "logit_scale": float(logit_scale_value(self.model)),
+                    "grad_norm": float(out["grad_norm"]),
+                    "images_per_s": cfg.train.global_batch_size * steps / max(elapsed, 1e-9),
+                    "samples_seen": self.state.samples_seen,
+                    "mask_ratio": cfg.model.mask_ratio,
+                    "skipped_samples": self.state.skipped_samples,
+                }
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step}: stopping (lower optim.lr or check the data)")
+                self.metrics.write(step, values)
+                log.info(progress.line(step, values))
+                last = values
+                window_loss, window_skipped, window_steps = 0.0, 0, 0
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+                self.save(loader)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.train.max_steps:
+                self.evaluate()
+        result = {"step": self.state.step, **last}
+        if cfg.eval.at_end:
+            evaluation = self.evaluate()
+            if evaluation is not None:
+                result["zero_shot"] = evaluation
+        return result
+
+    def evaluate(self) -> Optional[dict]:
+        from .evaluate import run_zero_shot
+
+        # Every rank runs the same batches: a sharded model needs all of them in each forward.
+        started = time.perf_counter()
+        result = run_zero_shot(self.model, self.tokenizer, self.cfg.eval, self.cfg.data, self.arch.image_size, self.device)
+        if result is None:
+            return None
+        result["seconds"] = time.perf_counter() - started
+        self.eval_metrics.write(self.state.step, {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"],
+                                                  "samples": result["samples"], "classes": result["classes"]})
+        if self.metrics.tb is not None:
+            self.metrics.tb.add_scalar("eval/zero_shot_top1", result["top1"], self.state.step)
+            self.metrics.tb.add_scalar("eval/zero_shot_top5", result["top5"], self.state.step)
+            self.metrics.tb.flush()
+        log.info(
+            "zero-shot at step %d: top-1 %.1f%%, top-5 %.1f%% on %d held-out images, %d classes (chance %.1f%%) [%s]",
+            self.state.step, 100 * result["top1"], 100 * result["top5"], result["samples"], result["classes"],
+            100 * result["chance"], format_duration(result["seconds"]),
+        )
+        return result
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.eval_metrics.close()
+
+
+def _logit_scale_param(model) -> torch.Tensor:
+    module = getattr(model, "module", model)
+    return module.logit_scale
+
+
+def logit_scale_value(model) -> float:
+    param = _logit_scale_param(model)
+    value = param.full_tensor() if hasattr(param, "full_tensor") else param
+    return float(value.detach().exp())
+
+
+@torch.no_grad()
+def clamp_logit_scale(model) -> None:
+    """Keep the temperature in [0, log 100] after every optimizer step (works on sharded params)."""
+    module = getattr(model, "module", model)
+    param = module.logit_scale
+    local = param.to_local() if hasattr(param, "to_local") else param
+    local.clamp_(0.0, module.logit_scale_max)
+
+
+def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
+    proc = init_distributed(cfg.train.device)
+    setup_logging(proc.rank)
+    try:
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        trainer = Trainer(cfg, run_dir, proc)
+        trainer.describe()
+        checkpoint = resolve_resume(resume, Path(run_dir))
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        elif resume == "auto":
+            log.info("--resume auto: no checkpoint in %s, starting at step 0", run_dir)
+        if init_from and checkpoint is None:
+            trainer.init_from(resolve_resume(init_from, Path(init_from)))
+        result = trainer.fit()
+        trainer.close()
+        return result
+    finally:
+        shutdown()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"flip-train: config error: {error}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    run(cfg, run_dir, resume=args.resume, init_from=args.init_from)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
