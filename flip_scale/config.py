@@ -238,6 +238,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML reads true/false unquoted as bools (optim.fused: true)
+            return "true" if value else "false"
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
@@ -253,7 +255,7 @@ def _closest(name: str, options) -> str:
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

@@ -1,0 +1,243 @@
+"""Config loading: `_base_` inheritance, overrides, validation messages, recipes, save/load, lr rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flip_scale.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    config_from_dict,
+    effective_lr,
+    load_config,
+)
+
+
+def write(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+# ----------------------------------------------------------------------------- _base_ inheritance
+
+
+def test_child_overrides_one_key_and_keeps_the_rest(tmp_path):
+    write(tmp_path / "base.yaml", {"train": {"max_steps": 10, "global_batch_size": 64}, "model": {"mask_ratio": 0.75}})
+    child = write(tmp_path / "child.yaml", {"_base_": "base.yaml", "train": {"max_steps": 20}})
+    cfg = load_config(child)
+    assert cfg.train.max_steps == 20
+    assert cfg.train.global_batch_size == 64  # kept from the base (deep merge, not section replace)
+    assert cfg.model.mask_ratio == 0.75
+    assert cfg.train.seed == Config().train.seed  # untouched keys keep the dataclass default
+
+
+def test_list_of_bases_later_wins_and_chains_resolve(tmp_path):
+    write(tmp_path / "root.yaml", {"train": {"seed": 7}})
+    write(tmp_path / "a.yaml", {"_base_": "root.yaml", "train": {"max_steps": 1, "global_batch_size": 32}})
+    write(tmp_path / "b.yaml", {"train": {"max_steps": 2}, "model": {"name": "B/16"}})
+    child = write(tmp_path / "child.yaml", {"_base_": ["a.yaml", "b.yaml"], "model": {"mask_ratio": 0.25}})
+    cfg = load_config(child)
+    assert cfg.train.max_steps == 2  # b comes after a
+    assert cfg.train.global_batch_size == 32  # only in a
+    assert cfg.train.seed == 7  # a's own base
+    assert (cfg.model.name, cfg.model.mask_ratio) == ("B/16", 0.25)
+
+
+def test_diamond_is_not_a_cycle(tmp_path):
+    write(tmp_path / "root.yaml", {"train": {"seed": 3}})
+    write(tmp_path / "a.yaml", {"_base_": "root.yaml"})
+    write(tmp_path / "b.yaml", {"_base_": "root.yaml"})
+    child = write(tmp_path / "child.yaml", {"_base_": ["a.yaml", "b.yaml"]})
+    assert load_config(child).train.seed == 3
+
+
+def test_base_cycle_is_refused(tmp_path):
+    write(tmp_path / "a.yaml", {"_base_": "b.yaml", "train": {"seed": 1}})
+    write(tmp_path / "b.yaml", {"_base_": "a.yaml", "train": {"seed": 2}})
+    with pytest.raises(ConfigError, match=r"_base_ cycle: .*a\.yaml includes itself"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "self.yaml", {"_base_": "self.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_missing_base_names_the_file(tmp_path):
+    child = write(tmp_path / "child.yaml", {"_base_": "nowhere.yaml"})
+    with pytest.raises(ConfigError, match="nowhere.yaml' not found"):
+        load_config(child)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def test_overrides_of_every_type():
+    cfg = load_config(
+        None,
+        [
+            "train.max_steps=5",
+            "optim.base_lr=4e-6",  # YAML 1.1 reads this as a string; it must still become a float
+            "optim.weight_decay=0.1",
+            "model.text_pad_mask=true",
+            "optim.betas=[0.9, 0.98]",
+            "data.train_shards=[a.tar, b.tar]",
+            "model.name=B/16",
+            "optim.lr=null",
+            "optim.fused=false",  # a string option whose values YAML reads as bools
+        ],
+    )
+    assert cfg.train.max_steps == 5 and isinstance(cfg.train.max_steps, int)
+    assert cfg.optim.base_lr == 4e-6 and isinstance(cfg.optim.base_lr, float)
+    assert cfg.optim.weight_decay == 0.1
+    assert cfg.model.text_pad_mask is True
+    assert cfg.optim.betas == [0.9, 0.98]
+    assert cfg.data.train_shards == ["a.tar", "b.tar"]
+    assert cfg.model.name == "B/16"
+    assert cfg.optim.lr is None
+    assert cfg.optim.fused == "false"
+    # An int where a float is expected is accepted as a float.
+    assert load_config(None, ["model.mask_ratio=0"]).model.mask_ratio == 0.0
+
+
+def test_override_replaces_the_recipe_value():
+    assert load_config("flip_l16.yaml").train.max_steps == 195313
+    assert load_config("flip_l16.yaml", ["train.max_steps=12"]).train.max_steps == 12
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="not of the form key.sub=value"):
+        load_config(None, ["train.max_steps"])
+
+
+# ----------------------------------------------------------------------------- validation messages
+
+
+def test_unknown_key_names_it_and_the_closest_valid_key():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.mask_ration=0.6"])
+    message = str(error.value)
+    assert "unknown config key 'model.mask_ration'" in message
+    assert "did you mean 'model.mask_ratio'" in message
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        load_config(None, ["train.max_step=3"])
+
+
+def test_unknown_section_names_it_and_the_closest_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer'; did you mean 'optim'"):
+        load_config(None, ["optimizer.lr=1e-3"])
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path):
+    recipe = write(tmp_path / "bad.yaml", {"parallel": {"tp_size": 2}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'parallel.tp_size'; did you mean 'parallel.tp'"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
+        ("train.max_steps=1.5", "train.max_steps: expected int, got 1.5"),
+        ("model.text_pad_mask=3", "model.text_pad_mask: expected bool, got 3"),
+        ("optim.betas=0.9", "optim.betas: expected list, got 0.9"),
+        ("model.image_size=big", "model.image_size: expected int or null, got 'big'"),
+        ("model.mask_ratio=half", "model.mask_ratio: expected float, got 'half'"),
+        ("model=3", "model: expected a mapping of keys, got 3"),
+    ],
+)
+def test_wrong_type_names_the_key_and_the_expected_type(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_invalid_choice_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["parallel.pp_schedule=foo"])
+    assert str(error.value) == "parallel.pp_schedule: 'foo' is not valid; choose one of gpipe, 1f1b, interleaved_1f1b"
+    with pytest.raises(ConfigError, match="model.vision_pool: 'mean' is not valid; choose one of avg_patches, avg_all, cls"):
+        load_config(None, ["model.vision_pool=mean"])
+    with pytest.raises(ConfigError, match="optim.fused: 'maybe' is not valid"):
+        load_config(None, ["optim.fused=maybe"])
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
+def test_mask_ratio_out_of_range(ratio):
+    with pytest.raises(ConfigError, match=rf"model.mask_ratio: {float(ratio)} is outside \[0, 1\)"):
+        load_config(None, [f"model.mask_ratio={ratio}"])
+
+
+def test_other_range_checks():
+    with pytest.raises(ConfigError, match="train.global_batch_size: must be >= 1, got 0"):
+        load_config(None, ["train.global_batch_size=0"])
+    with pytest.raises(ConfigError, match="parallel.dp_shard: must be -1 .* or >= 1, got 0"):
+        load_config(None, ["parallel.dp_shard=0"])
+    with pytest.raises(ConfigError, match="optim.betas: expected two numbers"):
+        load_config(None, ["optim.betas=[0.9]"])
+
+
+def test_missing_recipe_lists_the_shipped_ones():
+    with pytest.raises(ConfigError) as error:
+        load_config("no_such_recipe.yaml")
+    assert "no_such_recipe.yaml' not found" in str(error.value)
+    assert "flip_l16.yaml" in str(error.value) and "tiny.yaml" in str(error.value)
+
+
+# ----------------------------------------------------------------------------- shipped recipes
+
+
+RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_expected_recipes_ship():
+    assert {"tiny.yaml", "flip_b16.yaml", "flip_l16.yaml", "flip_h14.yaml", "flip_g14.yaml", "unmask_tune.yaml"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(CONFIG_DIR / recipe)
+    assert isinstance(cfg, Config)
+    assert 0.0 <= cfg.model.mask_ratio < 1.0
+
+
+def test_recipe_values():
+    assert load_config(None) == load_config("tiny.yaml")  # the default is tiny
+    l16 = load_config("flip_l16.yaml")
+    assert (l16.model.name, l16.model.mask_ratio, l16.model.context_length) == ("L/16", 0.5, 32)
+    assert (l16.optim.betas, l16.optim.weight_decay, l16.train.global_batch_size) == ([0.9, 0.95], 0.2, 65536)
+    g14 = load_config("flip_g14.yaml")
+    assert (g14.model.name, g14.parallel.tp, g14.schedule.warmup_steps) == ("G/14", 2, 3906)  # warmup from H/14
+    tune = load_config(CONFIG_DIR / "unmask_tune.yaml")
+    assert (tune.model.mask_ratio, tune.optim.base_lr) == (0.0, 4e-8)
+
+
+def test_unmask_tune_overlay_on_a_pretraining_recipe(tmp_path):
+    recipe = write(tmp_path / "tune.yaml", {"_base_": [str(CONFIG_DIR / "flip_l16.yaml"), str(CONFIG_DIR / "unmask_tune.yaml")]})
+    cfg = load_config(recipe)
+    assert (cfg.model.name, cfg.model.mask_ratio) == ("L/16", 0.0)
+    assert effective_lr(cfg) == pytest.approx(4e-8 * 65536 / 256)  # 1.024e-5, the paper's tuning lr
+
+
+# ----------------------------------------------------------------------------- save / load, lr
+
+
+@pytest.mark.parametrize("recipe", ["tiny.yaml", "flip_g14.yaml"])
+def test_save_writes_yaml_that_loads_back_equal(tmp_path, recipe):
+    cfg = load_config(recipe, ["optim.base_lr=3e-6", "data.train_shards=[x.tar, y.tar]", "optim.fused=true"])
+    path = tmp_path / "run" / "config.yaml"
+    cfg.save(path)
+    assert path.exists() and not path.with_name("config.yaml.tmp").exists()
+    assert yaml.safe_load(path.read_text())["optim"]["base_lr"] == 3e-6
+    assert load_config(path) == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_effective_lr_linear_scaling():
+    cfg = load_config("flip_l16.yaml")
+    assert cfg.optim.lr is None
+    assert effective_lr(cfg) == pytest.approx(1.024e-3, rel=1e-12)  # 4e-6 x 65536 / 256
+    assert effective_lr(load_config("flip_l16.yaml", ["train.global_batch_size=256"])) == pytest.approx(4e-6)
+    assert effective_lr(load_config("flip_l16.yaml", ["optim.lr=5e-4"])) == 5e-4  # an explicit lr wins
