@@ -1,0 +1,339 @@
+"""Webdataset tar shards: pattern expansion, sample grouping, bad-sample accounting, shard assignment.
+
+A shard is a tar file whose members are grouped into samples by key, as webdataset does: the key is
+the member path up to the first dot of its file name, the rest is the field (`000123.jpg`,
+`000123.txt`, `000123.cls`). Members of one sample are consecutive.
+
+Reading never crashes on bad input: an unreadable shard, a truncated tar and a malformed sample are
+reported as `BadSample` items, which the pipeline counts and logs (`BadSampleTracker`) and which
+stop the run only when they exceed `data.max_bad_fraction`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+import tarfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+log = logging.getLogger("flip_scale.data")
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+CAPTION_FIELD = "txt"
+CLASS_FIELD = "cls"
+
+
+class DataError(ValueError):
+    """Input data that cannot be trained on (too many bad samples, no readable samples at all)."""
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+
+def expand_shards(shards: Union[str, Sequence[str]], check_exists: bool = True) -> list[str]:
+    """Shard paths from a brace pattern (`train-{000000..000007}.tar`), a `::`-separated list of
+    patterns, or a list of patterns. With `check_exists`, missing files are an error that names them."""
+    import braceexpand
+
+    if isinstance(shards, (str, os.PathLike)):
+        patterns = [p for p in str(shards).split("::") if p.strip()]
+    else:
+        patterns = [str(p) for p in shards]
+    paths: list[str] = []
+    for pattern in patterns:
+        paths.extend(os.path.expanduser(p) for p in braceexpand.braceexpand(pattern.strip()))
+    if not paths:
+        raise ValueError(f"shard pattern {shards!r} names no files (expected e.g. 'data/train-{{000000..000007}}.tar')")
+    if check_exists:
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards of {shards!r} are missing: {shown}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- deterministic seeds
+
+
+def derive_seed(*parts) -> int:
+    """A 64-bit seed from any parts (numbers, names), stable across processes and Python runs.
+
+    Python's `hash()` of a string changes per process, so it cannot seed a reproducible stream."""
+    text = "/".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+@dataclass
+class RawSample:
+    """One sample's fields as bytes, as read from a tar (nothing decoded yet)."""
+
+    shard: str
+    key: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass
+class BadSample:
+    """A sample (or a whole shard) that could not be used, and why."""
+
+    shard: str
+    key: str
+    reason: str
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """`dir/000123.jpg` -> (`dir/000123`, `jpg`); the key ends at the first dot of the file name."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, suffix = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, suffix.lower() if dot else ""
+
+
+def read_tar_samples(
+    shard: str, select: Optional[Callable[[int], bool]] = None
+) -> Iterator[Union[RawSample, BadSample]]:
+    """Samples of one tar shard in file order; a read error ends the shard with one `BadSample`.
+
+    `select(i)` chooses samples by their index in the shard (all samples, good or bad, are counted),
+    so that several readers can share one shard without overlap; unselected samples' data is not
+    read. A tar cut short reports one bad sample: the sample being read when the data ran out (or,
+    when the cut falls between members, the last sample, which may be missing a field).
+    """
+    def chosen(index: int) -> bool:
+        return select is None or select(index)
+
+    try:
+        tar = tarfile.open(shard, mode="r:*")
+    except Exception as error:  # missing, empty, not a tar, unreadable compression
+        if chosen(0):  # a shard shared by several readers is reported once
+            yield BadSample(shard, "", f"cannot open shard ({type(error).__name__}: {error})")
+        return
+    index = -1
+    current: Optional[RawSample] = None
+    selected = False
+    with tar:
+        while True:
+            try:
+                member = tar.next()
+            except Exception as error:  # a truncated member is detected when the reader moves past it
+                if current is not None and selected:
+                    yield BadSample(shard, current.key, f"truncated shard ({type(error).__name__}: {error})")
+                elif current is None and chosen(0):
+                    yield BadSample(shard, "", f"unreadable shard ({type(error).__name__}: {error})")
+                return
+            if member is None:
+                ending = _archive_ending(tar)
+                if ending == "cut":
+                    # tarfile stops quietly at a cut header. The member it described is unknown, so
+                    # the last sample may be missing a field: it is reported as the one sample lost.
+                    if current is not None and selected:
+                        yield BadSample(shard, current.key, "truncated shard (ends inside a member header)")
+                    return
+                if ending == "marker cut":
+                    log.warning("shard %s ends inside its end-of-archive marker (truncated); its samples are whole",
+                                shard)
+                break
+            if not member.isfile():
+                continue
+            key, suffix = _split_name(member.name)
+            if current is None or key != current.key:
+                if current is not None and selected:
+                    yield current
+                index += 1
+                current = RawSample(shard, key)
+                selected = select is None or select(index)
+            if not selected:
+                continue
+            try:
+                current.fields[suffix] = tar.extractfile(member).read()
+            except Exception as error:
+                yield BadSample(shard, key, f"truncated shard ({type(error).__name__}: {error})")
+                return
+    if current is not None and selected:
+        yield current
+
+
+def _archive_ending(tar: tarfile.TarFile) -> str:
+    """How the archive ends where tarfile stopped reading: "complete" (two zero blocks, the
+    end-of-archive marker), "marker cut" (only zeros, fewer than two blocks) or "cut" (nothing, or a
+    partial header)."""
+    try:
+        tar.fileobj.seek(tar.offset)
+        rest = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+    except Exception:
+        return "cut"
+    if rest and not any(rest):
+        return "complete" if len(rest) == 2 * tarfile.BLOCKSIZE else "marker cut"
+    return "cut"
+
+
+def check_train_sample(sample: RawSample) -> Optional[str]:
+    """Why a training sample cannot be used (None when it can): it needs an image and a caption."""
+    if not any(name in sample.fields for name in IMAGE_FIELDS):
+        return f"no image (fields: {', '.join(sorted(sample.fields)) or 'none'})"
+    if CAPTION_FIELD not in sample.fields:
+        return f"no caption (fields: {', '.join(sorted(sample.fields))})"
+    caption = caption_text(sample)
+    if caption is None:
+        return "caption is not UTF-8"
+    if not caption:
+        return "empty caption"
+    return None
+
+
+def check_eval_sample(sample: RawSample) -> Optional[str]:
+    """Why an evaluation sample cannot be used: it needs an image and an integer class."""
+    if not any(name in sample.fields for name in IMAGE_FIELDS):
+        return f"no image (fields: {', '.join(sorted(sample.fields)) or 'none'})"
+    if class_index(sample) is None:
+        return f"no integer class in '{CLASS_FIELD}'"
+    return None
+
+
+def caption_text(sample: RawSample) -> Optional[str]:
+    try:
+        return " ".join(sample.fields[CAPTION_FIELD].decode("utf-8").split())
+    except UnicodeDecodeError:
+        return None
+
+
+def class_index(sample: RawSample) -> Optional[int]:
+    try:
+        return int(sample.fields[CLASS_FIELD].decode("utf-8").strip())
+    except (KeyError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def image_bytes(sample: RawSample) -> bytes:
+    for name in IMAGE_FIELDS:
+        if name in sample.fields:
+            return sample.fields[name]
+    raise KeyError(f"sample {sample.key} of {sample.shard} has no image field ({', '.join(IMAGE_FIELDS)})")
+
+
+# ----------------------------------------------------------------------------- bad-sample accounting
+
+
+class BadSampleTracker:
+    """Counts good and bad samples of one reader; logs bad ones; stops when too many are bad.
+
+    The limit is judged only after `check_after` samples, so a few bad samples at the start of a
+    stream do not stop a run. The first `log_first` bad samples are logged one by one, later ones
+    every `log_every`-th with the running totals, so a dirty dataset cannot flood the log.
+    """
+
+    def __init__(self, max_bad_fraction: float, check_after: int, where: str = "", log_first: int = 20,
+                 log_every: int = 1000):
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.check_after = int(check_after)
+        self.where = where
+        self.log_first = log_first
+        self.log_every = log_every
+        self.good = 0
+        self.bad = 0
+        self.skipped_since_batch = 0
+        self.quiet = False  # while fast-forwarding: these samples were already counted before the resume
+
+    @property
+    def seen(self) -> int:
+        return self.good + self.bad
+
+    def add_good(self) -> None:
+        if self.quiet:
+            return
+        self.good += 1
+        self._check()
+
+    def add_bad(self, bad: BadSample) -> None:
+        if self.quiet:
+            return
+        self.bad += 1
+        self.skipped_since_batch += 1
+        if self.bad <= self.log_first or self.bad % self.log_every == 0:
+            more = " (further bad samples are logged every %d)" % self.log_every if self.bad == self.log_first else ""
+            log.warning("skipped a bad sample%s: %s key=%r: %s [%d bad of %d seen]%s", self.where, bad.shard,
+                        bad.key, bad.reason, self.bad, self.seen, more)
+        self._check()
+
+    def take_skipped(self) -> int:
+        """Bad samples since the previous call (one call per batch)."""
+        skipped, self.skipped_since_batch = self.skipped_since_batch, 0
+        return skipped
+
+    def reset(self) -> None:
+        self.good = self.bad = self.skipped_since_batch = 0
+
+    def _check(self) -> None:
+        seen = self.seen
+        if seen < self.check_after or seen == 0:
+            return
+        fraction = self.bad / seen
+        if fraction > self.max_bad_fraction:
+            raise DataError(
+                f"too many bad samples{self.where}: {self.bad} of {seen} seen ({fraction:.1%}) could not be used, "
+                f"above the limit data.max_bad_fraction={self.max_bad_fraction} (judged after "
+                f"data.bad_check_after={self.check_after} samples). Fix the shards, or raise data.max_bad_fraction "
+                f"to accept more; the warnings above name the bad samples"
+            )
+
+
+# ----------------------------------------------------------------------------- shard assignment
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard for one reader: keep the samples whose index i has i % stride == offset."""
+
+    shard: str
+    offset: int = 0
+    stride: int = 1
+
+    def select(self, index: int) -> bool:
+        return index % self.stride == self.offset
+
+
+def assign_shards(shards: Sequence[str], epoch: int, seed: int, dp_rank: int, dp_size: int, worker: int,
+                  num_workers: int) -> list[ShardTask]:
+    """The shards a reader (data-parallel rank x DataLoader worker) reads in `epoch`.
+
+    The epoch's shard order is a shuffle seeded by (seed, epoch). With R = dp_size x num_workers
+    readers, reader g = dp_rank + dp_size * worker takes shuffled[g::R]: rank r's shards are
+    shuffled[r::dp_size], split among its workers by index, so all readers are disjoint within an
+    epoch and together cover it.
+
+    Fewer shards than readers: each shard is shared by the readers that wrap around onto it (reader
+    g reads shard g % n) and each keeps every k-th sample, so the streams stay disjoint and complete
+    at the cost of each of those readers reading the whole shard (`warn_if_few_shards` says so).
+    """
+    count = len(shards)
+    readers = dp_size * num_workers
+    reader = dp_rank + dp_size * worker
+    order = list(shards)
+    random.Random(derive_seed(seed, "shard-order", epoch)).shuffle(order)
+    if count >= readers:
+        return [ShardTask(shard) for shard in order[reader::readers]]
+    sharing = len(range(reader % count, readers, count))  # readers that wrap onto this shard
+    return [ShardTask(order[reader % count], offset=reader // count, stride=sharing)]
+
+
+_warned_few_shards: set = set()
+
+
+def warn_if_few_shards(count: int, dp_size: int, num_workers: int) -> None:
+    readers = dp_size * num_workers
+    if count >= readers or (count, readers) in _warned_few_shards:
+        return
+    _warned_few_shards.add((count, readers))
+    log.warning(
+        "only %d shards for %d readers (%d data-parallel ranks x %d loader workers): each shard is shared by up "
+        "to %d readers that each keep every k-th sample (disjoint, but every such reader reads the whole shard). "
+        "Write at least %d shards, or lower data.num_workers, to read each shard once.",
+        count, readers, dp_size, num_workers, math.ceil(readers / count), readers,
+    )
