@@ -29,6 +29,7 @@ from .distributed import ProcessInfo, barrier, init_distributed, shutdown
 from .loss import build_loss
 from .metrics import MetricsWriter, Progress, format_duration
 from .models import arch_from_config, build_model, count_parameters, masking_noise
+from .models.flops import train_flops_per_sample
 from .optim import build_optimizer, build_scheduler, nvidia_apex_available
 from .step import forward_backward
 
@@ -128,6 +129,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, device="meta")
         self.counts = count_parameters(model)
+        self.train_flops_per_sample = train_flops_per_sample(cfg.model)
         self.model = parallelize_model(model, self.dims, self.mesh, cfg, self.device)
         self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
@@ -254,6 +256,9 @@ class Trainer:
                     "logit_scale": float(logit_scale_value(self.model)),
                     "grad_norm": float(out["grad_norm"]),
                     "images_per_s": cfg.train.global_batch_size * steps / max(elapsed, 1e-9),
+                    # Model FLOPs (forward + backward, masked tokens only) per second per rank.
+                    "tflops_per_s_per_rank": self.train_flops_per_sample * cfg.train.global_batch_size * steps
+                    / max(elapsed, 1e-9) / self.proc.world_size / 1e12,
                     "samples_seen": self.state.samples_seen,
                     "mask_ratio": cfg.model.mask_ratio,
                     "skipped_samples": self.state.skipped_samples,
