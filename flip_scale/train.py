@@ -94,7 +94,7 @@ def _dp_sum(value: float, group, device) -> float:
 class Trainer:
     """Builds the parts from one config and runs the loop. Parallel layout: `flip_scale.parallel`."""
 
-    def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo):
+    def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo, with_data: bool = True):
         from .data import Tokenizer, build_train_loader, ensure_synthetic_data
         from .parallel import ParallelDims, clip_grad_norm_, parallelize_model
 
@@ -117,10 +117,12 @@ class Trainer:
         if proc.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
-            ensure_synthetic_data(cfg.data, image_size=self.arch.image_size, vocab_size=self.arch.vocab_size)
+            if with_data:
+                ensure_synthetic_data(cfg.data, image_size=self.arch.image_size, vocab_size=self.arch.vocab_size)
         barrier()
-        self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length)
-        if self.tokenizer.vocab_size > self.arch.vocab_size:
+        # Without data (benchmarks feed synthetic tensors) there is no tokenizer either.
+        self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length) if with_data else None
+        if self.tokenizer is not None and self.tokenizer.vocab_size > self.arch.vocab_size:
             raise ConfigError(
                 f"the tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                 f"{self.arch.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} or more"

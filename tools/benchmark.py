@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Throughput, peak memory and communication per training step, for parallel layouts.
+
+Runs the real training step (`flip_scale.train.Trainer.train_step`: forward/backward with the
+exact feature cache, clipping, AdamW) on random tensors, so data loading is not measured.
+A script that prints numbers, never a test. Record results in BENCHMARKS.md.
+
+examples:
+  python tools/benchmark.py                                   # tiny model, a sweep of CPU layouts
+  python tools/benchmark.py --model B/16 --layouts 1 dp_shard=2 tp=2 --batch 8 --steps 3
+  python tools/benchmark.py --model B/16 --device cuda --batch 256 --precision bf16 --layouts 1
+  torchrun --nproc_per_node 8 tools/benchmark.py --model G/14 --layouts tp=2,dp_shard=4 --worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_LAYOUTS = ["1", "dp_shard=2", "dp_shard=4", "tp=2", "dp_shard=2,tp=2", "dp_replicate=2,dp_shard=2",
+                   "pp=2", "pp=2,dp_shard=2"]
+
+
+def layout_overrides(layout: str) -> list[str]:
+    """'dp_shard=2,tp=2' -> ['parallel.dp_shard=2', 'parallel.tp=2']; '1' = one process."""
+    if layout in ("1", ""):
+        return []
+    return [f"parallel.{item.strip()}" for item in layout.split(",") if item.strip()]
+
+
+def layout_world_size(layout: str) -> int:
+    size = 1
+    for item in layout_overrides(layout):
+        key, value = item.split("=")
+        if key.split(".")[1] in ("dp_shard", "dp_replicate", "tp", "pp"):
+            size *= int(value)
+    return size
+
+
+class CommCounter:
+    """Bytes this rank sends into collectives per step: wraps torch.distributed's python calls
+    (FSDP2, the loss gather, pipeline send/recv) and counts DTensor's functional collectives
+    through CommDebugMode's op counts with their tensor sizes."""
+
+    NAMES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather", "broadcast",
+             "send", "recv", "isend", "irecv", "reduce_scatter", "all_to_all_single", "batch_isend_irecv")
+
+    def __init__(self):
+        self.bytes = 0
+        self._saved = {}
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            for value in list(args) + list(kwargs.values()):
+                tensors = value if isinstance(value, (list, tuple)) else [value]
+                for tensor in tensors:
+                    if hasattr(tensor, "element_size") and hasattr(tensor, "numel"):
+                        self.bytes += tensor.numel() * tensor.element_size()
+                        break
+                else:
+                    continue
+                break
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                self._saved[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self._saved[name]))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
+def worker(args) -> dict:
+    """One rank of one layout (run under torchrun, or alone for a one-process layout)."""
+    import torch
+
+    from flip_scale.config import load_config
+    from flip_scale.distributed import init_distributed, shutdown
+    from flip_scale.train import Trainer, setup_logging
+
+    overrides = [
+        f"model.name={args.model}", f"train.global_batch_size={args.batch}", f"train.max_steps={args.steps + args.warmup}",
+        f"model.mask_ratio={args.mask_ratio}", f"train.device={args.device}", f"train.precision={args.precision}",
+        f"parallel.activation_checkpointing={args.ac}", "schedule.warmup_steps=0", "logging.tensorboard=false",
+        f"optim.grad_accum_steps={args.grad_accum}", *layout_overrides(args.layout),
+    ] + (["model.vocab_size=512"] if args.model == "tiny" else [])
+    cfg = load_config(None, overrides)
+    proc = init_distributed(cfg.train.device)
+    setup_logging(proc.rank if args.verbose else 1)
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = Trainer(cfg, Path(run_dir), proc, with_data=False)
+            arch = trainer.arch
+            generator = torch.Generator().manual_seed(proc.rank)
+            local = trainer.local_batch
+
+            def batch():
+                return {
+                    "images": torch.randn(local, 3, arch.image_size, arch.image_size, generator=generator),
+                    "tokens": torch.randint(4, arch.vocab_size, (local, arch.context_length), generator=generator),
+                }
+
+            cuda = trainer.device.type == "cuda"
+            for _ in range(args.warmup):
+                trainer.train_step(batch())
+                trainer.state.step += 1
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            batches = [batch() for _ in range(args.steps)]
+            with CommCounter() as comm:
+                started = time.perf_counter()
+                for b in batches:
+                    trainer.train_step(b)
+                    trainer.state.step += 1
+                if cuda:
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - started
+            peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            result = {
+                "layout": args.layout, "model": args.model, "rank": proc.rank, "world": proc.world_size,
+                "images_per_s": args.batch * args.steps / elapsed,
+                "step_s": elapsed / args.steps,
+                "peak_mem_gib": peak / 2**30,
+                "peak_mem_kind": "cuda allocated" if cuda else "process RSS",
+                "comm_mb_per_step": comm.bytes / args.steps / 1e6,
+                "tflops_per_s_per_rank": trainer.train_flops_per_sample * args.batch * args.steps / elapsed / proc.world_size / 1e12,
+            }
+            print("RESULT " + json.dumps(result), flush=True)
+            return result
+    finally:
+        shutdown()
+
+
+def launch(args, layout: str) -> list[dict]:
+    world = layout_world_size(layout)
+    cmd = [sys.executable]
+    if world > 1:
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", "0"]
+    cmd += [__file__, "--worker", "--layout", layout, "--model", args.model, "--batch", str(args.batch),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--mask-ratio", str(args.mask_ratio),
+            "--device", args.device, "--precision", args.precision, "--ac", args.ac, "--grad-accum", str(args.grad_accum)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-8:]
+        print(f"{layout:>28}: failed\n    " + "\n    ".join(tail))
+    return results
+
+
+def summarize(layout: str, results: list[dict]) -> str:
+    ips = results[0]["images_per_s"]
+    peak = max(r["peak_mem_gib"] for r in results)
+    comm = max(r["comm_mb_per_step"] for r in results)
+    tflops = sum(r["tflops_per_s_per_rank"] for r in results) / len(results)
+    return f"{layout:>28} | {len(results):>5} | {ips:>10.1f} | {results[0]['step_s']:>8.3f} | {peak:>9.2f} | {comm:>11.1f} | {tflops:>8.4f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=__doc__.split("examples:")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="registry name: tiny, B/16, L/16, H/14, G/14")
+    parser.add_argument("--layouts", nargs="*", default=None, help=f"layouts to sweep (default: {' '.join(DEFAULT_LAYOUTS)})")
+    parser.add_argument("--layout", default="1", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=64, help="global batch size")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--mask-ratio", type=float, default=0.5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--ac", default="none", choices=["none", "full", "selective"], help="activation checkpointing")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--worker", action="store_true", help="run one rank (under torchrun) instead of the sweep")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.worker:
+        if args.layouts:
+            args.layout = args.layouts[0]
+        worker(args)
+        return 0
+    print(f"model {args.model}, global batch {args.batch}, mask {args.mask_ratio}, {args.device}/{args.precision}, "
+          f"AC {args.ac}, {args.steps} timed steps after {args.warmup}")
+    print(f"{'layout':>28} | ranks | images/s   | step s   | peak GiB  | comm MB/step | TFLOP/s/rank")
+    for layout in args.layouts or DEFAULT_LAYOUTS:
+        results = launch(args, layout)
+        if results:
+            print(summarize(layout, results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
