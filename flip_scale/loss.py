@@ -19,13 +19,37 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# The collectives under their new names where torch has them, else the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward: reduce-scatter, so each rank gets the sum of every rank's
+    gradient for its own rows. (torch.distributed.nn.functional.all_gather's backward on gloo
+    mistakes group ranks for global ranks and fails on any group but the world.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous()
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        _reduce_scatter_single(out, grad, group=ctx.group)
+        return out, None
+
+
 def gather_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Concatenate `x` of every rank of `group` along dim 0; the backward sums the gradients."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous(), group=group), dim=0)
+    return _GatherWithGrad.apply(x, group)
 
 
 def contrastive_loss_rows(

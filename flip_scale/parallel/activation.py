@@ -1,0 +1,70 @@
+"""Activation checkpointing of transformer blocks: `none | full | selective` (every k-th block).
+
+A checkpointed block keeps only its input during the forward and recomputes its activations
+in the backward (`torch.utils.checkpoint`, non-reentrant: it works with inputs that do not require
+grad, with DTensor activations under tensor parallelism, and with FSDP2's hooks).
+
+The block is not wrapped in another module: its `forward` is replaced by a checkpointed call of
+the original one. So parameter names, state-dict keys and optimizer-state keys are exactly those
+of the model without checkpointing (`visual.blocks.3.attn.qkv.weight`), and a checkpoint written
+with one setting loads under another. Hooks on the block (FSDP2's unshard, the tensor-parallel
+input/output layouts) run once, outside the checkpointed region, in the forward; in the backward
+FSDP2 has unsharded the block's parameters before its recomputation runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+AC_MODES = ("none", "full", "selective")
+
+
+def _checkpointed_forward(original_forward, *args, **kwargs):
+    return checkpoint(original_forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_module(module: nn.Module) -> nn.Module:
+    """Make `module`'s forward recompute its activations in the backward (in place; idempotent)."""
+    if getattr(module, "activation_checkpointed", False):
+        return module
+    module.forward = functools.partial(_checkpointed_forward, module.forward)
+    module.activation_checkpointed = True
+    return module
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    return bool(getattr(module, "activation_checkpointed", False))
+
+
+def selects_block(mode: str, layer_index: int, every: int) -> bool:
+    """Whether block `layer_index` (0-based, the index in the whole tower) is checkpointed."""
+    if mode == "full":
+        return True
+    if mode == "selective":
+        # Every k-th block, counting from 1 as torchtitan does (k=2: blocks 1, 3, 5, ...). The
+        # index is the block's name in the whole tower, so a pipeline stage picks the same blocks.
+        return (layer_index + 1) % every == 0
+    return False
+
+
+def apply_ac(model: nn.Module, mode: str, every: int = 2) -> nn.Module:
+    """Checkpoint the blocks of both towers (in place); returns the model.
+
+    mode: none | full (every block) | selective (every `every`-th block of each tower).
+    """
+    if mode not in AC_MODES:
+        raise ValueError(f"parallel.activation_checkpointing: '{mode}' is not valid; choose one of {', '.join(AC_MODES)}")
+    if mode == "selective" and every < 1:
+        raise ValueError(f"parallel.activation_checkpointing_every: must be >= 1, got {every}")
+    if mode == "none":
+        return model
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+        if tower is None:
+            continue
+        for name, block in tower.blocks.items():
+            if selects_block(mode, int(name), every):
+                checkpoint_module(block)
+    return model
