@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -41,6 +43,32 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+# Optimizer state flattened to one key per (parameter name, state): the keys of several model parts
+# (pipeline stages on one rank) merge without collisions, and re-shard across any layout.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def model_state(model_parts) -> dict:
+    """The model state of every part (pipeline stages hold disjoint names), merged."""
+    merged = {}
+    for part in _as_list(model_parts):
+        merged.update(get_model_state_dict(part))
+    return merged
+
+
+def optimizer_state(model_parts, optimizers) -> dict:
+    merged = {}
+    for part, optimizer in zip(_as_list(model_parts), _as_list(optimizers)):
+        merged.update(get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS))
+    return merged
 
 
 def step_dir_name(step: int) -> str:
@@ -109,8 +137,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model,
+    optimizer,
     scheduler,
     trainer_state: dict,
     config_yaml: str,
@@ -119,7 +147,11 @@ def save_checkpoint(
     keep_last: int = 3,
     keep_every: int = 0,
 ) -> Path:
-    """Write `run_dir/step_XXXXXXXX/` collectively (every rank calls this) and update `latest`."""
+    """Write `run_dir/step_XXXXXXXX/` collectively (every rank calls this) and update `latest`.
+
+    `model` / `optimizer`: one module and its optimizer, or lists of model parts (the pipeline
+    stages of this rank) and their optimizers, in the same order.
+    """
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
     tmp = run_dir / (step_dir_name(step) + ".tmp")
@@ -129,7 +161,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": model_state(model), "optim": optimizer_state(model, optimizer)}
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if data_state is not None:
@@ -176,8 +208,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
 
 def load_checkpoint(
     path: Path,
-    model: torch.nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
+    model,
+    optimizer=None,
     scheduler=None,
     dp_rank: int = 0,
 ) -> dict:
@@ -186,13 +218,17 @@ def load_checkpoint(
     path = Path(path)
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (missing .metadata, trainer_state.json or config.yaml)")
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    state = {"model": model_state(model)}
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"])
+        # Partial: a parameter that never had a gradient has no optimizer state in the file.
+        state["optim"] = optimizer_state(model, optimizer)
+        dcp.load({"optim": state["optim"]}, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    for part in _as_list(model):
+        set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+    if optimizer is not None:
+        for part, opt in zip(_as_list(model), _as_list(optimizer)):
+            set_optimizer_state_dict(part, opt, optim_state_dict=state["optim"], options=_OPTIM_OPTIONS)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     if scheduler is not None and trainer_state.get("scheduler"):
         scheduler.load_state_dict(trainer_state["scheduler"])
