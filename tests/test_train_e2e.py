@@ -64,9 +64,9 @@ def test_flip_train_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic
 
 def test_flip_train_under_torchrun_two_ranks(tmp_path, synthetic_dir):
     run_dir = tmp_path / "run2"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "flip_scale.train", "--run-dir", str(run_dir),
         *_overrides(synthetic_dir, steps=20, every=20), "eval.at_end=false", "data.num_workers=0",
     ]

@@ -155,7 +155,7 @@ def launch(args, layout: str) -> list[dict]:
     world = layout_world_size(layout)
     cmd = [sys.executable]
     if world > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", "0"]
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     cmd += [__file__, "--worker", "--layout", layout, "--model", args.model, "--batch", str(args.batch),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--mask-ratio", str(args.mask_ratio),
             "--device", args.device, "--precision", args.precision, "--ac", args.ac, "--grad-accum", str(args.grad_accum)]
