@@ -26,6 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 DEFAULT_LAYOUTS = ["1", "dp_shard=2", "dp_shard=4", "tp=2", "dp_shard=2,tp=2", "dp_replicate=2,dp_shard=2",
                    "pp=2", "pp=2,dp_shard=2"]
 
@@ -46,53 +49,35 @@ def layout_world_size(layout: str) -> int:
     return size
 
 
-class CommCounter:
-    """Bytes this rank sends into collectives per step: wraps torch.distributed's python calls
-    (FSDP2, the loss gather, pipeline send/recv) and counts DTensor's functional collectives
-    through CommDebugMode's op counts with their tensor sizes."""
+class CommCounter(TorchDispatchMode):
+    """Bytes of the collectives this rank takes part in per step, counted at the dispatcher, so
+    FSDP2, DTensor (tensor parallel), the loss gather and pipeline send/recv are all seen: for each
+    c10d op, the size of its largest tensor argument (the full buffer of an all-gather or
+    reduce-scatter, the tensor of an all-reduce or a send)."""
 
-    NAMES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather", "broadcast",
-             "send", "recv", "isend", "irecv", "reduce_scatter", "all_to_all_single", "batch_isend_irecv")
+    NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional", "_dtensor")
 
     def __init__(self):
+        super().__init__()
         self.bytes = 0
-        self._saved = {}
+        self.calls = 0
 
-    def _wrap(self, name, fn):
-        def counted(*args, **kwargs):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in self.NAMESPACES[:3]:
+            largest = 0
             for value in list(args) + list(kwargs.values()):
-                tensors = value if isinstance(value, (list, tuple)) else [value]
-                for tensor in tensors:
-                    if hasattr(tensor, "element_size") and hasattr(tensor, "numel"):
-                        self.bytes += tensor.numel() * tensor.element_size()
-                        break
-                else:
-                    continue
-                break
-            return fn(*args, **kwargs)
-
-        return counted
-
-    def __enter__(self):
-        import torch.distributed as dist
-
-        for name in self.NAMES:
-            if hasattr(dist, name):
-                self._saved[name] = getattr(dist, name)
-                setattr(dist, name, self._wrap(name, self._saved[name]))
-        return self
-
-    def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
+                for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                    for item in tensor if isinstance(tensor, (list, tuple)) else [tensor]:
+                        if isinstance(item, torch.Tensor):
+                            largest = max(largest, item.numel() * item.element_size())
+            self.bytes += largest
+            self.calls += 1
+        return func(*args, **kwargs)
 
 
 def worker(args) -> dict:
     """One rank of one layout (run under torchrun, or alone for a one-process layout)."""
-    import torch
-
     from flip_scale.config import load_config
     from flip_scale.distributed import init_distributed, shutdown
     from flip_scale.train import Trainer, setup_logging
@@ -127,14 +112,16 @@ def worker(args) -> dict:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             batches = [batch() for _ in range(args.steps)]
+            started = time.perf_counter()
+            for b in batches:
+                trainer.train_step(b)
+                trainer.state.step += 1
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            # Communication is counted on one more step, outside the timed ones (the counter costs time).
             with CommCounter() as comm:
-                started = time.perf_counter()
-                for b in batches:
-                    trainer.train_step(b)
-                    trainer.state.step += 1
-                if cuda:
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - started
+                trainer.train_step(batch())
             peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             result = {
                 "layout": args.layout, "model": args.model, "rank": proc.rank, "world": proc.world_size,
@@ -142,10 +129,18 @@ def worker(args) -> dict:
                 "step_s": elapsed / args.steps,
                 "peak_mem_gib": peak / 2**30,
                 "peak_mem_kind": "cuda allocated" if cuda else "process RSS",
-                "comm_mb_per_step": comm.bytes / args.steps / 1e6,
+                "comm_mb_per_step": comm.bytes / 1e6,
                 "tflops_per_s_per_rank": trainer.train_flops_per_sample * args.batch * args.steps / elapsed / proc.world_size / 1e12,
             }
-            print("RESULT " + json.dumps(result), flush=True)
+            # One line from rank 0 with every rank's figures (ranks printing at once interleave).
+            results = [result]
+            if proc.world_size > 1:
+                import torch.distributed as dist
+
+                results = [None] * proc.world_size
+                dist.all_gather_object(results, result)
+            if proc.rank == 0:
+                print("RESULT " + json.dumps(results), flush=True)
             return result
     finally:
         shutdown()
@@ -161,7 +156,7 @@ def launch(args, layout: str) -> list[dict]:
             "--device", args.device, "--precision", args.precision, "--ac", args.ac, "--grad-accum", str(args.grad_accum)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [r for line in proc.stdout.splitlines() if line.startswith("RESULT ") for r in json.loads(line[7:])]
     if proc.returncode != 0 or not results:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-8:]
         print(f"{layout:>28}: failed\n    " + "\n    ".join(tail))
