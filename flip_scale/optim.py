@@ -81,3 +81,34 @@ def lr_at(step: int, cfg: Config) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     peak = effective_lr(cfg)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / peak if peak else 0.0)
+
+
+class OptimizerGroup:
+    """The optimizers of this rank's model parts (one part, or several pipeline stages), stepped
+    together, each with its own identical lr schedule."""
+
+    def __init__(self, model_parts: list[nn.Module], cfg: Config, device: torch.device):
+        self.optimizers = [build_optimizer(part, cfg, device) for part in model_parts]
+        self.schedulers = [build_scheduler(optimizer, cfg) for optimizer in self.optimizers]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    # The lr schedule's position (all schedulers move together), for checkpoints.
+    def state_dict(self) -> dict:
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state)

@@ -30,7 +30,9 @@ from .loss import build_loss
 from .metrics import MetricsWriter, Progress, format_duration
 from .models import arch_from_config, build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
-from .optim import build_optimizer, build_scheduler, nvidia_apex_available
+from .optim import OptimizerGroup, nvidia_apex_available
+from .parallel.pipeline import pipeline_forward_backward
+from .parallel.utils import total_grad_norm
 from .step import forward_backward
 
 log = logging.getLogger("flip_scale")
@@ -96,7 +98,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo, with_data: bool = True):
         from .data import Tokenizer, build_train_loader, ensure_synthetic_data
-        from .parallel import ParallelDims, clip_grad_norm_, parallelize_model
+        from .parallel import ParallelDims, clip_grad_norm_, parallelize_model, parallelize_pipeline
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -132,10 +134,16 @@ class Trainer:
         model = build_model(cfg.model, device="meta")
         self.counts = count_parameters(model)
         self.train_flops_per_sample = train_flops_per_sample(cfg.model)
-        self.model = parallelize_model(model, self.dims, self.mesh, cfg, self.device)
+        if self.dims.pp_enabled:
+            if cfg.loss.microbatch_contrast != "exact":
+                raise ConfigError("loss.microbatch_contrast=per_microbatch is not available with pipeline parallel (parallel.pp > 1); use exact")
+            self.model_parts, self.pipe = parallelize_pipeline(model, self.dims, self.mesh, cfg, self.device)
+        else:
+            self.model_parts, self.pipe = [parallelize_model(model, self.dims, self.mesh, cfg, self.device)], None
+        # The whole model on this rank (None when it is split into pipeline stages).
+        self.model = None if self.pipe is not None else self.model_parts[0]
         self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.optimizers = OptimizerGroup(self.model_parts, cfg, self.device)
         self.state = TrainState()
         self.data_state = None
         self._build_loader = lambda: build_train_loader(
@@ -147,7 +155,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup reporting
     def describe(self) -> None:
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.parameters())
         c = self.counts
         log.info(
             "model %s: %.2fM params (vision %.2fM, text %.2fM); mask ratio %.2f -> %d of %d patches visible",
@@ -169,7 +177,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, path: Path) -> None:
-        trainer_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.dims.dp_rank)
+        trainer_state = load_checkpoint(path, self.model_parts, self.optimizers.optimizers, self.optimizers, self.dims.dp_rank)
         self.state = TrainState(
             step=trainer_state["step"], samples_seen=trainer_state.get("samples_seen", 0),
             skipped_samples=trainer_state.get("skipped_samples", 0),
@@ -178,13 +186,15 @@ class Trainer:
         log.info("resumed from %s at step %d (%d samples seen)", path, self.state.step, self.state.samples_seen)
 
     def init_from(self, path: Path) -> None:
-        load_checkpoint(path, self.model)
+        load_checkpoint(path, self.model_parts)
         log.info("initialised weights from %s (fresh optimizer, step 0)", path)
 
     def save(self, loader) -> Path:
-        data_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+        # Tensor- and pipeline-parallel ranks of one replica read the same stream: one writes it.
+        writes_data = self.dims.tp_rank == 0 and self.dims.pp_rank == 0
+        data_state = loader.state_dict() if writes_data and hasattr(loader, "state_dict") else None
         return save_checkpoint(
-            self.run_dir, self.state.step, self.model, self.optimizer, self.scheduler,
+            self.run_dir, self.state.step, self.model_parts, self.optimizers.optimizers, self.optimizers,
             trainer_state={
                 "samples_seen": self.state.samples_seen, "skipped_samples": self.state.skipped_samples,
                 "layout": self.dims.describe(), "world_size": self.proc.world_size,
@@ -211,20 +221,43 @@ class Trainer:
         images = batch["images"].to(self.device, non_blocking=True)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         noise = self.mask_noise(self.state.step, images.shape[0])
-        self.model.train()
-        loss = forward_backward(
-            self.model, self.loss_fn, images, tokens, noise,
-            microbatches=self.cfg.optim.grad_accum_steps,
-            exact=self.cfg.loss.microbatch_contrast == "exact",
-            autocast=self.autocast,
-        )
-        grad_norm = self.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, self.dims)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale(self.model)
+        for part in self.model_parts:
+            part.train()
+        if self.pipe is not None:
+            loss = pipeline_forward_backward(self.pipe, self.loss_fn, images, tokens, noise, autocast=self.autocast)
+        else:
+            loss = forward_backward(
+                self.model, self.loss_fn, images, tokens, noise,
+                microbatches=self.cfg.optim.grad_accum_steps,
+                exact=self.cfg.loss.microbatch_contrast == "exact",
+                autocast=self.autocast,
+            )
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = self.clip_grad_norm_(list(self.parameters()), self.cfg.optim.grad_clip, self.dims)
+        else:
+            grad_norm = total_grad_norm(list(self.parameters()), self.dims)
+        lr = self.optimizers.lr
+        self.optimizers.step()
+        self.optimizers.zero_grad()
+        for part in self.model_parts:
+            clamp_logit_scale(part)
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    def parameters(self):
+        for part in self.model_parts:
+            yield from part.parameters()
+
+    def logit_scale(self) -> float:
+        """exp(temperature parameter); under pipelining only the last stage holds it."""
+        value = 0.0
+        for part in self.model_parts:
+            if getattr(part, "logit_scale", None) is not None:
+                value = logit_scale_value(part)
+        if self.pipe is not None:
+            tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.dims.pp_group)
+            value = float(tensor.item())
+        return value
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -255,7 +288,7 @@ class Trainer:
                 values = {
                     "loss": loss,
                     "lr": out["lr"],
-                    "logit_scale": float(logit_scale_value(self.model)),
+                    "logit_scale": self.logit_scale(),
                     "grad_norm": float(out["grad_norm"]),
                     "images_per_s": cfg.train.global_batch_size * steps / max(elapsed, 1e-9),
                     # Model FLOPs (forward + backward, masked tokens only) per second per rank.
@@ -285,6 +318,10 @@ class Trainer:
     def evaluate(self) -> Optional[dict]:
         from .evaluate import run_zero_shot
 
+        if self.model is None:
+            log.warning("zero-shot evaluation is not available under pipeline parallel yet (parallel.pp=%d); skipped",
+                        self.dims.pp)
+            return None
         # Every rank runs the same batches: a sharded model needs all of them in each forward.
         started = time.perf_counter()
         result = run_zero_shot(self.model, self.tokenizer, self.cfg.eval, self.cfg.data, self.arch.image_size, self.device)
@@ -322,9 +359,12 @@ def logit_scale_value(model) -> float:
 
 @torch.no_grad()
 def clamp_logit_scale(model) -> None:
-    """Keep the temperature in [0, log 100] after every optimizer step (works on sharded params)."""
+    """Keep the temperature in [0, log 100] after every optimizer step (a no-op for a pipeline
+    stage that does not hold it)."""
     module = getattr(model, "module", model)
-    param = module.logit_scale
+    param = getattr(module, "logit_scale", None)
+    if param is None:
+        return
     local = param.to_local() if hasattr(param, "to_local") else param
     local.clamp_(0.0, module.logit_scale_max)
 

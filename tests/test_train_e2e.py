@@ -62,19 +62,39 @@ def test_flip_train_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic
     assert find_latest(run_dir).name == "step_00000140"
 
 
-def test_flip_train_under_torchrun_two_ranks(tmp_path, synthetic_dir):
-    run_dir = tmp_path / "run2"
+def _torchrun(tmp_path, nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "flip_scale.train", "--run-dir", str(run_dir),
-        *_overrides(synthetic_dir, steps=20, every=20), "eval.at_end=false", "data.num_workers=0",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "flip_scale.train", *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_flip_train_under_torchrun_two_ranks(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run2"
+    proc = _torchrun(tmp_path, 2, ["--run-dir", str(run_dir), *_overrides(synthetic_dir, steps=20, every=20),
+                                   "eval.at_end=false", "data.num_workers=0"])
     assert "layout:" in proc.stderr + proc.stdout
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert records[-1]["step"] == 20 and records[-1]["samples_seen"] == 20 * 128
     assert find_latest(run_dir).name == "step_00000020"
     # Two data-parallel ranks each wrote their data position.
     assert sorted(p.name for p in find_latest(run_dir).glob("data_rank*.json")) in ([], ["data_rank0.json", "data_rank1.json"])
+
+
+def test_flip_train_pipeline_and_tensor_parallel_four_ranks(tmp_path, synthetic_dir):
+    """`flip-train parallel.tp=2 parallel.pp=2` under torchrun: trains, logs the layout, checkpoints."""
+    run_dir = tmp_path / "run4"
+    proc = _torchrun(tmp_path, 4, [
+        "--run-dir", str(run_dir), *_overrides(synthetic_dir, steps=6, every=6), "eval.at_end=false",
+        "data.num_workers=0", "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2", "train.log_every_steps=3",
+    ])
+    output = proc.stdout + proc.stderr
+    assert "pp 2 x dp_replicate 1 x dp_shard 1 x tp 2" in output  # the layout is printed at start
+    assert "pipeline split" in output
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 3, 6]
+    assert all(r["loss"] == r["loss"] and 0 < r["loss"] < 10 for r in records)
+    assert 1.0 < records[-1]["logit_scale"] <= 100.0  # reduced from the last stage
+    assert find_latest(run_dir).name == "step_00000006"

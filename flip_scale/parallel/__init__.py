@@ -53,7 +53,7 @@ log = logging.getLogger("flip_scale.parallel")
 __all__ = [
     "MESH_DIM_NAMES", "LayoutError", "ParallelDims", "apply_ac", "apply_fsdp", "apply_tp", "checkpoint_module",
     "clip_grad_norm_", "describe_parameter_counts", "init_buffers", "local_parameter_count", "materialize_and_init",
-    "mixed_precision_dtypes", "optimizer_state_bytes", "parallelize_model", "parameter_counts_per_rank",
+    "mixed_precision_dtypes", "optimizer_state_bytes", "parallelize_model", "parallelize_pipeline", "parameter_counts_per_rank",
     "reference_state_dict", "replicate_partial_gradients", "shard_bytes", "total_grad_norm",
 ]
 
@@ -112,7 +112,15 @@ def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_off
                     param.data = param.data.to(device)
     register_scalar_grad_averaging(model)  # to_empty replaced the parameters, and dropped their hooks
     distributed = dist.is_initialized() and dist.get_world_size() > 1
-    if not distributed:
+    if getattr(model, "spec", None) is not None:
+        # A pipeline stage: ranks hold different parts, so each rank builds the reference and
+        # keeps its stage's entries (rank 0 cannot broadcast one key set to all of them).
+        from .pipeline import stage_state_dict
+
+        full = stage_state_dict(reference_state_dict(model_cfg, seed), model)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
+        del full
+    elif not distributed:
         model.load_state_dict(reference_state_dict(model_cfg, seed))
     else:
         full = reference_state_dict(model_cfg, seed) if dist.get_rank() == 0 else {}
@@ -122,6 +130,24 @@ def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_off
         del full
     init_buffers(model)
     return model
+
+
+def parallelize_pipeline(model: nn.Module, dims: ParallelDims, mesh, cfg, device):
+    """Split a meta-device FLIP model into this rank's pipeline stages, parallelise each, and wrap
+    them in the configured schedule. Returns (stage modules, `FLIPPipeline`).
+
+    Gradient accumulation under pipelining is more micro-batches through the same exact feature
+    cache: the schedule runs `parallel.microbatches x optim.grad_accum_steps` micro-batches.
+    """
+    from .pipeline import build_pipeline, build_stage_modules, num_stages, split_stages
+
+    pcfg = cfg.parallel
+    specs = split_stages(model.arch, cfg.model.mask_ratio, num_stages(dims.pp, pcfg.pp_schedule))
+    modules = build_stage_modules(model, specs, dims.pp_rank, dims.pp, pcfg.pp_schedule)
+    modules = [parallelize_model(module, dims, mesh, cfg, device) for module in modules]
+    microbatches = pcfg.microbatches * cfg.optim.grad_accum_steps
+    pipe = build_pipeline(modules, dims.pp_mesh, pcfg.pp_schedule, microbatches, device)
+    return modules, pipe
 
 
 def parallelize_model(
