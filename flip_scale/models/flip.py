@@ -44,10 +44,13 @@ class FLIPModel(nn.Module):
         self.visual.mask_ratio = value
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        self.visual.init_weights()
-        self.text.init_weights()
-        self.logit_scale.fill_(self.logit_scale_init)
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Initial weights: a function of (seed, parameter name) alone (see models/init.py);
+        `seed` defaults to the seed of torch's global generator (`torch.manual_seed`)."""
+        from .init import initialize_parameters
+
+        self.visual.init_weights()  # the fixed sin-cos table (a buffer)
+        initialize_parameters(self, torch.initial_seed() if seed is None else seed, self.logit_scale_init)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

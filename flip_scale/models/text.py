@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .registry import FlipArch
-from .transformer import init_block_weights, make_blocks
+from .transformer import make_blocks
 
 PAD_ID = 0  # the tokenizer pads with id 0
 
@@ -29,18 +29,6 @@ class TextTower(nn.Module):
         self.blocks = make_blocks(width, arch.text.layers, arch.text.heads, arch.text.mlp_dim, norm_eps)
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         self.proj = nn.Linear(width, arch.embed_dim, bias=False)
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        if self.token_embedding is not None:
-            nn.init.normal_(self.token_embedding.weight, std=0.02)
-            nn.init.normal_(self.pos_embed, std=0.01)
-        for block in self.blocks.values():
-            init_block_weights(block)
-        if self.ln_final is not None:
-            nn.init.ones_(self.ln_final.weight)
-            nn.init.zeros_(self.ln_final.bias)
-            nn.init.normal_(self.proj.weight, std=self.proj.in_features**-0.5)
 
     def attention_mask(self, tokens: torch.Tensor):
         """(attn_mask, is_causal) for scaled_dot_product_attention; True = may attend."""

@@ -60,13 +60,3 @@ def make_blocks(width: int, layers: int, heads: int, mlp_dim: int, norm_eps: flo
     # A ModuleDict keyed by layer index: a pipeline stage deletes the blocks it does not hold and
     # the remaining names (and so checkpoint keys) stay those of the whole model.
     return nn.ModuleDict({str(i): Block(width, heads, mlp_dim, norm_eps) for i in range(layers)})
-
-
-def init_block_weights(block: Block) -> None:
-    # Xavier-uniform linears and zero biases, as ViT/MAE and FLIP's code initialise them.
-    for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
-        nn.init.xavier_uniform_(linear.weight)
-        nn.init.zeros_(linear.bias)
-    for norm in (block.ln_1, block.ln_2):
-        nn.init.ones_(norm.weight)
-        nn.init.zeros_(norm.bias)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .masking import build_masking
 from .registry import FlipArch
-from .transformer import init_block_weights, make_blocks
+from .transformer import make_blocks
 
 
 def sincos_2d_position_embedding(width: int, grid_size: int) -> np.ndarray:
@@ -71,18 +71,10 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        if self.patch_embed is not None:
-            weight = self.patch_embed.weight
-            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            nn.init.normal_(self.cls_token, std=0.02)
+        """Recompute the fixed sin-cos table; parameters are set by `models.init` by name."""
+        if self.pos_embed is not None:
             table = sincos_2d_position_embedding(self.pos_embed.shape[1], self.arch.grid_size)
             self.pos_embed.copy_(torch.from_numpy(table).to(self.pos_embed.dtype))
-        for block in self.blocks.values():
-            init_block_weights(block)
-        if self.ln_post is not None:
-            nn.init.ones_(self.ln_post.weight)
-            nn.init.zeros_(self.ln_post.bias)
-            nn.init.normal_(self.proj.weight, std=self.proj.in_features**-0.5)
 
     def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images [B, 3, H, W] -> tokens [B, 1 + visible, width] (CLS first)."""

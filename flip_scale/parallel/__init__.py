@@ -9,15 +9,12 @@
     ...
     clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
 
-Initialisation: after materialising (`to_empty`), rank 0 builds the full model on the CPU from
-`cfg.train.seed` exactly as one process would (`torch.manual_seed(seed); build_model(cfg.model)`)
-and `set_model_state_dict(..., broadcast_from_rank0=True)` sends it tensor by tensor; every rank
-keeps only its shards. So any layout starts from the weights of the one-process model, bit for
-bit. The cost: rank 0 holds the whole fp32 model in host memory for a moment (G/14: ~10 GB) and
-initialises it on one CPU (about a minute at G/14); no rank holds it on the accelerator. A purely
-sharded init (each rank initialising its own shards, no rank-0 copy) is the step to take if that
-becomes the bottleneck; it gives the same distribution but not the same numbers as one process.
-Training from a checkpoint skips all of this (DCP loads shards directly).
+Initialisation: every parameter's initial value is a pure function of (seed, its name, its shape)
+(`flip_scale.models.init`), so after materialising (`to_empty`) each rank draws the full tensor of
+one parameter at a time and keeps its own shard (`distribute_tensor(..., src_data_rank=None)`): no
+communication, no rank ever holds the whole model (peak: the largest tensor), and any layout
+starts from the weights of the one-process model, bit for bit. Training from a checkpoint loads
+shards directly with DCP.
 
 Pipeline parallelism plugs in between FSDP and materialisation: split the meta model into stages
 first (a stage keeps a slice of each tower's `blocks` ModuleDict, the others set to None), then
@@ -91,6 +88,9 @@ def init_buffers(model: nn.Module) -> None:
         visual.pos_embed.copy_(torch.from_numpy(table).to(visual.pos_embed.dtype))
 
 
+from flip_scale.models.init import initialize_parameters  # noqa: E402
+
+
 def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_offload: bool = False) -> nn.Module:
     """Allocate a meta-device (possibly sharded) model on `device` and give it the one-process weights.
 
@@ -111,23 +111,10 @@ def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_off
                 if not isinstance(param, DTensor):
                     param.data = param.data.to(device)
     register_scalar_grad_averaging(model)  # to_empty replaced the parameters, and dropped their hooks
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    if getattr(model, "spec", None) is not None:
-        # A pipeline stage: ranks hold different parts, so each rank builds the reference and
-        # keeps its stage's entries (rank 0 cannot broadcast one key set to all of them).
-        from .pipeline import stage_state_dict
-
-        full = stage_state_dict(reference_state_dict(model_cfg, seed), model)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=True))
-        del full
-    elif not distributed:
-        model.load_state_dict(reference_state_dict(model_cfg, seed))
-    else:
-        full = reference_state_dict(model_cfg, seed) if dist.get_rank() == 0 else {}
-        set_model_state_dict(
-            model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-        )
-        del full
+    # Each parameter's initial value is a function of (seed, name), so every rank draws one full
+    # tensor at a time and keeps its shard: no communication, no rank ever holds the whole model,
+    # and the weights equal those of the one-process model.
+    initialize_parameters(model, seed, model_cfg.logit_scale_init)
     init_buffers(model)
     return model
 
