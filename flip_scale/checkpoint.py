@@ -9,6 +9,19 @@ A checkpoint is a directory `step_00001234/` holding
 It is written as `step_00001234.tmp/` and renamed when every rank has finished; `latest` names the
 last complete one and is replaced last, so a crash mid-save never leaves a checkpoint that resume
 would pick.
+
+Asynchronous saves (`checkpoint.async_save`): the state is copied to host memory, written by a
+background thread (DCP `async_save`, over a gloo group of its own so that its collectives never
+interleave with training's), and training goes on. The save is committed (renamed, `latest`
+updated, old ones pruned) by `finalize_pending_save`, which waits until the write has finished on
+every rank; it runs at the start of the next save and at the end of training.
+
+Completeness (`checkpoint_problem`): besides the files above, every storage file that `.metadata`
+names must exist and be at least as long as the metadata says, so a truncated or partly copied
+checkpoint is skipped by `--resume auto` (with a warning naming it) in favour of an older one.
+
+Nothing is unpickled without restriction: `rng_rank{r}.pt` loads with `weights_only=True`, and
+the DCP `.metadata` pickle is read with an unpickler that admits only DCP's metadata classes.
 """
 
 from __future__ import annotations
@@ -19,13 +32,18 @@ import os
 import random
 import re
 import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -75,19 +93,93 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save and load that it assumes one process; it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+# ----------------------------------------------------------------------------- completeness
+
+
+def read_metadata(path: Path):
+    """The DCP `Metadata` of a checkpoint directory, read with the restricted unpickler."""
+    # Imported here: the conversion package imports this module.
+    from .convert.safety import read_dcp_metadata
+
+    return read_dcp_metadata(path)
+
+
+class _RestrictedReader(FileSystemReader):
+    """DCP's file reader with `.metadata` read by the restricted unpickler (DCP's own uses pickle.load)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        if kwargs.get("rank") is not None:
+            raise CheckpointError(f"{self.path}: per-rank DCP metadata (written without collectives) is not supported")
+        metadata = read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def storage_problem(path: Path) -> Optional[str]:
+    """Why the DCP data of `path` is incomplete (a storage file named by `.metadata` is missing or
+    shorter than the metadata says), or None. Reads only the metadata and file sizes."""
+    path = Path(path)
+    try:
+        metadata = read_metadata(path)
+    except Exception as error:  # unreadable, truncated or refused metadata
+        return f"its .metadata cannot be read ({error})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"the shard file {name} named in .metadata is missing"
+        have = file.stat().st_size
+        if have < size:
+            return f"the shard file {name} holds {have} bytes, .metadata says at least {size} (truncated)"
+    return None
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a complete checkpoint, or None when it is."""
+    path = Path(path)
+    if not STEP_DIR.match(path.name):
+        return f"the name {path.name!r} is not step_XXXXXXXX (a .tmp directory is a save that never finished)"
+    if not path.is_dir():
+        return "it does not exist"
+    for name in (".metadata", "trainer_state.json", "config.yaml"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"trainer_state.json cannot be read ({error})"
+    world_size = int(trainer_state.get("world_size", 0) or 0)
+    for rank in range(world_size):
+        if not (path / f"rng_rank{rank}.pt").is_file():
+            return f"rng_rank{rank}.pt is missing (written by {world_size} ranks)"
+    return storage_problem(path)
 
 
 def is_complete(path: Path) -> bool:
-    """A renamed step directory with DCP metadata and trainer state (no `.tmp` suffix)."""
-    path = Path(path)
-    return (
-        bool(STEP_DIR.match(path.name))
-        and (path / ".metadata").is_file()
-        and (path / "trainer_state.json").is_file()
-        and (path / "config.yaml").is_file()
-    )
+    """A renamed step directory with readable metadata, trainer state, config and every shard file
+    at its full size (no `.tmp` suffix)."""
+    return checkpoint_problem(path) is None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -99,18 +191,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def find_latest(run_dir: Path) -> Optional[Path]:
-    """The checkpoint named by `latest` if complete, else the newest complete one (with a warning)."""
+    """The checkpoint named by `latest` if complete, else the newest complete one (with a warning
+    naming each checkpoint skipped and why)."""
     run_dir = Path(run_dir)
     latest_file = run_dir / "latest"
+    skipped = None
     if latest_file.exists():
         named = run_dir / latest_file.read_text().strip()
-        if is_complete(named):
+        problem = checkpoint_problem(named)
+        if problem is None:
             return named
-        log.warning("'latest' names %s, which is missing or incomplete; looking for an older one", named)
+        log.warning("'latest' names %s, which is incomplete: %s; looking for an older complete one", named, problem)
+        skipped = named
     for path in reversed(list_checkpoints(run_dir)):
-        if is_complete(path):
+        if skipped is not None and path.resolve() == skipped.resolve():
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        log.warning("skipping incomplete checkpoint %s", path)
+        log.warning("skipping incomplete checkpoint %s: %s", path, problem)
     return None
 
 
@@ -134,6 +233,46 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ----------------------------------------------------------------------------- saving
+
+
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose shards are still being written; committed by `finalize_pending_save`."""
+
+    future: Any
+    run_dir: Path
+    step: int
+    tmp: Path
+    final: Path
+    keep_last: int
+    keep_every: int
+    started: float
+
+
+_pending: Optional[_PendingSave] = None
+# The gloo group of the background writer, and the default group it was made under (a later
+# process group, e.g. the next run in the same process, gets a new one).
+_async_group = None
+_async_group_world = None
+
+
+def _writer_group():
+    global _async_group, _async_group_world
+    if not _distributed():
+        return None
+    world = dist.group.WORLD
+    if _async_group is None or _async_group_world is not world:
+        _async_group = dist.new_group(backend="gloo")
+        _async_group_world = world
+    return _async_group
+
+
+def pending_save() -> Optional[Path]:
+    """The final path of the asynchronous save not yet committed, if any."""
+    return _pending.final if _pending is not None else None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -146,12 +285,18 @@ def save_checkpoint(
     dp_rank: int = 0,
     keep_last: int = 3,
     keep_every: int = 0,
+    async_save: bool = False,
 ) -> Path:
     """Write `run_dir/step_XXXXXXXX/` collectively (every rank calls this) and update `latest`.
 
     `model` / `optimizer`: one module and its optimizer, or lists of model parts (the pipeline
     stages of this rank) and their optimizers, in the same order.
+    With `async_save` the model and optimizer shards are written in the background and the save is
+    committed by the next `save_checkpoint` or by `finalize_pending_save` (which every rank must
+    call before exiting); the returned path exists only then.
     """
+    global _pending
+    finalize_pending_save()
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
     tmp = run_dir / (step_dir_name(step) + ".tmp")
@@ -162,7 +307,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     state = {"model": model_state(model), "optim": optimizer_state(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(tmp))
+    # The small files first: they hold the state of this moment (the RNG moves on during an async write).
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if data_state is not None:
         _write_json_atomic(tmp / f"data_rank{dp_rank}.json", data_state)
@@ -170,40 +315,157 @@ def save_checkpoint(
         full_state = dict(trainer_state, step=step, scheduler=scheduler.state_dict() if scheduler else None)
         _write_json_atomic(tmp / "trainer_state.json", full_state)
         (tmp / "config.yaml").write_text(config_yaml)
-    _pause_for_tests("mid_save")
-    barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = run_dir / "latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, run_dir / "latest")
-        prune_checkpoints(run_dir, keep_last, keep_every)
-        log.info("checkpoint written: %s", final)
-    barrier()
+    pending = _PendingSave(None, run_dir, step, tmp, final, keep_last, keep_every, time.perf_counter())
+    if async_save:
+        with _single_process_quiet():
+            response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_writer_group(),
+                                      no_dist=not _distributed())
+        # Newer DCP returns staging and upload futures; the upload is what the commit waits for.
+        pending.future = getattr(response, "upload_completion", response)
+        _pending = pending
+        log.info("checkpoint %s: writing in the background", final)
+        return final
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+    _commit(pending)
     return final
 
 
-def _pause_for_tests(point: str) -> None:
-    """Test hook: FLIP_SCALE_TEST_PAUSE=<point>:<seconds> sleeps at that point of a save."""
-    setting = os.environ.get("FLIP_SCALE_TEST_PAUSE", "")
-    if setting.startswith(point + ":"):
-        import time
+def finalize_pending_save() -> Optional[Path]:
+    """Wait for the pending asynchronous save on every rank and commit it (collective; a no-op when
+    none is pending). Returns the committed checkpoint, or None."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is None:
+        return None
+    error = None
+    try:
+        pending.future.result()
+    except Exception as caught:  # reported below, after every rank has said whether it succeeded
+        error = caught
+    if not _all_ranks_ok(error is None):
+        where = f"on this rank: {type(error).__name__}: {error}" if error is not None else "on another rank"
+        raise CheckpointError(
+            f"the background write of checkpoint {pending.final} failed {where}; it was not committed and "
+            f"{pending.run_dir / 'latest'} still names the previous checkpoint"
+        )
+    _commit(pending)
+    return pending.final
 
-        time.sleep(float(setting.split(":", 1)[1]))
+
+def abandon_pending_save() -> None:
+    """After a failure: let this rank's background write finish, but do not commit it (the other
+    ranks may be gone). The `.tmp` directory is left for the next save of that step to replace."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is None:
+        return
+    try:
+        pending.future.result()
+    except Exception:  # noqa: BLE001 - the run is failing already; the save is dropped either way
+        pass
+    log.warning("checkpoint %s was not committed: the run stopped before every rank had finished it", pending.final)
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    if not _distributed():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if "nccl" in str(dist.get_backend()):
+        flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _commit(pending: _PendingSave) -> None:
+    """Every rank has written its part of `pending.tmp`: rename it, update `latest`, prune."""
+    _pause_for_tests("mid_save", pending.step)
+    barrier()
+    if _rank() == 0:
+        final = pending.final
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(pending.tmp, final)
+        latest_tmp = pending.run_dir / "latest.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, pending.run_dir / "latest")
+        prune_checkpoints(pending.run_dir, pending.keep_last, pending.keep_every)
+        log.info("checkpoint written: %s (%.1f s)", final, time.perf_counter() - pending.started)
+    barrier()
+
+
+def _pause_for_tests(point: str, step: int) -> None:
+    """Test hook: FLIP_SCALE_TEST_PAUSE=<point>:<seconds> sleeps at that point of every save,
+    `<point>@<step>:<seconds>` only in the save of that step. `mid_save` is after every file of the
+    checkpoint is written and before it is renamed."""
+    setting = os.environ.get("FLIP_SCALE_TEST_PAUSE", "")
+    if ":" not in setting:
+        return
+    where, seconds = setting.rsplit(":", 1)
+    name, _, at_step = where.partition("@")
+    if name == point and (not at_step or int(at_step) == step):
+        log.warning("FLIP_SCALE_TEST_PAUSE: pausing %s s at %s of step %d", seconds, point, step)
+        time.sleep(float(seconds))
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
-    """Delete complete checkpoints beyond the last `keep_last`, keeping every `keep_every`-th step."""
-    complete = [p for p in list_checkpoints(run_dir) if is_complete(p)]
+    """Delete complete checkpoints beyond the last `keep_last`, keeping every `keep_every`-th step
+    (`keep_last` <= 0 keeps everything)."""
     if keep_last <= 0:
         return
+    complete = [p for p in list_checkpoints(run_dir) if is_complete(p)]
     for path in complete[:-keep_last]:
         step = int(STEP_DIR.match(path.name).group(1))
         if keep_every and step % keep_every == 0:
             continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _flatten(value: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = item
+    return flat
+
+
+def _differences(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
+    saved, now = _flatten(saved), _flatten(now)
+    return [(key, saved.get(key), now.get(key)) for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+def check_architecture(path: Path, model_arch: dict, model_config: Optional[dict] = None) -> None:
+    """Refuse a checkpoint whose model architecture (trainer_state.json `model_arch`) differs from
+    `model_arch`, naming the differing architecture fields and `model.*` config keys."""
+    path = Path(path)
+    saved = json.loads((path / "trainer_state.json").read_text()).get("model_arch")
+    if saved is None:
+        log.warning("%s records no model architecture; loading it without checking", path)
+        return
+    arch_diffs = _differences(saved, model_arch)
+    if not arch_diffs:
+        return
+    text = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in arch_diffs)
+    config_text = ""
+    if model_config is not None:
+        import yaml
+
+        saved_model = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model", {})
+        config_diffs = _differences(saved_model, model_config)
+        if config_diffs:
+            config_text = "; config keys that differ: " + ", ".join(
+                f"model.{key} ({old!r} in the checkpoint, {new!r} now)" for key, old, new in config_diffs
+            )
+    raise CheckpointError(
+        f"{path} holds a different model architecture ({text}){config_text}. A checkpoint loads only into "
+        f"the architecture it was written with: set those model keys to the checkpoint's values "
+        f"(see {path / 'config.yaml'})"
+    )
 
 
 def load_checkpoint(
@@ -212,18 +474,30 @@ def load_checkpoint(
     optimizer=None,
     scheduler=None,
     dp_rank: int = 0,
+    model_arch: Optional[dict] = None,
+    model_config: Optional[dict] = None,
 ) -> dict:
     """Load a checkpoint into an already-built (and parallelised) model; return the trainer state
-    with `data_state` (this data-parallel rank's stream position, or None)."""
+    with `data_state` (this data-parallel rank's stream position, or None).
+
+    With `model_arch` (and `model_config`, the `model` section of the config) a checkpoint of
+    another architecture is refused before anything is loaded.
+    """
     path = Path(path)
-    if not is_complete(path):
-        raise CheckpointError(f"{path} is not a complete checkpoint (missing .metadata, trainer_state.json or config.yaml)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
+    if model_arch is not None:
+        check_architecture(path, model_arch, model_config)
+    no_dist = not _distributed()
     state = {"model": model_state(model)}
-    dcp.load(state, checkpoint_id=str(path))
-    if optimizer is not None:
-        # Partial: a parameter that never had a gradient has no optimizer state in the file.
-        state["optim"] = optimizer_state(model, optimizer)
-        dcp.load({"optim": state["optim"]}, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=_RestrictedReader(str(path)), no_dist=no_dist)
+        if optimizer is not None:
+            # Partial: a parameter that never had a gradient has no optimizer state in the file.
+            state["optim"] = optimizer_state(model, optimizer)
+            dcp.load({"optim": state["optim"]}, storage_reader=_RestrictedReader(str(path)),
+                     planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=no_dist)
     for part in _as_list(model):
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
@@ -240,6 +514,40 @@ def load_checkpoint(
     return trainer_state
 
 
+def data_states(path: Path) -> list[dict]:
+    """The data stream positions of every data-parallel rank that wrote one."""
+    return [json.loads(f.read_text()) for f in sorted(Path(path).glob("data_rank*.json"))]
+
+
+_STREAM_IDENTITY = ("version", "seed", "dp_size", "num_workers", "num_shards")
+
+
+def data_state_for_resume(path: Path, saved: Optional[dict], fresh: dict) -> tuple[Optional[dict], Optional[str]]:
+    """The loader state to resume with, and why the stream cannot continue sample for sample (or None).
+
+    `saved`: this data-parallel rank's position from the checkpoint (None if it wrote none);
+    `fresh`: the `state_dict()` of a newly built loader of this run. When the stream identity
+    (seed, data-parallel size, workers, shard count) is unchanged the saved position is returned.
+    Otherwise the samples of one layout cannot be matched to another's: the stream restarts at the
+    first epoch no rank of the checkpoint had begun, so no sample of an epoch is seen twice (the rest
+    of the epochs in progress is not seen).
+    """
+    if saved is not None and all(saved.get(k) == fresh.get(k) for k in _STREAM_IDENTITY):
+        return saved, None
+    everyone = data_states(path)
+    if not everyone:
+        return None, None
+    first = everyone[0]
+    changed = [f"{k} {first.get(k)} -> {fresh.get(k)}" for k in _STREAM_IDENTITY if first.get(k) != fresh.get(k)]
+    epoch = max((e + 1 if drawn > 0 else e) for state in everyone for e, drawn in state["positions"])
+    state = dict(fresh, positions=[[epoch, 0] for _ in fresh["positions"]], batches=0)
+    reason = (
+        f"the checkpoint's data stream differs from this run's ({', '.join(changed) or 'position missing for this rank'}), "
+        f"so it cannot continue sample for sample; it restarts at epoch {epoch}, the first no rank had begun"
+    )
+    return state, reason
+
+
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     """`--resume auto`: the latest complete checkpoint of the run directory, or none (fresh start).
     `--resume PATH`: that checkpoint (a step directory, or a run directory's latest)."""
@@ -248,10 +556,15 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     if resume == "auto":
         return find_latest(run_dir)
     path = Path(resume)
-    if is_complete(path):
+    problem = checkpoint_problem(path)
+    if problem is None:
         return path
-    if path.is_dir():
+    if path.is_dir() and not path.name.startswith("step_"):
         found = find_latest(path)
         if found is not None:
             return found
-    raise CheckpointError(f"--resume {resume}: no complete checkpoint there (expected a step_XXXXXXXX directory or a run directory)")
+        raise CheckpointError(f"--resume {resume}: no complete checkpoint in that run directory (expected step_XXXXXXXX directories)")
+    raise CheckpointError(
+        f"--resume {resume}: not a complete checkpoint ({problem}); expected a complete step_XXXXXXXX directory "
+        f"or a run directory"
+    )
