@@ -27,6 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "flip-train=flip_scale.train:main",
+            "flip-eval=flip_scale.evaluate:main",
             "flip-model-info=flip_scale.models.info:main",
             "flip-make-synthetic-shards=flip_scale.data.synthetic:main",
             "flip-train-tokenizer=flip_scale.data.tokenizer:main",

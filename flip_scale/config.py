@@ -141,8 +141,9 @@ class LoggingConfig:
 class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     at_end: bool = True
-    zero_shot_shards: Union[str, list] = ""
-    classnames: str = ""
+    zero_shot_shards: Union[str, list] = ""  # shards whose samples carry `cls`, or an image folder root/<class>/*.jpg
+    classnames: str = ""  # one per line; shards need it, a folder names its classes (sorted) unless given
+    retrieval_shards: Union[str, list] = ""  # image-caption shards: image<->text recall@1/5/10
     templates: str = "flip_short"  # flip_short (7) | openai (80) | a path, one template per line with {}
     batch_size: int = 256
     max_samples: int = 0  # 0: all

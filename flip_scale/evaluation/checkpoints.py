@@ -1,0 +1,87 @@
+"""Which checkpoint a path names, its config, and loading its weights into a built model.
+
+Two kinds: a training checkpoint (`step_XXXXXXXX/`, written with torch.distributed.checkpoint; a
+run directory stands for its latest complete one) and a consolidated directory
+(`model.safetensors` + `flip_config.yaml`, written by `tools/convert_ckpt.py`, also from OpenCLIP
+weights), which `flip_scale.convert.load_consolidated` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from ..checkpoint import CheckpointError, find_latest, is_complete, load_checkpoint
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "flip_config.yaml"
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    kind: str  # "dcp" | "consolidated"
+    path: Path  # the step directory or the consolidated directory
+    config_tree: dict  # its config, as a YAML tree
+    step: Optional[int]
+    samples_seen: Optional[int]  # samples its weights were trained on (None: unknown)
+
+    def describe(self) -> str:
+        seen = f", {self.samples_seen:,} samples seen" if self.samples_seen else ""
+        step = f"step {self.step}" if self.step is not None else "step unknown"
+        return f"{self.path} ({'training checkpoint' if self.kind == 'dcp' else 'consolidated'}, {step}{seen})"
+
+
+def _convert():
+    """`flip_scale.convert`, or a clear error where it is not installed."""
+    try:
+        from .. import convert
+    except ImportError as error:
+        raise CheckpointError(
+            f"loading a consolidated checkpoint ({MODEL_FILE} + {CONFIG_FILE}) needs flip_scale.convert, which cannot "
+            f"be imported here ({error}); use a training checkpoint (a step_XXXXXXXX directory or a run directory)"
+        ) from None
+    if not hasattr(convert, "load_consolidated"):
+        raise CheckpointError("flip_scale.convert has no load_consolidated: consolidated checkpoints cannot be loaded; "
+                              "use a training checkpoint (a step_XXXXXXXX directory or a run directory)")
+    return convert
+
+
+def open_checkpoint(path: Union[str, Path]) -> CheckpointSource:
+    """A step directory, a run directory (its latest complete checkpoint) or a consolidated directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file() and path.name == MODEL_FILE:
+        path = path.parent
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        if not (path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{path} has {MODEL_FILE} but no {CONFIG_FILE}; a consolidated directory needs both")
+        convert = _convert()
+        tree = convert.read_consolidated_config(path).to_dict()
+        metadata, _ = convert.read_safetensors_header(path / MODEL_FILE)
+        step = metadata.get("step")
+        step = int(step) if step not in (None, "", "None") and str(step).isdigit() else None
+        seen = step * int(tree["train"]["global_batch_size"]) if step else None
+        return CheckpointSource("consolidated", path, tree, step, seen)
+    step_dir = path if is_complete(path) else (find_latest(path) if path.is_dir() else None)
+    if step_dir is None:
+        raise CheckpointError(
+            f"{path} is not a checkpoint: expected a complete step_XXXXXXXX directory, a run directory holding one, "
+            f"or a consolidated directory ({MODEL_FILE} + {CONFIG_FILE})"
+        )
+    tree = yaml.safe_load((step_dir / "config.yaml").read_text()) or {}
+    state = json.loads((step_dir / "trainer_state.json").read_text())
+    return CheckpointSource("dcp", step_dir, tree, state.get("step"), state.get("samples_seen"))
+
+
+def load_weights(source: CheckpointSource, model_parts) -> None:
+    """The checkpoint's model weights into built (and parallelised) model parts; collective."""
+    parts = list(model_parts) if isinstance(model_parts, (list, tuple)) else [model_parts]
+    if source.kind == "consolidated":
+        _convert().load_consolidated(source.path, parts if len(parts) > 1 else parts[0])
+    else:
+        load_checkpoint(source.path, parts)

@@ -1,0 +1,266 @@
+"""Unmasked tuning (`tools/unmask_tune.py`): the plan's rules, and real tuning runs from a masked
+checkpoint (one process, two ranks under torchrun, a consolidated source) that must start from the
+checkpoint's weights at mask ratio 0 with a fresh optimizer, follow the configured lr schedule, keep
+the checkpoint's config otherwise, resume, and leave a loadable checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flip_scale.checkpoint import find_latest, load_checkpoint
+from flip_scale.config import config_from_dict, load_config
+from flip_scale.evaluation.checkpoints import CheckpointSource
+from flip_scale.metrics import read_jsonl
+from flip_scale.optim import lr_at
+from flip_scale.unmask import main as unmask_main
+from flip_scale.unmask import plan_tuning
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE_STEPS, BATCH, SOURCE_MASK = 6, 32, 0.75
+
+
+def _source(tree: dict, samples_seen=None, kind="dcp") -> CheckpointSource:
+    return CheckpointSource(kind, Path("/ckpt/step_00000300"), tree, 300 if samples_seen else None, samples_seen)
+
+
+# ----------------------------------------------------------------------------- the plan (no training)
+
+
+def test_paper_recipe_gets_the_paper_schedule():
+    tree = load_config("configs/flip_l16.yaml", ["model.mask_ratio=0.75"]).to_dict()
+    plan = plan_tuning(_source(tree, samples_seen=12_800_000_000), world_size=512)
+    cfg = plan.cfg
+    assert cfg.model.mask_ratio == 0.0
+    assert cfg.train.max_steps == math.ceil(128e6 / 65536) == 1954  # 128M samples
+    assert cfg.schedule.warmup_steps == 391  # 25.6M samples
+    assert cfg.optim.lr is None and cfg.optim.base_lr == pytest.approx(4e-8)  # the paper's 4e-8 per 256
+    assert lr_at(390, cfg) == pytest.approx(4e-8 * 65536 / 256)
+    # Everything else is the pre-training recipe, apart from the memory rule's choice.
+    assert set(plan.changes()) == {"model.mask_ratio", "train.max_steps", "schedule.warmup_steps", "optim.base_lr",
+                                   "parallel.activation_checkpointing"}
+    assert cfg.parallel.activation_checkpointing == "full"
+    assert any("x3.94" in line and "none -> full" in line for line in plan.lines)  # 197 / 50 tokens at L/16, 75%
+
+
+def test_tiny_run_is_clamped_and_lr_follows_the_pretraining_ratio():
+    tree = load_config(None, ["model.mask_ratio=0.75"]).to_dict()  # tiny: lr 2e-3 at batch 128
+    plan = plan_tuning(_source(tree, samples_seen=38_400))
+    cfg = plan.cfg
+    assert cfg.train.max_steps == 30 and cfg.schedule.warmup_steps == 6  # 10% of 38,400 samples, 20% warmup
+    assert cfg.optim.base_lr * cfg.train.global_batch_size / 256 == pytest.approx(0.01 * 2e-3)
+    assert any("clamped" in line for line in plan.lines)
+    # Unknown history (e.g. converted OpenCLIP weights): the paper's length, and a note saying so.
+    unknown = plan_tuning(_source(tree, samples_seen=None, kind="consolidated"))
+    assert unknown.cfg.train.max_steps == math.ceil(128e6 / 128)
+    assert any("--samples sets the length" in line for line in unknown.lines)
+    # Flags and overrides win.
+    flagged = plan_tuning(_source(tree, 38_400), samples=1280, warmup_samples=256, base_lr=1e-3,
+                          overrides=["train.max_steps=7", "parallel.activation_checkpointing=selective"])
+    assert flagged.cfg.train.max_steps == 7 and flagged.cfg.schedule.warmup_steps == 2
+    assert flagged.cfg.optim.base_lr == 1e-3 and flagged.cfg.parallel.activation_checkpointing == "selective"
+    assert any("overridden on the command line" in line and "train.max_steps" in line for line in flagged.lines)
+
+
+def test_memory_rule_raises_accumulation_to_a_divisor_of_the_rank_batch():
+    tree = load_config(None, ["model.mask_ratio=0.75", "parallel.activation_checkpointing=full"]).to_dict()
+    # 64 patches, 16 visible: 17 -> 65 tokens (x3.82) -> accumulation x4.
+    assert plan_tuning(_source(tree, 38_400)).cfg.optim.grad_accum_steps == 4
+    # 2 ranks x 10 samples: 4 does not divide 10, 5 does.
+    tree["train"]["global_batch_size"] = 20
+    plan = plan_tuning(_source(tree, 38_400), world_size=2)
+    assert plan.cfg.optim.grad_accum_steps == 5 and plan.cfg.parallel.activation_checkpointing == "full"
+    # keep: nothing changes; checkpointing when already full: nothing either, and it says why.
+    assert "optim.grad_accum_steps" not in plan_tuning(_source(tree, 38_400), memory="keep", world_size=2).changes()
+    lines = plan_tuning(_source(tree, 38_400), memory="checkpointing", world_size=2).lines
+    assert any("already full" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- real tuning runs
+
+
+def _data_overrides(data_dir: Path) -> list[str]:
+    return [
+        f"data.synthetic_dir={data_dir}", f"data.train_shards={data_dir}/train-{{000000..000007}}.tar",
+        f"data.tokenizer={data_dir}/tokenizer.model", "data.num_workers=0",
+        f"eval.zero_shot_shards={data_dir}/eval-{{000000..000000}}.tar", f"eval.classnames={data_dir}/classnames.txt",
+        f"eval.templates={data_dir}/templates.txt", "eval.max_samples=64", "eval.batch_size=64",
+    ]
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory, synthetic_dir) -> Path:
+    """A short masked pre-training (75%) of the tiny model."""
+    from flip_scale.train import main
+
+    run_dir = tmp_path_factory.mktemp("masked") / "run"
+    main(["--run-dir", str(run_dir), *_data_overrides(synthetic_dir), f"model.mask_ratio={SOURCE_MASK}",
+          f"train.global_batch_size={BATCH}", f"train.max_steps={SOURCE_STEPS}", f"checkpoint.every_steps={SOURCE_STEPS}",
+          "train.log_every_steps=1", "eval.at_end=false"])
+    return run_dir
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _config_changes(source_step: Path, run_dir: Path) -> dict:
+    before = _flat(yaml.safe_load((source_step / "config.yaml").read_text()))
+    after = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    return {key: (before.get(key), after[key]) for key in after if before.get(key) != after[key]}
+
+
+def first_step_loss(cfg, weights: Path, dp_size: int, mask_ratio: float = 0.0) -> float:
+    """The loss of the tuning run's first global batch for the model of `cfg` with `weights`, in one
+    process; with `mask_ratio` > 0, seen through the masks the trainer would draw at step 0."""
+    import dataclasses
+
+    from flip_scale.data import Tokenizer, build_train_loader
+    from flip_scale.loss import ContrastiveLoss
+    from flip_scale.models import arch_from_config, build_model, masking_noise
+
+    arch = arch_from_config(cfg.model)
+    tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch.context_length)
+    local = cfg.train.global_batch_size // dp_size
+    batches = [next(iter(build_train_loader(cfg.data, arch.image_size, tokenizer, rank, dp_size, local, cfg.train.seed)))
+               for rank in range(dp_size)]
+    images = torch.cat([b["images"] for b in batches])
+    tokens = torch.cat([b["tokens"] for b in batches])
+    model = build_model(dataclasses.replace(cfg.model, mask_ratio=mask_ratio))
+    load_checkpoint(weights, [model])
+    noise = masking_noise(cfg.train.seed, 0, torch.arange(images.shape[0]), arch.num_patches) if mask_ratio else None
+    with torch.no_grad():
+        return float(ContrastiveLoss(None)(*model.train()(images, tokens, noise)))
+
+
+def optimizer_steps(step_dir: Path, tmp_path: Path) -> set:
+    """The AdamW step counts stored in a checkpoint (one per parameter)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    file = tmp_path / f"{step_dir.parent.name}_{step_dir.name}.pt"
+    dcp_to_torch_save(str(step_dir), str(file))
+    state = torch.load(file, weights_only=True)
+    return {int(v) for k, v in _flat(state).items() if k.startswith("optim.") and k.endswith(".step")}
+
+
+def check_tuning_run(run_dir: Path, source_step: Path, steps: int, tmp_path: Path, dp_size: int = 1) -> None:
+    """What every tuning run must show (module docstring)."""
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert cfg.model.mask_ratio == 0.0
+    # Starts from the checkpoint's weights, at mask 0: the logged first loss is that of the source
+    # weights on whole images, and neither that of fresh weights nor of masked images.
+    logged = read_jsonl(run_dir / "metrics.jsonl")
+    assert logged[0]["step"] == 1 and logged[0]["mask_ratio"] == 0.0
+    expected = first_step_loss(cfg, source_step, dp_size)
+    assert logged[0]["loss"] == pytest.approx(expected, abs=1e-5)
+    assert abs(first_step_loss(cfg, source_step, dp_size, mask_ratio=SOURCE_MASK) - expected) > 1e-3
+    # The lr schedule as configured (logged every step: the lr each step used).
+    assert [r["lr"] for r in logged] == pytest.approx([lr_at(i, cfg) for i in range(steps)], rel=1e-6, abs=1e-12)
+    # Fresh optimizer: its step counters count the tuning steps only (the source's count SOURCE_STEPS).
+    latest = find_latest(run_dir)
+    assert latest.name == f"step_{steps:08d}"
+    assert optimizer_steps(latest, tmp_path) == {steps}
+    assert optimizer_steps(source_step, tmp_path) == {SOURCE_STEPS}
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["step"] == steps and state["samples_seen"] == steps * cfg.train.global_batch_size
+    # A loadable checkpoint: it loads into a fresh model, and tuning moved the weights a little.
+    from flip_scale.models import build_model
+
+    tuned, source = build_model(cfg.model), build_model(cfg.model)
+    load_checkpoint(latest, [tuned])
+    load_checkpoint(source_step, [source])
+    moved = max((a - b).abs().max().item() for a, b in zip(tuned.state_dict().values(), source.state_dict().values()))
+    assert 0 < moved < 0.1
+
+
+def test_unmask_tuning_run_from_a_masked_checkpoint(masked_run, tmp_path, capsys):
+    source_step = find_latest(masked_run)
+    run_dir = tmp_path / "tuned"
+    args = ["--from", str(masked_run), "--run-dir", str(run_dir), "--samples", "256", "--warmup-samples", "64",
+            "--base-lr", "0.01", "train.log_every_steps=1"]
+    assert unmask_main(args) == 0
+    assert "lr: 0.00125 = base 0.01 x 32 / 256 (--base-lr)" in capsys.readouterr().out
+    check_tuning_run(run_dir, source_step, steps=8, tmp_path=tmp_path)
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert lr_at(1, cfg) == pytest.approx(0.01 * BATCH / 256)  # 2 warmup steps to the peak
+    # The checkpoint's config is kept but for the tuning keys (and the memory rule's choice).
+    assert _config_changes(source_step, run_dir) == {
+        "model.mask_ratio": (SOURCE_MASK, 0.0), "train.max_steps": (SOURCE_STEPS, 8),
+        "schedule.warmup_steps": (30, 2), "optim.lr": (2e-3, None), "optim.base_lr": (4e-6, 0.01),
+        "parallel.activation_checkpointing": ("none", "full"),
+    }
+    assert json.loads((run_dir / "unmask_tune.json").read_text())["source"]["path"] == str(source_step.resolve())
+
+    # The run directory is not restarted by accident, and resumes with --resume auto.
+    assert unmask_main(args) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert unmask_main([*args[:-5], "--samples", "320", "--warmup-samples", "64", "--base-lr", "0.01",
+                        "--resume", "auto", "train.log_every_steps=1"]) == 0
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps[:8] == list(range(1, 9)) and steps[8:] == [9, 10]
+    assert find_latest(run_dir).name == "step_00000010"
+    assert optimizer_steps(find_latest(run_dir), tmp_path) == {10}
+
+
+@pytest.mark.slow
+def test_unmask_tuning_under_torchrun_two_ranks(masked_run, tmp_path):
+    run_dir = tmp_path / "tuned2"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tools" / "unmask_tune.py"), "--from", str(masked_run), "--run-dir", str(run_dir),
+           "--samples", "128", "--warmup-samples", "32", "--base-lr", "0.01", "--memory", "accum",
+           "parallel.dp_shard=2", "train.log_every_steps=1", "eval.at_end=true"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # 16 samples per rank, 17 -> 65 image tokens: 4 exact micro-batches of 4.
+    assert "optim.grad_accum_steps 1 -> 4" in proc.stdout
+    check_tuning_run(run_dir, find_latest(masked_run), steps=4, tmp_path=tmp_path, dp_size=2)
+    changes = _config_changes(find_latest(masked_run), run_dir)
+    assert changes["optim.grad_accum_steps"] == (1, 4) and changes["parallel.dp_shard"] == (-1, 2)
+    assert "parallel.activation_checkpointing" not in changes
+    # The trainer's evaluation, split over the two ranks, gives the numbers of one process.
+    from flip_scale.evaluate import main as eval_main
+
+    assert eval_main(["--checkpoint", str(run_dir), "--json", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    during = read_jsonl(run_dir / "eval.jsonl")[-1]
+    assert during["step"] == 4 and during["samples"] == one["samples"] == 64
+    assert (during["zero_shot_top1"], during["zero_shot_top5"]) == (one["zero_shot_top1"], one["zero_shot_top5"])
+
+
+def test_unmask_tuning_from_a_consolidated_checkpoint(masked_run, tmp_path):
+    source_step = find_latest(masked_run)
+    out = tmp_path / "consolidated"
+    run_dir = tmp_path / "tuned_c"
+    args = ["--from", str(out), "--run-dir", str(run_dir), "--samples", "64", "--warmup-samples", "32",
+            "--base-lr", "0.01", "train.log_every_steps=1", "--memory", "keep"]
+    try:
+        from flip_scale.convert import consolidate, load_consolidated  # noqa: F401
+    except ImportError:
+        (out).mkdir()
+        (out / "model.safetensors").write_bytes(b"")
+        (out / "flip_config.yaml").write_text("{}")
+        assert unmask_main(args) == 2  # without the converter: a clear refusal
+        return
+    consolidate(source_step, out)
+    assert unmask_main(args) == 0
+    check_tuning_run(run_dir, source_step, steps=2, tmp_path=tmp_path)
+
+
+def test_unmask_tool_help_and_refusals(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        unmask_main(["--help"])
+    assert "examples:" in capsys.readouterr().out
+    assert unmask_main(["--from", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "t")]) == 2
+    assert "does not exist" in capsys.readouterr().err
