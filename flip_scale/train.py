@@ -23,9 +23,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import find_latest, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (
+    abandon_pending_save, finalize_pending_save, find_latest, load_checkpoint, resolve_resume, save_checkpoint,
+)
 from .config import Config, ConfigError, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, shutdown
+from . import preemption
 from .loss import build_loss
 from .metrics import MetricsWriter, Progress, format_duration
 from .models import arch_from_config, build_model, count_parameters, masking_noise
@@ -177,19 +180,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, path: Path) -> None:
-        trainer_state = load_checkpoint(path, self.model_parts, self.optimizers.optimizers, self.optimizers, self.dims.dp_rank)
+        """Model, optimizer, lr schedule, step, RNG and data position from `path` (any layout of the
+        same architecture; another architecture is refused before anything is loaded)."""
+        from dataclasses import asdict
+
+        from .checkpoint import data_state_for_resume, data_states
+
+        trainer_state = load_checkpoint(
+            path, self.model_parts, self.optimizers.optimizers, self.optimizers, self.dims.dp_rank,
+            model_arch=self.arch.to_dict(), model_config=asdict(self.cfg.model),
+        )
         self.state = TrainState(
             step=trainer_state["step"], samples_seen=trainer_state.get("samples_seen", 0),
             skipped_samples=trainer_state.get("skipped_samples", 0),
         )
         self.data_state = trainer_state.get("data_state")
+        if trainer_state.get("layout") not in (None, self.dims.describe()):
+            log.info("checkpoint layout %s re-sharded into %s", trainer_state["layout"], self.dims.describe())
+        if data_states(path):
+            # The data position is tied to the data-parallel split and the loader workers.
+            fresh = self._build_loader()
+            if hasattr(fresh, "state_dict"):
+                self.data_state, reason = data_state_for_resume(Path(path), self.data_state, fresh.state_dict())
+                if reason is not None:
+                    log.warning("data stream: %s", reason)
         log.info("resumed from %s at step %d (%d samples seen)", path, self.state.step, self.state.samples_seen)
 
     def init_from(self, path: Path) -> None:
-        load_checkpoint(path, self.model_parts)
+        from dataclasses import asdict
+
+        load_checkpoint(path, self.model_parts, model_arch=self.arch.to_dict(), model_config=asdict(self.cfg.model))
         log.info("initialised weights from %s (fresh optimizer, step 0)", path)
 
     def save(self, loader) -> Path:
+        """Checkpoint at the current step (collective). With checkpoint.async_save the shards are
+        written in the background and committed at the next save or at the end of `fit`."""
         # Tensor- and pipeline-parallel ranks of one replica read the same stream: one writes it.
         writes_data = self.dims.tp_rank == 0 and self.dims.pp_rank == 0
         data_state = loader.state_dict() if writes_data and hasattr(loader, "state_dict") else None
@@ -198,10 +223,11 @@ class Trainer:
             trainer_state={
                 "samples_seen": self.state.samples_seen, "skipped_samples": self.state.skipped_samples,
                 "layout": self.dims.describe(), "world_size": self.proc.world_size,
-                "model_arch": self.arch.to_dict(),
+                "dp_size": self.dims.dp_size, "model_arch": self.arch.to_dict(),
             },
             config_yaml=self.cfg.to_yaml(), data_state=data_state, dp_rank=self.dims.dp_rank,
             keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
+            async_save=self.cfg.checkpoint.async_save,
         )
 
     # ------------------------------------------------------------------ one step
@@ -306,40 +332,49 @@ class Trainer:
                 window_loss, window_skipped, window_steps = 0.0, 0, 0
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
                 self.save(loader)
+            # Preemption (flip_scale/preemption.py): all ranks agree, save this step, stop.
+            if step < cfg.train.max_steps and preemption.requested(self.device):
+                if step % cfg.checkpoint.every_steps != 0:
+                    self.save(loader)
+                log.info("preemption requested: stopped after step %d with its checkpoint; exit code %d",
+                         step, preemption.EXIT_CODE)
+                return {"step": step, "preempted": True, **last}
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.train.max_steps:
                 self.evaluate()
+        # An asynchronous checkpoint still being written is committed before anything else can fail.
+        finalize_pending_save()
         result = {"step": self.state.step, **last}
         if cfg.eval.at_end:
             evaluation = self.evaluate()
             if evaluation is not None:
-                result["zero_shot"] = evaluation
+                result.update(evaluation)  # "zero_shot" and/or "retrieval"
         return result
 
     def evaluate(self) -> Optional[dict]:
-        from .evaluate import run_zero_shot
+        """Zero-shot classification and retrieval as configured (eval.*), unmasked; collective.
+        Returns {"zero_shot": ..., "retrieval": ...} (the configured ones), or None."""
+        from .evaluate import EvalGroup, describe, log_values, run_evaluation
 
         if self.model is None:
             log.warning("zero-shot evaluation is not available under pipeline parallel yet (parallel.pp=%d); skipped",
                         self.dims.pp)
             return None
-        # Every rank runs the same batches: a sharded model needs all of them in each forward.
+        # Each data-parallel rank embeds its share of the data (the tp ranks of a replica the same
+        # share) in lockstep, so every rank takes part in every forward; the counts are all-reduced.
         started = time.perf_counter()
-        result = run_zero_shot(self.model, self.tokenizer, self.cfg.eval, self.cfg.data, self.arch.image_size, self.device)
-        if result is None:
+        with self.autocast():
+            results = run_evaluation(self.model, self.tokenizer, self.cfg, self.device, EvalGroup.from_dims(self.dims))
+        if not results:
             return None
-        result["seconds"] = time.perf_counter() - started
-        self.eval_metrics.write(self.state.step, {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"],
-                                                  "samples": result["samples"], "classes": result["classes"]})
+        values = log_values(results)
+        self.eval_metrics.write(self.state.step, values)
         if self.metrics.tb is not None:
-            self.metrics.tb.add_scalar("eval/zero_shot_top1", result["top1"], self.state.step)
-            self.metrics.tb.add_scalar("eval/zero_shot_top5", result["top5"], self.state.step)
+            for key, value in values.items():
+                self.metrics.tb.add_scalar(f"eval/{key}", value, self.state.step)
             self.metrics.tb.flush()
-        log.info(
-            "zero-shot at step %d: top-1 %.1f%%, top-5 %.1f%% on %d held-out images, %d classes (chance %.1f%%) [%s]",
-            self.state.step, 100 * result["top1"], 100 * result["top5"], result["samples"], result["classes"],
-            100 * result["chance"], format_duration(result["seconds"]),
-        )
-        return result
+        log.info("evaluation at step %d: %s [%s]", self.state.step, describe(results),
+                 format_duration(time.perf_counter() - started))
+        return results
 
     def close(self) -> None:
         self.metrics.close()
@@ -372,6 +407,7 @@ def clamp_logit_scale(model) -> None:
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
     proc = init_distributed(cfg.train.device)
     setup_logging(proc.rank)
+    preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     try:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -385,9 +421,12 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
         if init_from and checkpoint is None:
             trainer.init_from(resolve_resume(init_from, Path(init_from)))
         result = trainer.fit()
+        finalize_pending_save()  # in case fit returned before its end
         trainer.close()
         return result
     finally:
+        # After a failure a background checkpoint write is let finish but not committed.
+        abandon_pending_save()
         shutdown()
 
 
@@ -399,8 +438,8 @@ def main(argv=None) -> int:
         print(f"flip-train: config error: {error}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-    run(cfg, run_dir, resume=args.resume, init_from=args.init_from)
-    return 0
+    result = run(cfg, run_dir, resume=args.resume, init_from=args.init_from)
+    return preemption.EXIT_CODE if result.get("preempted") else 0
 
 
 if __name__ == "__main__":

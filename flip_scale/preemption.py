@@ -1,0 +1,224 @@
+"""Preemption: a signal asks the trainer to stop at the next step boundary, save and exit `EXIT_CODE`.
+
+The signal path under Slurm (slurm/common.sh): `#SBATCH --signal=B:USR1@<secs>` (or
+`scancel --batch --signal=USR1 JOB`) reaches the batch shell, which forwards SIGUSR1 to `srun`,
+which forwards it to every task (one trainer process per GPU). A trainer process that receives it
+only sets a flag; after each optimizer step `requested()` agrees on the flags of all ranks with one
+all-reduce (MAX over one integer), so every rank stops after the same step even when the signal
+reached them between different steps, or reached only some of them. The trainer then writes a
+checkpoint of that step (unless it has just written one) and `flip-train` exits with `EXIT_CODE`.
+The batch script requeues the job on that exit code (`scontrol requeue`) and the requeued job
+resumes from `latest` (`--resume auto`).
+
+The requeue bookkeeping (`requeue-check`, below) stops a job that keeps getting stopped at the same
+checkpoint step: after `--max-requeues` requeues without progress it refuses, with a message.
+
+This module imports only the standard library at import time (the batch script runs its
+command-line part on the batch host; torch is imported by `requested()` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+# Exit status of `flip-train` after a preemption request: the checkpoint of the step it stopped at
+# is complete and `--resume auto` continues from it. Distinct from 0 (finished), 1 (an error),
+# 2 (a config error) and 128 + N (killed by signal N).
+EXIT_CODE = 42
+
+# Signals that request a save-and-exit. SIGUSR1 is what the slurm/ templates send; SIGTERM is left
+# alone (Slurm sends it when it cancels a job and follows with SIGKILL after KillWait seconds,
+# usually too soon for a checkpoint of a large model).
+DEFAULT_SIGNALS = (signal.SIGUSR1,)
+
+STATE_FILE = "requeue_state.json"
+STOP_EXIT_CODE = 3  # requeue-check: do not requeue
+
+_request: dict = {"signal": None, "time": None, "pid": None}
+
+
+def _handler(signum, frame) -> None:
+    # Only a flag and one write(2): the step in progress finishes normally. Data-loader workers
+    # (forked after `install`) inherit the handler and get the signal too (Slurm signals every
+    # process of a step); they only set their own, unused, flag.
+    first = _request["signal"] is None
+    _request["signal"] = signum
+    _request["time"] = time.time()
+    if first and os.getpid() == _request["pid"]:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        os.write(2, f"flip_scale: {name} received: stopping after this step with a checkpoint "
+                    f"(exit code {EXIT_CODE})\n".encode())
+
+
+def install(signals=DEFAULT_SIGNALS) -> None:
+    """Make `signals` request a save-and-exit at the next step boundary (main thread only)."""
+    reset()
+    _request["pid"] = os.getpid()
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python delivers signals to the main thread only; a run in a thread is not stoppable
+    for sig in signals:
+        signal.signal(sig, _handler)
+
+
+def reset() -> None:
+    _request["signal"] = None
+    _request["time"] = None
+
+
+def request(signum: int = signal.SIGUSR1) -> None:
+    """Request a stop from code (as the signal handler does)."""
+    if _request["pid"] is None:
+        _request["pid"] = os.getpid()
+    _handler(signum, None)
+
+
+def requested_locally() -> bool:
+    return _request["signal"] is not None
+
+
+def requested(device=None) -> bool:
+    """Whether any rank has been asked to stop. Collective: every rank of the default process group
+    must call it at the same point (the trainer calls it once after every step)."""
+    local = requested_locally()
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    import torch
+
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------- requeue bookkeeping
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def latest_step(run_dir: Path) -> Optional[int]:
+    """The step of the checkpoint that `latest` names (None: no complete checkpoint yet)."""
+    latest = Path(run_dir) / "latest"
+    if not latest.is_file():
+        return None
+    name = latest.read_text().strip()
+    match = _STEP_DIR.match(name)
+    if not match or not (Path(run_dir) / name / "trainer_state.json").is_file():
+        return None
+    return int(match.group(1))
+
+
+def read_state(run_dir: Path) -> dict:
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def requeue_decision(state: dict, job_id: str, step: Optional[int], max_requeues: int,
+                     reason: str = "preempted", now: Optional[float] = None) -> tuple[bool, dict, str]:
+    """Decide whether job `job_id`, stopped with its newest checkpoint at `step`, is requeued again.
+
+    `state` is the previous decision of this run directory. Requeues of one job at one checkpoint
+    step are counted; a new step (progress) or a new job id (a fresh submission) starts the count
+    again. Returns (requeue?, the new state, a message for the log)."""
+    step_value = -1 if step is None else int(step)
+    same = str(state.get("job_id")) == str(job_id) and int(state.get("step", -2)) == step_value
+    count = int(state.get("count", 0)) + 1 if same else 1
+    where = "no checkpoint yet" if step is None else f"checkpoint step {step}"
+    history = list(state.get("history", []))[-49:] if str(state.get("job_id")) == str(job_id) else []
+    entry = {"time": time.time() if now is None else now, "step": step_value, "reason": reason}
+    if count > max_requeues:
+        new_state = dict(state, job_id=str(job_id), step=step_value, count=count - 1, stopped=True,
+                         history=history + [dict(entry, requeued=False)])
+        message = (f"not requeueing job {job_id}: it was requeued {count - 1} times at {where} without "
+                   f"progress (FLIP_MAX_REQUEUES={max_requeues}). Look at the log of the last attempts; "
+                   f"after fixing the cause, submit again (the run resumes from the last complete checkpoint)")
+        return False, new_state, message
+    new_state = {"job_id": str(job_id), "step": step_value, "count": count, "stopped": False,
+                 "history": history + [dict(entry, requeued=True)]}
+    message = f"requeueing job {job_id} ({reason}; {where}; requeue {count} of at most {max_requeues} at this step)"
+    return True, new_state, message
+
+
+def _write_state(run_dir: Path, state: dict) -> None:
+    path = Path(run_dir) / STATE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def requeue_check(run_dir: Path, job_id: str, max_requeues: int, reason: str = "preempted") -> tuple[bool, str]:
+    """Read, decide and record (in RUN_DIR/requeue_state.json)."""
+    run_dir = Path(run_dir)
+    if max_requeues < 0:
+        raise ValueError(f"max requeues must be 0 or more, got {max_requeues}")
+    step = latest_step(run_dir)
+    requeue, state, message = requeue_decision(read_state(run_dir), job_id, step, max_requeues, reason)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_state(run_dir, state)
+    return requeue, message
+
+
+def run_finished(run_dir: Path) -> Optional[bool]:
+    """Whether the newest checkpoint is at train.max_steps of RUN_DIR/config.yaml (None: unknown)."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    try:
+        max_steps = int(yaml.safe_load(config.read_text())["train"]["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    step = latest_step(run_dir)
+    return step is not None and step >= max_steps
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flip_scale.preemption",
+        description="Requeue bookkeeping for the slurm/ templates. Exit 0: requeue; "
+                    f"{STOP_EXIT_CODE}: do not (the limit of requeues without progress is reached).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("requeue-check", help="decide whether to requeue and record it in RUN_DIR/" + STATE_FILE)
+    check.add_argument("--run-dir", required=True)
+    check.add_argument("--job-id", required=True)
+    check.add_argument("--max-requeues", type=int, default=3)
+    check.add_argument("--reason", default="preempted")
+    finished = sub.add_parser("finished", help="exit 0 if RUN_DIR's newest checkpoint is at train.max_steps, 1 if "
+                                                "not, 2 if unknown (no config.yaml)")
+    finished.add_argument("--run-dir", required=True)
+    sub.add_parser("exit-code", help=f"print the preemption exit code ({EXIT_CODE})")
+    args = parser.parse_args(argv)
+    if args.command == "exit-code":
+        print(EXIT_CODE)
+        return 0
+    if args.command == "finished":
+        done = run_finished(Path(args.run_dir))
+        return 2 if done is None else (0 if done else 1)
+    if args.max_requeues < 0:
+        parser.error(f"--max-requeues must be 0 or more, got {args.max_requeues}")
+    requeue, message = requeue_check(Path(args.run_dir), args.job_id, args.max_requeues, args.reason)
+    print(f"flip_scale: {message}", file=sys.stdout if requeue else sys.stderr)
+    return 0 if requeue else STOP_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,614 @@
+"""The slurm/ templates and preemption, for real.
+
+- Fast: the requeue bookkeeping (flip_scale.preemption) and the shell logic of slurm/common.sh with
+  stand-in `srun` / `scontrol` commands (what srun is asked to run, what each exit code leads to).
+- Slow, no Slurm: two trainer processes started the way srun starts them (Slurm variables only, no
+  torchrun); SIGUSR1 reaches one of them; both stop after the same step, checkpoint, exit 42, and a
+  rerun resumes from that checkpoint to the same final step.
+- Slow, real Slurm: Debian's slurm-wlm and munge (installed with apt-get when absent, as root),
+  a one-node cluster in a temporary directory (munged, slurmctld, slurmd started here and stopped by
+  their pids), then `sbatch slurm/flip_g14.sh` turned into the tiny CPU run on 2 tasks, a
+  preemption (`scancel --batch --signal=USR1`) that requeues the job and resumes it, and
+  `slurm/unmask_tune_g14.sh` chained with `--dependency=afterok`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from flip_scale import preemption
+from flip_scale.metrics import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = ["flip_g14", "flip_h14", "flip_l16", "flip_b16", "unmask_tune_g14"]
+
+
+def _tiny_overrides(data_dir: Path, steps: int, batch: int = 32) -> list[str]:
+    return [
+        f"data.synthetic_dir={data_dir}",
+        f"data.train_shards={data_dir}/train-{{000000..000007}}.tar",
+        f"data.tokenizer={data_dir}/tokenizer.model",
+        f"train.max_steps={steps}",
+        f"train.global_batch_size={batch}",
+        "train.log_every_steps=1",
+        "checkpoint.every_steps=1000",
+        "checkpoint.keep_last=0",
+        "eval.at_end=false",
+        "logging.tensorboard=false",
+    ]
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in read_jsonl(path)] if path.exists() else []
+
+
+# ============================================================================ requeue bookkeeping
+def _fake_checkpoint(run_dir: Path, step: int) -> None:
+    name = f"step_{step:08d}"
+    (run_dir / name).mkdir(parents=True, exist_ok=True)
+    (run_dir / name / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (run_dir / "latest").write_text(name + "\n")
+
+
+def test_requeue_count_grows_at_one_step_and_resets_on_progress_or_a_new_job(tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 40)
+    outcomes = [preemption.requeue_check(run, "77", max_requeues=2)[0] for _ in range(3)]
+    assert outcomes == [True, True, False]
+    state = json.loads((run / preemption.STATE_FILE).read_text())
+    assert state["job_id"] == "77" and state["step"] == 40 and state["count"] == 2 and state["stopped"]
+    # Progress (a newer checkpoint) starts the count again.
+    _fake_checkpoint(run, 41)
+    assert preemption.requeue_check(run, "77", max_requeues=2)[0]
+    assert json.loads((run / preemption.STATE_FILE).read_text())["count"] == 1
+    # So does a new submission (another job id) at the same step.
+    preemption.requeue_check(run, "77", max_requeues=2)
+    requeue, message = preemption.requeue_check(run, "78", max_requeues=2)
+    assert requeue and "requeue 1 of at most 2" in message
+
+
+def test_requeue_check_command_exit_codes_and_message(tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 5)
+    cmd = [sys.executable, "-m", "flip_scale.preemption", "requeue-check", "--run-dir", str(run), "--job-id", "9",
+           "--max-requeues", "1"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0 and "requeueing job 9" in first.stdout
+    assert second.returncode == preemption.STOP_EXIT_CODE
+    assert "requeued 1 times at checkpoint step 5 without progress (FLIP_MAX_REQUEUES=1)" in second.stderr
+    # No checkpoint at all is a step like any other ("no checkpoint yet").
+    empty = subprocess.run([*cmd[:5], str(tmp_path / "empty"), *cmd[6:]], capture_output=True, text=True)
+    assert empty.returncode == 0 and "no checkpoint yet" in empty.stdout
+    bad = subprocess.run([*cmd[:-1], "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--max-requeues must be 0 or more" in bad.stderr
+
+
+def test_signal_handler_only_sets_a_flag():
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        preemption.install()
+        assert not preemption.requested()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert preemption.requested_locally() and preemption.requested()  # no process group: local
+        preemption.reset()
+        assert not preemption.requested()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        preemption.reset()
+
+
+# ============================================================================ common.sh, stand-ins
+FAKE_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_LOG/srun_args"
+trap 'echo USR1 >> "$FAKE_LOG/srun_signals"' USR1
+if [ -n "$FAKE_SIGNAL_BATCH_SHELL" ]; then
+  kill -USR1 "$PPID"  # as --signal=B:USR1 does; the batch shell should forward it here
+  for i in $(seq 50); do [ -f "$FAKE_LOG/srun_signals" ] && break; sleep 0.1; done
+fi
+exit "${FAKE_RC:-0}"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$FAKE_LOG/scontrol_calls"
+"""
+
+
+def _run_template(tmp_path: Path, template: str, rc: int, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a template with bash as if Slurm had started it, `srun` exiting with `rc`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    # nvidia-smi lists no GPU here, whatever the machine has.
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("nvidia-smi", "#!/bin/bash\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLIP_", "RUN_DIR", "NPROC"))}
+    env.update({
+        "PATH": f"{bin_dir}:{env['PATH']}", "FAKE_LOG": str(tmp_path), "FAKE_RC": str(rc),
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "fake", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_NODELIST": "node01", "SLURM_SUBMIT_DIR": str(REPO),
+        "FLIP_DEVICE": "cpu", "FLIP_CONFIG": "configs/tiny.yaml", "FLIP_PYTHON": sys.executable,
+        "FLIP_ARGS": "train.max_steps=7 data.train_shards=/d/{000..007}.tar", "RUN_DIR": str(tmp_path / "run"),
+    })
+    env.update(extra_env or {})
+    return subprocess.run(["bash", str(REPO / "slurm" / f"{template}.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_templates_are_valid_bash_with_the_documented_interface():
+    for name in TEMPLATES:
+        path = REPO / "slurm" / f"{name}.sh"
+        subprocess.run(["bash", "-n", str(path)], check=True)
+        text = path.read_text()
+        assert "#SBATCH --requeue" in text and re.search(r"#SBATCH --signal=B:USR1@\d+", text)
+        assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --output=%x-%j.out" in text
+        assert 'source "$FLIP_HOME/slurm/common.sh"' in text
+    common = (REPO / "slurm" / "common.sh").read_text()
+    for variable in ("FLIP_CONFIG", "FLIP_ARGS", "RUN_DIR", "NPROC_PER_NODE", "FLIP_DEVICE", "FLIP_MAX_REQUEUES"):
+        assert f"#   {variable}" in common
+
+
+def test_template_builds_the_srun_command(tmp_path):
+    proc = _run_template(tmp_path, "flip_g14", rc=0)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert "--ntasks-per-node=2" in args and "--ntasks=2" in args and "--kill-on-bad-exit=0" in args
+    cmd = args[args.index(sys.executable):]
+    assert cmd[:4] == [sys.executable, "-u", "-m", "flip_scale.train"]
+    assert cmd[cmd.index("--config") + 1] == str(REPO / "configs" / "tiny.yaml")
+    assert cmd[cmd.index("--run-dir") + 1] == str(tmp_path / "run") and cmd[cmd.index("--resume") + 1] == "auto"
+    # Device, then the template's layout, then FLIP_ARGS (last wins), braces kept as they are.
+    tail = cmd[cmd.index("auto") + 1:]
+    assert tail == ["train.device=cpu", "parallel.tp=2", "parallel.dp_shard=-1", "parallel.activation_checkpointing=full",
+                    "train.max_steps=7", "data.train_shards=/d/{000..007}.tar"]
+    assert not (tmp_path / "scontrol_calls").exists()
+
+
+def test_template_requeues_on_exit_42_and_stops_after_the_limit(tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 12)
+    for attempt in (1, 2):
+        proc = _run_template(tmp_path, "flip_h14", rc=preemption.EXIT_CODE, extra_env={"FLIP_MAX_REQUEUES": "2"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"] * attempt
+        assert f"requeue {attempt} of at most 2" in proc.stdout
+    proc = _run_template(tmp_path, "flip_h14", rc=preemption.EXIT_CODE, extra_env={"FLIP_MAX_REQUEUES": "2"})
+    assert proc.returncode == preemption.EXIT_CODE
+    assert "requeued 2 times at checkpoint step 12 without progress (FLIP_MAX_REQUEUES=2)" in proc.stderr
+    assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"] * 2
+
+
+def test_signal_is_forwarded_and_an_early_stop_is_requeued_whatever_the_exit_code(tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 12)
+    (run / "config.yaml").write_text("train:\n  max_steps: 20\n")
+    signalled = {"FAKE_SIGNAL_BATCH_SHELL": "1"}
+    # A command that stops early and exits 0 instead of 42: still a preemption.
+    proc = _run_template(tmp_path, "flip_g14", rc=0, extra_env=signalled)
+    assert (tmp_path / "srun_signals").read_text() == "USR1\n"  # the batch shell forwarded it to srun
+    assert "SIGUSR1 received by the batch shell" in proc.stdout
+    assert proc.returncode == 0 and "exit code 0 before train.max_steps" in proc.stdout
+    assert (tmp_path / "scontrol_calls").read_text() == "requeue 4242\n"
+    # 128 + SIGUSR1: killed by the signal before the handler was installed (start-up).
+    proc = _run_template(tmp_path, "flip_g14", rc=138, extra_env=signalled)
+    assert proc.returncode == 0 and "preempted during start-up" in proc.stdout
+    # A run that reached max_steps is done, signal or not; 138 without a signal is a failure.
+    _fake_checkpoint(run, 20)
+    proc = _run_template(tmp_path, "flip_g14", rc=0, extra_env=signalled)
+    assert proc.returncode == 0 and "requeueing" not in proc.stdout
+    proc = _run_template(tmp_path, "flip_g14", rc=138)
+    assert proc.returncode == 138 and "killed by SIGUSR1" in proc.stderr
+    assert (tmp_path / "scontrol_calls").read_text() == "requeue 4242\n" * 2
+
+
+def test_template_failure_is_not_requeued_unless_asked(tmp_path):
+    proc = _run_template(tmp_path, "flip_b16", rc=1)
+    assert proc.returncode == 1 and "resubmit with the same RUN_DIR" in proc.stderr
+    assert not (tmp_path / "scontrol_calls").exists()
+    proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env={"FLIP_REQUEUE_ON_FAILURE": "1"})
+    assert proc.returncode == 0 and (tmp_path / "scontrol_calls").read_text() == "requeue 4242\n"
+
+
+def test_template_refuses_bad_settings_with_what_is_valid(tmp_path):
+    proc = _run_template(tmp_path, "flip_l16", rc=0, extra_env={"FLIP_DEVICE": "tpu"})
+    assert proc.returncode == 2 and "FLIP_DEVICE=tpu is not valid; use cuda or cpu" in proc.stderr
+    proc = _run_template(tmp_path, "flip_l16", rc=0, extra_env={"FLIP_DEVICE": "cuda", "PATH": f"{tmp_path}/bin:/usr/bin:/bin"})
+    assert proc.returncode == 2 and "--gpus-per-node" in proc.stderr
+    proc = _run_template(tmp_path, "flip_l16", rc=0, extra_env={"FLIP_CONFIG": "configs/nope.yaml"})
+    assert proc.returncode == 2 and "FLIP_CONFIG=configs/nope.yaml: no such file" in proc.stderr
+    proc = _run_template(tmp_path, "flip_l16", rc=0, extra_env={"SLURM_JOB_ID": ""})
+    assert proc.returncode == 2 and "submit it with sbatch" in proc.stderr
+
+
+def test_unmask_template_falls_back_to_flip_train_with_the_overlay(tmp_path):
+    pre = tmp_path / "pre"
+    _fake_checkpoint(pre, 30)
+    proc = _run_template(tmp_path, "unmask_tune_g14", rc=0, extra_env={"FLIP_FROM": str(pre), "FLIP_LAYOUT": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    cmd = args[args.index(sys.executable):]
+    if (REPO / "tools" / "unmask_tune.py").exists():
+        assert cmd[2] == str(REPO / "tools" / "unmask_tune.py")
+        assert cmd[cmd.index("--from") + 1] == str(pre / "step_00000030")
+        assert cmd[cmd.index("--run-dir") + 1] == str(tmp_path / "run")
+        if "--resume" in cmd:
+            assert cmd[cmd.index("--resume") + 1] == "auto"
+    else:
+        assert cmd[cmd.index("--init-from") + 1] == str(pre / "step_00000030")
+        recipe = Path(cmd[cmd.index("--config") + 1])
+        assert recipe.read_text().splitlines()[-1] == (
+            f"_base_: [{REPO / 'configs' / 'tiny.yaml'}, {REPO / 'configs' / 'unmask_tune.yaml'}]")
+        from flip_scale.config import load_config
+
+        assert load_config(str(recipe), []).model.mask_ratio == 0.0
+    proc = _run_template(tmp_path, "unmask_tune_g14", rc=0, extra_env={"FLIP_FROM": str(tmp_path / "missing")})
+    assert proc.returncode == 2 and "neither a checkpoint" in proc.stderr
+
+
+# ============================================================================ srun-style ranks, no Slurm
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _srun_style_ranks(tmp_path: Path, args: list[str], port: int) -> list[subprocess.Popen]:
+    """Two trainer processes with only the variables srun gives its tasks (no RANK, no torchrun)."""
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR") and not k.startswith("SLURM_")}
+        env.update({"SLURM_JOB_ID": "31337", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                    "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port),
+                    "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+        log = open(tmp_path / f"rank{rank}.log", "a")
+        procs.append(subprocess.Popen([sys.executable, "-m", "flip_scale.train", *args], cwd=tmp_path, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_all(procs, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return codes
+
+
+@pytest.mark.slow
+def test_preemption_signal_to_one_rank_stops_all_at_one_step_and_resumes(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    steps = 16
+    args = ["--run-dir", str(run_dir), "--resume", "auto", "train.device=cpu", "data.num_workers=0",
+            *_tiny_overrides(synthetic_dir, steps)]
+    procs = _srun_style_ranks(tmp_path, args, _free_port())
+    deadline = time.time() + 180
+    while len(_steps(run_dir)) < 3:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGUSR1)  # only rank 1 is told
+    codes = _wait_all(procs, 180)
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [preemption.EXIT_CODE] * 2, logs[0][-3000:] + logs[1][-3000:]
+    stopped = _steps(run_dir)[-1]
+    assert 3 <= stopped < steps
+    assert (run_dir / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert "SIGUSR1 received" in logs[1] and "SIGUSR1 received" not in logs[0]
+    assert f"preemption requested: stopped after step {stopped}" in logs[0]
+    assert "layout: 2 ranks" in logs[0]  # world size from SLURM_NTASKS
+
+    codes = _wait_all(_srun_style_ranks(tmp_path, args, _free_port()), 240)
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert codes == [0, 0], log0[-3000:]
+    assert f"resumed from {run_dir / f'step_{stopped:08d}'} at step {stopped}" in log0
+    assert _steps(run_dir) == list(range(1, steps + 1))  # each step once: resumed, not restarted
+    assert (run_dir / "latest").read_text().strip() == f"step_{steps:08d}"
+
+
+# ============================================================================ a real one-node Slurm
+SLURM_COMMANDS = ("sbatch", "scontrol", "scancel", "sinfo", "slurmctld", "slurmd", "munged", "mungekey")
+
+
+def _install_slurm() -> str | None:
+    """Install slurm-wlm and munge with apt-get where missing; the reason when that is impossible."""
+    if all(shutil.which(c) or Path(f"/usr/sbin/{c}").exists() for c in SLURM_COMMANDS):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "Slurm is not installed and cannot be (needs root and apt-get: apt-get install slurm-wlm munge)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]
+    proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:  # stale package lists: refresh once
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    subprocess.run(["apt-get", "clean"], capture_output=True, timeout=120)  # keep no downloaded packages
+    if proc.returncode != 0:
+        return f"apt-get install slurm-wlm munge failed: {(proc.stdout + proc.stderr)[-800:]}"
+    return None
+
+
+def _sbin(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+class LocalSlurm:
+    """munged + slurmctld + slurmd for one node, every path under `root`, stopped by their pids."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.host = socket.gethostname().split(".")[0]
+        self.pids: dict[str, int] = {}
+        self.conf = root / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        for key in [k for k in self.env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+            del self.env[key]  # a test run inside a Slurm job must not leak its job's variables
+
+    def _daemon(self, name: str, cmd: list[str], pid_file: Path) -> None:
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        deadline = time.time() + 30
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            if time.time() > deadline or proc.returncode != 0:
+                raise RuntimeError(f"{name} did not start (exit {proc.returncode}): {proc.stderr[-1500:]}\n{self.logs()}")
+            time.sleep(0.1)
+        self.pids[name] = int(pid_file.read_text().split()[0])
+
+    def start(self) -> None:
+        root = self.root
+        for sub in ("munge", "munge_key", "state", "spool", "log"):
+            (root / sub).mkdir()
+        (root / "munge").chmod(0o755)  # munged wants its socket directory searchable by all
+        (root / "munge_key").chmod(0o700)
+        key = root / "munge_key" / "munge.key"
+        subprocess.run([_sbin("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        socket_path = root / "munge" / "munge.socket"
+        self._daemon("munged", [_sbin("munged"), f"--key-file={key}", f"--socket={socket_path}",
+                                f"--pid-file={root / 'munge' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
+                                f"--seed-file={root / 'munge' / 'munged.seed'}"], root / "munge" / "munged.pid")
+        detected = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True).stdout
+        cpus = int(re.search(r"CPUs=(\d+)", detected).group(1)) if "CPUs=" in detected else os.cpu_count() or 2
+        memory = int(re.search(r"RealMemory=(\d+)", detected).group(1)) if "RealMemory=" in detected else 1000
+        ports = []
+        while len(ports) < 2:
+            port = _free_port()
+            if port not in ports:
+                ports.append(port)
+        self.conf.write_text(f"""# one-node test cluster written by tests/test_slurm.py
+ClusterName=fliptest
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={socket_path}
+StateSaveLocation={root / 'state'}
+SlurmdSpoolDir={root / 'spool'}
+SlurmctldPidFile={root / 'slurmctld.pid'}
+SlurmdPidFile={root / 'slurmd.pid'}
+SlurmctldLogFile={root / 'log' / 'slurmctld.log'}
+SlurmdLogFile={root / 'log' / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SwitchType=switch/none
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+# The node's configured CPUs are used as they are (2 tasks even on a 1-CPU machine).
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=3600
+KillWait=10
+SlurmctldDebug=info
+SlurmdDebug=info
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(2, cpus)} RealMemory={memory} State=UNKNOWN
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        self._daemon("slurmctld", [_sbin("slurmctld")], root / "slurmctld.pid")
+        self._daemon("slurmd", [_sbin("slurmd")], root / "slurmd.pid")
+        deadline = time.time() + 60
+        while True:
+            state = self.run(["sinfo", "-h", "-n", self.host, "-o", "%T"], check=False).stdout.strip()
+            if state == "idle":
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"the test node is '{state}', not idle, after 60 s\n{self.logs()}")
+            time.sleep(0.5)
+
+    def run(self, cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, env=kwargs.pop("env", self.env), capture_output=True, text=True, timeout=60, **kwargs)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    def sbatch(self, args: list[str], env: dict, cwd: Path) -> str:
+        proc = self.run(["sbatch", "--parsable", *args], env=dict(self.env, **env), cwd=cwd)
+        return proc.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        out = self.run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait_for(self, job_id: str, predicate, timeout: float, what: str, log: Path | None = None) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            info = self.job(job_id)
+            if predicate(info):
+                return info
+            if time.time() > deadline:
+                tail = log.read_text()[-4000:] if log is not None and log.exists() else "(no job log)"
+                raise AssertionError(f"job {job_id}: {what} not reached in {timeout:.0f} s; now {info.get('JobState')} "
+                                     f"{info.get('Reason')}\n--- job log ---\n{tail}\n{self.logs()}")
+            time.sleep(0.5)
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+            path = self.root / "log" / name
+            if path.exists():
+                parts.append(f"--- {name} ---\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        if "slurmctld" in self.pids:
+            subprocess.run(["scancel", "--full", "--partition=test"], env=self.env, capture_output=True, timeout=60)
+            deadline = time.time() + 30
+            while time.time() < deadline and self.run(["squeue", "-h", "-t", "R,CG"], check=False).stdout.strip():
+                time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid = self.pids.pop(name, None)
+            if pid is None:
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.time() + 20
+            while time.time() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    reason = _install_slurm()
+    if reason is not None:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="flip-slurm-"))
+    root.chmod(0o755)  # munged refuses a socket below a directory others cannot search
+    cluster = LocalSlurm(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _job_env(synthetic_dir: Path, steps: int, **extra) -> dict:
+    host = socket.gethostname().split(".")[0]
+    env = {
+        "FLIP_HOME": str(REPO), "FLIP_CONFIG": "configs/tiny.yaml", "FLIP_DEVICE": "cpu", "FLIP_LAYOUT": "",
+        "FLIP_PYTHON": sys.executable, "FLIP_ARGS": " ".join(_tiny_overrides(synthetic_dir, steps)),
+        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+    }
+    try:
+        socket.gethostbyname(host)
+    except OSError:
+        env["MASTER_ADDR"] = "127.0.0.1"  # the node name does not resolve on this machine
+    env.update(extra)
+    return env
+
+
+# Resources that turn the 32 x 8 GPU template into one CPU node with 2 tasks.
+CPU_JOB = ["-N", "1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=15"]
+STEPS = 12
+
+
+@pytest.mark.slow
+def test_sbatch_g14_template_runs_the_tiny_cpu_config(slurm_cluster, synthetic_dir, tmp_path):
+    job = slurm_cluster.sbatch([*CPU_JOB, "--job-name=flip-tiny-a", str(REPO / "slurm" / "flip_g14.sh")],
+                               _job_env(synthetic_dir, STEPS), cwd=tmp_path)
+    log = tmp_path / f"flip-tiny-a-{job}.out"
+    info = slurm_cluster.wait_for(job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                                  240, "the end", log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    run_dir = tmp_path / "runs" / "flip-tiny-a"  # RUN_DIR derived from the job name
+    assert (run_dir / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert (run_dir / f"step_{STEPS:08d}" / ".metadata").is_file()
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1)) and records[-1]["samples_seen"] == STEPS * 32
+    assert f"=== flip_scale job {job} (flip-tiny-a)" in text and "(1) x 2 processes = 2 ranks, device cpu" in text
+    assert "layout: 2 ranks" in text  # two srun tasks joined one process group from Slurm's variables
+    assert re.search(rf"^0: .*step {STEPS}/{STEPS}", text, re.M) and re.search(r"^1: .*rank 1 holds", text, re.M)
+    assert f"=== flip_scale job {job}: trainer exit code 0" in text
+    (tmp_path.parent / "uninterrupted.json").write_text(json.dumps(records))
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_resumes_and_the_unmask_job_follows(slurm_cluster, synthetic_dir, tmp_path):
+    job = slurm_cluster.sbatch([*CPU_JOB, "--job-name=flip-tiny-b", str(REPO / "slurm" / "flip_g14.sh")],
+                               _job_env(synthetic_dir, STEPS), cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "flip-tiny-b"
+    # The unmasked tuning waits for the pre-training job, through its requeue.
+    tune = slurm_cluster.sbatch(
+        [*CPU_JOB, "--job-name=tune-tiny", f"--dependency=afterok:{job}", str(REPO / "slurm" / "unmask_tune_g14.sh")],
+        _job_env(synthetic_dir, 4, FLIP_FROM=str(run_dir)), cwd=tmp_path)
+    log = tmp_path / f"flip-tiny-b-{job}.out"
+    deadline = time.time() + 180
+    while len(_steps(run_dir)) < 3:
+        assert time.time() < deadline, f"no progress\n{log.read_text()[-3000:] if log.exists() else ''}"
+        time.sleep(0.2)
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job])  # what --signal=B:USR1@secs does
+    info = slurm_cluster.wait_for(job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING",
+                                  120, "the requeue", log)
+    assert slurm_cluster.job(tune)["JobState"] == "PENDING"
+    # Slurm holds a requeued job back for two minutes (BeginTime) so that the node has dropped the
+    # previous run; a relaunch within the second of the requeue is refused ("Job credential revoked").
+    # Release it once the node is idle again and a few seconds have passed.
+    deadline = time.time() + 60
+    while slurm_cluster.run(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip() != "idle":
+        assert time.time() < deadline, slurm_cluster.logs()
+        time.sleep(0.5)
+    time.sleep(3)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    info = slurm_cluster.wait_for(job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+                                  240, "the end after the requeue", log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (
+        f"{info}\n{text[-5000:]}\n{slurm_cluster.logs()}")
+
+    state = json.loads((run_dir / preemption.STATE_FILE).read_text())
+    stopped = state["step"]
+    assert state["job_id"] == job and state["count"] == 1 and 3 <= stopped < STEPS
+    assert "SIGUSR1 received by the batch shell" in text
+    assert f"trainer exit code {preemption.EXIT_CODE}" in text and f"requeueing job {job} (preempted" in text
+    assert f"preemption requested: stopped after step {stopped}" in text
+    assert ", restart 1" in text and f"resumed from runs/flip-tiny-b/step_{stopped:08d} at step {stopped}" in text
+    assert (run_dir / f"step_{stopped:08d}" / ".metadata").is_file()  # the checkpoint written on the signal
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # resumed, no step twice
+    assert (run_dir / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    uninterrupted = tmp_path.parent / "uninterrupted.json"
+    if uninterrupted.exists():  # the same run as the one that was never stopped
+        reference = json.loads(uninterrupted.read_text())
+        assert records[-1]["step"] == reference[-1]["step"] and records[-1]["samples_seen"] == reference[-1]["samples_seen"]
+        # The checkpoint holds the data position and RNG states: the resumed steps see the same batches.
+        assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in reference], rel=1e-4)
+
+    tune_log = tmp_path / f"tune-tiny-{tune}.out"
+    tune_info = slurm_cluster.wait_for(tune, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+                                       240, "the end of the unmasked tuning", tune_log)
+    tune_text = tune_log.read_text()
+    assert tune_info["JobState"] == "COMPLETED", tune_text[-4000:]
+    end_of_pretraining = slurm_cluster.job(job)["EndTime"]
+    assert tune_info["StartTime"] >= end_of_pretraining  # ISO timestamps
+    tune_dir = tmp_path / "runs" / "tune-tiny"
+    assert (tune_dir / "latest").read_text().strip() == "step_00000004"
+    assert f"unmasked tuning from {run_dir / f'step_{STEPS:08d}'}" in tune_text
+    if not (REPO / "tools" / "unmask_tune.py").exists():  # the flip-train fallback
+        assert f"initialised weights from {run_dir / f'step_{STEPS:08d}'} (fresh optimizer, step 0)" in tune_text
+    assert "mask_ratio: 0.0" in (tune_dir / "config.yaml").read_text()
+    assert all(r["mask_ratio"] == 0.0 for r in read_jsonl(tune_dir / "metrics.jsonl"))
