@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -133,6 +134,42 @@ class _RestrictedReader(FileSystemReader):
         return metadata
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with non-tensor entries (optimizer hyper-parameters, stored as pickled
+    bytes) read by `torch.load(weights_only=True)`: DCP's own planner unpickles them with
+    `weights_only=False`, which would run code planted in a checkpoint shard."""
+
+    def load_bytes(self, read_item, value) -> None:
+        from torch.distributed.checkpoint._traverse import set_element  # what DCP's planner uses
+
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except Exception as error:  # UnpicklingError naming the refused global, usually
+            lines = str(error).splitlines()
+            reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+            refused = (f"checkpoint entry {read_item.dest_index.fqn!r} is not plain data (numbers, strings, lists, "
+                            f"dicts, tensors) and is refused rather than unpickled: {reason}")
+            raise CheckpointError(refused) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _dcp_load(state: dict, path: Path, planner: SafeLoadPlanner, no_dist: bool) -> None:
+    """`dcp.load` with the restricted reader and planner; a refused entry surfaces as CheckpointError
+    (DCP wraps errors of its read step in its own exception)."""
+    try:
+        dcp.load(state, storage_reader=_RestrictedReader(str(path)), planner=planner, no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except CheckpointException as error:  # a BaseException holding each rank's error
+        refused = [exc for exc, _ in error.failures.values() if isinstance(exc, CheckpointError)]
+        if refused:
+            raise CheckpointError(f"{path}: {refused[0]}") from None
+        raise
+
+
 def storage_problem(path: Path) -> Optional[str]:
     """Why the DCP data of `path` is incomplete (a storage file named by `.metadata` is missing or
     shorter than the metadata says), or None. Reads only the metadata and file sizes."""
@@ -220,7 +257,10 @@ def _write_json_atomic(path: Path, value) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
+    _, words, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": torch.tensor(words, dtype=torch.int64)}
+    if gauss_next is not None:  # the second normal of the last `random.gauss` pair, still to come
+        state["python_gauss_next"] = torch.tensor([gauss_next], dtype=torch.float64)
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -228,7 +268,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+    gauss_next = float(state["python_gauss_next"].item()) if "python_gauss_next" in state else None
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -492,12 +533,11 @@ def load_checkpoint(
     no_dist = not _distributed()
     state = {"model": model_state(model)}
     with _single_process_quiet():
-        dcp.load(state, storage_reader=_RestrictedReader(str(path)), no_dist=no_dist)
+        _dcp_load(state, path, SafeLoadPlanner(), no_dist)
         if optimizer is not None:
             # Partial: a parameter that never had a gradient has no optimizer state in the file.
             state["optim"] = optimizer_state(model, optimizer)
-            dcp.load({"optim": state["optim"]}, storage_reader=_RestrictedReader(str(path)),
-                     planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=no_dist)
+            _dcp_load({"optim": state["optim"]}, path, SafeLoadPlanner(allow_partial_load=True), no_dist)
     for part in _as_list(model):
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:

@@ -217,6 +217,47 @@ def test_checkpoint_metadata_is_never_unpickled_freely(tmp_path):
     assert not marker.exists()
 
 
+def test_code_planted_in_an_optimizer_entry_is_refused_and_never_runs(tmp_path, monkeypatch):
+    """DCP stores optimizer hyper-parameters as pickled bytes; loading them must not unpickle code."""
+    marker = tmp_path / "code_ran"
+    original = ckpt.optimizer_state
+
+    def planted(model, optimizer):
+        state = original(model, optimizer)
+        state["param_groups.a.weight.lr"] = _RunsCode(marker)
+        return state
+
+    monkeypatch.setattr(ckpt, "optimizer_state", planted)
+    _small_checkpoints(tmp_path, [1])
+    monkeypatch.setattr(ckpt, "optimizer_state", original)
+    assert not marker.exists()
+    fresh = _Net()
+    with pytest.raises(CheckpointError, match=r"param_groups\.a\.weight\.lr.*refused rather than unpickled"):
+        load_checkpoint(tmp_path / "step_00000001", fresh, torch.optim.AdamW(fresh.parameters(), lr=0.1))
+    assert not marker.exists()
+    # A checkpoint of plain hyper-parameters still loads them (lr 0.1, not the fresh optimizer's 0.5).
+    _small_checkpoints(tmp_path / "plain", [1])
+    opt = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    load_checkpoint(tmp_path / "plain" / "step_00000001", fresh, opt)
+    assert [group["lr"] for group in opt.param_groups] == [0.1]
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    import random
+
+    torch.manual_seed(123)
+    random.seed(7)
+    random.gauss(0, 1)  # leaves the second normal of a pair pending
+    _small_checkpoints(tmp_path, [1])  # reseeds torch with 0 and draws from it, then saves
+    expected_torch = torch.rand(4)
+    expected_python = [random.gauss(0, 1), random.random()]
+    torch.manual_seed(999)
+    random.seed(999)
+    load_checkpoint(tmp_path / "step_00000001", _Net())
+    assert torch.equal(torch.rand(4), expected_torch)
+    assert [random.gauss(0, 1), random.random()] == expected_python
+
+
 def _call_name(node: ast.Call) -> str:
     func = node.func
     parts = []

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 import yaml
 
-from ..checkpoint import STEP_DIR, find_latest
+from ..checkpoint import STEP_DIR, SafeLoadPlanner, find_latest
 from ..config import Config, ConfigError, config_from_dict
 from ..models import arch_from_config, build_model
 from .safetensors_io import TensorSpec, read_safetensors_header, write_safetensors
@@ -296,7 +296,7 @@ class _GroupedDCPLoader:
                 state[f"model.{other}"] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=self.reader, no_dist=True)
+                dcp.load(state, storage_reader=self.reader, planner=SafeLoadPlanner(), no_dist=True)
             self.cache = {key[len("model."):]: tensor for key, tensor in state.items()}
         return self.cache.pop(name)
 
