@@ -51,17 +51,39 @@ def nvidia_apex_available() -> bool:
     return True
 
 
+def apex_fused_adam_usable(model: nn.Module, device: torch.device) -> bool:
+    """NVIDIA apex's FusedAdam is used only where it works: apex importable (and NVIDIA's), a CUDA
+    device, and plain-tensor parameters. FSDP2 and tensor parallel hold DTensors, which apex's
+    kernels do not take; PyTorch's fused AdamW does, so sharded runs use that."""
+    if device.type != "cuda" or not nvidia_apex_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(param, DTensor) for param in model.parameters())
+
+
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    fused = _use_fused(cfg.optim.fused, device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=effective_lr(cfg),
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        fused=fused if fused else None,
-        foreach=None if fused else True,
-    )
-    log.info("optimizer: torch AdamW (%s)", "fused" if fused else "foreach")
+    """AdamW: apex's FusedAdam (AdamW mode) where usable and optim.fused allows a fused kernel, else
+    PyTorch's AdamW (fused kernel on CUDA, foreach elsewhere). `optimizer.flip_kind` names it."""
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if cfg.optim.fused != "false" and apex_fused_adam_usable(model, device):
+        from apex.optimizers import FusedAdam
+
+        optimizer = FusedAdam(groups, lr=effective_lr(cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                              adam_w_mode=True)
+        optimizer.flip_kind = "apex FusedAdam (AdamW mode)"
+    else:
+        fused = _use_fused(cfg.optim.fused, device)
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=effective_lr(cfg),
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            fused=fused if fused else None,
+            foreach=None if fused else True,
+        )
+        optimizer.flip_kind = f"PyTorch AdamW ({'fused' if fused else 'foreach'})"
+    log.info("optimizer: %s", optimizer.flip_kind)
     return optimizer
 
 

@@ -171,9 +171,11 @@ class Trainer:
         log.info("global batch %d = %d data-parallel ranks x %d (grad accumulation %d, %s contrast)",
                  self.cfg.train.global_batch_size, self.dims.dp_size, self.local_batch, self.cfg.optim.grad_accum_steps,
                  self.cfg.loss.microbatch_contrast)
-        log.info("peak lr %.3e, warmup %d, %s schedule, %d steps; fused ops: apex %s",
+        kinds = sorted({getattr(opt, "flip_kind", type(opt).__name__) for opt in self.optimizers.optimizers})
+        log.info("peak lr %.3e, warmup %d, %s schedule, %d steps; optimizer %s; LayerNorm: PyTorch's "
+                 "(NVIDIA apex %s)",
                  effective_lr(self.cfg), self.cfg.schedule.warmup_steps, self.cfg.schedule.name, self.cfg.train.max_steps,
-                 "yes" if nvidia_apex_available() else "no (PyTorch AdamW / LayerNorm)")
+                 ", ".join(kinds), "importable" if nvidia_apex_available() else "not importable")
         if self.proc.world_size > 1:
             # Every rank reports its own share (warning level: other ranks log only warnings).
             log.warning("rank %d holds %.2fM parameters locally", self.proc.rank, local / 1e6)

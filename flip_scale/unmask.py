@@ -29,9 +29,13 @@ The tuning run is an ordinary training run (`flip_scale.train.run`) with:
     changes nothing. The tool prints what it chose and why.
 
 Resumable like any run: `--resume auto` continues the tuning run directory's latest checkpoint
-(the plan is rebuilt from the source recorded in RUN_DIR/unmask_tune.json). `--report` also
-prints zero-shot accuracy before tuning with masking (as in pre-training), before tuning
-unmasked, and after tuning unmasked (RUN_DIR/unmask_report.json).
+(the plan is rebuilt from the source recorded in RUN_DIR/unmask_tune.json). Preemptible like
+`flip-train` (flip_scale/preemption.py), from either kind of source: SIGUSR1 stops it after the
+step in progress with a checkpoint of that step, and the tool exits preemption.EXIT_CODE (42), on
+which slurm/common.sh requeues the job. `--report` also prints zero-shot accuracy before tuning
+with masking (as in pre-training), before tuning unmasked, and after tuning unmasked
+(RUN_DIR/unmask_report.json; written only when the tuning has run to its end, not for a run
+stopped by a preemption).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import preemption
 from .checkpoint import CheckpointError, find_latest
 from .config import CONFIG_DIR, Config, ConfigError, _deep_merge, apply_overrides, config_from_dict, effective_lr, load_yaml_tree
 from .evaluation.checkpoints import CheckpointSource, load_weights, open_checkpoint
@@ -321,6 +326,7 @@ def _run_from_consolidated(cfg: Config, run_dir: Path, source: CheckpointSource)
 
     proc = init_distributed(cfg.train.device)
     setup_logging(proc.rank)
+    preemption.install()  # as train.run: SIGUSR1 saves at the next step boundary, then exit preemption.EXIT_CODE
     try:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -438,6 +444,15 @@ def main(argv=None) -> int:
     else:
         result = _run_from_consolidated(cfg, run_dir, source)
 
+    if result.get("preempted"):
+        # As flip-train: the checkpoint of the step it stopped at is complete; exit EXIT_CODE so that
+        # the batch script requeues and `--resume auto` continues. A partial run has no "after".
+        if rank == 0:
+            note = (f"; --report: {report_file} not written for a partial run (it is written when the resumed run "
+                    f"finishes)") if report is not None else ""
+            print(f"unmask_tune: preempted after step {result.get('step')} of {cfg.train.max_steps} with its checkpoint "
+                  f"in {run_dir}; continue with --resume auto (exit code {preemption.EXIT_CODE}){note}", flush=True)
+        return preemption.EXIT_CODE
     if report is not None and rank == 0:
         report["after"] = {key: result[key] for key in ("zero_shot", "retrieval") if key in result}
         report["tuning_steps"] = result.get("step")

@@ -147,10 +147,28 @@ def test_tokenizer_pickles_and_cli_reads_txt_and_shards(tmp_path, tokenizer):
     captions = tmp_path / "captions.txt"
     captions.write_text("a red circle\na blue square\n")
     shard = write_shard(tmp_path / "c-000000.tar", [good_sample(f"k{i}", i) for i in range(4)])
-    path = tokenizer_module.main([str(captions), str(tmp_path / "c-{000000..000000}.tar"), "--vocab-size", "40",
-                                  "--out", str(tmp_path / "cli.model")])
-    assert path == str(tmp_path / "cli.model") and Tokenizer(path).vocab_size <= 40
+    status = tokenizer_module.main([str(captions), str(tmp_path / "c-{000000..000000}.tar"), "--vocab-size", "40",
+                                    "--out", str(tmp_path / "cli.model")])
+    path = str(tmp_path / "cli.model")
+    assert status == 0 and Tokenizer(path).vocab_size <= 40
     assert os.path.isfile(shard)
+
+
+def test_console_scripts_exit_zero_on_success(tmp_path):
+    """The installed commands run sys.exit(main()): main must return an exit status, 0 on success."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shapes"
+    made = subprocess.run([sys.executable, "-c", "import sys; from flip_scale.data.synthetic import main; sys.exit(main())",
+                           "--out", str(out), "--train-samples", "16", "--eval-samples", "8", "--train-shards", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    trained = subprocess.run([sys.executable, "-c", "import sys; from flip_scale.data.tokenizer import main; sys.exit(main())",
+                              str(out / "captions.txt"), "--vocab-size", "40", "--out", str(tmp_path / "t.model")],
+                             capture_output=True, text=True, timeout=120)
+    assert trained.returncode == 0, trained.stderr
+    assert (tmp_path / "t.model").is_file()
 
 
 @pytest.mark.parametrize("main", [tokenizer_module.main, synthetic.main])

@@ -76,6 +76,14 @@ class CommCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def microbatches(args) -> int:
+    """--microbatches, or by default 2 per pipeline stage (1 without pp: no micro-batching)."""
+    if args.microbatches:
+        return args.microbatches
+    pp = next((int(item.split("=")[1]) for item in layout_overrides(args.layout) if item.startswith("parallel.pp=")), 1)
+    return 2 * pp if pp > 1 else 1
+
+
 def worker(args) -> dict:
     """One rank of one layout (run under torchrun, or alone for a one-process layout)."""
     from flip_scale.config import load_config
@@ -87,7 +95,7 @@ def worker(args) -> dict:
         f"model.mask_ratio={args.mask_ratio}", f"train.device={args.device}", f"train.precision={args.precision}",
         f"parallel.activation_checkpointing={args.ac}", "schedule.warmup_steps=0", "logging.tensorboard=false",
         f"optim.grad_accum_steps={args.grad_accum}", *layout_overrides(args.layout),
-    ] + (["model.vocab_size=512"] if args.model == "tiny" else [])
+    ] + [f"parallel.microbatches={microbatches(args)}"] + (["model.vocab_size=512"] if args.model == "tiny" else [])
     cfg = load_config(None, overrides)
     proc = init_distributed(cfg.train.device)
     setup_logging(proc.rank if args.verbose else 1)
@@ -153,13 +161,16 @@ def launch(args, layout: str) -> list[dict]:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     cmd += [__file__, "--worker", "--layout", layout, "--model", args.model, "--batch", str(args.batch),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--mask-ratio", str(args.mask_ratio),
-            "--device", args.device, "--precision", args.precision, "--ac", args.ac, "--grad-accum", str(args.grad_accum)]
+            "--device", args.device, "--precision", args.precision, "--ac", args.ac, "--grad-accum", str(args.grad_accum),
+            "--microbatches", str(args.microbatches)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     results = [r for line in proc.stdout.splitlines() if line.startswith("RESULT ") for r in json.loads(line[7:])]
     if proc.returncode != 0 or not results:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-8:]
-        print(f"{layout:>28}: failed\n    " + "\n    ".join(tail))
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # The exception line of a rank says why; torchrun's own summary after it does not.
+        errors = list(dict.fromkeys(line.split("]:", 1)[-1].strip() for line in lines if "Error:" in line))
+        print(f"{layout:>28}: failed (exit code {proc.returncode})\n    " + "\n    ".join(errors[-3:] or lines[-8:]))
     return results
 
 
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="registry name: tiny, B/16, L/16, H/14, G/14")
     parser.add_argument("--layouts", nargs="*", default=None, help=f"layouts to sweep (default: {' '.join(DEFAULT_LAYOUTS)})")
-    parser.add_argument("--layout", default="1", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", default=None, help="one layout, e.g. dp_shard=2,tp=2 (same as --layouts with one)")
     parser.add_argument("--batch", type=int, default=64, help="global batch size")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -185,18 +196,21 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--ac", default="none", choices=["none", "full", "selective"], help="activation checkpointing")
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (default: 2 x pp)")
     parser.add_argument("--worker", action="store_true", help="run one rank (under torchrun) instead of the sweep")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.layout is not None and args.layouts:
+        parser.error("give --layout or --layouts, not both")
+    layouts = [args.layout] if args.layout is not None else (args.layouts or DEFAULT_LAYOUTS)
     if args.worker:
-        if args.layouts:
-            args.layout = args.layouts[0]
+        args.layout = layouts[0] if args.layout is not None or args.layouts else "1"
         worker(args)
         return 0
     print(f"model {args.model}, global batch {args.batch}, mask {args.mask_ratio}, {args.device}/{args.precision}, "
           f"AC {args.ac}, {args.steps} timed steps after {args.warmup}")
     print(f"{'layout':>28} | ranks | images/s   | step s   | peak GiB  | comm MB/step | TFLOP/s/rank")
-    for layout in args.layouts or DEFAULT_LAYOUTS:
+    for layout in layouts:
         results = launch(args, layout)
         if results:
             print(summarize(layout, results), flush=True)

@@ -10,4 +10,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flip_scale.data.synthetic import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

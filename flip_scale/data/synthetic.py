@@ -22,6 +22,7 @@ import fcntl
 import io
 import json
 import logging
+import sys
 import math
 import os
 import random
@@ -300,8 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                                Path(args.out) / "tokenizer.model", args.tokenizer_vocab)
     for name, value in written.items():
         print(f"{name}: {value if isinstance(value, str) else ' '.join(value)}")
-    return written
+    return 0  # an exit status: console scripts run sys.exit(main())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

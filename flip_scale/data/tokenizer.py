@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import sys
 import os
 import tarfile
 import tempfile
@@ -198,8 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         captions = itertools.islice(captions, args.max_captions)
     path = train_tokenizer(captions, args.out, args.vocab_size, model_type=args.model_type)
     print(path)
-    return path
+    return 0  # an exit status: console scripts run sys.exit(main())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -75,6 +75,13 @@ class ParallelDims:
                 f"parallel.engine=deepspeed supports data parallelism only, got parallel.tp={cfg.tp}, "
                 f"parallel.pp={cfg.pp}; use parallel.engine: fsdp for tensor or pipeline parallelism"
             )
+        if engine == "deepspeed":
+            # The DeepSpeed ZeRO engine is planned (DESIGN.md section 4) but not built yet: refuse
+            # rather than silently train with FSDP under a config that says otherwise.
+            raise LayoutError(
+                "parallel.engine=deepspeed is not available in this version of flip_scale; use "
+                "parallel.engine: fsdp (ZeRO-3 sharding through FSDP2, with parallel.dp_shard / dp_replicate)"
+            )
         for name in ("pp", "dp_replicate", "tp"):
             if getattr(cfg, name) < 1:
                 raise LayoutError(f"parallel.{name}={getattr(cfg, name)}: must be >= 1")
