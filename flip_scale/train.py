@@ -208,11 +208,20 @@ class Trainer:
                     log.warning("data stream: %s", reason)
         log.info("resumed from %s at step %d (%d samples seen)", path, self.state.step, self.state.samples_seen)
 
-    def init_from(self, path: Path) -> None:
-        from dataclasses import asdict
+    def init_from(self, path) -> None:
+        """Weights only (fresh optimizer, step 0) from a training checkpoint (a step directory or a run
+        directory's latest) or a consolidated directory (model.safetensors + flip_config.yaml, as
+        `tools/convert_ckpt.py consolidate` / `from-openclip` write), into any layout. Another
+        architecture is refused before anything is loaded; other pooling / text mask / norm eps options
+        are logged, not refused (a fine-tune may intend them)."""
+        from .evaluation.checkpoints import CheckpointSource, check_source_architecture, load_weights, resolve_init_from
 
-        load_checkpoint(path, self.model_parts, model_arch=self.arch.to_dict(), model_config=asdict(self.cfg.model))
-        log.info("initialised weights from %s (fresh optimizer, step 0)", path)
+        source = path if isinstance(path, CheckpointSource) else resolve_init_from(path)
+        check_source_architecture(source, self.cfg.model, functional="warn")
+        # Without pipeline stages every rank holds every tensor name: rank 0 alone reads a
+        # consolidated file and the tensors are broadcast (each rank keeps its shard).
+        load_weights(source, self.model_parts, broadcast_from_rank0=self.pipe is None)
+        log.info("initialised weights from %s (fresh optimizer, step 0)", source.describe())
 
     def save(self, loader) -> Path:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are
@@ -421,7 +430,7 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
         elif resume == "auto":
             log.info("--resume auto: no checkpoint in %s, starting at step 0", run_dir)
         if init_from and checkpoint is None:
-            trainer.init_from(resolve_resume(init_from, Path(init_from)))
+            trainer.init_from(init_from)  # a step dir, a run dir or a consolidated dir
         result = trainer.fit()
         finalize_pending_save()  # in case fit returned before its end
         trainer.close()

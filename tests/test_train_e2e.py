@@ -46,8 +46,18 @@ def test_flip_train_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic
         assert key in records[-1]
     assert records[-1]["samples_seen"] == 120 * 128
     assert records[-1]["loss"] < records[0]["loss"]
-    # Tensorboard events.
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # Tensorboard: the scalars issue 2 lists, and the evaluation.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("loss", "lr", "logit_scale", "grad_norm", "images_per_s", "samples_seen", "mask_ratio",
+                 "skipped_samples"):
+        assert any(tag.endswith(name) and not tag.startswith("eval/") for tag in tags), (name, sorted(tags))
+    assert {"eval/zero_shot_top1", "eval/zero_shot_top5"} <= tags
+    loss_tag = next(tag for tag in tags if tag.endswith("loss") and not tag.startswith("eval/"))
+    assert [event.step for event in events.Scalars(loss_tag)][-1] == 120
     # Zero-shot accuracy clearly above chance on the held-out classes.
     evaluation = read_jsonl(run_dir / "eval.jsonl")[-1]
     chance = 1.0 / evaluation["classes"]
@@ -55,10 +65,12 @@ def test_flip_train_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic
     assert evaluation["zero_shot_top1"] > 2.5 * chance
 
     # --resume continues from the saved step and runs to the new max_steps.
+    logged_before = len(records)
     main(["--run-dir", str(run_dir), "--resume", "auto", *_overrides(synthetic_dir, steps=140, every=60), "eval.at_end=false"])
     records = read_jsonl(run_dir / "metrics.jsonl")
-    resumed = [r["step"] for r in records if r["step"] > 120]
-    assert resumed and resumed[0] > 120 and resumed[-1] == 140
+    # Only steps 121..140 ran (logged at 130 and 140): a fresh start would have logged 10..140 again.
+    assert [r["step"] for r in records[logged_before:]] == [130, 140]
+    assert records[-1]["samples_seen"] == 140 * 128
     assert find_latest(run_dir).name == "step_00000140"
 
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from flip_scale import preemption
 from flip_scale.checkpoint import find_latest, load_checkpoint
 from flip_scale.config import config_from_dict, load_config
 from flip_scale.evaluation.checkpoints import CheckpointSource
@@ -256,6 +259,80 @@ def test_unmask_tuning_from_a_consolidated_checkpoint(masked_run, tmp_path):
     consolidate(source_step, out)
     assert unmask_main(args) == 0
     check_tuning_run(run_dir, source_step, steps=2, tmp_path=tmp_path)
+
+
+# ----------------------------------------------------------------------------- preemption (as flip-train)
+
+
+@pytest.fixture
+def sigusr1_after_first_step(monkeypatch):
+    """SIGUSR1 to this process once, right after the first training step (as Slurm's signal reaches a
+    trainer in the middle of a run). Until the tool installs its handler a guard stands in, so that a
+    run without the handler ends normally (and fails its test) instead of killing pytest; the guard
+    also hides the handler that earlier runs in this process left installed."""
+    from flip_scale.train import Trainer
+
+    unhandled, sent = [], []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: unhandled.append(signum))
+    preemption.reset()
+    real_step = Trainer.train_step
+
+    def step_then_signal(self, batch):
+        out = real_step(self, batch)
+        if not sent:
+            sent.append(self.state.step + 1)  # the step being finished (counted after train_step)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            deadline = time.time() + 5
+            while not (preemption.requested_locally() or unhandled) and time.time() < deadline:
+                time.sleep(0.01)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    try:
+        yield {"sent": sent, "unhandled": unhandled}
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        preemption.reset()
+
+
+def _check_preempted_then_resumed(run_dir: Path, args: list, steps: int, capsys) -> str:
+    """The first call stops after step 1 with a checkpoint and exit 42; --resume auto finishes."""
+    assert unmask_main(args) == preemption.EXIT_CODE
+    out = capsys.readouterr().out
+    assert f"preempted after step 1 of {steps}" in out and f"exit code {preemption.EXIT_CODE}" in out
+    assert find_latest(run_dir).name == "step_00000001"
+    assert json.loads((run_dir / "step_00000001" / "trainer_state.json").read_text())["step"] == 1
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+    options, overrides = [a for a in args if "=" not in a], [a for a in args if "=" in a]
+    assert unmask_main([*options, "--resume", "auto", *overrides]) == 0
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, steps + 1))  # each step once
+    assert find_latest(run_dir).name == f"step_{steps:08d}"
+    return out
+
+
+def test_preempted_tuning_exits_42_with_a_checkpoint_and_resumes(masked_run, tmp_path, capsys, sigusr1_after_first_step):
+    run_dir = tmp_path / "tuned_p"
+    args = ["--from", str(masked_run), "--run-dir", str(run_dir), "--samples", "96", "--warmup-samples", "32",
+            "--base-lr", "0.01", "--memory", "keep", "--report", "train.log_every_steps=1"]
+    out = _check_preempted_then_resumed(run_dir, args, steps=3, capsys=capsys)
+    assert sigusr1_after_first_step["sent"] == [1] and sigusr1_after_first_step["unhandled"] == []
+    # The report of the partial run is not written (and the log says so); the resumed run's is.
+    assert "not written for a partial run" in out
+    report = json.loads((run_dir / "unmask_report.json").read_text())
+    assert report["tuning_steps"] == 3 and "zero_shot" in report["after"]
+
+
+def test_preempted_tuning_from_a_consolidated_checkpoint_exits_42_and_resumes(masked_run, tmp_path, capsys,
+                                                                              sigusr1_after_first_step):
+    consolidate = pytest.importorskip("flip_scale.convert").consolidate
+    out = tmp_path / "consolidated"
+    consolidate(find_latest(masked_run), out)
+    run_dir = tmp_path / "tuned_cp"
+    args = ["--from", str(out), "--run-dir", str(run_dir), "--samples", "96", "--warmup-samples", "32",
+            "--base-lr", "0.01", "--memory", "keep", "train.log_every_steps=1"]
+    _check_preempted_then_resumed(run_dir, args, steps=3, capsys=capsys)
+    # The handler was the tool's (not the guard's, which would have let the run finish).
+    assert sigusr1_after_first_step["sent"] == [1] and sigusr1_after_first_step["unhandled"] == []
 
 
 def test_unmask_tool_help_and_refusals(tmp_path, capsys):

@@ -15,7 +15,9 @@ from typing import Optional, Union
 
 import yaml
 
-from ..checkpoint import CheckpointError, find_latest, is_complete, load_checkpoint
+from ..checkpoint import (
+    CheckpointError, check_architecture, compare_architecture, find_latest, is_complete, load_checkpoint, resolve_resume,
+)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "flip_config.yaml"
@@ -78,10 +80,50 @@ def open_checkpoint(path: Union[str, Path]) -> CheckpointSource:
     return CheckpointSource("dcp", step_dir, tree, state.get("step"), state.get("samples_seen"))
 
 
-def load_weights(source: CheckpointSource, model_parts) -> None:
-    """The checkpoint's model weights into built (and parallelised) model parts; collective."""
+def resolve_init_from(value: Union[str, Path]) -> CheckpointSource:
+    """`flip-train --init-from PATH`: a complete step directory, a run directory (its latest complete
+    checkpoint) or a consolidated directory (or its model.safetensors); errors name --init-from."""
+    path = Path(value)
+    directory = path.parent if path.is_file() and path.name == MODEL_FILE else path
+    if directory.is_dir() and (directory / MODEL_FILE).is_file():
+        try:
+            return open_checkpoint(directory)
+        except (CheckpointError, ValueError) as error:  # ConvertError is a ValueError
+            raise CheckpointError(f"--init-from {value}: {error}") from None
+    return open_checkpoint(resolve_resume(str(value), path, option="--init-from"))
+
+
+def check_source_architecture(source: CheckpointSource, model_cfg, functional: str = "refuse") -> None:
+    """Refuse weights of another architecture than `model_cfg` (a ModelConfig) builds, naming the
+    differing keys; the options that change the computation but no shape (pooling, text masks, norm
+    eps) are refused too, or only logged with `functional="warn"` (a fine-tune start)."""
+    from dataclasses import asdict
+
+    from ..config import Config, config_from_dict
+    from ..models import arch_from_config
+
+    model_arch = arch_from_config(model_cfg).to_dict()
+    if source.kind == "dcp":
+        check_architecture(source.path, model_arch, asdict(model_cfg), functional)
+        return
+    # A consolidated config has the architecture written out field by field: compare it with this
+    # run's written out the same way, so that only real differences are named.
+    saved_model = config_from_dict(source.config_tree).model
+    now_model = _convert().checkpoints.resolved_config(Config(model=model_cfg)).model
+    compare_architecture(
+        str(source.path), arch_from_config(saved_model).to_dict(), model_arch, asdict(saved_model), asdict(now_model),
+        functional, source.path / CONFIG_FILE,
+    )
+
+
+def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bool = False) -> None:
+    """The checkpoint's model weights into built (and parallelised) model parts; collective.
+    `broadcast_from_rank0` (consolidated only; every rank must hold the same tensor names, i.e. no
+    pipeline stages): only rank 0 reads the file, `set_model_state_dict(..., full_state_dict=True,
+    broadcast_from_rank0=True)` hands every rank its shard."""
     parts = list(model_parts) if isinstance(model_parts, (list, tuple)) else [model_parts]
     if source.kind == "consolidated":
-        _convert().load_consolidated(source.path, parts if len(parts) > 1 else parts[0])
+        _convert().load_consolidated(source.path, parts if len(parts) > 1 else parts[0],
+                                     broadcast_from_rank0=broadcast_from_rank0)
     else:
         load_checkpoint(source.path, parts)
