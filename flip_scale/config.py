@@ -119,6 +119,7 @@ class ParallelConfig:
     microbatches: int = 1
     activation_checkpointing: str = "none"  # none | full | selective
     activation_checkpointing_every: int = 2  # selective: every k-th block
+    activation_checkpointing_towers: str = "both"  # both | vision | text: the towers it applies to
     param_dtype: str = "bf16"  # FSDP MixedPrecisionPolicy on GPU
     reduce_dtype: str = "fp32"
     cpu_offload: bool = False
@@ -190,6 +191,7 @@ CHOICES = {
     "parallel.engine": ("fsdp", "deepspeed"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.activation_checkpointing_towers": ("both", "vision", "text"),
     "parallel.param_dtype": ("bf16", "fp32"),
     "parallel.reduce_dtype": ("bf16", "fp32"),
 }

@@ -232,6 +232,27 @@ def test_one_process_parallelize_with_checkpointing(mode, reference):
     assert_matches_reference(dict(losses=losses, norms=norms, params=model.state_dict()), reference, f"AC {mode}")
 
 
+@pytest.mark.parametrize("towers, expected", [
+    ("vision", ["visual.blocks.0", "visual.blocks.1"]),
+    ("text", ["text.blocks.0", "text.blocks.1"]),
+])
+def test_checkpointing_per_tower(towers, expected, reference):
+    cfg = tiny_config(activation_checkpointing="full", activation_checkpointing_towers=towers)
+    dims = ParallelDims.from_config(cfg.parallel, 1, arch_from_config(cfg.model), GLOBAL_BATCH)
+    model = parallelize_model(build_model(cfg.model, device="meta"), dims, dims.build_mesh("cpu"), cfg, "cpu")
+    checkpointed = [name for name, module in model.named_modules() if getattr(module, "activation_checkpointed", False)]
+    assert sorted(checkpointed) == sorted(expected)
+    losses, norms, _ = train(model, cfg, dims)
+    assert_matches_reference(dict(losses=losses, norms=norms, params=model.state_dict()), reference, f"AC {towers}")
+
+
+def test_checkpointing_towers_value_is_checked():
+    from flip_scale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="activation_checkpointing_towers"):
+        load_config(None, ["parallel.activation_checkpointing_towers=image"])
+
+
 # ----------------------------------------------------------------------------- refused layouts
 
 ARCH = arch_from_config(tiny_model_config())

@@ -157,7 +157,8 @@ def parallelize_model(
     pcfg = cfg.parallel
     if dims.tp_enabled:
         apply_tp(model, dims.tp_mesh, sequence_parallel=sequence_parallel)
-    apply_ac(model, pcfg.activation_checkpointing, pcfg.activation_checkpointing_every)
+    apply_ac(model, pcfg.activation_checkpointing, pcfg.activation_checkpointing_every,
+             pcfg.activation_checkpointing_towers)
     # (torch.compile per block goes here, GPU only.)
     if dims.fsdp_enabled:
         param_dtype, reduce_dtype = mixed_precision_dtypes(cfg, device)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 AC_MODES = ("none", "full", "selective")
+AC_TOWERS = {"both": ("visual", "text"), "vision": ("visual",), "text": ("text",)}
 
 
 def _checkpointed_forward(original_forward, *args, **kwargs):
@@ -50,18 +51,22 @@ def selects_block(mode: str, layer_index: int, every: int) -> bool:
     return False
 
 
-def apply_ac(model: nn.Module, mode: str, every: int = 2) -> nn.Module:
-    """Checkpoint the blocks of both towers (in place); returns the model.
+def apply_ac(model: nn.Module, mode: str, every: int = 2, towers: str = "both") -> nn.Module:
+    """Checkpoint the blocks of the towers `towers` names (in place); returns the model.
 
     mode: none | full (every block) | selective (every `every`-th block of each tower).
+    towers: both | vision | text (e.g. `vision` for unmasked images, whose activations dominate).
     """
+    if towers not in AC_TOWERS:
+        raise ValueError(f"parallel.activation_checkpointing_towers: '{towers}' is not valid; choose one of "
+                         f"{', '.join(AC_TOWERS)}")
     if mode not in AC_MODES:
         raise ValueError(f"parallel.activation_checkpointing: '{mode}' is not valid; choose one of {', '.join(AC_MODES)}")
     if mode == "selective" and every < 1:
         raise ValueError(f"parallel.activation_checkpointing_every: must be >= 1, got {every}")
     if mode == "none":
         return model
-    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+    for tower in (getattr(model, name, None) for name in AC_TOWERS[towers]):
         if tower is None:
             continue
         for name, block in tower.blocks.items():
