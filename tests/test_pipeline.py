@@ -36,6 +36,10 @@ SEED = 0
 # parameters agree to ~3e-5 (one process with 4 micro-batches through flip_scale.step: 2e-5).
 LOSS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-5
+# Gradient-norm clipping below the tiny model's norm (asserted), so the global norm over the stages
+# (and the tp / dp shards within them) is what scales every step.
+GRAD_CLIP = 0.5
+NORM_TOLERANCE = 1e-5  # relative
 PARAM_TOLERANCE = 1e-4
 
 
@@ -182,17 +186,19 @@ def reference_run(model_kwargs: dict):
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model.parameters())
     loss_fn = ContrastiveLoss(None)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         optimizer.zero_grad()
         loss = loss_fn(*model(*global_batch(step)))
         loss.backward()
         if step == 0:
             grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP).item())
         optimizer.step()
         model.clamp_logit_scale()
         losses.append(loss.item())
-    return losses, initial, {k: v.clone() for k, v in model.state_dict().items()}, grads
+    assert min(norms) > GRAD_CLIP, f"clipping must be active in the reference: norms {norms}"
+    return losses, initial, {k: v.clone() for k, v in model.state_dict().items()}, grads, norms
 
 
 # ----------------------------------------------------------------------------- one layout on one rank
@@ -204,6 +210,7 @@ def _run_layout(layout: dict, initial: dict) -> dict:
 
     from flip_scale.loss import ContrastiveLoss
     from flip_scale.parallel import init_buffers
+    from flip_scale.parallel.utils import clip_grad_norm_
     from flip_scale.parallel.dims import ParallelDims
     from flip_scale.parallel.pipeline import build_pipeline, build_stage_modules, num_stages, pipeline_forward_backward
 
@@ -242,13 +249,15 @@ def _run_layout(layout: dict, initial: dict) -> dict:
     loss_fn = ContrastiveLoss(dims.dp_group)
     local = GLOBAL_BATCH // dims.dp_size
     rows = slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         images, tokens, noise = (t[rows] for t in global_batch(step))
         optimizer.zero_grad()
         loss = pipeline_forward_backward(pipe, loss_fn, images, tokens, noise)
         if step == 0:
             grads = {name: _full(param.grad) for module in modules for name, param in module.named_parameters()}
+        # The trainer's layout-aware clipping: the norm sums over pp stages, tp and dp shards.
+        norms.append(clip_grad_norm_(list(pipe.parameters()), GRAD_CLIP, dims).item())
         optimizer.step()
         pipe.clamp_logit_scale()
         if dims.dp_group is not None:  # the global loss is the mean of the data-parallel ranks' losses
@@ -260,7 +269,7 @@ def _run_layout(layout: dict, initial: dict) -> dict:
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
         params.update({k: v.detach().clone() for k, v in full.items()})
     keep = dims.dp_rank == 0 and dims.tp_rank == 0
-    return {"losses": losses, "params": params if keep else {}, "grads": grads if keep else {}}
+    return {"losses": losses, "norms": norms, "params": params if keep else {}, "grads": grads if keep else {}}
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -279,7 +288,7 @@ def _check_against_reference(layouts: list, world_size: int, timeout: float):
     references = [reference_run(layout.get("model", {})) for layout in layouts]
     results = run_distributed(_run_layouts, world_size, args=(layouts, [r[1] for r in references]), timeout=timeout)
     report = []
-    for layout, (ref_losses, ref_initial, ref_params, ref_grads), per_rank in zip(
+    for layout, (ref_losses, ref_initial, ref_params, ref_grads, ref_norms), per_rank in zip(
         layouts, references, zip(*results)
     ):
         params, grads = {}, {}
@@ -292,11 +301,14 @@ def _check_against_reference(layouts: list, world_size: int, timeout: float):
         # Gradients of step 1, relative to the largest gradient entry of each parameter.
         grad_diff = max((grads[k] - g).abs().max().item() / g.abs().max().item() for k, g in ref_grads.items())
         param_diff = max((params[k] - ref_params[k]).abs().max().item() for k in ref_params)
+        # Every rank computes the same global norm (all stages, all shards).
+        norm_diff = max(abs(a - b) / b for result in per_rank for a, b in zip(result["norms"], ref_norms))
         report.append(
             f"{layout}: max |loss diff| {loss_diff:.1e}, max relative grad diff (step 1) {grad_diff:.1e}, "
-            f"max |param diff| (after {STEPS} AdamW steps) {param_diff:.1e}"
+            f"max relative clipped-norm diff {norm_diff:.1e}, max |param diff| (after {STEPS} AdamW steps) {param_diff:.1e}"
         )
         assert loss_diff < LOSS_TOLERANCE and grad_diff < GRAD_TOLERANCE and param_diff < PARAM_TOLERANCE, report[-1]
+        assert norm_diff < NORM_TOLERANCE, report[-1]
         # The parameters moved: the comparison is not between two untouched copies.
         assert max((ref_params[k] - v).abs().max().item() for k, v in ref_initial.items()) > 1e-3
     print("\n".join(report))
