@@ -220,8 +220,10 @@ class Trainer:
         check_source_architecture(source, self.cfg.model, functional="warn")
         # Without pipeline stages every rank holds every tensor name: rank 0 alone reads a
         # consolidated file and the tensors are broadcast (each rank keeps its shard).
-        load_weights(source, self.model_parts, broadcast_from_rank0=self.pipe is None)
-        log.info("initialised weights from %s (fresh optimizer, step 0)", source.describe())
+        whole = self.pipe is None
+        load_weights(source, self.model_parts, broadcast_from_rank0=whole, whole_model=whole)
+        log.info("initialised weights from %s (fresh optimizer, step 0): a %s", source.path,
+                 "training checkpoint" if source.kind == "dcp" else "consolidated directory")
 
     def save(self, loader) -> Path:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are

@@ -408,6 +408,38 @@ def test_other_architecture_is_refused_naming_the_keys(tmp_path, synthetic_dir, 
     assert not (tmp_path / "other" / "metrics.jsonl").exists()  # refused before training
 
 
+def test_other_model_options_are_refused_on_resume_and_logged_on_init_from(tmp_path, synthetic_dir, uninterrupted):
+    """Options that change the computation but no shape (pooling, text masks, norm eps): a resume
+    is refused naming them; --init-from (a fine-tune start, which may intend them) logs them and trains."""
+    from flip_scale.train import main
+
+    run_dir, _, _ = uninterrupted
+    checkpoint = run_dir / "step_00000003"
+    changed = ["model.vision_pool=cls", "model.text_causal=true", "model.norm_eps=1e-5"]
+    with pytest.raises(CheckpointError) as error:
+        _train(tmp_path / "other", _overrides(synthetic_dir, 6, 3, 0, *changed), resume=str(checkpoint))
+    message = str(error.value)
+    for expected in ("model.vision_pool ('avg_patches' in the checkpoint, 'cls' now)",
+                     "model.text_causal (False in the checkpoint, True now)",
+                     "model.norm_eps (1e-06 in the checkpoint, 1e-05 now)", str(checkpoint)):
+        assert expected in message, message
+    assert "text_pad_mask" not in message
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()  # refused before training
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on the module's logger: flip-train's logging setup replaces the root's handlers
+    logging.getLogger("flip_scale.checkpoint").addHandler(handler)
+    try:
+        assert main(["--run-dir", str(tmp_path / "init"), "--init-from", str(checkpoint),
+                     *_overrides(synthetic_dir, 1, 1, 0, "model.text_pad_mask=true")]) == 0
+    finally:
+        logging.getLogger("flip_scale.checkpoint").removeHandler(handler)
+    text = " ".join(record.getMessage() for record in records)
+    assert "model.text_pad_mask (False in the checkpoint, True now)" in text, text
+    assert sorted(_losses(tmp_path / "init")) == [1]
+
+
 # ----------------------------------------------------------------------------- another layout (4 ranks)
 
 

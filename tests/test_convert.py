@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -385,6 +386,158 @@ def test_from_openclip_refuses_unrepresentable_weights(openclip_export, tmp_path
     with pytest.raises(ConvertError, match="sin-cos"):
         from_openclip(tmp_path / "learned.safetensors", root / "model.json", tmp_path / "out2")
     assert not (tmp_path / "out1" / "model.safetensors").exists() and not (tmp_path / "out2" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- flip-train --init-from
+
+
+@pytest.fixture(scope="module")
+def openclip_init(openclip_export, synthetic_dir, tmp_path_factory):
+    """`from-openclip` output, and the training overrides to run its config (`--config
+    DIR/flip_config.yaml`) on the session's synthetic shards with a tokenizer that fits its 100-token
+    vocabulary (trained once here)."""
+    from flip_scale.config import load_config
+    from flip_scale.data import ensure_synthetic_data
+
+    _, _, root = openclip_export
+    out = tmp_path_factory.mktemp("oc_init") / "flip"
+    from_openclip(root / "weights.safetensors", root / "model.json", out)
+    overrides = [
+        "data.synthetic=true", f"data.synthetic_dir={synthetic_dir}",
+        f"data.train_shards={synthetic_dir}/train-{{000000..000007}}.tar",
+        f"data.tokenizer={out.parent}/tokenizer.model",
+        "train.device=cpu", "train.precision=fp32", "train.max_steps=1", "train.global_batch_size=8",
+        "train.log_every_steps=1", "checkpoint.every_steps=1000", "data.num_workers=0",
+        "eval.at_end=false", "eval.every_steps=0", "logging.tensorboard=false",
+    ]
+    cfg = load_config(out / "flip_config.yaml", overrides)
+    ensure_synthetic_data(cfg.data, image_size=32, vocab_size=cfg.model.vocab_size)
+    return out, overrides
+
+
+def _init_from_rank(rank, world_size, argv):
+    """`flip-train` (the real `main`); returns the full model state right after `Trainer.init_from`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import flip_scale.train as train
+
+    train.shutdown = lambda: None  # under run_distributed the process group is the test's
+    captured = {}
+    original = train.Trainer.init_from
+
+    def init_from(self, path):
+        original(self, path)
+        for part in self.model_parts:
+            full = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+            captured.update({name: t.detach().cpu().clone() for name, t in full.items()})
+
+    train.Trainer.init_from = init_from
+    try:
+        assert train.main(argv) == 0
+    finally:
+        train.Trainer.init_from = original
+    return captured
+
+
+def test_flip_train_init_from_openclip_conversion(openclip_init, tmp_path):
+    """from-openclip -> `flip-train --config DIR/flip_config.yaml --init-from DIR`: the model starts
+    from exactly the converted tensors and trains; another architecture is refused naming the key;
+    other pooling is only logged (a fine-tune may intend it); a non-checkpoint names --init-from."""
+    from flip_scale.checkpoint import CheckpointError
+    from flip_scale.evaluation.checkpoints import check_source_architecture, resolve_init_from
+    from flip_scale.metrics import read_jsonl
+
+    out, overrides = openclip_init
+    want = load_file(str(out / "model.safetensors"))
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(out / "flip_config.yaml"), "--run-dir", str(run_dir), "--init-from", str(out), *overrides]
+    got = _init_from_rank(0, 1, argv)
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name  # bitwise
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+
+    # Another architecture: refused before anything is loaded or trained, naming the key.
+    from flip_scale.train import main as train_main
+
+    other = ["--config", str(out / "flip_config.yaml"), "--run-dir", str(tmp_path / "other"), "--init-from", str(out),
+             *overrides, "model.text_layers=3"]
+    with pytest.raises(CheckpointError) as error:
+        train_main(other)
+    message = str(error.value)
+    assert "text.layers: 2 in the checkpoint, 3 now" in message and "model.text_layers" in message, message
+    assert str(out) in message and "flip_config.yaml" in message
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()
+
+    # Other pooling / text mask options (same shapes): a warning naming them for --init-from, refused otherwise.
+    source = resolve_init_from(out / "model.safetensors")
+    assert source.kind == "consolidated" and source.path == out
+    changed = dataclasses.replace(read_consolidated_config(out).model, vision_pool="cls", text_pad_mask=True)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on the module's logger: flip-train's logging setup replaced the root's handlers
+    logging.getLogger("flip_scale.checkpoint").addHandler(handler)
+    try:
+        check_source_architecture(source, changed, functional="warn")
+    finally:
+        logging.getLogger("flip_scale.checkpoint").removeHandler(handler)
+    text = " ".join(record.getMessage() for record in records)
+    assert "model.vision_pool ('avg_patches' in the checkpoint, 'cls' now)" in text, text
+    assert "model.text_pad_mask (False in the checkpoint, True now)" in text, text
+    with pytest.raises(CheckpointError, match="model.vision_pool"):
+        check_source_architecture(source, changed)
+
+    # Neither a training checkpoint nor a consolidated directory: the error names --init-from.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as error:
+        resolve_init_from(tmp_path / "empty")
+    assert str(error.value).startswith(f"--init-from {tmp_path / 'empty'}:") and "consolidated directory" in str(error.value)
+    assert "--resume" not in str(error.value)
+
+
+def _init_from_layouts_worker(rank, world_size, out, overrides, run_root):
+    import safetensors.torch
+
+    original_load_file = safetensors.torch.load_file
+    if rank != 0:  # without pipeline stages only rank 0 reads the consolidated file
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"rank {rank} read the consolidated file")
+
+        safetensors.torch.load_file = refuse
+    results = {}
+    for label, layout in (("fsdp", ["parallel.dp_shard=2"]), ("tp", ["parallel.dp_shard=1", "parallel.tp=2"])):
+        argv = ["--config", str(Path(out) / "flip_config.yaml"), "--run-dir", str(Path(run_root) / label),
+                "--init-from", str(out), *overrides, *layout]
+        results[label] = _init_from_rank(rank, world_size, argv)
+    # Pipeline stages: every rank reads the file and loads its own stage's tensors.
+    safetensors.torch.load_file = original_load_file
+    argv = ["--config", str(Path(out) / "flip_config.yaml"), "--run-dir", str(Path(run_root) / "pp"),
+            "--init-from", str(out), *overrides, "parallel.dp_shard=1", "parallel.pp=2", "parallel.microbatches=2"]
+    results["pp"] = _init_from_rank(rank, world_size, argv)
+    return results
+
+
+def test_flip_train_init_from_consolidated_into_sharded_layouts(openclip_init, tmp_path):
+    # 2 ranks, FSDP2- and tensor-parallel-sharded: only rank 0 reads the file, the tensors are
+    # broadcast, and every rank's model gathers back to exactly the file's tensors; under 2 pipeline
+    # stages each rank loads its own stage's.
+    out, overrides = openclip_init
+    want = load_file(str(out / "model.safetensors"))
+    results = run_distributed(_init_from_layouts_worker, 2, (str(out), overrides, str(tmp_path)), timeout=300)
+    for rank, by_layout in enumerate(results):
+        for label, got in by_layout.items():
+            if label == "pp":
+                continue
+            assert sorted(got) == sorted(want), (rank, label)
+            for name, tensor in want.items():
+                assert torch.equal(got[name], tensor), f"rank {rank} {label}: {name}"
+    # 2 pipeline stages: the two ranks' tensors together are the file's, each exactly.
+    stages = [results[0]["pp"], results[1]["pp"]]
+    assert stages[0] and stages[1] and not set(stages[0]) & set(stages[1])
+    got = {**stages[0], **stages[1]}
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), f"pp: {name}"
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -116,14 +116,30 @@ def check_source_architecture(source: CheckpointSource, model_cfg, functional: s
     )
 
 
-def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bool = False) -> None:
+def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bool = False,
+                 whole_model: bool = True) -> None:
     """The checkpoint's model weights into built (and parallelised) model parts; collective.
-    `broadcast_from_rank0` (consolidated only; every rank must hold the same tensor names, i.e. no
-    pipeline stages): only rank 0 reads the file, `set_model_state_dict(..., full_state_dict=True,
+
+    Consolidated: `whole_model=False` for pipeline stages (the file also holds the other stages'
+    tensors: each part must find all of its own in it, the rest is not loaded here).
+    `broadcast_from_rank0` (whole models only, so every rank wants the same tensor names): only
+    rank 0 reads the file and `set_model_state_dict(..., full_state_dict=True,
     broadcast_from_rank0=True)` hands every rank its shard."""
     parts = list(model_parts) if isinstance(model_parts, (list, tuple)) else [model_parts]
-    if source.kind == "consolidated":
-        _convert().load_consolidated(source.path, parts if len(parts) > 1 else parts[0],
-                                     broadcast_from_rank0=broadcast_from_rank0)
-    else:
+    if source.kind != "consolidated":
         load_checkpoint(source.path, parts)
+        return
+    convert = _convert()
+    if whole_model:
+        convert.load_consolidated(source.path, parts if len(parts) > 1 else parts[0],
+                                  broadcast_from_rank0=broadcast_from_rank0)
+        return
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    _, specs = convert.read_safetensors_header(source.path / MODEL_FILE)
+    in_file = {spec.name for spec in specs}
+    missing = [name for part in parts for name in get_model_state_dict(part) if name not in in_file]
+    if missing:
+        raise CheckpointError(f"{source.path / MODEL_FILE} lacks {len(missing)} tensors of this rank's pipeline "
+                              f"stages: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    convert.load_consolidated(source.path, parts, strict=False)
