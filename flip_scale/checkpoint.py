@@ -627,31 +627,47 @@ def data_states(path: Path) -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted(Path(path).glob("data_rank*.json"))]
 
 
-_STREAM_IDENTITY = ("version", "seed", "dp_size", "num_workers", "num_shards")
-
-
 def data_state_for_resume(path: Path, saved: Optional[dict], fresh: dict) -> tuple[Optional[dict], Optional[str]]:
     """The loader state to resume with, and why the stream cannot continue sample for sample (or None).
 
     `saved`: this data-parallel rank's position from the checkpoint (None if it wrote none);
-    `fresh`: the `state_dict()` of a newly built loader of this run. When the stream identity
-    (seed, data-parallel size, workers, shard count) is unchanged the saved position is returned.
-    Otherwise the samples of one layout cannot be matched to another's: the stream restarts at the
-    first epoch no rank of the checkpoint had begun, so no sample of an epoch is seen twice (the rest
-    of the epochs in progress is not seen).
+    `fresh`: the `state_dict()` of a newly built loader of this run. The positions are per sample
+    stream (flip_scale/data/loader.py), so the positions every rank saved, merged, continue the
+    stream under any layout whose data-parallel size divides the stream count, with the same seed
+    and shards. Otherwise the stream restarts at the first epoch no stream of the checkpoint had
+    begun, so no sample of an epoch is seen twice (the rest of the epochs in progress is not seen).
     """
-    if saved is not None and all(saved.get(k) == fresh.get(k) for k in _STREAM_IDENTITY):
-        return saved, None
     everyone = data_states(path)
     if not everyone:
         return None, None
     first = everyone[0]
-    changed = [f"{k} {first.get(k)} -> {fresh.get(k)}" for k in _STREAM_IDENTITY if first.get(k) != fresh.get(k)]
-    epoch = max((e + 1 if drawn > 0 else e) for state in everyone for e, drawn in state["positions"])
-    state = dict(fresh, positions=[[epoch, 0] for _ in fresh["positions"]], batches=0)
+    problems = [f"{key} {first.get(key)} -> {fresh.get(key)}" for key in ("version", "seed", "num_shards")
+                if first.get(key) != fresh.get(key)]
+    streams = first.get("streams")
+    if not problems:
+        merged = {str(k): v for state in everyone for k, v in state["positions"].items()}
+        dp_size, global_batch = fresh["dp_size"], fresh["batch_size"] * fresh["dp_size"]
+        if not fresh.get("streams_auto", True) and fresh["streams"] != streams:
+            problems.append(f"data.streams {streams} -> {fresh['streams']}")
+        elif streams % dp_size:
+            problems.append(f"its {streams} data streams do not split over {dp_size} data-parallel ranks")
+        elif global_batch % streams:
+            problems.append(f"train.global_batch_size={global_batch} is not a multiple of its {streams} data streams")
+        elif sorted(int(k) for k in merged) != list(range(streams)):
+            problems.append(f"positions of {streams - len(merged)} of its {streams} streams are missing")
+        else:
+            return dict(first, positions=merged), None
+
+    def started(state) -> list:
+        positions = state["positions"]
+        return list(positions.values()) if isinstance(positions, dict) else list(positions)
+
+    epoch = max((e + 1 if drawn > 0 else e) for state in everyone for e, drawn in started(state))
+    state = dict(fresh, positions={stream: [epoch, 0] for stream in fresh["positions"]}, batches=0)
     reason = (
-        f"the checkpoint's data stream differs from this run's ({', '.join(changed) or 'position missing for this rank'}), "
-        f"so it cannot continue sample for sample; it restarts at epoch {epoch}, the first no rank had begun"
+        f"the checkpoint's data stream cannot continue sample for sample in this run ({'; '.join(problems)}); "
+        f"it restarts at epoch {epoch}, the first no stream had begun. To keep the stream across layouts, "
+        f"give data.streams a value that every data-parallel size you use divides (e.g. 256)"
     )
     return state, reason
 

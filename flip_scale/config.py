@@ -78,6 +78,11 @@ class DataConfig:
     synthetic_train_samples: int = 4096
     synthetic_eval_samples: int = 512
     num_workers: int = 2
+    # Sample streams the global batch is drawn from, the same under every layout (0: data-parallel
+    # size x max(1, num_workers) of the first run; a resumed run keeps its checkpoint's). A run
+    # resumes sample for sample under any layout whose data-parallel size divides it: choose one
+    # with many divisors (e.g. 256) for runs that may change size.
+    streams: int = 0
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples is unreadable
     bad_check_after: int = 200  # ... judged only after this many samples

@@ -200,7 +200,8 @@ class Trainer:
         if trainer_state.get("layout") not in (None, self.dims.describe()):
             log.info("checkpoint layout %s re-sharded into %s", trainer_state["layout"], self.dims.describe())
         if data_states(path):
-            # The data position is tied to the data-parallel split and the loader workers.
+            # Per-stream positions of every rank, merged: they continue under any layout whose
+            # data-parallel size divides the stream count (flip_scale/data/loader.py).
             fresh = self._build_loader()
             if hasattr(fresh, "state_dict"):
                 self.data_state, reason = data_state_for_resume(Path(path), self.data_state, fresh.state_dict())

@@ -440,6 +440,33 @@ def test_other_model_options_are_refused_on_resume_and_logged_on_init_from(tmp_p
     assert sorted(_losses(tmp_path / "init")) == [1]
 
 
+def test_data_positions_merge_across_layouts_or_restart_at_a_fresh_epoch(tmp_path):
+    """Per-stream positions of every rank merge into any layout the stream count splits; a layout
+    it does not split, or a changed seed, restarts at the first epoch no stream had begun."""
+    from flip_scale.checkpoint import data_state_for_resume
+
+    def state(rank, dp, positions, **changes):
+        return dict({"version": 2, "streams": 4, "streams_auto": True, "positions": positions, "batches": 7,
+                     "seed": 0, "num_shards": 8, "dp_rank": rank, "dp_size": dp, "batch_size": 8 // dp}, **changes)
+
+    saved = [state(0, 2, {"0": [1, 5], "1": [1, 0]}), state(1, 2, {"2": [0, 9], "3": [1, 2]})]
+    for rank, one in enumerate(saved):
+        (tmp_path / f"data_rank{rank}.json").write_text(json.dumps(one))
+    # dp 4 (and dp 1) continue every stream where it stopped.
+    for dp in (4, 1):
+        fresh = state(0, dp, {str(s): [0, 0] for s in range(4 // dp)})
+        merged, reason = data_state_for_resume(tmp_path, saved[0], fresh)
+        assert reason is None and merged["positions"] == {"0": [1, 5], "1": [1, 0], "2": [0, 9], "3": [1, 2]}
+    # dp 3 cannot split 4 streams; a changed seed has other streams altogether.
+    for fresh, why in [(state(0, 3, {"0": [0, 0]}, streams=3, batch_size=4), "do not split over 3"),
+                       (state(0, 2, {"0": [0, 0], "1": [0, 0]}, seed=1), "seed 0 -> 1")]:
+        restarted, reason = data_state_for_resume(tmp_path, saved[0], fresh)
+        assert why in reason and "restarts at epoch 2" in reason  # stream 0 and 3 had begun epoch 1
+        assert set(restarted["positions"]) == set(fresh["positions"])
+        assert all(position == [2, 0] for position in restarted["positions"].values())
+        assert restarted["batches"] == 0
+
+
 # ----------------------------------------------------------------------------- another layout (4 ranks)
 
 
@@ -501,13 +528,11 @@ def _assert_same_state(got: dict, want: dict, what: str) -> None:
 def test_resume_into_other_layouts(tmp_path, synthetic_dir):
     """A checkpoint written under dp_shard=4 (4 ranks) resumes under other layouts.
 
-    The data-parallel size decides the global batch's samples (the shards are split by dp rank),
-    so losses are compared only between runs with the same dp size:
-    - dp_replicate=2 x dp_shard=2 (dp 4, the same data split) continues with the losses of the
-      uninterrupted dp_shard=4 run, to float tolerance (the gradient reduction order differs);
-    - dp_shard=2 x tp=2 and pp=2 x dp_shard=2 (parallel.microbatches=2) have dp 2: their stream
-      restarts at the next epoch (the position of a dp-4 stream has no dp-2 equivalent) and their
-      losses are compared with a plain dp_shard=2 run resumed from the same checkpoint.
+    The global batch is drawn from data.streams sample streams (here 4: dp 4 x 1 reader), the same
+    under every layout, and their positions are saved per stream; so every target layout continues
+    with the losses of the uninterrupted dp_shard=4 run, to float tolerance (the reduction order
+    differs): dp_replicate=2 x dp_shard=2, dp_shard=2 x tp=2, pp=2 x dp_shard=2
+    (parallel.microbatches=2) and a plain dp_shard=2 on 2 ranks.
     And for every target layout the model and optimizer state right after loading, gathered to
     full tensors, equals bit for bit what one process loads from the checkpoint (which is step 2
     of the dp_shard=4 run: its loss at step 3 is reproduced).
@@ -552,9 +577,10 @@ def test_resume_into_other_layouts(tmp_path, synthetic_dir):
         return abs(a - b) <= 1e-5 * abs(b)
 
     for step in (3, 4):
-        assert close(losses["hsdp"][step], uninterrupted[step]), (step, losses["hsdp"], uninterrupted)
-        for name in ("tp", "pp"):
-            assert close(losses[name][step], losses["dp2"][step]), (name, step, losses[name], losses["dp2"])
+        for name in layouts:
+            assert close(losses[name][step], uninterrupted[step]), (name, step, losses[name], uninterrupted)
+    # The losses are those of the data: a stream that restarted elsewhere would give others.
+    assert uninterrupted[3] != uninterrupted[4]
     # Step 3's loss depends only on the loaded weights (and, for dp 4, the data position): exact.
     assert losses["hsdp"][3] == uninterrupted[3]
 

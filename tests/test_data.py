@@ -9,6 +9,8 @@ import tarfile
 import threading
 
 import numpy as np
+from typing import Optional
+
 import pytest
 import torch
 from PIL import Image
@@ -308,24 +310,23 @@ def test_rank_streams_are_disjoint_cover_the_epoch_and_reproduce(tmp_path, token
     assert endless[:12] == rank0 and len(set(endless[12:])) == 12 and set(endless) <= all_keys
 
 
-def test_fewer_shards_than_readers_share_shards_disjointly(tmp_path, tokenizer, caplog):
+def test_fewer_shards_than_streams_share_shards_disjointly(tmp_path, tokenizer, caplog):
     shards = write_good_shards(tmp_path, 2, 10)
     cfg = data_cfg(shards, num_workers=2)
     transform = TrainTransform(IMAGE)
     seen = []
     shards_module._warned_few_shards.clear()  # the warning is logged once per process
     with caplog.at_level(logging.WARNING, logger="flip_scale.data"):
-        build_train_loader(cfg, IMAGE, tokenizer, 0, 2, 4, seed=0)
-    assert "only 2 shards for 4 readers" in caplog.text
-    for rank in range(2):
-        stream = TrainStream(shards, cfg, transform, tokenizer, rank, 2, 4, seed=0, num_readers=2, epochs=1)
-        for reader in range(2):
-            keys = keys_of(stream.iter_reader(reader))
-            assert len(keys) == 5  # each of the 4 readers keeps every 2nd sample of one shard
-            seen.extend(keys)
+        build_train_loader(cfg, IMAGE, tokenizer, 0, 2, 4, seed=0)  # 2 ranks x 2 workers: 4 streams
+    assert "only 2 shards for data.streams=4 sample streams" in caplog.text
+    for stream_id in range(4):
+        stream = TrainStream(shards, cfg, transform, tokenizer, [stream_id], 4, 4, seed=0, num_workers=0, epochs=1)
+        keys = keys_of(stream.iter_stream(stream_id))
+        assert len(keys) == 5  # each of the 4 streams keeps every 2nd sample of one shard
+        seen.extend(keys)
     assert sorted(seen) == sorted(f"s{s}_{i}" for s in range(2) for i in range(10))
-    # With enough shards every reader gets whole shards, disjoint within the epoch.
-    tasks = [assign_shards(list("abcdefgh"), 5, 0, r, 2, w, 2) for r in range(2) for w in range(2)]
+    # With enough shards every stream gets whole shards, disjoint within the epoch.
+    tasks = [assign_shards(list("abcdefgh"), 5, 0, 0, 1, stream, 4) for stream in range(4)]
     assert sorted(t.shard for ts in tasks for t in ts) == list("abcdefgh") and all(len(ts) == 2 for ts in tasks)
 
 
@@ -340,26 +341,70 @@ def test_resume_continues_the_exact_stream(tmp_path, tokenizer, workers):
         info.size = 5
         tar.addfile(info, io.BytesIO(b"a red"))
     cfg = data_cfg(shards, num_workers=workers, shuffle_buffer=4)
-    loader = build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 5, seed=1)
+    loader = build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 6, seed=1)  # workers 2: 2 streams of 3 per batch
     iterator = iter(loader)
-    for _ in range(5):  # odd: the next batch is the second worker's turn
+    for _ in range(3):
         next(iterator)
     state = json.loads(json.dumps(loader.state_dict()))  # survives JSON, as the trainer stores it
-    expected = [next(iterator) for _ in range(6)]  # crosses an epoch boundary (24 samples, batch 5)
+    expected = [next(iterator) for _ in range(6)]  # crosses an epoch boundary (24 samples, batch 6)
     del iterator
 
-    resumed = build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 5, seed=1)
+    resumed = build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 6, seed=1)
     resumed.load_state_dict(state)
     got = take(resumed, 6)
     for a, b in zip(expected, got):
         assert a["keys"] == b["keys"] and a["skipped"] == b["skipped"]
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
     assert sum(b["skipped"] for b in expected) >= 1
-    assert resumed.state_dict()["batches"] == 11
-    other = build_train_loader(data_cfg(shards, num_workers=1 if workers == 0 else 0), IMAGE, tokenizer, 0, 1, 5,
-                               seed=1)
-    with pytest.raises(ValueError, match="num_workers"):
-        other.load_state_dict(state)
+    assert resumed.state_dict()["batches"] == 9
+    # The position belongs to the streams, not to the workers: another worker count continues alike.
+    other = build_train_loader(data_cfg(shards, num_workers=1 if workers == 0 else 0, shuffle_buffer=4,
+                                        streams=loader.total_streams), IMAGE, tokenizer, 0, 1, 6, seed=1)
+    other.load_state_dict(state)
+    assert [b["keys"] for b in take(other, 6)] == [b["keys"] for b in expected]
+    # Another seed or shard list has no such position.
+    with pytest.raises(ValueError, match="seed: saved 1 now 2"):
+        build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 6, seed=2).load_state_dict(state)
+
+
+def _global_batches(cfg, tokenizer, dp_size: int, global_batch: int, batches: int, state: Optional[list] = None):
+    """The global batches of `batches` steps: every rank's batch, in rank order, concatenated."""
+    loaders = [build_train_loader(cfg, IMAGE, tokenizer, rank, dp_size, global_batch // dp_size, seed=5)
+               for rank in range(dp_size)]
+    if state is not None:
+        merged = dict(state[0], positions={k: v for one in state for k, v in one["positions"].items()})
+        for loader in loaders:
+            loader.load_state_dict(merged)
+    per_rank = [take(loader, batches) for loader in loaders]
+    steps = [{"keys": [k for rank in per_rank for k in rank[step]["keys"]],
+              "images": torch.cat([rank[step]["images"] for rank in per_rank])} for step in range(batches)]
+    return steps, [loader.state_dict() for loader in loaders]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_batch_is_the_same_under_every_data_parallel_size(tmp_path, tokenizer, workers):
+    """data.streams fixes the global batch row for row: dp 1, 2 and 4 (any worker count) draw the
+    same samples with the same augmentation, and a position saved under dp 4 continues under dp 2."""
+    shards = write_good_shards(tmp_path, 8, 5)
+    cfg = data_cfg(shards, num_workers=workers, streams=4, shuffle_buffer=4)
+    reference, _ = _global_batches(cfg, tokenizer, 1, 8, 7)  # 56 samples: into the second epoch
+    assert len({k for step in reference for k in step["keys"]}) == 40  # the whole first epoch, then more
+    for dp_size in (2, 4):
+        steps, _ = _global_batches(cfg, tokenizer, dp_size, 8, 7)
+        for got, want in zip(steps, reference):
+            assert got["keys"] == want["keys"], dp_size
+            assert torch.equal(got["images"], want["images"]), dp_size
+    # Stop after 3 steps under dp 4, continue under dp 2 (and under dp 1): the same next batches.
+    _, saved = _global_batches(cfg, tokenizer, 4, 8, 3)
+    saved = json.loads(json.dumps(saved))
+    for dp_size in (2, 1):
+        steps, _ = _global_batches(cfg, tokenizer, dp_size, 8, 4, state=saved)
+        assert [s["keys"] for s in steps] == [s["keys"] for s in reference[3:]], dp_size
+    # A layout the stream count does not split is refused with the sizes that fit.
+    with pytest.raises(ValueError, match=r"data.streams=4 is not divisible by the data-parallel size 3.*\[1, 2, 4\]"):
+        build_train_loader(cfg, IMAGE, tokenizer, 0, 3, 4, seed=5)
+    with pytest.raises(ValueError, match="global_batch_size=12 is not divisible by data.streams=8"):
+        build_train_loader(data_cfg(shards, streams=8), IMAGE, tokenizer, 0, 2, 6, seed=5)
 
 
 # ----------------------------------------------------------------------------- eval loader

@@ -1,28 +1,37 @@
 """Training and evaluation loaders over webdataset tar shards.
 
-Training stream (per data-parallel rank; DESIGN.md section 3):
+Training stream (DESIGN.md section 3): the global batch is drawn from S independent *sample
+streams* (`data.streams`), the same S whatever the parallel layout:
 
-    epoch e = 0, 1, 2, ...  (resampled: the stream never ends)
-      shard order = shuffle seeded by (seed, e); reader (rank, worker) takes its share (`assign_shards`)
+    stream s = 0 .. S-1, epoch e = 0, 1, 2, ...  (the stream never ends)
+      shard order = shuffle seeded by (seed, e); stream s takes its share (`assign_shards`, S readers)
       -> tar samples, malformed ones counted and skipped
-      -> shuffle buffer seeded by (seed, e, rank, worker), drained at the end of the epoch
-      -> decode + augment (per-sample seed from (seed, e, shard, key)) -> batch of `local_batch_size`
-         inside the DataLoader worker, so the bad-sample count travels with the batch it belongs to
+      -> shuffle buffer seeded by (seed, e, s), drained at the end of the epoch
+      -> decode + augment (per-sample seed from (seed, e, shard, key)) -> chunks of B / S samples
+    global batch k = chunk k of stream 0, chunk k of stream 1, ..., chunk k of stream S-1
 
-Each DataLoader worker is one reader; torch's DataLoader hands out batches from its workers in
-strict round-robin order, which the resume logic relies on.
+Data-parallel rank r of D takes the streams r*S/D .. (r+1)*S/D - 1 (so D must divide S), whose
+chunks are, in order, rows r*B/D .. (r+1)*B/D of the global batch. The global batch, row for row,
+is therefore the same under every layout, and so is a sample's global index (which seeds its
+mask). Within a rank, DataLoader worker w builds the chunks of the rank's streams j with j % W == w
+(W: the largest divisor of S/D not above data.num_workers) and the main process puts the chunks of
+one batch together in stream order; torch's DataLoader hands out items from its workers in strict
+round-robin order, and every worker yields the same number of chunks per batch, so the chunks of a
+batch arrive together.
 
-Resume (`TrainLoader.state_dict` / `load_state_dict`): the state is, per reader, the epoch and the
-number of samples it has drawn from its shuffle buffer in that epoch, plus the number of batches
-delivered. Resuming replays each reader's pipeline deterministically: earlier epochs are skipped
-without reading, the current epoch's shards are read again and its first samples are drawn from
-the buffer without decoding, so the stream continues exactly where it stopped (same samples, same
-augmentation, same batch boundaries). The bad-sample limit is judged afresh from the resume point.
-The state is tied to (seed, dp_rank, dp_size, num_workers, shard count); a mismatch is refused.
+Resume (`TrainLoader.state_dict` / `load_state_dict`): the state is, per stream, the epoch and the
+number of samples drawn from its shuffle buffer in that epoch. It does not depend on the layout:
+each data-parallel rank saves the positions of its streams, and a resumed run under any layout
+whose data-parallel size divides S takes the positions of its streams from all the saved ones.
+Resuming replays each stream deterministically: earlier epochs are skipped without reading, the
+current epoch's shards are read again and its first samples are drawn from the buffer without
+decoding, so the stream continues exactly where it stopped (same samples, same augmentation, same
+batch boundaries). The bad-sample limit is judged afresh from the resume point.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from typing import Iterator, Optional, Sequence, Union
@@ -51,7 +60,7 @@ from .transforms import EvalTransform, TrainTransform, build_eval_transform, bui
 
 log = logging.getLogger("flip_scale.data")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-stream positions, layout-free (1: per data-parallel rank and worker)
 
 
 def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -71,27 +80,60 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-class TrainStream(IterableDataset):
-    """The resampled training stream of one data-parallel rank, as batch dicts.
+def default_streams(dp_size: int, num_workers: int, local_batch_size: int = 0) -> int:
+    """`data.streams: 0`: one stream per data-parallel rank and loader worker of the first run (fewer
+    per rank where the rank's batch does not divide by the worker count)."""
+    per_rank = max(1, num_workers)
+    if local_batch_size > 0:
+        per_rank = max(w for w in range(1, per_rank + 1) if local_batch_size % w == 0)
+    return dp_size * per_rank
 
-    `start[w] = (epoch, drawn)` is where reader w resumes (see the module docstring);
-    `worker_offset` maps DataLoader worker p to reader (p + offset) % num_readers, so that after a
-    resume the round-robin continues with the reader whose turn it was.
+
+def check_streams(streams: int, dp_size: int, global_batch_size: int) -> None:
+    """Refuse a stream count the layout or the batch cannot use, naming what would be valid."""
+    if streams < 1:
+        raise ValueError(f"data.streams={streams}: must be >= 1 (0 in the config: one per data-parallel rank x worker)")
+    if streams % dp_size:
+        valid = [d for d in range(1, streams + 1) if streams % d == 0]
+        raise ValueError(
+            f"data.streams={streams} is not divisible by the data-parallel size {dp_size}: each rank reads S / dp "
+            f"whole streams. Data-parallel sizes that fit: {valid}; or choose data.streams as a multiple of {dp_size}"
+        )
+    if global_batch_size % streams:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} is not divisible by data.streams={streams}: every stream "
+            f"gives B / S samples to each batch"
+        )
+
+
+def loader_workers(streams_per_rank: int, num_workers: int) -> int:
+    """Workers that share a rank's streams evenly: the largest divisor of the count <= num_workers."""
+    if num_workers <= 0:
+        return 0
+    return max(w for w in range(1, min(num_workers, streams_per_rank) + 1) if streams_per_rank % w == 0)
+
+
+class TrainStream(IterableDataset):
+    """The chunks of one data-parallel rank's sample streams (see the module docstring).
+
+    `streams`: the global stream ids of this rank, in order; `start[s] = (epoch, drawn)` is where
+    stream s resumes. Each DataLoader worker (or the process itself, with no workers) yields, batch
+    after batch, one chunk of each stream it owns.
     """
 
-    def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, dp_rank: int,
-                 dp_size: int, batch_size: int, seed: int, num_readers: int, epochs: Optional[int] = None,
-                 start: Optional[Sequence[Sequence[int]]] = None, worker_offset: int = 0):
+    def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, streams: Sequence[int],
+                 total_streams: int, chunk_size: int, seed: int, num_workers: int, epochs: Optional[int] = None,
+                 start: Optional[dict] = None):
         self.shards = list(shards)
         self.transform = transform
         self.tokenizer = tokenizer
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.batch_size = batch_size
+        self.streams = list(streams)
+        self.total_streams = total_streams
+        self.chunk_size = chunk_size
         self.seed = seed
-        self.num_readers = num_readers
+        self.num_workers = num_workers
         self.epochs = epochs
-        self.start = [tuple(s) for s in start] if start is not None else [(0, 0)] * num_readers
-        self.worker_offset = worker_offset
+        self.start = {int(s): tuple(p) for s, p in (start or {}).items()}
         self.shuffle_size = data_cfg.shuffle_buffer
         self.max_bad_fraction = data_cfg.max_bad_fraction
         self.bad_check_after = data_cfg.bad_check_after
@@ -100,17 +142,24 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
+        worker = info.id if info is not None else 0
         workers = info.num_workers if info is not None else 1
-        if workers != self.num_readers:
-            raise RuntimeError(f"TrainStream built for {self.num_readers} readers runs in {workers} DataLoader workers")
-        return self.iter_reader((physical + self.worker_offset) % self.num_readers)
+        if workers != max(1, self.num_workers):
+            raise RuntimeError(f"TrainStream built for {self.num_workers} workers runs in {workers} DataLoader workers")
+        owned = [stream for j, stream in enumerate(self.streams) if j % workers == worker]
+        chunks = [self.iter_stream(stream) for stream in owned]
+        if self.epochs is None:
+            for round_ in zip(*chunks):  # endless streams: one chunk of each, batch after batch
+                yield from round_
+        else:  # finite passes end unevenly: the remainders come last
+            for round_ in itertools.zip_longest(*chunks):
+                yield from (chunk for chunk in round_ if chunk is not None)
 
-    # -- one reader ---------------------------------------------------------------------------
+    # -- one stream ---------------------------------------------------------------------------
 
-    def _epoch_samples(self, epoch: int, reader: int, tracker: BadSampleTracker) -> Iterator[RawSample]:
-        """Usable samples of this reader's shards in `epoch`, before the shuffle buffer."""
-        tasks = assign_shards(self.shards, epoch, self.seed, self.dp_rank, self.dp_size, reader, self.num_readers)
+    def _epoch_samples(self, epoch: int, stream: int, tracker: BadSampleTracker) -> Iterator[RawSample]:
+        """Usable samples of this stream's shards in `epoch`, before the shuffle buffer."""
+        tasks = assign_shards(self.shards, epoch, self.seed, 0, 1, stream, self.total_streams)
         for task in tasks:
             for sample in read_tar_samples(task.shard, task.select if task.stride > 1 else None):
                 if isinstance(sample, BadSample):
@@ -132,39 +181,39 @@ class TrainStream(IterableDataset):
         rng = random.Random(derive_seed(self.seed, "augment", epoch, sample.shard.rsplit("/", 1)[-1], sample.key))
         return self.transform(image, rng)
 
-    def iter_reader(self, reader: int) -> Iterator[dict]:
-        """The batches of reader `reader` (one DataLoader worker) of this rank."""
-        where = f" (rank {self.dp_rank}, reader {reader})"
+    def iter_stream(self, stream: int) -> Iterator[dict]:
+        """The chunks of stream `stream`: dicts of `chunk_size` samples (a finite pass ends with fewer)."""
+        where = f" (stream {stream} of {self.total_streams})"
         tracker = BadSampleTracker(self.max_bad_fraction, self.bad_check_after, where)
-        start_epoch, skip = self.start[reader]
+        start_epoch, skip = self.start.get(stream, (0, 0))
         images: list[torch.Tensor] = []
         captions: list[str] = []
         keys: list[str] = []
         epoch = start_epoch
         position = (epoch, skip)
 
-        def make_batch() -> dict:
-            batch = {
+        def make_chunk() -> dict:
+            chunk = {
                 "images": torch.stack(images),
                 "tokens": self.tokenizer(captions),
                 "skipped": tracker.take_skipped(),
                 "samples": len(images),
                 "keys": list(keys),
-                "_reader": reader,
+                "_stream": stream,
                 "_position": position,
             }
             images.clear()
             captions.clear()
             keys.clear()
-            return batch
+            return chunk
 
         while self.epochs is None or epoch < self.epochs:
-            rng = random.Random(derive_seed(self.seed, "sample-shuffle", epoch, self.dp_rank, reader))
+            rng = random.Random(derive_seed(self.seed, "sample-shuffle", epoch, stream))
             drawn = produced = decoded = 0
             # Fast-forward after a resume: the pipeline state is rebuilt by drawing the samples that
             # were drawn before, without decoding them, and their bad samples are not counted twice.
             tracker.quiet = epoch == start_epoch and skip > 0
-            for sample in shuffle_buffer(self._epoch_samples(epoch, reader, tracker), self.shuffle_size, rng):
+            for sample in shuffle_buffer(self._epoch_samples(epoch, stream, tracker), self.shuffle_size, rng):
                 produced += 1
                 if tracker.quiet:
                     drawn += 1
@@ -180,34 +229,36 @@ class TrainStream(IterableDataset):
                 images.append(image)
                 captions.append(caption_text(sample))
                 keys.append(sample.key)
-                if len(images) == self.batch_size:
+                if len(images) == self.chunk_size:
                     position = (epoch, drawn)
-                    yield make_batch()
+                    yield make_chunk()
             fast_forwarded = epoch == start_epoch and drawn <= skip
             tracker.quiet = False
             if produced == 0 or (decoded == 0 and not fast_forwarded):
-                # A reader with nothing usable would otherwise spin through its epochs forever.
+                # A stream with nothing usable would otherwise spin through its epochs forever.
                 raise DataError(
-                    f"no usable samples in epoch {epoch} for rank {self.dp_rank} reader {reader} of "
+                    f"no usable samples in epoch {epoch} for stream {stream} of {self.total_streams} over "
                     f"{len(self.shards)} shards (first: {self.shards[0]}); the warnings above say why"
                 )
             epoch += 1
             position = (epoch, 0)
         if images:  # a finite stream (epochs set) ends with its remainder
             position = (epoch, 0)
-            yield make_batch()
+            yield make_chunk()
 
 
 class TrainLoader:
-    """Iterable of training batch dicts with a resumable position (`state_dict` / `load_state_dict`).
+    """Iterable of this data-parallel rank's training batch dicts, with a resumable position
+    (`state_dict` / `load_state_dict`, layout-free: per sample stream).
 
     Each `iter()` continues from the current position; a fresh loader starts at the beginning.
-    Batch dict: images FloatTensor [B,3,H,W], tokens LongTensor [B,T], skipped (bad samples since
-    the previous batch of the same reader), samples (B), keys (sample keys, for inspection).
+    Batch dict: images FloatTensor [B,3,H,W], tokens LongTensor [B,T], skipped (bad samples met
+    since the previous batch), samples (B), keys (sample keys, for inspection).
     """
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, dp_rank: int,
-                 dp_size: int, batch_size: int, seed: int, epochs: Optional[int] = None, pin_memory: bool = False):
+                 dp_size: int, batch_size: int, seed: int, epochs: Optional[int] = None, pin_memory: bool = False,
+                 streams: int = 0):
         self.shards = list(shards)
         self.data_cfg = data_cfg
         self.transform = transform
@@ -217,18 +268,28 @@ class TrainLoader:
         self.seed = seed
         self.epochs = epochs
         self.pin_memory = pin_memory
-        self.num_workers = int(data_cfg.num_workers)
-        self.num_readers = max(1, self.num_workers)
+        self.requested_workers = int(data_cfg.num_workers)
+        self.streams_auto = not streams
         self.batches = 0
-        self.positions = [(0, 0)] * self.num_readers
-        self._warned_order = False
-        warn_if_few_shards(len(self.shards), dp_size, self.num_readers)
+        self._set_streams(streams or default_streams(dp_size, self.requested_workers, batch_size))
+
+    def _set_streams(self, streams: int) -> None:
+        check_streams(streams, self.dp_size, self.batch_size * self.dp_size)
+        self.total_streams = streams
+        per_rank = streams // self.dp_size
+        self.rank_streams = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
+        self.chunk_size = self.batch_size // per_rank
+        self.num_workers = loader_workers(per_rank, self.requested_workers)
+        if self.num_workers != self.requested_workers and self.requested_workers > 0 and self.dp_rank == 0:
+            log.info("data: %d loader workers per rank (data.num_workers=%d) share its %d streams evenly",
+                     self.num_workers, self.requested_workers, per_rank)
+        self.positions = {stream: (0, 0) for stream in self.rank_streams}
+        warn_if_few_shards(len(self.shards), streams)
 
     def _dataset(self) -> TrainStream:
         return TrainStream(
-            self.shards, self.data_cfg, self.transform, self.tokenizer, self.dp_rank, self.dp_size, self.batch_size,
-            self.seed, self.num_readers, epochs=self.epochs, start=self.positions,
-            worker_offset=self.batches % self.num_readers,
+            self.shards, self.data_cfg, self.transform, self.tokenizer, self.rank_streams, self.total_streams,
+            self.chunk_size, self.seed, self.num_workers, epochs=self.epochs, start=self.positions,
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -236,47 +297,69 @@ class TrainLoader:
             self._dataset(), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=False,
         )
-        for batch in loader:
-            reader = batch.pop("_reader")
-            position = batch.pop("_position")
-            expected = self.batches % self.num_readers
-            if reader != expected and not self._warned_order:
-                self._warned_order = True
-                log.warning("batch came from loader worker %d, expected %d: resume may not reproduce the order",
-                            reader, expected)
-            self.positions[reader] = (int(position[0]), int(position[1]))
-            self.batches += 1
-            yield batch
+        pending: list[dict] = []
+        for chunk in loader:
+            pending.append(chunk)
+            if len(pending) == len(self.rank_streams):
+                yield self._assemble(pending)
+                pending = []
+        if pending:  # the end of a finite pass
+            yield self._assemble(pending)
+
+    def _assemble(self, chunks: list[dict]) -> dict:
+        chunks = sorted(chunks, key=lambda chunk: chunk["_stream"])
+        streams = [chunk["_stream"] for chunk in chunks]
+        if self.epochs is None and streams != self.rank_streams:
+            raise RuntimeError(f"data loader: a batch's chunks came from streams {streams}, expected {self.rank_streams}")
+        for chunk in chunks:
+            self.positions[chunk["_stream"]] = (int(chunk["_position"][0]), int(chunk["_position"][1]))
+        self.batches += 1
+        return {
+            "images": torch.cat([chunk["images"] for chunk in chunks]),
+            "tokens": torch.cat([chunk["tokens"] for chunk in chunks]),
+            "skipped": sum(chunk["skipped"] for chunk in chunks),
+            "samples": sum(chunk["samples"] for chunk in chunks),
+            "keys": [key for chunk in chunks for key in chunk["keys"]],
+        }
 
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION,
+            "streams": self.total_streams,
+            "streams_auto": self.streams_auto,
+            "positions": {str(stream): list(position) for stream, position in self.positions.items()},
             "batches": self.batches,
-            "positions": [list(p) for p in self.positions],
-            "num_workers": self.num_workers,
             "seed": self.seed,
+            "num_shards": len(self.shards),
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
-            "num_shards": len(self.shards),
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: this rank's streams' positions (a merge of every rank's saved
+        state, see `flip_scale.checkpoint.data_state_for_resume`), possibly of another layout."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        have = {"num_workers": self.num_workers, "seed": self.seed, "dp_rank": self.dp_rank,
-                "dp_size": self.dp_size, "num_shards": len(self.shards)}
-        differ = {k: (state.get(k), v) for k, v in have.items() if state.get(k) != v}
+            raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
+                             f"stream of an older checkpoint cannot be continued sample for sample")
+        differ = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)))
+                  if state.get(k) != v}
         if differ:
             text = ", ".join(f"{k}: saved {old} now {new}" for k, (old, new) in differ.items())
-            raise ValueError(
-                f"cannot resume the data stream: {text}. The stream position is only meaningful for the same seed, "
-                f"data-parallel layout, data.num_workers and shard list; start the data stream afresh instead"
-            )
-        positions = [tuple(int(x) for x in p) for p in state["positions"]]
-        if len(positions) != self.num_readers:
-            raise ValueError(f"data loader state holds {len(positions)} reader positions, expected {self.num_readers}")
-        self.positions = positions
-        self.batches = int(state["batches"])
+            raise ValueError(f"cannot resume the data stream: {text}. The stream position is only meaningful for the "
+                             f"same seed and shard list; start the data stream afresh instead")
+        streams = int(state["streams"])
+        if streams != self.total_streams:
+            if not self.streams_auto:
+                raise ValueError(f"cannot resume the data stream: the checkpoint has data.streams={streams}, this run "
+                                 f"asks for {self.total_streams}")
+            self._set_streams(streams)  # data.streams: 0 keeps the checkpoint's
+        saved = {int(s): tuple(int(x) for x in p) for s, p in state["positions"].items()}
+        missing = [s for s in self.rank_streams if s not in saved]
+        if missing:
+            raise ValueError(f"data loader state has no position for streams {missing[:8]} of this rank")
+        self.positions = {s: saved[s] for s in self.rank_streams}
+        self.batches = int(state.get("batches", 0))
 
 
 def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, str], dp_rank: int, dp_size: int,
@@ -284,8 +367,9 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
                        pin_memory: bool = False) -> TrainLoader:
     """The training stream of data-parallel rank `dp_rank` of `dp_size` (see the module docstring).
 
-    `epochs=None` is the resampled, endless stream used for training; a number gives that many
-    passes ending with a partial batch, for inspection and tests.
+    `epochs=None` is the endless stream used for training; a number gives that many passes
+    ending with partial batches, for inspection and tests. The stream count is `data.streams`
+    (0: dp_size x max(1, data.num_workers)).
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
@@ -298,7 +382,7 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
     shards = expand_shards(data_cfg.train_shards)
     transform = build_train_transform(data_cfg, image_size)
     return TrainLoader(shards, data_cfg, transform, tokenizer, dp_rank, dp_size, local_batch_size, seed,
-                       epochs=epochs, pin_memory=pin_memory)
+                       epochs=epochs, pin_memory=pin_memory, streams=int(getattr(data_cfg, "streams", 0)))
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -301,7 +301,8 @@ class ShardTask:
 
 def assign_shards(shards: Sequence[str], epoch: int, seed: int, dp_rank: int, dp_size: int, worker: int,
                   num_workers: int) -> list[ShardTask]:
-    """The shards a reader (data-parallel rank x DataLoader worker) reads in `epoch`.
+    """The shards a reader reads in `epoch`. The training loader calls it with dp_rank=0,
+    dp_size=1 and one reader per sample stream (worker = stream id, num_workers = data.streams).
 
     The epoch's shard order is a shuffle seeded by (seed, epoch). With R = dp_size x num_workers
     readers, reader g = dp_rank + dp_size * worker takes shuffled[g::R]: rank r's shards are
@@ -326,14 +327,14 @@ def assign_shards(shards: Sequence[str], epoch: int, seed: int, dp_rank: int, dp
 _warned_few_shards: set = set()
 
 
-def warn_if_few_shards(count: int, dp_size: int, num_workers: int) -> None:
-    readers = dp_size * num_workers
-    if count >= readers or (count, readers) in _warned_few_shards:
+def warn_if_few_shards(count: int, streams: int) -> None:
+    """Say once when the sample streams outnumber the shards (each shard is then read by several)."""
+    if count >= streams or (count, streams) in _warned_few_shards:
         return
-    _warned_few_shards.add((count, readers))
+    _warned_few_shards.add((count, streams))
     log.warning(
-        "only %d shards for %d readers (%d data-parallel ranks x %d loader workers): each shard is shared by up "
-        "to %d readers that each keep every k-th sample (disjoint, but every such reader reads the whole shard). "
-        "Write at least %d shards, or lower data.num_workers, to read each shard once.",
-        count, readers, dp_size, num_workers, math.ceil(readers / count), readers,
+        "only %d shards for data.streams=%d sample streams: each shard is shared by up to %d streams that each "
+        "keep every k-th sample (disjoint, but every such stream reads the whole shard). Write at least %d "
+        "shards, or lower data.streams, to read each shard once.",
+        count, streams, math.ceil(streams / count), streams,
     )
