@@ -12,6 +12,11 @@ resumes from `latest` (`--resume auto`).
 
 The requeue bookkeeping (`requeue-check`, below) stops a job that keeps getting stopped at the same
 checkpoint step: after `--max-requeues` requeues without progress it refuses, with a message.
+Slurm also requeues a job by itself (a node failure: the batch script never sees the end of that
+run). `restart-check`, run by the batch script at the start of every restart (SLURM_RESTART_COUNT
+> 0), counts such a restart under the same limit, unless the previous run was requeued by
+`requeue-check` itself (it records the SLURM_RESTART_COUNT it requeued from): a job that brings
+down its node at the same step every time stops after `--max-requeues` restarts without progress.
 
 This module imports only the standard library at import time (the batch script runs its
 command-line part on the batch host; torch is imported by `requested()` only).
@@ -131,12 +136,15 @@ def read_state(run_dir: Path) -> dict:
 
 
 def requeue_decision(state: dict, job_id: str, step: Optional[int], max_requeues: int,
-                     reason: str = "preempted", now: Optional[float] = None) -> tuple[bool, dict, str]:
+                     reason: str = "preempted", now: Optional[float] = None,
+                     restart_count: Optional[int] = None) -> tuple[bool, dict, str]:
     """Decide whether job `job_id`, stopped with its newest checkpoint at `step`, is requeued again.
 
     `state` is the previous decision of this run directory. Requeues of one job at one checkpoint
     step are counted; a new step (progress) or a new job id (a fresh submission) starts the count
-    again. Returns (requeue?, the new state, a message for the log)."""
+    again. `restart_count` (SLURM_RESTART_COUNT of the run that stops) is recorded with a requeue, so
+    that `restart_decision` knows the next restart for this script's own. Returns (requeue?, the new
+    state, a message for the log)."""
     step_value = -1 if step is None else int(step)
     same = str(state.get("job_id")) == str(job_id) and int(state.get("step", -2)) == step_value
     count = int(state.get("count", 0)) + 1 if same else 1
@@ -152,6 +160,8 @@ def requeue_decision(state: dict, job_id: str, step: Optional[int], max_requeues
         return False, new_state, message
     new_state = {"job_id": str(job_id), "step": step_value, "count": count, "stopped": False,
                  "history": history + [dict(entry, requeued=True)]}
+    if restart_count is not None:
+        new_state["requeued_at_restart"] = int(restart_count)
     message = f"requeueing job {job_id} ({reason}; {where}; requeue {count} of at most {max_requeues} at this step)"
     return True, new_state, message
 
@@ -163,16 +173,65 @@ def _write_state(run_dir: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def requeue_check(run_dir: Path, job_id: str, max_requeues: int, reason: str = "preempted") -> tuple[bool, str]:
+def requeue_check(run_dir: Path, job_id: str, max_requeues: int, reason: str = "preempted",
+                  restart_count: Optional[int] = None) -> tuple[bool, str]:
     """Read, decide and record (in RUN_DIR/requeue_state.json)."""
     run_dir = Path(run_dir)
     if max_requeues < 0:
         raise ValueError(f"max requeues must be 0 or more, got {max_requeues}")
     step = latest_step(run_dir)
-    requeue, state, message = requeue_decision(read_state(run_dir), job_id, step, max_requeues, reason)
+    requeue, state, message = requeue_decision(read_state(run_dir), job_id, step, max_requeues, reason,
+                                               restart_count=restart_count)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_state(run_dir, state)
     return requeue, message
+
+
+def restart_decision(state: dict, job_id: str, restart_count: int, step: Optional[int], max_requeues: int,
+                     now: Optional[float] = None) -> tuple[bool, Optional[dict], str]:
+    """Decide whether restart `restart_count` (SLURM_RESTART_COUNT > 0) of job `job_id`, whose newest
+    checkpoint is at `step`, may run.
+
+    A restart that follows this script's own requeue (`requeue_decision` recorded the restart count
+    it requeued from, `restart_count - 1`, for this job) was counted then: it runs, nothing changes
+    (None for the state). Any other restart is Slurm's own (a node failure, or `scontrol requeue`
+    by hand) and is counted like a requeue: at one checkpoint step at most `max_requeues` times."""
+    if restart_count <= 0:
+        return True, None, "first run of the job (SLURM_RESTART_COUNT=0)"
+    own = (str(state.get("job_id")) == str(job_id) and not state.get("stopped")
+           and state.get("requeued_at_restart") == restart_count - 1)
+    if own:
+        return True, None, f"restart {restart_count} of job {job_id} follows its own requeue (counted then)"
+    if str(state.get("job_id")) == str(job_id) and state.get("restart_checked") == restart_count and not state.get("stopped"):
+        return True, None, f"restart {restart_count} of job {job_id} was counted already"
+    reason = f"restarted by Slurm (restart {restart_count}: node failure or requeue by hand)"
+    allowed, new_state, _ = requeue_decision(state, job_id, step, max_requeues, reason, now)
+    where = "no checkpoint yet" if step is None else f"checkpoint step {step}"
+    if not allowed:
+        message = (f"not running restart {restart_count} of job {job_id}: it was restarted or requeued "
+                   f"{new_state['count']} times at {where} without progress (FLIP_MAX_REQUEUES={max_requeues}); "
+                   f"this restart was not requested by the batch script (a node failure, or a requeue by hand), "
+                   f"so the job probably brings its node down at the same point every time. Look at the log of "
+                   f"the last attempts and the node's state; after fixing the cause, submit again (the run "
+                   f"resumes from the last complete checkpoint)")
+        return False, new_state, message
+    new_state["restart_checked"] = restart_count  # counted: a second check of this restart counts nothing
+    message = (f"restart {restart_count} of job {job_id} was not requested by the batch script ({reason}); "
+               f"{where}: restart {new_state['count']} of at most {max_requeues} at this step without progress")
+    return True, new_state, message
+
+
+def restart_check(run_dir: Path, job_id: str, restart_count: int, max_requeues: int) -> tuple[bool, str]:
+    """Read, decide and record (in RUN_DIR/requeue_state.json) at the start of a restarted job."""
+    run_dir = Path(run_dir)
+    if max_requeues < 0:
+        raise ValueError(f"max requeues must be 0 or more, got {max_requeues}")
+    allowed, state, message = restart_decision(read_state(run_dir), job_id, restart_count, latest_step(run_dir),
+                                               max_requeues)
+    if state is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_state(run_dir, state)
+    return allowed, message
 
 
 def run_finished(run_dir: Path) -> Optional[bool]:
@@ -202,6 +261,16 @@ def main(argv=None) -> int:
     check.add_argument("--job-id", required=True)
     check.add_argument("--max-requeues", type=int, default=3)
     check.add_argument("--reason", default="preempted")
+    check.add_argument("--restart-count", type=int, default=None,
+                       help="SLURM_RESTART_COUNT of the run that stops (default: from the environment), recorded so "
+                            "that restart-check knows the next restart for this requeue")
+    restart = sub.add_parser("restart-check", help="at the start of a restarted job (SLURM_RESTART_COUNT > 0): exit 0 "
+                                                   "if it may run, " + str(STOP_EXIT_CODE) + " if Slurm's own restarts "
+                                                   "without progress reached the limit; recorded in RUN_DIR/" + STATE_FILE)
+    restart.add_argument("--run-dir", required=True)
+    restart.add_argument("--job-id", required=True)
+    restart.add_argument("--restart-count", type=int, default=None, help="default: SLURM_RESTART_COUNT")
+    restart.add_argument("--max-requeues", type=int, default=3)
     finished = sub.add_parser("finished", help="exit 0 if RUN_DIR's newest checkpoint is at train.max_steps, 1 if "
                                                 "not, 2 if unknown (no config.yaml)")
     finished.add_argument("--run-dir", required=True)
@@ -215,7 +284,17 @@ def main(argv=None) -> int:
         return 2 if done is None else (0 if done else 1)
     if args.max_requeues < 0:
         parser.error(f"--max-requeues must be 0 or more, got {args.max_requeues}")
-    requeue, message = requeue_check(Path(args.run_dir), args.job_id, args.max_requeues, args.reason)
+    restart_count = args.restart_count
+    if restart_count is None:
+        try:
+            restart_count = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        except ValueError:
+            parser.error(f"SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']!r} is not a whole number")
+    if args.command == "restart-check":
+        allowed, message = restart_check(Path(args.run_dir), args.job_id, restart_count, args.max_requeues)
+        print(f"flip_scale: {message}", file=sys.stdout if allowed else sys.stderr)
+        return 0 if allowed else STOP_EXIT_CODE
+    requeue, message = requeue_check(Path(args.run_dir), args.job_id, args.max_requeues, args.reason, restart_count)
     print(f"flip_scale: {message}", file=sys.stdout if requeue else sys.stderr)
     return 0 if requeue else STOP_EXIT_CODE
 

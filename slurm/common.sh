@@ -12,7 +12,8 @@
 #                      FLIP_DEVICE=cpu the tasks per node of the allocation)
 #   FLIP_DEVICE        cuda (default) | cpu (tests; give sbatch --gpus-per-node=0 on a cluster without GPUs)
 #   FLIP_PYTHON        interpreter with flip_scale installed (default: python3, else python, on PATH)
-#   FLIP_MAX_REQUEUES  requeues of one job at one checkpoint step before giving up (default 3)
+#   FLIP_MAX_REQUEUES  requeues of one job at one checkpoint step before giving up (default 3); Slurm's
+#                      own restarts (after a node failure) count under the same limit
 #   FLIP_REQUEUE_ON_FAILURE  1: requeue after a failure too (any exit other than 0 and 42), under the
 #                      same limit (default 0: only after a preemption stop)
 #   FLIP_SRUN_WAIT     seconds srun lets the other ranks run on after the first one exits, then kills
@@ -38,7 +39,12 @@
 # job id and runs `--resume auto` from `latest`. Requeues of one job at one checkpoint step are
 # counted in RUN_DIR/requeue_state.json; beyond FLIP_MAX_REQUEUES the job stops with a message.
 # A `scancel` or a node failure leaves the last complete checkpoint: the next submission with the
-# same RUN_DIR (or Slurm's own requeue after a node failure) resumes from it.
+# same RUN_DIR (or Slurm's own requeue after a node failure) resumes from it. Slurm's own requeues
+# are counted too: a job that starts with SLURM_RESTART_COUNT > 0 that this script did not requeue
+# itself (`requeue-check` records the restart count it requeued from) is a restart without the
+# batch script's knowledge; `restart-check` counts it at the newest checkpoint step under the same
+# FLIP_MAX_REQUEUES, and the job exits 3 with a message once that is exceeded (a job that brings
+# its node down at the same step every time does not loop forever).
 
 set -o pipefail
 
@@ -124,11 +130,13 @@ fi
 FLIP_SRUN_PID=
 FLIP_SIGNAL_SEEN=0
 FLIP_PREEMPT_REQUESTED=0
+FLIP_FORWARDED=0
 flip_forward_signal() {
   FLIP_SIGNAL_SEEN=1
   FLIP_PREEMPT_REQUESTED=1
   echo "flip_scale: $(date -u +%FT%TZ) SIGUSR1 received by the batch shell: forwarding it to the trainers (checkpoint, then exit ${FLIP_PREEMPT_EXIT})"
   if [ -n "$FLIP_SRUN_PID" ]; then
+    FLIP_FORWARDED=1
     kill -USR1 "$FLIP_SRUN_PID" 2>/dev/null || true
   fi
 }
@@ -138,7 +146,7 @@ trap flip_forward_signal USR1
 flip_requeue() {
   local reason=$1 code=$2
   if "$FLIP_PYTHON" -m flip_scale.preemption requeue-check --run-dir "$RUN_DIR" --job-id "$SLURM_JOB_ID" \
-      --max-requeues "$FLIP_MAX_REQUEUES" --reason "$reason"; then
+      --max-requeues "$FLIP_MAX_REQUEUES" --reason "$reason" --restart-count "$FLIP_RESTART_COUNT"; then
     # Slurm ends this run of the job as part of the requeue: nothing after this line may matter.
     if scontrol requeue "$SLURM_JOB_ID"; then
       exit 0
@@ -147,6 +155,25 @@ flip_requeue() {
   fi
   exit "$code"
 }
+
+# A restart (SLURM_RESTART_COUNT > 0) that this script did not ask for is Slurm's own requeue (a node
+# failure, or `scontrol requeue` by hand): counted with the requeues, at most FLIP_MAX_REQUEUES times
+# at one checkpoint step (flip_scale/preemption.py restart-check).
+FLIP_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}
+case "$FLIP_RESTART_COUNT" in
+  '' | *[!0-9]*) FLIP_RESTART_COUNT=0 ;;
+esac
+if [ "$FLIP_RESTART_COUNT" -gt 0 ]; then
+  "$FLIP_PYTHON" -m flip_scale.preemption restart-check --run-dir "$RUN_DIR" --job-id "$SLURM_JOB_ID" \
+    --restart-count "$FLIP_RESTART_COUNT" --max-requeues "$FLIP_MAX_REQUEUES"
+  flip_restart_rc=$?
+  if [ "$flip_restart_rc" = 3 ]; then
+    echo "flip_scale: job ${SLURM_JOB_ID} stops here (exit code 3) instead of running restart ${FLIP_RESTART_COUNT}" >&2
+    exit 3
+  elif [ "$flip_restart_rc" != 0 ]; then
+    echo "flip_scale: warning: the restart check failed (exit code ${flip_restart_rc}); running restart ${FLIP_RESTART_COUNT} uncounted" >&2
+  fi
+fi
 
 # flip_launch COMMAND...: run COMMAND as NPROC_PER_NODE tasks on every node and act on its exit.
 flip_launch() {
@@ -160,6 +187,11 @@ flip_launch() {
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --wait="$FLIP_SRUN_WAIT" --label \
     "$@" &
   FLIP_SRUN_PID=$!
+  # A signal that came between the check above and this line found no srun to forward to.
+  if [ "$FLIP_PREEMPT_REQUESTED" = 1 ] && [ "$FLIP_FORWARDED" = 0 ]; then
+    FLIP_FORWARDED=1
+    kill -USR1 "$FLIP_SRUN_PID" 2>/dev/null || true
+  fi
   # `wait` returns early (status > 128) when a trapped signal arrives; wait again until srun exits.
   while :; do
     FLIP_SIGNAL_SEEN=0

@@ -9,7 +9,9 @@
   a one-node cluster in a temporary directory (munged, slurmctld, slurmd started here and stopped by
   their pids), then `sbatch slurm/flip_g14.sh` turned into the tiny CPU run on 2 tasks, a
   preemption (`scancel --batch --signal=USR1`) that requeues the job and resumes it, and
-  `slurm/unmask_tune_g14.sh` chained with `--dependency=afterok`.
+  `slurm/unmask_tune_g14.sh` chained with `--dependency=afterok`. Both jobs are compared step by
+  step with a reference run of the same command without Slurm (2 srun-style ranks, never stopped):
+  the same final step and exactly the same losses.
 """
 
 from __future__ import annotations
@@ -191,6 +193,68 @@ def test_template_requeues_on_exit_42_and_stops_after_the_limit(tmp_path):
     assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"] * 2
 
 
+def test_slurm_own_restarts_without_progress_are_counted_and_stop_at_the_limit(tmp_path):
+    """A node failure: Slurm requeues the job itself (SLURM_RESTART_COUNT grows) and the batch script
+    of the failed run never gets to count it; the restarted job counts it at its start."""
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 12)
+    limit = {"FLIP_MAX_REQUEUES": "2"}
+
+    def restart(count: int) -> subprocess.CompletedProcess:
+        (tmp_path / "srun_args").unlink(missing_ok=True)
+        return _run_template(tmp_path, "flip_g14", rc=0, extra_env={**limit, "SLURM_RESTART_COUNT": str(count)})
+
+    for count in (1, 2):
+        proc = restart(count)
+        assert proc.returncode == 0 and (tmp_path / "srun_args").exists(), proc.stdout + proc.stderr
+        assert f"restart {count} of job 4242 was not requested by the batch script" in proc.stdout
+        assert f"restart {count} of at most 2 at this step" in proc.stdout
+    proc = restart(3)
+    assert proc.returncode == preemption.STOP_EXIT_CODE and not (tmp_path / "srun_args").exists()
+    assert ("not running restart 3 of job 4242: it was restarted or requeued 2 times at checkpoint step 12 "
+            "without progress (FLIP_MAX_REQUEUES=2)") in proc.stderr
+    assert "node failure" in proc.stderr and not (tmp_path / "scontrol_calls").exists()
+    # Progress (a newer checkpoint) starts the count again, as for the script's own requeues.
+    _fake_checkpoint(run, 13)
+    proc = restart(4)
+    assert proc.returncode == 0 and "restart 1 of at most 2 at this step" in proc.stdout
+
+
+def test_restart_after_the_scripts_own_requeue_is_not_counted_twice(tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 12)
+    limit = {"FLIP_MAX_REQUEUES": "2"}
+    # Preempted at restart 0 -> requeued by the script (count 1), restart 1 runs without a new count.
+    proc = _run_template(tmp_path, "flip_g14", rc=preemption.EXIT_CODE, extra_env=limit)
+    assert proc.returncode == 0 and "requeue 1 of at most 2" in proc.stdout
+    assert json.loads((run / preemption.STATE_FILE).read_text())["requeued_at_restart"] == 0
+    proc = _run_template(tmp_path, "flip_g14", rc=preemption.EXIT_CODE, extra_env={**limit, "SLURM_RESTART_COUNT": "1"})
+    assert "follows its own requeue" in proc.stdout and "not requested by the batch script" not in proc.stdout
+    assert proc.returncode == 0 and "requeue 2 of at most 2" in proc.stdout  # preempted again: requeue 2
+    # Restart 2 follows that requeue too; its node then fails, and Slurm's restart 3 is one too many
+    # (two requeues and one restart by Slurm at step 12).
+    proc = _run_template(tmp_path, "flip_g14", rc=1, extra_env={**limit, "SLURM_RESTART_COUNT": "2"})
+    assert "follows its own requeue" in proc.stdout and proc.returncode == 1
+    proc = _run_template(tmp_path, "flip_g14", rc=0, extra_env={**limit, "SLURM_RESTART_COUNT": "3"})
+    assert proc.returncode == preemption.STOP_EXIT_CODE and "not running restart 3" in proc.stderr
+    assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"] * 2
+    # The first run of a new submission (another job id, restart 0) is not checked at all.
+    proc = _run_template(tmp_path, "flip_g14", rc=0, extra_env={**limit, "SLURM_JOB_ID": "4243"})
+    assert proc.returncode == 0 and not re.search(r"restart \d+ of job", proc.stdout + proc.stderr)
+
+
+def test_restart_decision_rules():
+    own = {"job_id": "5", "step": 7, "count": 1, "stopped": False, "requeued_at_restart": 2}
+    assert preemption.restart_decision(own, "5", 3, 7, 1)[:2] == (True, None)  # follows the own requeue
+    allowed, state, message = preemption.restart_decision(own, "5", 4, 7, 1)  # a restart nobody asked for
+    assert not allowed and state["stopped"] and "not running restart 4" in message
+    allowed, state, _ = preemption.restart_decision(own, "5", 4, 8, 1)  # ... after progress: allowed
+    assert allowed and state["count"] == 1 and state["step"] == 8
+    assert preemption.restart_decision(state, "5", 4, 8, 1)[:2] == (True, None)  # checked twice, counted once
+    assert preemption.restart_decision({}, "6", 1, None, 0)[0] is False  # FLIP_MAX_REQUEUES=0: never restart
+    assert preemption.restart_decision({}, "6", 0, None, 0)[0] is True  # not a restart
+
+
 def test_signal_is_forwarded_and_an_early_stop_is_requeued_whatever_the_exit_code(tmp_path):
     run = tmp_path / "run"
     _fake_checkpoint(run, 12)
@@ -327,22 +391,107 @@ def test_preemption_signal_to_one_rank_stops_all_at_one_step_and_resumes(tmp_pat
 SLURM_COMMANDS = ("sbatch", "scontrol", "scancel", "sinfo", "slurmctld", "slurmd", "munged", "mungekey")
 
 
+# apt-get's time, bounded so that an install in the fixture's setup stays well below pytest's
+# --timeout=900 for the test that sets it up (which then runs a job of up to 4 minutes).
+APT_UPDATE_TIMEOUT, APT_INSTALL_TIMEOUT, APT_BUDGET = 150, 300, 420
+
+
+def _apt_lists_present(lists: Path = Path("/var/lib/apt/lists")) -> bool:
+    """Whether apt has package lists (after `apt-get update`; container images often ship none)."""
+    try:
+        return any("_Packages" in p.name for p in lists.iterdir() if p.is_file())
+    except OSError:
+        return False
+
+
+def _apt(cmd: list[str], timeout: float, env: dict) -> tuple[bool, str]:
+    """Run one apt-get step; (succeeded, what went wrong). A timeout or a missing command is a
+    failure like any other, reported, never raised."""
+    what = " ".join(cmd)
+    if timeout < 30:
+        return False, f"{what}: not started, the {APT_BUDGET} s given to apt-get are spent"
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"{what} did not finish in {timeout:.0f} s (slow or unreachable package mirror?)"
+    except OSError as error:
+        return False, f"{what} could not run: {error}"
+    if proc.returncode != 0:
+        return False, f"{what} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-800:]}"
+    return True, ""
+
+
+def _slurm_installed() -> bool:
+    return all(shutil.which(c) or Path(f"/usr/sbin/{c}").exists() for c in SLURM_COMMANDS)
+
+
 def _install_slurm() -> str | None:
-    """Install slurm-wlm and munge with apt-get where missing; the reason when that is impossible."""
-    if all(shutil.which(c) or Path(f"/usr/sbin/{c}").exists() for c in SLURM_COMMANDS):
+    """Install slurm-wlm and munge with apt-get where missing; the reason when that is impossible
+    (the fixture skips with it)."""
+    if _slurm_installed():
         return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "Slurm is not installed and cannot be (needs root and apt-get: apt-get install slurm-wlm munge)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    deadline = time.monotonic() + APT_BUDGET
+
+    def left(limit: float) -> float:
+        return min(limit, deadline - time.monotonic())
+
+    update = ["apt-get", "update"]
     install = ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]
-    proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:  # stale package lists: refresh once
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=600)
-        proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    subprocess.run(["apt-get", "clean"], capture_output=True, timeout=120)  # keep no downloaded packages
-    if proc.returncode != 0:
-        return f"apt-get install slurm-wlm munge failed: {(proc.stdout + proc.stderr)[-800:]}"
+    updated = False
+    if not _apt_lists_present():  # no package lists at all: install cannot find the packages
+        ok, why = _apt(update, left(APT_UPDATE_TIMEOUT), env)
+        if not ok:
+            return f"Slurm is not installed and apt-get cannot fetch package lists: {why}"
+        updated = True
+    ok, why = _apt(install, left(APT_INSTALL_TIMEOUT), env)
+    if not ok and not updated:  # stale package lists: refresh once
+        ok_update, why_update = _apt(update, left(APT_UPDATE_TIMEOUT), env)
+        if ok_update:
+            ok, why = _apt(install, left(APT_INSTALL_TIMEOUT), env)
+        else:
+            why += f"; then {why_update}"
+    try:
+        subprocess.run(["apt-get", "clean"], capture_output=True, timeout=60)  # keep no downloaded packages
+    except (subprocess.TimeoutExpired, OSError):
+        pass
+    if not ok:
+        return f"Slurm is not installed and could not be: {why}"
+    if not _slurm_installed():
+        missing = [c for c in SLURM_COMMANDS if not (shutil.which(c) or Path(f"/usr/sbin/{c}").exists())]
+        return f"apt-get installed slurm-wlm and munge, but these commands are still missing: {', '.join(missing)}"
     return None
+
+
+def test_slurm_install_that_cannot_happen_is_a_reason_to_skip(monkeypatch):
+    """No package lists: `apt-get update` first; a timeout or a failure of any apt step is returned as
+    the reason (the fixture skips with it), never raised."""
+    calls = []
+
+    def fake_run(cmd, timeout=None, **kwargs):
+        calls.append((cmd[:2], timeout))
+        if cmd[:2] == ["apt-get", "update"]:
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package slurm-wlm")
+
+    monkeypatch.setattr(sys.modules[__name__], "_slurm_installed", lambda: False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(sys.modules[__name__], "_apt_lists_present", lambda: False)
+    reason = _install_slurm()
+    assert calls[0] == (["apt-get", "update"], APT_UPDATE_TIMEOUT) and len(calls) == 1
+    assert "cannot fetch package lists" in reason and f"did not finish in {APT_UPDATE_TIMEOUT} s" in reason
+    # Lists present but stale: install, update once, install again; every step within its bound.
+    calls.clear()
+    monkeypatch.setattr(sys.modules[__name__], "_apt_lists_present", lambda: True)
+    reason = _install_slurm()
+    assert [c for c, _ in calls] == [["apt-get", "install"], ["apt-get", "update"], ["apt-get", "clean"]]
+    assert all(t is not None and t <= max(APT_INSTALL_TIMEOUT, APT_UPDATE_TIMEOUT) for _, t in calls)
+    assert reason.startswith("Slurm is not installed and could not be: apt-get install") and "did not finish" in reason
+    assert APT_BUDGET + 60 < 900 - 240  # apt, then a job of up to 4 minutes, within pytest's --timeout
 
 
 def _sbin(name: str) -> str:
@@ -524,10 +673,34 @@ def _job_env(synthetic_dir: Path, steps: int, **extra) -> dict:
 # Resources that turn the 32 x 8 GPU template into one CPU node with 2 tasks.
 CPU_JOB = ["-N", "1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=15"]
 STEPS = 12
+# What each logged step must repeat exactly, run after run, on CPU (one thread per rank, gloo's
+# fixed 2-rank reduction order, the data position and RNG states restored on resume).
+EXACT_KEYS = ("step", "loss", "lr", "grad_norm", "logit_scale", "samples_seen", "mask_ratio", "skipped_samples")
+
+
+def _exact(records: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in EXACT_KEYS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, synthetic_dir, tmp_path_factory) -> list[dict]:
+    """The reference the Slurm runs are compared with: the command the template runs (flip-train on
+    the tiny recipe, the job's overrides, 2 ranks started as srun starts them), without Slurm and
+    never stopped. Its metrics.jsonl records (after `slurm_cluster`, so that it is not run when the
+    Slurm tests are skipped)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_dir = tmp / "run"
+    args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), "--resume", "auto",
+            "train.device=cpu", *_tiny_overrides(synthetic_dir, STEPS)]
+    codes = _wait_all(_srun_style_ranks(tmp, args, _free_port()), 300)
+    assert codes == [0, 0], (tmp / "rank0.log").read_text()[-3000:]
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    return records
 
 
 @pytest.mark.slow
-def test_sbatch_g14_template_runs_the_tiny_cpu_config(slurm_cluster, synthetic_dir, tmp_path):
+def test_sbatch_g14_template_runs_the_tiny_cpu_config(slurm_cluster, uninterrupted, synthetic_dir, tmp_path):
     job = slurm_cluster.sbatch([*CPU_JOB, "--job-name=flip-tiny-a", str(REPO / "slurm" / "flip_g14.sh")],
                                _job_env(synthetic_dir, STEPS), cwd=tmp_path)
     log = tmp_path / f"flip-tiny-a-{job}.out"
@@ -544,11 +717,13 @@ def test_sbatch_g14_template_runs_the_tiny_cpu_config(slurm_cluster, synthetic_d
     assert "layout: 2 ranks" in text  # two srun tasks joined one process group from Slurm's variables
     assert re.search(rf"^0: .*step {STEPS}/{STEPS}", text, re.M) and re.search(r"^1: .*rank 1 holds", text, re.M)
     assert f"=== flip_scale job {job}: trainer exit code 0" in text
-    (tmp_path.parent / "uninterrupted.json").write_text(json.dumps(records))
+    # The job is the reference run under Slurm: step for step the same numbers.
+    assert _exact(records) == _exact(uninterrupted)
 
 
 @pytest.mark.slow
-def test_preempted_job_requeues_resumes_and_the_unmask_job_follows(slurm_cluster, synthetic_dir, tmp_path):
+def test_preempted_job_requeues_resumes_and_the_unmask_job_follows(slurm_cluster, uninterrupted, synthetic_dir,
+                                                                   tmp_path):
     job = slurm_cluster.sbatch([*CPU_JOB, "--job-name=flip-tiny-b", str(REPO / "slurm" / "flip_g14.sh")],
                                _job_env(synthetic_dir, STEPS), cwd=tmp_path)
     run_dir = tmp_path / "runs" / "flip-tiny-b"
@@ -587,16 +762,16 @@ def test_preempted_job_requeues_resumes_and_the_unmask_job_follows(slurm_cluster
     assert f"trainer exit code {preemption.EXIT_CODE}" in text and f"requeueing job {job} (preempted" in text
     assert f"preemption requested: stopped after step {stopped}" in text
     assert ", restart 1" in text and f"resumed from runs/flip-tiny-b/step_{stopped:08d} at step {stopped}" in text
+    assert f"restart 1 of job {job} follows its own requeue" in text  # restart-check: not counted twice
     assert (run_dir / f"step_{stopped:08d}" / ".metadata").is_file()  # the checkpoint written on the signal
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # resumed, no step twice
     assert (run_dir / "latest").read_text().strip() == f"step_{STEPS:08d}"
-    uninterrupted = tmp_path.parent / "uninterrupted.json"
-    if uninterrupted.exists():  # the same run as the one that was never stopped
-        reference = json.loads(uninterrupted.read_text())
-        assert records[-1]["step"] == reference[-1]["step"] and records[-1]["samples_seen"] == reference[-1]["samples_seen"]
-        # The checkpoint holds the data position and RNG states: the resumed steps see the same batches.
-        assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in reference], rel=1e-4)
+    # The same run as the one that was never stopped: the same final step and samples, and, since the
+    # checkpoint holds the data position and RNG states, the same batches and so the same losses.
+    assert records[-1]["step"] == uninterrupted[-1]["step"] == STEPS
+    assert records[-1]["samples_seen"] == uninterrupted[-1]["samples_seen"] == STEPS * 32
+    assert _exact(records) == _exact(uninterrupted)
 
     tune_log = tmp_path / f"tune-tiny-{tune}.out"
     tune_info = slurm_cluster.wait_for(tune, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
