@@ -369,15 +369,19 @@ class Trainer:
         Returns {"zero_shot": ..., "retrieval": ...} (the configured ones), or None."""
         from .evaluate import EvalGroup, describe, log_values, run_evaluation
 
-        if self.model is None:
-            log.warning("zero-shot evaluation is not available under pipeline parallel yet (parallel.pp=%d); skipped",
-                        self.dims.pp)
-            return None
-        # Each data-parallel rank embeds its share of the data (the tp ranks of a replica the same
-        # share) in lockstep, so every rank takes part in every forward; the counts are all-reduced.
+        # Each data-parallel rank embeds its share of the data (the tp and pp ranks of a replica the
+        # same share) in lockstep, so every rank takes part in every forward; the counts are
+        # all-reduced. Under pipeline parallel the stages run forward-only schedules of their own.
+        model = self.model
+        if model is None:
+            from .parallel.pipeline import PipelineEvalModel
+
+            if getattr(self, "_pipeline_eval_model", None) is None:
+                self._pipeline_eval_model = PipelineEvalModel(self.pipe, self.arch)
+            model = self._pipeline_eval_model
         started = time.perf_counter()
         with self.autocast():
-            results = run_evaluation(self.model, self.tokenizer, self.cfg, self.device, EvalGroup.from_dims(self.dims))
+            results = run_evaluation(model, self.tokenizer, self.cfg, self.device, EvalGroup.from_dims(self.dims))
         if not results:
             return None
         values = log_values(results)

@@ -315,34 +315,6 @@ def _record(plan: TuningPlan, args: argparse.Namespace) -> dict:
     }
 
 
-def _run_from_consolidated(cfg: Config, run_dir: Path, source: CheckpointSource) -> dict:
-    """`flip_scale.train.run` for a fresh start whose weights come from a consolidated directory
-    (train.run's --init-from reads training checkpoints only)."""
-    import torch
-
-    from .checkpoint import abandon_pending_save, finalize_pending_save
-    from .distributed import init_distributed, shutdown
-    from .train import Trainer, setup_logging
-
-    proc = init_distributed(cfg.train.device)
-    setup_logging(proc.rank)
-    preemption.install()  # as train.run: SIGUSR1 saves at the next step boundary, then exit preemption.EXIT_CODE
-    try:
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        trainer = Trainer(cfg, run_dir, proc)
-        trainer.describe()
-        load_weights(source, trainer.model_parts)
-        log.info("initialised weights from %s (fresh optimizer, step 0)", source.path)
-        result = trainer.fit()
-        finalize_pending_save()
-        trainer.close()
-        return result
-    finally:
-        abandon_pending_save()
-        shutdown()
-
-
 def evaluate_source(plan: TuningPlan) -> dict:
     """Zero-shot/retrieval of the source weights, masked as in pre-training and unmasked, on the
     tuning run's layout and eval data. Leaves the process group up for the tuning run."""
@@ -357,15 +329,15 @@ def evaluate_source(plan: TuningPlan) -> dict:
     cfg = dataclasses.replace(plan.cfg, parallel=dataclasses.replace(plan.cfg.parallel, activation_checkpointing="none"))
     proc = init_distributed(cfg.train.device)
     setup_logging(proc.rank)
-    model, dims = build_eval_model(cfg, proc)
-    load_weights(plan.source, model)
+    model, parts, dims = build_eval_model(cfg, proc)
+    load_weights(plan.source, parts, whole_model=not dims.pp_enabled)
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
     ratio = config_from_dict(plan.source.config_tree).model.mask_ratio
     group = EvalGroup.from_dims(dims)
     out = {"mask_ratio": ratio,
            "masked": run_evaluation(model, tokenizer, cfg, proc.device, group, ratio or None, cfg.train.seed) if ratio else None,
            "unmasked": run_evaluation(model, tokenizer, cfg, proc.device, group)}
-    del model
+    del model, parts
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
@@ -439,10 +411,8 @@ def main(argv=None) -> int:
 
     from .train import run
 
-    if resuming or source.kind == "dcp":
-        result = run(cfg, run_dir, resume="auto" if resuming else None, init_from=None if resuming else str(source.path))
-    else:
-        result = _run_from_consolidated(cfg, run_dir, source)
+    # --init-from takes training checkpoints and consolidated directories alike, into any layout.
+    result = run(cfg, run_dir, resume="auto" if resuming else None, init_from=None if resuming else str(source.path))
 
     if result.get("preempted"):
         # As flip-train: the checkpoint of the step it stopped at is complete; exit EXIT_CODE so that

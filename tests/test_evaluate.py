@@ -133,6 +133,12 @@ def _build(cfg: Config, world_size: int):
 
     dims = ParallelDims.from_config(cfg.parallel, world_size, arch_from_config(cfg.model))
     mesh = dims.build_mesh("cpu")
+    if dims.pp_enabled:  # the stages behind the one-model interface the evaluation uses
+        from flip_scale.parallel import parallelize_pipeline
+        from flip_scale.parallel.pipeline import PipelineEvalModel
+
+        _, pipe = parallelize_pipeline(build_model(cfg.model, device="meta"), dims, mesh, cfg, "cpu")
+        return PipelineEvalModel(pipe, arch_from_config(cfg.model)), dims
     return parallelize_model(build_model(cfg.model, device="meta"), dims, mesh, cfg, "cpu"), dims
 
 
@@ -172,8 +178,9 @@ def test_model_evaluation_counts_the_configured_samples(one_process):
 
 
 @pytest.mark.slow
-def test_dp_shard_and_tp_give_the_numbers_of_one_process(synthetic_dir, one_process):
-    layouts = {"dp_shard=2": dict(dp_shard=2), "tp=2": dict(dp_shard=1, tp=2)}
+def test_dp_shard_tp_and_pp_give_the_numbers_of_one_process(synthetic_dir, one_process):
+    layouts = {"dp_shard=2": dict(dp_shard=2), "tp=2": dict(dp_shard=1, tp=2),
+               "pp=2": dict(dp_shard=1, pp=2, microbatches=2)}
     results = run_distributed(_evaluate_layouts, 2, (str(synthetic_dir), layouts), timeout=240)
     for rank, per_rank in enumerate(results):
         for name, got in per_rank.items():
@@ -268,3 +275,29 @@ def test_flip_eval_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def _flip_eval_rank(rank: int, world_size: int, run_dir: str, overrides: list) -> dict:
+    from flip_scale.distributed import ProcessInfo
+    from flip_scale.evaluation import log_values
+    from flip_scale.evaluation.cli import eval_config as cli_config, evaluate_checkpoint, open_checkpoint, parse_args
+
+    args = parse_args(["--checkpoint", run_dir, *overrides])
+    source = open_checkpoint(args.checkpoint)
+    proc = ProcessInfo(rank, world_size, 0, torch.device("cpu"))
+    return log_values(evaluate_checkpoint(source, cli_config(source, args), proc))
+
+
+@pytest.mark.slow
+def test_flip_eval_under_pipeline_parallel_matches_one_process(synthetic_dir, tmp_path, one_process):
+    """flip-eval builds the checkpoint's model as 2 pipeline stages (parallel.pp=2) and gets the
+    numbers of one process, on every rank."""
+    from flip_scale.evaluation import log_values
+
+    cfg = eval_config(synthetic_dir)
+    model, _ = _build(cfg, 1)
+    _save_checkpoint(model, cfg, tmp_path / "run")
+    overrides = ["parallel.pp=2", "parallel.dp_shard=1", "parallel.microbatches=2"]
+    results = run_distributed(_flip_eval_rank, 2, (str(tmp_path / "run"), overrides), timeout=240)
+    expected = log_values(one_process["unmasked"])
+    assert results == [expected, expected]

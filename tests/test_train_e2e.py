@@ -96,10 +96,11 @@ def test_flip_train_under_torchrun_two_ranks(tmp_path, synthetic_dir):
 
 
 def test_flip_train_pipeline_and_tensor_parallel_four_ranks(tmp_path, synthetic_dir):
-    """`flip-train parallel.tp=2 parallel.pp=2` under torchrun: trains, logs the layout, checkpoints."""
+    """`flip-train parallel.tp=2 parallel.pp=2` under torchrun: trains, logs the layout, checkpoints,
+    and evaluates through the pipeline stages at the end."""
     run_dir = tmp_path / "run4"
     proc = _torchrun(tmp_path, 4, [
-        "--run-dir", str(run_dir), *_overrides(synthetic_dir, steps=6, every=6), "eval.at_end=false",
+        "--run-dir", str(run_dir), *_overrides(synthetic_dir, steps=6, every=6), "eval.max_samples=100",
         "data.num_workers=0", "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2", "train.log_every_steps=3",
     ])
     output = proc.stdout + proc.stderr
@@ -110,3 +111,6 @@ def test_flip_train_pipeline_and_tensor_parallel_four_ranks(tmp_path, synthetic_
     assert all(r["loss"] == r["loss"] and 0 < r["loss"] < 10 for r in records)
     assert 1.0 < records[-1]["logit_scale"] <= 100.0  # reduced from the last stage
     assert find_latest(run_dir).name == "step_00000006"
+    evaluation = read_jsonl(run_dir / "eval.jsonl")
+    assert len(evaluation) == 1 and evaluation[0]["step"] == 6 and evaluation[0]["samples"] == 100
+    assert 0.0 <= evaluation[0]["zero_shot_top1"] <= evaluation[0]["zero_shot_top5"] <= 1.0

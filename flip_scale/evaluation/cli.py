@@ -105,21 +105,25 @@ def check_layout(cfg: Config, world_size: int):
     from ..models import arch_from_config
     from ..parallel import ParallelDims
 
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"evaluation runs without pipeline parallel, got parallel.pp={cfg.parallel.pp}; set "
-                          f"parallel.pp=1 and split the model with parallel.dp_shard and parallel.tp instead")
     return ParallelDims.from_config(cfg.parallel, world_size, arch=arch_from_config(cfg.model))
 
 
 def build_eval_model(cfg: Config, proc):
-    """The model of `cfg` on the layout of `cfg.parallel` over this process group -> (model, dims)."""
-    from ..models import build_model
-    from ..parallel import parallelize_model
+    """The model of `cfg` on the layout of `cfg.parallel` over this process group -> (model, its
+    parts to load weights into, dims). Under pipeline parallel the model is the stages behind the
+    one-model interface of `PipelineEvalModel`."""
+    from ..models import arch_from_config, build_model
+    from ..parallel import parallelize_model, parallelize_pipeline
 
     dims = check_layout(cfg, proc.world_size)
     mesh = dims.build_mesh(proc.device.type)
+    if dims.pp_enabled:
+        from ..parallel.pipeline import PipelineEvalModel
+
+        parts, pipe = parallelize_pipeline(build_model(cfg.model, device="meta"), dims, mesh, cfg, proc.device)
+        return PipelineEvalModel(pipe, arch_from_config(cfg.model)), parts, dims
     model = parallelize_model(build_model(cfg.model, device="meta"), dims, mesh, cfg, proc.device)
-    return model, dims
+    return model, [model], dims
 
 
 def evaluate_checkpoint(source: CheckpointSource, cfg: Config, proc, mask_ratio: Optional[float] = None) -> dict:
@@ -127,8 +131,8 @@ def evaluate_checkpoint(source: CheckpointSource, cfg: Config, proc, mask_ratio:
     from ..data import Tokenizer
     from ..models import arch_from_config
 
-    model, dims = build_eval_model(cfg, proc)
-    load_weights(source, model)
+    model, parts, dims = build_eval_model(cfg, proc)
+    load_weights(source, parts, whole_model=not dims.pp_enabled)
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
     return run_evaluation(model, tokenizer, cfg, proc.device, EvalGroup.from_dims(dims), mask_ratio, cfg.train.seed)
 

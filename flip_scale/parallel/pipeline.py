@@ -54,7 +54,7 @@ from .pipeline_split import (
 )
 
 __all__ = [
-    "FLIPPipeline", "FLIPStage", "PIPELINE_SCHEDULES", "StageSpec", "build_pipeline", "build_stage_module",
+    "FLIPPipeline", "FLIPStage", "PIPELINE_SCHEDULES", "PipelineEvalModel", "StageSpec", "build_pipeline", "build_stage_module",
     "build_stage_modules", "check_microbatches", "describe_split", "naive_split", "num_stages",
     "pipeline_forward_backward", "split_stage_output", "split_stages", "stage_indices", "stage_state_dict",
     "stages_per_rank",
@@ -131,6 +131,8 @@ class FLIPPipeline:
     device: torch.device
     embed_dim: int
     stage_ids: list[int] = field(default_factory=list)
+    # A new forward-only schedule over the same stage modules (evaluation: its own batch shapes).
+    new_forward_schedule: Optional[object] = None
 
     @property
     def has_first_stage(self) -> bool:
@@ -181,17 +183,19 @@ def build_pipeline(stage_modules: list[FLIPStage], pp, schedule_name: str, micro
     def stages():
         return [PipelineStage(m, m.spec.index, total, device, group=group) for m in stage_modules]
 
+    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}.get(schedule_name)
     if schedule_name == "interleaved_1f1b":
         train = ScheduleInterleaved1F1B(stages(), microbatches, loss_fn=_cached_gradient_loss, scale_grads=False)
         forward_only = ScheduleInterleaved1F1B(stages(), microbatches)
     else:
-        schedule_cls = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
         train = schedule_cls(stages()[0], microbatches, loss_fn=_cached_gradient_loss, scale_grads=False)
         forward_only = schedule_cls(stages()[0], microbatches)
     return FLIPPipeline(
         modules=list(stage_modules), train_schedule=train, eval_schedule=forward_only, pp_group=group,
         pp_rank=pp_rank, pp_size=pp_size, num_stages=total, microbatches=microbatches,
         schedule_name=schedule_name, device=device, embed_dim=stage_modules[0].embed_dim, stage_ids=wanted,
+        new_forward_schedule=lambda: (ScheduleInterleaved1F1B(stages(), microbatches) if schedule_name == "interleaved_1f1b"
+                                      else schedule_cls(stages()[0], microbatches)),
     )
 
 
@@ -259,3 +263,78 @@ def pipeline_forward_backward(
     if pipe.pp_size > 1:
         dist.broadcast(loss, group=pipe.pp_group, group_src=pipe.last_stage_rank)
     return loss
+
+
+class PipelineEvalModel:
+    """A pipeline seen as one model for evaluation: `model(images, tokens, noise=None)` ->
+    (image features, text features, log temperature) on every pp rank, as `FLIPModel` returns them
+    (None for a tower given no input), forward only.
+
+    Each call runs a forward-only schedule over the stages. A schedule fixes its micro-batch shapes
+    at its first step, so there is one schedule per (padded batch size, masked or not); a batch is
+    padded up to a multiple of parallel.microbatches, a missing tower's input is zeros, and the rows
+    of the padding are cut off. The last stage's output is broadcast over the pp group. Every pp
+    rank must make the same calls with batches of the same size (the evaluation's lockstep batches
+    do: the pp ranks of a replica read the same data).
+    """
+
+    def __init__(self, pipe: FLIPPipeline, arch):
+        if pipe.new_forward_schedule is None:
+            raise ValueError("this pipeline was built without a forward-only schedule factory")
+        self.pipe = pipe
+        self.arch = arch
+        self._schedules: dict = {}
+
+    @property
+    def visual(self):
+        # Every stage keeps its image tower's masking module: the evaluation switches it.
+        return self.pipe.modules[0].visual
+
+    @property
+    def training(self) -> bool:
+        return self.pipe.modules[0].training
+
+    def train(self, mode: bool = True) -> "PipelineEvalModel":
+        for module in self.pipe.modules:
+            module.train(mode)
+        return self
+
+    def eval(self) -> "PipelineEvalModel":
+        return self.train(False)
+
+    def __call__(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor],
+                 mask_noise: Optional[torch.Tensor] = None):
+        pipe, arch = self.pipe, self.arch
+        given = images if images is not None else tokens
+        if given is None:
+            raise ValueError("PipelineEvalModel needs images, tokens or both")
+        rows = given.shape[0]
+        padded = -(-rows // pipe.microbatches) * pipe.microbatches
+        device = pipe.device
+
+        def pad(tensor: Optional[torch.Tensor], shape: tuple, dtype) -> torch.Tensor:
+            out = torch.zeros((padded, *shape), dtype=dtype, device=device)
+            if tensor is not None:
+                out[:rows] = tensor.to(device)
+            return out
+
+        key = (padded, mask_noise is not None)
+        if key not in self._schedules:
+            self._schedules[key] = pipe.new_forward_schedule()
+        schedule = self._schedules[key]
+        with torch.no_grad():
+            if pipe.has_first_stage:
+                inputs = [pad(images, (3, arch.image_size, arch.image_size), torch.float32),
+                          pad(tokens, (arch.context_length,), torch.long)]
+                if mask_noise is not None:
+                    inputs.append(pad(mask_noise, tuple(mask_noise.shape[1:]), mask_noise.dtype))
+                output = schedule.step(*inputs)
+            else:
+                output = schedule.step()
+            width = 2 * pipe.embed_dim + 1
+            packed = output.float() if pipe.has_last_stage else torch.empty(padded, width, device=device)
+            if pipe.pp_size > 1:
+                dist.broadcast(packed, group=pipe.pp_group, group_src=pipe.last_stage_rank)
+        image_features, text_features, log_temperature = split_stage_output(packed[:rows], pipe.embed_dim)
+        return (image_features if images is not None else None,
+                text_features if tokens is not None else None, log_temperature)
