@@ -330,7 +330,8 @@ def evaluate_source(plan: TuningPlan) -> dict:
     proc = init_distributed(cfg.train.device)
     setup_logging(proc.rank)
     model, parts, dims = build_eval_model(cfg, proc)
-    load_weights(plan.source, parts, whole_model=not dims.pp_enabled)
+    load_weights(plan.source, parts, broadcast_from_rank0=proc.world_size > 1 and not dims.pp_enabled,
+                 whole_model=not dims.pp_enabled)
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
     ratio = config_from_dict(plan.source.config_tree).model.mask_ratio
     group = EvalGroup.from_dims(dims)

@@ -132,7 +132,10 @@ def evaluate_checkpoint(source: CheckpointSource, cfg: Config, proc, mask_ratio:
     from ..models import arch_from_config
 
     model, parts, dims = build_eval_model(cfg, proc)
-    load_weights(source, parts, whole_model=not dims.pp_enabled)
+    # A consolidated file is read by rank 0 alone and handed out shard by shard (not under pp,
+    # where each rank loads only its stages' tensors).
+    load_weights(source, parts, broadcast_from_rank0=proc.world_size > 1 and not dims.pp_enabled,
+                 whole_model=not dims.pp_enabled)
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
     return run_evaluation(model, tokenizer, cfg, proc.device, EvalGroup.from_dims(dims), mask_ratio, cfg.train.seed)
 

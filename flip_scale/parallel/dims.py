@@ -128,6 +128,13 @@ class ParallelDims:
                 check_microbatches(microbatches, dims.pp, getattr(cfg, "pp_schedule", "1f1b"))
             except ValueError as error:
                 raise LayoutError(str(error)) from None
+        elif microbatches > 1:
+            # Without stages there is no pipeline to fill: the setting would be silently ignored.
+            raise LayoutError(
+                f"parallel.microbatches={microbatches} applies to pipeline parallel only (parallel.pp=1 here); "
+                f"to split a rank's batch into micro-batches without pp use optim.grad_accum_steps={microbatches} "
+                f"(exact contrast as well), or set parallel.microbatches=1"
+            )
         if global_batch_size is not None:
             if global_batch_size % dims.dp_size:
                 raise LayoutError(
