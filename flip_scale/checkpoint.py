@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .config import flatten_tree
 from .distributed import barrier
 
 log = logging.getLogger("flip_scale.checkpoint")
@@ -465,18 +466,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def _flatten(value: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = item
-    return flat
-
-
 def _differences(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
-    saved, now = _flatten(saved), _flatten(now)
+    saved, now = flatten_tree(saved), flatten_tree(now)
     return [(key, saved.get(key), now.get(key)) for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
 
 

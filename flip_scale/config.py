@@ -397,6 +397,17 @@ def config_from_dict(tree: dict) -> Config:
     return validate(_build(Config, tree, ""))
 
 
+def flatten_tree(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys of a config tree (as overrides name them)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_tree(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def load_config(path: Union[str, Path, None] = None, overrides=None) -> Config:
     """Load a recipe (default `configs/tiny.yaml`), apply `key.sub=value` overrides, validate."""
     tree = load_yaml_tree(path if path is not None else CONFIG_DIR / "tiny.yaml")

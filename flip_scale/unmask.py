@@ -54,7 +54,10 @@ from typing import Optional, Sequence
 
 from . import preemption
 from .checkpoint import CheckpointError, find_latest
-from .config import CONFIG_DIR, Config, ConfigError, _deep_merge, apply_overrides, config_from_dict, effective_lr, load_yaml_tree
+from .config import (
+    CONFIG_DIR, Config, ConfigError, _deep_merge, apply_overrides, config_from_dict, effective_lr, flatten_tree,
+    load_yaml_tree,
+)
 from .evaluation.checkpoints import CheckpointSource, load_weights, open_checkpoint
 from .models import arch_from_config
 from .models.masking import visible_count
@@ -90,7 +93,7 @@ class TuningPlan:
 
     def changes(self) -> dict:
         """dotted key -> (checkpoint's value, tuning value) for every key that differs."""
-        before, after = _flatten(config_from_dict(self.source.config_tree).to_dict()), _flatten(self.cfg.to_dict())
+        before, after = flatten_tree(config_from_dict(self.source.config_tree).to_dict()), flatten_tree(self.cfg.to_dict())
         return {k: (before.get(k), after[k]) for k in sorted(after) if before.get(k) != after[k]}
 
     def describe(self) -> str:
@@ -99,16 +102,6 @@ class TuningPlan:
         out.append("  config changes (everything else is the checkpoint's config):")
         out += [f"    {key}: {old!r} -> {new!r}" for key, (old, new) in self.changes().items()]
         return "\n".join(out)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _set(tree: dict, dotted: str, value) -> None:
@@ -193,7 +186,7 @@ def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_
     except ConfigError as error:
         raise ConfigError(f"the config of {source.path} is not valid today: {error}") from None
     tree = _deep_merge(copy.deepcopy(source.config_tree), load_yaml_tree(overlay))
-    given = set(_flatten(apply_overrides({}, overrides)))  # keys the command line sets itself
+    given = set(flatten_tree(apply_overrides({}, overrides)))  # keys the command line sets itself
     probe = config_from_dict(apply_overrides(tree, overrides))  # the batch and layout the run will have
     batch = probe.train.global_batch_size
     lines = []
