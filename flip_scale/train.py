@@ -115,6 +115,13 @@ class Trainer:
             cfg.parallel, proc.world_size, arch=self.arch,
             global_batch_size=cfg.train.global_batch_size, grad_accum_steps=cfg.optim.grad_accum_steps,
         )
+        if cfg.data.streams:  # data.streams: 0 picks a count that fits; a given one must fit too
+            from .data.loader import check_streams
+
+            try:
+                check_streams(cfg.data.streams, self.dims.dp_size, cfg.train.global_batch_size)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         self.mesh = self.dims.build_mesh(self.device.type)
         self.local_batch = cfg.train.global_batch_size // self.dims.dp_size
         self.precision = resolve_precision(cfg, self.device)

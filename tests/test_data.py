@@ -503,3 +503,14 @@ def test_ensure_synthetic_data_writes_once_even_concurrently(tmp_path, caplog):
     cfg.train_shards = str(tmp_path / "elsewhere-{000000..000007}.tar")
     with pytest.raises(ValueError, match="data.train_shards"):
         ensure_synthetic_data(cfg, image_size=32, vocab_size=96)
+
+
+def test_trainer_refuses_a_stream_count_the_batch_cannot_use_before_building(tmp_path):
+    from flip_scale.config import ConfigError, load_config
+    from flip_scale.distributed import ProcessInfo
+    from flip_scale.train import Trainer
+
+    cfg = load_config(None, ["data.streams=3", "train.global_batch_size=128", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="global_batch_size=128 is not divisible by data.streams=3"):
+        Trainer(cfg, tmp_path, ProcessInfo(0, 1, 0, torch.device("cpu")), with_data=False)
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything was written or built
