@@ -32,6 +32,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast where supported) | fp32 | bf16
     log_every_steps: int = 10
     deterministic: bool = False
+    # How long a collective may wait before the process group reports a hang (NCCL watchdog):
+    # long enough for a G/14 checkpoint write or an evaluation on other ranks.
+    collective_timeout_minutes: int = 30
 
 
 @dataclass
@@ -141,6 +144,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    # Peak dense bf16 TFLOP/s of one accelerator, for the logged MFU (0: known GPUs by name, else no MFU).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -376,12 +381,18 @@ def validate(cfg: Config) -> Config:
         "parallel.pp": cfg.parallel.pp,
         "parallel.dp_replicate": cfg.parallel.dp_replicate,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "train.collective_timeout_minutes": cfg.train.collective_timeout_minutes,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard: must be -1 (fill the world) or >= 1, got {cfg.parallel.dp_shard}")
+    if cfg.data.streams < 0:
+        raise ConfigError(f"data.streams: must be 0 (one per data-parallel rank x loader worker) or >= 1, "
+                          f"got {cfg.data.streams}")
+    if cfg.logging.peak_tflops < 0:
+        raise ConfigError(f"logging.peak_tflops: must be 0 (known GPUs) or a positive TFLOP/s, got {cfg.logging.peak_tflops}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:

@@ -53,6 +53,23 @@ class MetricsWriter:
             self.tb.close()
 
 
+# Dense bf16 tensor-core peak of one GPU, TFLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(device, configured: float = 0.0) -> Optional[float]:
+    """The accelerator's peak for MFU: `logging.peak_tflops` if set, else a known GPU's, else None."""
+    if configured > 0:
+        return float(configured)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    # PCIe / NVL variants of the H100 run at lower clocks; the table keeps SXM figures.
+    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 class Progress:
     """Step rate and ETA over the steps run in this process (a resumed run starts its own clock)."""
 
@@ -78,9 +95,14 @@ class Progress:
         return rate * (self.max_steps - step)
 
     def line(self, step: int, values: dict) -> str:
+        extra = ""
+        if "mfu" in values:
+            extra += f" | MFU {100 * values['mfu']:.1f}%"
+        if "data_wait_fraction" in values:
+            extra += f" | data {100 * values['data_wait_fraction']:.0f}%"
         return (
             f"step {step}/{self.max_steps} | loss {values['loss']:.4f} | lr {values['lr']:.3e} | "
-            f"scale {values['logit_scale']:.2f} | {values['images_per_s']:.1f} img/s | "
+            f"scale {values['logit_scale']:.2f} | {values['images_per_s']:.1f} img/s{extra} | "
             f"ETA {format_duration(self.eta_seconds(step))}"
         )
 

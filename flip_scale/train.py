@@ -30,7 +30,7 @@ from .config import Config, ConfigError, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, shutdown
 from . import preemption
 from .loss import build_loss
-from .metrics import MetricsWriter, Progress, format_duration
+from .metrics import MetricsWriter, Progress, format_duration, peak_tflops
 from .models import arch_from_config, build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
 from .optim import OptimizerGroup, nvidia_apex_available
@@ -88,11 +88,11 @@ class TrainState:
     skipped_samples: int = 0
 
 
-def _dp_sum(value: float, group, device) -> float:
+def _dp_sum(value: float, group, device, op=None) -> float:
     if group is None:
         return float(value)
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, group=group)
+    dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group)
     return float(tensor.item())
 
 
@@ -317,8 +317,12 @@ class Trainer:
         dp_group = self.dims.dp_group
         last = {}
         window_loss, window_skipped, window_steps = 0.0, 0, 0
+        peak = peak_tflops(self.device, cfg.logging.peak_tflops)
+        window_wait = 0.0
         while self.state.step < cfg.train.max_steps:
+            waited = time.perf_counter()
             batch = next(batches)
+            window_wait += time.perf_counter() - waited
             out = self.train_step(batch)
             self.state.step += 1
             self.state.samples_seen += cfg.train.global_batch_size
@@ -330,8 +334,12 @@ class Trainer:
                 # Metrics are reduced once, over the data-parallel ranks, and written by rank 0.
                 loss = _dp_sum(window_loss / window_steps, dp_group, self.device) / self.dims.dp_size
                 skipped = int(_dp_sum(window_skipped, dp_group, self.device))
+                # The slowest rank's loader holds every rank back: its wait is the one that counts.
+                wait = _dp_sum(window_wait, dp_group, self.device, dist.ReduceOp.MAX if dp_group is not None else None)
                 self.state.skipped_samples += skipped
                 elapsed, steps = progress.interval(step)
+                tflops = (self.train_flops_per_sample * cfg.train.global_batch_size * steps
+                          / max(elapsed, 1e-9) / self.proc.world_size / 1e12)
                 values = {
                     "loss": loss,
                     "lr": out["lr"],
@@ -339,18 +347,21 @@ class Trainer:
                     "grad_norm": float(out["grad_norm"]),
                     "images_per_s": cfg.train.global_batch_size * steps / max(elapsed, 1e-9),
                     # Model FLOPs (forward + backward, masked tokens only) per second per rank.
-                    "tflops_per_s_per_rank": self.train_flops_per_sample * cfg.train.global_batch_size * steps
-                    / max(elapsed, 1e-9) / self.proc.world_size / 1e12,
+                    "tflops_per_s_per_rank": tflops,
+                    # Share of the interval spent waiting for the next batch (data-bound when high).
+                    "data_wait_fraction": min(1.0, wait / max(elapsed, 1e-9)),
                     "samples_seen": self.state.samples_seen,
                     "mask_ratio": cfg.model.mask_ratio,
                     "skipped_samples": self.state.skipped_samples,
                 }
+                if peak:
+                    values["mfu"] = tflops / peak  # model FLOPs utilisation of the accelerator
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}: stopping (lower optim.lr or check the data)")
                 self.metrics.write(step, values)
                 log.info(progress.line(step, values))
                 last = values
-                window_loss, window_skipped, window_steps = 0.0, 0, 0
+                window_loss, window_skipped, window_steps, window_wait = 0.0, 0, 0, 0.0
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
                 self.save(loader)
             # Preemption (flip_scale/preemption.py): all ranks agree, save this step, stop.
@@ -430,7 +441,7 @@ def clamp_logit_scale(model) -> None:
 
 
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
-    proc = init_distributed(cfg.train.device)
+    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
     setup_logging(proc.rank)
     preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     try:

@@ -320,7 +320,7 @@ def evaluate_source(plan: TuningPlan) -> dict:
     from .train import setup_logging
 
     cfg = dataclasses.replace(plan.cfg, parallel=dataclasses.replace(plan.cfg.parallel, activation_checkpointing="none"))
-    proc = init_distributed(cfg.train.device)
+    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
     setup_logging(proc.rank)
     model, parts, dims = build_eval_model(cfg, proc)
     load_weights(plan.source, parts, broadcast_from_rank0=proc.world_size > 1 and not dims.pp_enabled,

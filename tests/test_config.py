@@ -177,6 +177,12 @@ def test_other_range_checks():
         load_config(None, ["parallel.dp_shard=0"])
     with pytest.raises(ConfigError, match="optim.betas: expected two numbers"):
         load_config(None, ["optim.betas=[0.9]"])
+    with pytest.raises(ConfigError, match=r"data.streams: must be 0 \(one per data-parallel rank x loader worker\)"):
+        load_config(None, ["data.streams=-2"])
+    with pytest.raises(ConfigError, match="logging.peak_tflops: must be 0"):
+        load_config(None, ["logging.peak_tflops=-1"])
+    with pytest.raises(ConfigError, match="train.collective_timeout_minutes: must be >= 1, got 0"):
+        load_config(None, ["train.collective_timeout_minutes=0"])
 
 
 def test_missing_recipe_lists_the_shipped_ones():

@@ -135,3 +135,13 @@ def test_bf16_autocast_step_on_cpu(tmp_path: Path):
         trainer.close()
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
     assert losses["bf16"] != losses["fp32"]  # autocast really ran in bf16
+
+
+def test_mfu_peak_and_the_progress_line():
+    from flip_scale.metrics import Progress, peak_tflops
+
+    assert peak_tflops(torch.device("cpu")) is None
+    assert peak_tflops(torch.device("cpu"), configured=100.0) == 100.0
+    line = Progress(0, 10).line(5, {"loss": 1.0, "lr": 1e-3, "logit_scale": 14.3, "images_per_s": 50.0,
+                                    "mfu": 0.412, "data_wait_fraction": 0.25})
+    assert "MFU 41.2%" in line and "data 25%" in line and "ETA" in line

@@ -42,8 +42,11 @@ def test_flip_train_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic
     # Metrics: one JSON object per logged step with the documented keys.
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert records[-1]["step"] == 120
-    for key in ("step", "loss", "lr", "logit_scale", "images_per_s", "samples_seen", "mask_ratio", "skipped_samples"):
+    for key in ("step", "loss", "lr", "logit_scale", "images_per_s", "samples_seen", "mask_ratio", "skipped_samples",
+                "grad_norm", "tflops_per_s_per_rank", "data_wait_fraction"):
         assert key in records[-1]
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in records)
+    assert "mfu" not in records[-1]  # a CPU has no known peak (logging.peak_tflops sets one)
     assert records[-1]["samples_seen"] == 120 * 128
     assert records[-1]["loss"] < records[0]["loss"]
     # Tensorboard: the scalars issue 2 lists, and the evaluation.

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
             print(f"flip-eval: --masked needs a mask ratio in (0, 1), got {mask_ratio} (the checkpoint was trained "
                   f"unmasked: pass --mask-ratio)", file=sys.stderr)
             return 2
-    proc = init_distributed(cfg.train.device)
+    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
     setup_logging(proc.rank)
     try:
         started = time.perf_counter()
