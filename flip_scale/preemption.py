@@ -11,7 +11,10 @@ The batch script requeues the job on that exit code (`scontrol requeue`) and the
 resumes from `latest` (`--resume auto`).
 
 The requeue bookkeeping (`requeue-check`, below) stops a job that keeps getting stopped at the same
-checkpoint step: after `--max-requeues` requeues without progress it refuses, with a message.
+checkpoint step: after `--max-requeues` requeues without progress it refuses, with a message. The
+batch script asks it after a preemption stop and, by default (FLIP_REQUEUE_ON_FAILURE=1), after a
+failure too (any exit code but 0, 2 and 42; `--reason "failed with exit code N"`): a job that keeps
+failing at one step stops after `--max-requeues` tries.
 Slurm also requeues a job by itself (a node failure: the batch script never sees the end of that
 run). `restart-check`, run by the batch script at the start of every restart (SLURM_RESTART_COUNT
 > 0), counts such a restart under the same limit, unless the previous run was requeued by
@@ -154,7 +157,7 @@ def requeue_decision(state: dict, job_id: str, step: Optional[int], max_requeues
     if count > max_requeues:
         new_state = dict(state, job_id=str(job_id), step=step_value, count=count - 1, stopped=True,
                          history=history + [dict(entry, requeued=False)])
-        message = (f"not requeueing job {job_id}: it was requeued {count - 1} times at {where} without "
+        message = (f"not requeueing job {job_id} ({reason}): it was requeued {count - 1} times at {where} without "
                    f"progress (FLIP_MAX_REQUEUES={max_requeues}). Look at the log of the last attempts; "
                    f"after fixing the cause, submit again (the run resumes from the last complete checkpoint)")
         return False, new_state, message

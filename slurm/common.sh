@@ -14,8 +14,9 @@
 #   FLIP_PYTHON        interpreter with flip_scale installed (default: python3, else python, on PATH)
 #   FLIP_MAX_REQUEUES  requeues of one job at one checkpoint step before giving up (default 3); Slurm's
 #                      own restarts (after a node failure) count under the same limit
-#   FLIP_REQUEUE_ON_FAILURE  1: requeue after a failure too (any exit other than 0 and 42), under the
-#                      same limit (default 0: only after a preemption stop)
+#   FLIP_REQUEUE_ON_FAILURE  1 (default): requeue after a failure too (any exit other than 0, 2 and 42:
+#                      a crash, a node or NCCL failure), under the same FLIP_MAX_REQUEUES limit; 0: only
+#                      after a preemption stop. Exit code 2 (a config or usage error) is never requeued
 #   FLIP_SRUN_WAIT     seconds srun lets the other ranks run on after the first one exits, then kills
 #                      them (default 120: a rank that crashed does not leave the others hanging)
 #   MASTER_ADDR, MASTER_PORT   rendezvous; default: the first node of the job, 15000 + job id % 10000
@@ -38,6 +39,10 @@
 # `scontrol requeue $SLURM_JOB_ID` (needs --requeue); the requeued job starts again with the same
 # job id and runs `--resume auto` from `latest`. Requeues of one job at one checkpoint step are
 # counted in RUN_DIR/requeue_state.json; beyond FLIP_MAX_REQUEUES the job stops with a message.
+# A failure (exit code other than 0, 2, 42) is requeued the same way (FLIP_REQUEUE_ON_FAILURE=1, the
+# default) and counted under the same limit: a job that keeps failing at one checkpoint step stops
+# after FLIP_MAX_REQUEUES tries. Exit code 2 (a config or usage error of flip-train or
+# tools/unmask_tune.py) fails the same way every time and is never requeued.
 # A `scancel` or a node failure leaves the last complete checkpoint: the next submission with the
 # same RUN_DIR (or Slurm's own requeue after a node failure) resumes from it. Slurm's own requeues
 # are counted too: a job that starts with SLURM_RESTART_COUNT > 0 that this script did not requeue
@@ -75,7 +80,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 FLIP_DEVICE=${FLIP_DEVICE:-cuda}
 FLIP_ARGS=${FLIP_ARGS:-}
 FLIP_MAX_REQUEUES=${FLIP_MAX_REQUEUES:-3}
-FLIP_REQUEUE_ON_FAILURE=${FLIP_REQUEUE_ON_FAILURE:-0}
+FLIP_REQUEUE_ON_FAILURE=${FLIP_REQUEUE_ON_FAILURE:-1}
 FLIP_SRUN_WAIT=${FLIP_SRUN_WAIT:-120}
 FLIP_PYTHON=${FLIP_PYTHON:-$(command -v python3 || command -v python)}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}}
@@ -87,6 +92,10 @@ case "$FLIP_DEVICE" in
 esac
 case "$FLIP_MAX_REQUEUES" in
   '' | *[!0-9]*) flip_die "FLIP_MAX_REQUEUES=$FLIP_MAX_REQUEUES is not valid; use a whole number (0: never requeue)" ;;
+esac
+case "$FLIP_REQUEUE_ON_FAILURE" in
+  0 | 1) ;;
+  *) flip_die "FLIP_REQUEUE_ON_FAILURE=$FLIP_REQUEUE_ON_FAILURE is not valid; use 1 (requeue after a failure, the default) or 0 (only after a preemption)" ;;
 esac
 [ -n "$FLIP_PYTHON" ] && [ -x "$FLIP_PYTHON" ] || flip_die "no python found (FLIP_PYTHON='$FLIP_PYTHON'); set FLIP_PYTHON to the interpreter that has flip_scale installed"
 [ -n "${FLIP_CONFIG:-}" ] || flip_die "FLIP_CONFIG is empty; set it to a recipe such as configs/flip_g14.yaml"
@@ -224,8 +233,15 @@ flip_launch() {
       echo "flip_scale: the trainer was killed by SIGUSR1 (exit code $rc)" >&2
       exit "$rc"
       ;;
+    2)
+      # flip-train / tools/unmask_tune.py: a config or usage error. It fails the same way every
+      # time, so a requeue would only repeat it.
+      echo "flip_scale: the trainer exited with code 2 (a config or usage error: see the message above); not requeueing, since a retry would fail the same way. Fix the recipe, FLIP_ARGS or the options, then resubmit with the same RUN_DIR" >&2
+      exit "$rc"
+      ;;
     *)
       if [ "$FLIP_REQUEUE_ON_FAILURE" = 1 ]; then
+        echo "flip_scale: the trainer failed (exit code $rc); requeueing to resume from the last complete checkpoint (FLIP_REQUEUE_ON_FAILURE=1; at most FLIP_MAX_REQUEUES=${FLIP_MAX_REQUEUES} times at one checkpoint step)" >&2
         flip_requeue "failed with exit code $rc" "$rc"
       fi
       echo "flip_scale: the trainer failed (exit code $rc); resubmit with the same RUN_DIR to resume from the last complete checkpoint" >&2

@@ -16,6 +16,8 @@
 #   NPROC_PER_NODE  processes per node (default: the GPUs of the node; with FLIP_DEVICE=cpu, the tasks per node)
 #   FLIP_DEVICE     cuda (default) | cpu
 #   FLIP_MAX_REQUEUES  requeues at one checkpoint step before giving up (default 3)
+#   FLIP_REQUEUE_ON_FAILURE  1 (default): a failed run (exit code other than 0, 2 and 42) is requeued
+#                   too, under FLIP_MAX_REQUEUES; 0: only a preemption is (exit code 2, a config error: never)
 #   FLIP_HOME       repository root (default: the submit directory)
 # Preemption: 600 s before the time limit Slurm sends SIGUSR1 to this shell; the trainers finish
 # their step, write a checkpoint and exit 42; the job requeues itself and resumes from `latest`.

@@ -10,21 +10,22 @@
 # Variables (all optional; slurm/common.sh documents the rest):
 #   FLIP_FROM        pre-training run directory (its `latest`) or a step_XXXXXXXX checkpoint
 #                    (default runs/flip_g14, the run directory of slurm/flip_g14.sh)
-#   FLIP_CONFIG      the pre-training recipe (default configs/flip_g14.yaml; the tool, when present,
-#                    starts from the checkpoint's own config instead, unless it takes --config)
-#   FLIP_UNMASK_RECIPE  the overlay (default configs/unmask_tune.yaml; given to the tool as --overlay
-#                    only when set)
+#   FLIP_UNMASK_RECIPE  the overlay put over the checkpoint's config, the tool's --overlay (default
+#                    configs/unmask_tune.yaml)
+#   FLIP_CONFIG      not used: the tool tunes the checkpoint's own config (its config.yaml); a value
+#                    given is reported as ignored (default configs/flip_g14.yaml, checked by common.sh)
 #   FLIP_ARGS        extra key=value overrides, applied last (default: none)
 #   FLIP_LAYOUT      layout overrides (default "parallel.tp=2 parallel.dp_shard=-1
 #                    parallel.activation_checkpointing=full"; FLIP_LAYOUT= keeps the recipe's)
 #   RUN_DIR          run directory of the tuning (default runs/$SLURM_JOB_NAME = runs/unmask_tune_g14)
-#   NPROC_PER_NODE, FLIP_DEVICE, FLIP_MAX_REQUEUES, FLIP_HOME: as in slurm/flip_g14.sh
+#   NPROC_PER_NODE, FLIP_DEVICE, FLIP_MAX_REQUEUES, FLIP_REQUEUE_ON_FAILURE, FLIP_HOME: as in
+#                    slurm/flip_g14.sh
 #
-# With tools/unmask_tune.py present it runs that tool (--from CKPT --run-dir DIR, plus --resume auto
-# and --config RECIPE where the tool takes them, then key=value...); otherwise flip-train with a
-# recipe `_base_: [FLIP_CONFIG, FLIP_UNMASK_RECIPE]` written to RUN_DIR and `--init-from CKPT`
-# (weights only: fresh optimizer, step 0). Either way a requeued tuning job continues from its own
-# `latest` (`--resume auto` wins over `--init-from`).
+# It runs, one task per GPU,
+#   tools/unmask_tune.py --from CKPT --run-dir RUN_DIR --resume auto --overlay FLIP_UNMASK_RECIPE \
+#       train.device=FLIP_DEVICE FLIP_LAYOUT... FLIP_ARGS...
+# (weights of CKPT, fresh optimizer, step 0, the tuning schedule: flip_scale/unmask.py); a requeued
+# tuning job continues from its own `latest` (`--resume auto`).
 #
 # Sizing: 257 tokens instead of 129 roughly double the activations of pre-training; with full
 # checkpointing that is ~11 GB stored + ~4 GB for the recomputed block per rank (README).
@@ -47,10 +48,10 @@ if [ ! -f "$FLIP_HOME/slurm/common.sh" ]; then
   echo "flip_scale: $FLIP_HOME/slurm/common.sh not found: submit from the repository root or set FLIP_HOME" >&2
   exit 2
 fi
+FLIP_CONFIG_GIVEN=${FLIP_CONFIG:-}
 FLIP_CONFIG=${FLIP_CONFIG:-configs/flip_g14.yaml}
 FLIP_LAYOUT=${FLIP_LAYOUT-parallel.tp=2 parallel.dp_shard=-1 parallel.activation_checkpointing=full}
 FLIP_FROM=${FLIP_FROM:-runs/flip_g14}
-FLIP_UNMASK_RECIPE_GIVEN=${FLIP_UNMASK_RECIPE:-}
 FLIP_UNMASK_RECIPE=${FLIP_UNMASK_RECIPE:-$FLIP_HOME/configs/unmask_tune.yaml}
 # shellcheck source=common.sh
 source "$FLIP_HOME/slurm/common.sh"
@@ -65,30 +66,14 @@ else
   flip_die "FLIP_FROM=$FLIP_FROM is neither a checkpoint (step_XXXXXXXX/ with trainer_state.json) nor a run directory with a 'latest' file"
 fi
 [ -f "$FLIP_UNMASK_RECIPE" ] || flip_die "FLIP_UNMASK_RECIPE=$FLIP_UNMASK_RECIPE: no such file"
-echo "    unmasked tuning from ${FLIP_FROM_CKPT}"
+tool=$FLIP_HOME/tools/unmask_tune.py
+[ -f "$tool" ] || flip_die "$tool not found: FLIP_HOME=$FLIP_HOME is not a flip_scale repository with tools/unmask_tune.py"
+echo "    unmasked tuning from ${FLIP_FROM_CKPT}, overlay ${FLIP_UNMASK_RECIPE}"
+if [ -n "$FLIP_CONFIG_GIVEN" ]; then
+  echo "    FLIP_CONFIG=${FLIP_CONFIG_GIVEN} is ignored: the tuning starts from the checkpoint's own config"
+fi
 
 read -r -a FLIP_LAYOUT_LIST <<< "$FLIP_LAYOUT"
-tool=$FLIP_HOME/tools/unmask_tune.py
-if [ -f "$tool" ]; then
-  # The tool's options are read from its --help, so that this script follows its interface.
-  tool_help=$("$FLIP_PYTHON" "$tool" --help 2>&1 || true)
-  tool_args=(--from "$FLIP_FROM_CKPT" --run-dir "$RUN_DIR")
-  case "$tool_help" in *--resume*) tool_args+=(--resume auto) ;; esac
-  case "$tool_help" in *--config*) tool_args+=(--config "$FLIP_CONFIG") ;; esac
-  if [ -n "$FLIP_UNMASK_RECIPE_GIVEN" ]; then
-    case "$tool_help" in
-      *--overlay*) tool_args+=(--overlay "$FLIP_UNMASK_RECIPE") ;;
-      *) flip_die "tools/unmask_tune.py takes no --overlay: unset FLIP_UNMASK_RECIPE" ;;
-    esac
-  fi
-  echo "    unmasked tuning with tools/unmask_tune.py ${tool_args[*]}"
-  flip_launch "$FLIP_PYTHON" -u "$tool" "${tool_args[@]}" "train.device=$FLIP_DEVICE" "${FLIP_LAYOUT_LIST[@]}" \
-    "${FLIP_ARG_LIST[@]}"
-else
-  recipe=$RUN_DIR/unmask_tune_recipe.yaml
-  printf '# written by slurm/unmask_tune_g14.sh: the pre-training recipe with the unmasked-tuning overlay\n_base_: [%s, %s]\n' \
-    "$(realpath "$FLIP_CONFIG")" "$(realpath "$FLIP_UNMASK_RECIPE")" > "$recipe"
-  echo "    unmasked tuning with flip-train --init-from (tools/unmask_tune.py is absent), recipe $recipe"
-  flip_launch "$FLIP_PYTHON" -u -m flip_scale.train --config "$recipe" --run-dir "$RUN_DIR" --resume auto \
-    --init-from "$FLIP_FROM_CKPT" "train.device=$FLIP_DEVICE" "${FLIP_LAYOUT_LIST[@]}" "${FLIP_ARG_LIST[@]}"
-fi
+# FLIP_ARGS last: its key=value overrides win over the layout's.
+flip_launch "$FLIP_PYTHON" -u "$tool" --from "$FLIP_FROM_CKPT" --run-dir "$RUN_DIR" --resume auto \
+  --overlay "$FLIP_UNMASK_RECIPE" "train.device=$FLIP_DEVICE" "${FLIP_LAYOUT_LIST[@]}" "${FLIP_ARG_LIST[@]}"

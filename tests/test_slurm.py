@@ -7,7 +7,8 @@
   rerun resumes from that checkpoint to the same final step.
 - Slow, real Slurm: Debian's slurm-wlm and munge (installed with apt-get when absent, as root),
   a one-node cluster in a temporary directory (munged, slurmctld, slurmd started here and stopped by
-  their pids), then `sbatch slurm/flip_g14.sh` turned into the tiny CPU run on 2 tasks, a
+  their pids), then `sbatch slurm/flip_g14.sh` turned into the tiny CPU run on 2 tasks (the
+  template's own layout: tp 2, dp_shard -1, full activation checkpointing), a
   preemption (`scancel --batch --signal=USR1`) that requeues the job and resumes it, and
   `slurm/unmask_tune_g14.sh` chained with `--dependency=afterok`. Both jobs are compared step by
   step with a reference run of the same command without Slurm (2 srun-style ranks, never stopped):
@@ -231,10 +232,11 @@ def test_restart_after_the_scripts_own_requeue_is_not_counted_twice(tmp_path):
     proc = _run_template(tmp_path, "flip_g14", rc=preemption.EXIT_CODE, extra_env={**limit, "SLURM_RESTART_COUNT": "1"})
     assert "follows its own requeue" in proc.stdout and "not requested by the batch script" not in proc.stdout
     assert proc.returncode == 0 and "requeue 2 of at most 2" in proc.stdout  # preempted again: requeue 2
-    # Restart 2 follows that requeue too; its node then fails, and Slurm's restart 3 is one too many
-    # (two requeues and one restart by Slurm at step 12).
+    # Restart 2 follows that requeue too; it then fails, which would be its third requeue at step 12
+    # (refused), and Slurm's restart 3 (its node failed) is one too many as well.
     proc = _run_template(tmp_path, "flip_g14", rc=1, extra_env={**limit, "SLURM_RESTART_COUNT": "2"})
     assert "follows its own requeue" in proc.stdout and proc.returncode == 1
+    assert "not requeueing job 4242 (failed with exit code 1): it was requeued 2 times" in proc.stderr
     proc = _run_template(tmp_path, "flip_g14", rc=0, extra_env={**limit, "SLURM_RESTART_COUNT": "3"})
     assert proc.returncode == preemption.STOP_EXIT_CODE and "not running restart 3" in proc.stderr
     assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"] * 2
@@ -278,11 +280,38 @@ def test_signal_is_forwarded_and_an_early_stop_is_requeued_whatever_the_exit_cod
     assert (tmp_path / "scontrol_calls").read_text() == "requeue 4242\n" * 2
 
 
-def test_template_failure_is_not_requeued_unless_asked(tmp_path):
-    proc = _run_template(tmp_path, "flip_b16", rc=1)
-    assert proc.returncode == 1 and "resubmit with the same RUN_DIR" in proc.stderr
+def test_template_failure_is_requeued_by_default_until_the_limit_but_never_exit_2(tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 12)
+    limit = {"FLIP_MAX_REQUEUES": "2"}
+    # A failure (a crashed rank, an NCCL timeout, a bad node) is requeued by default ...
+    for attempt in (1, 2):
+        proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env=limit)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "the trainer failed (exit code 1); requeueing" in proc.stderr
+        assert f"requeueing job 4242 (failed with exit code 1; checkpoint step 12; requeue {attempt} of at most 2" in proc.stdout
+        assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"] * attempt
+    # ... until it has failed FLIP_MAX_REQUEUES times at one checkpoint step: then it stops, saying why.
+    proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env=limit)
+    assert proc.returncode == 1
+    assert ("not requeueing job 4242 (failed with exit code 1): it was requeued 2 times at checkpoint step 12 "
+            "without progress (FLIP_MAX_REQUEUES=2)") in proc.stderr
+    assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"] * 2
+    # Progress (a newer checkpoint) starts the count again.
+    _fake_checkpoint(run, 13)
+    proc = _run_template(tmp_path, "flip_b16", rc=134, extra_env=limit)
+    assert proc.returncode == 0 and "(failed with exit code 134; checkpoint step 13; requeue 1 of at most 2" in proc.stdout
+    (tmp_path / "scontrol_calls").unlink()
+    # Exit code 2 (a config or usage error) fails the same way every time: never requeued, and said so.
+    state_before = (run / preemption.STATE_FILE).read_text()
+    proc = _run_template(tmp_path, "flip_b16", rc=2)
+    assert proc.returncode == 2 and "a config or usage error" in proc.stderr and "not requeueing" in proc.stderr
+    assert not (tmp_path / "scontrol_calls").exists() and (run / preemption.STATE_FILE).read_text() == state_before
+    # FLIP_REQUEUE_ON_FAILURE=0: the old behaviour, only a preemption is requeued.
+    proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env={"FLIP_REQUEUE_ON_FAILURE": "0"})
+    assert proc.returncode == 1 and "resubmit with the same RUN_DIR" in proc.stderr and "requeueing" not in proc.stdout
     assert not (tmp_path / "scontrol_calls").exists()
-    proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env={"FLIP_REQUEUE_ON_FAILURE": "1"})
+    proc = _run_template(tmp_path, "flip_b16", rc=preemption.EXIT_CODE, extra_env={"FLIP_REQUEUE_ON_FAILURE": "0"})
     assert proc.returncode == 0 and (tmp_path / "scontrol_calls").read_text() == "requeue 4242\n"
 
 
@@ -293,33 +322,48 @@ def test_template_refuses_bad_settings_with_what_is_valid(tmp_path):
     assert proc.returncode == 2 and "--gpus-per-node" in proc.stderr
     proc = _run_template(tmp_path, "flip_l16", rc=0, extra_env={"FLIP_CONFIG": "configs/nope.yaml"})
     assert proc.returncode == 2 and "FLIP_CONFIG=configs/nope.yaml: no such file" in proc.stderr
+    proc = _run_template(tmp_path, "flip_l16", rc=0, extra_env={"FLIP_REQUEUE_ON_FAILURE": "yes"})
+    assert proc.returncode == 2 and "FLIP_REQUEUE_ON_FAILURE=yes is not valid; use 1" in proc.stderr
+    assert not (tmp_path / "srun_args").exists()
     proc = _run_template(tmp_path, "flip_l16", rc=0, extra_env={"SLURM_JOB_ID": ""})
     assert proc.returncode == 2 and "submit it with sbatch" in proc.stderr
 
 
-def test_unmask_template_falls_back_to_flip_train_with_the_overlay(tmp_path):
+SRUN_OPTIONS = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--kill-on-bad-exit=0",
+                "--wait=120", "--label"]
+G14_LAYOUT = ["parallel.tp=2", "parallel.dp_shard=-1", "parallel.activation_checkpointing=full"]
+
+
+def test_unmask_template_runs_the_tool_with_the_overlay_and_the_layout(tmp_path):
     pre = tmp_path / "pre"
     _fake_checkpoint(pre, 30)
-    proc = _run_template(tmp_path, "unmask_tune_g14", rc=0, extra_env={"FLIP_FROM": str(pre), "FLIP_LAYOUT": ""})
+    tool = str(REPO / "tools" / "unmask_tune.py")
+    proc = _run_template(tmp_path, "unmask_tune_g14", rc=0, extra_env={"FLIP_FROM": str(pre)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    args = (tmp_path / "srun_args").read_text().splitlines()
-    cmd = args[args.index(sys.executable):]
-    if (REPO / "tools" / "unmask_tune.py").exists():
-        assert cmd[2] == str(REPO / "tools" / "unmask_tune.py")
-        assert cmd[cmd.index("--from") + 1] == str(pre / "step_00000030")
-        assert cmd[cmd.index("--run-dir") + 1] == str(tmp_path / "run")
-        if "--resume" in cmd:
-            assert cmd[cmd.index("--resume") + 1] == "auto"
-    else:
-        assert cmd[cmd.index("--init-from") + 1] == str(pre / "step_00000030")
-        recipe = Path(cmd[cmd.index("--config") + 1])
-        assert recipe.read_text().splitlines()[-1] == (
-            f"_base_: [{REPO / 'configs' / 'tiny.yaml'}, {REPO / 'configs' / 'unmask_tune.yaml'}]")
-        from flip_scale.config import load_config
-
-        assert load_config(str(recipe), []).model.mask_ratio == 0.0
+    assert (tmp_path / "srun_args").read_text().splitlines() == [
+        *SRUN_OPTIONS, sys.executable, "-u", tool, "--from", str(pre / "step_00000030"), "--run-dir", str(tmp_path / "run"),
+        "--resume", "auto", "--overlay", str(REPO / "configs" / "unmask_tune.yaml"), "train.device=cpu", *G14_LAYOUT,
+        "train.max_steps=7", "data.train_shards=/d/{000..007}.tar"]
+    assert f"unmasked tuning from {pre / 'step_00000030'}, overlay {REPO / 'configs' / 'unmask_tune.yaml'}" in proc.stdout
+    assert "FLIP_CONFIG=configs/tiny.yaml is ignored" in proc.stdout  # the tool tunes the checkpoint's config
+    # A step directory as FLIP_FROM, another overlay, no layout, no FLIP_ARGS.
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model:\n  mask_ratio: 0.0\n")
+    proc = _run_template(tmp_path, "unmask_tune_g14", rc=0, extra_env={
+        "FLIP_FROM": str(pre / "step_00000030"), "FLIP_UNMASK_RECIPE": str(overlay), "FLIP_LAYOUT": "", "FLIP_ARGS": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "srun_args").read_text().splitlines() == [
+        *SRUN_OPTIONS, sys.executable, "-u", tool, "--from", str(pre / "step_00000030"), "--run-dir", str(tmp_path / "run"),
+        "--resume", "auto", "--overlay", str(overlay), "train.device=cpu"]
+    # The tool takes these options (its --help), so the command line above is one it accepts.
+    help_text = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--from", "--run-dir", "--resume {auto}", "--overlay"):
+        assert option in help_text
     proc = _run_template(tmp_path, "unmask_tune_g14", rc=0, extra_env={"FLIP_FROM": str(tmp_path / "missing")})
     assert proc.returncode == 2 and "neither a checkpoint" in proc.stderr
+    proc = _run_template(tmp_path, "unmask_tune_g14", rc=0,
+                         extra_env={"FLIP_FROM": str(pre), "FLIP_UNMASK_RECIPE": str(tmp_path / "nope.yaml")})
+    assert proc.returncode == 2 and "nope.yaml: no such file" in proc.stderr
 
 
 # ============================================================================ srun-style ranks, no Slurm
@@ -658,7 +702,9 @@ def slurm_cluster():
 def _job_env(synthetic_dir: Path, steps: int, **extra) -> dict:
     host = socket.gethostname().split(".")[0]
     env = {
-        "FLIP_HOME": str(REPO), "FLIP_CONFIG": "configs/tiny.yaml", "FLIP_DEVICE": "cpu", "FLIP_LAYOUT": "",
+        # FLIP_LAYOUT is left to the template (G14_LAYOUT: tp 2, dp_shard -1, full activation
+        # checkpointing): the very script of the cluster runs, on 2 CPU tasks (tp 2, dp size 1).
+        "FLIP_HOME": str(REPO), "FLIP_CONFIG": "configs/tiny.yaml", "FLIP_DEVICE": "cpu",
         "FLIP_PYTHON": sys.executable, "FLIP_ARGS": " ".join(_tiny_overrides(synthetic_dir, steps)),
         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
     }
@@ -685,13 +731,14 @@ def _exact(records: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, synthetic_dir, tmp_path_factory) -> list[dict]:
     """The reference the Slurm runs are compared with: the command the template runs (flip-train on
-    the tiny recipe, the job's overrides, 2 ranks started as srun starts them), without Slurm and
-    never stopped. Its metrics.jsonl records (after `slurm_cluster`, so that it is not run when the
-    Slurm tests are skipped)."""
+    the tiny recipe, flip_g14.sh's layout, the job's overrides, 2 ranks started as srun starts them),
+    without Slurm and never stopped. The same `parallel.*` keys matter: the data order depends on the
+    data-parallel size (1 with tp 2 on 2 ranks). Its metrics.jsonl records (after `slurm_cluster`, so
+    that it is not run when the Slurm tests are skipped)."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     run_dir = tmp / "run"
     args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), "--resume", "auto",
-            "train.device=cpu", *_tiny_overrides(synthetic_dir, STEPS)]
+            "train.device=cpu", *G14_LAYOUT, *_tiny_overrides(synthetic_dir, STEPS)]
     codes = _wait_all(_srun_style_ranks(tmp, args, _free_port()), 300)
     assert codes == [0, 0], (tmp / "rank0.log").read_text()[-3000:]
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -715,6 +762,7 @@ def test_sbatch_g14_template_runs_the_tiny_cpu_config(slurm_cluster, uninterrupt
     assert [r["step"] for r in records] == list(range(1, STEPS + 1)) and records[-1]["samples_seen"] == STEPS * 32
     assert f"=== flip_scale job {job} (flip-tiny-a)" in text and "(1) x 2 processes = 2 ranks, device cpu" in text
     assert "layout: 2 ranks" in text  # two srun tasks joined one process group from Slurm's variables
+    assert "dp_shard 1 x tp 2 (data-parallel size 1: tensor parallel)" in text  # the template's own layout
     assert re.search(rf"^0: .*step {STEPS}/{STEPS}", text, re.M) and re.search(r"^1: .*rank 1 holds", text, re.M)
     assert f"=== flip_scale job {job}: trainer exit code 0" in text
     # The job is the reference run under Slurm: step for step the same numbers.
@@ -783,7 +831,9 @@ def test_preempted_job_requeues_resumes_and_the_unmask_job_follows(slurm_cluster
     tune_dir = tmp_path / "runs" / "tune-tiny"
     assert (tune_dir / "latest").read_text().strip() == "step_00000004"
     assert f"unmasked tuning from {run_dir / f'step_{STEPS:08d}'}" in tune_text
-    if not (REPO / "tools" / "unmask_tune.py").exists():  # the flip-train fallback
-        assert f"initialised weights from {run_dir / f'step_{STEPS:08d}'} (fresh optimizer, step 0)" in tune_text
+    # tools/unmask_tune.py ran (its plan, then flip-train's init from the checkpoint), on the template's layout.
+    assert re.search(r"^0: unmasked tuning of ", tune_text, re.M), tune_text[-4000:]
+    assert f"initialised weights from {run_dir / f'step_{STEPS:08d}'} (fresh optimizer, step 0)" in tune_text
+    assert "dp_shard 1 x tp 2 (data-parallel size 1: tensor parallel)" in tune_text
     assert "mask_ratio: 0.0" in (tune_dir / "config.yaml").read_text()
     assert all(r["mask_ratio"] == 0.0 for r in read_jsonl(tune_dir / "metrics.jsonl"))
