@@ -431,7 +431,7 @@ def _commit(pending: _PendingSave) -> None:
         latest_tmp = pending.run_dir / "latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, pending.run_dir / "latest")
-        prune_checkpoints(pending.run_dir, pending.keep_last, pending.keep_every)
+        prune_checkpoints(pending.run_dir, pending.keep_last, pending.keep_every, pending.step)
         log.info("checkpoint written: %s (%.1f s)", final, time.perf_counter() - pending.started)
     barrier()
 
@@ -450,12 +450,18 @@ def _pause_for_tests(point: str, step: int) -> None:
         time.sleep(float(seconds))
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int, current_step: Optional[int] = None) -> None:
     """Delete complete checkpoints beyond the last `keep_last`, keeping every `keep_every`-th step
-    (`keep_last` <= 0 keeps everything)."""
+    (`keep_last` <= 0 keeps everything).
+
+    With `current_step` (the checkpoint just written) only checkpoints up to that step count and
+    can go: after a resume from an older checkpoint, later ones of the abandoned continuation are
+    left alone rather than allowed to push out the checkpoint just written."""
     if keep_last <= 0:
         return
     complete = [p for p in list_checkpoints(run_dir) if is_complete(p)]
+    if current_step is not None:
+        complete = [p for p in complete if int(STEP_DIR.match(p.name).group(1)) <= current_step]
     for path in complete[:-keep_last]:
         step = int(STEP_DIR.match(path.name).group(1))
         if keep_every and step % keep_every == 0:
@@ -632,7 +638,7 @@ def data_state_for_resume(path: Path, saved: Optional[dict], fresh: dict) -> tup
     if not everyone:
         return None, None
     first = everyone[0]
-    problems = [f"{key} {first.get(key)} -> {fresh.get(key)}" for key in ("version", "seed", "num_shards")
+    problems = [f"{key} {first.get(key)} -> {fresh.get(key)}" for key in ("version", "seed", "num_shards", "shards_digest")
                 if first.get(key) != fresh.get(key)]
     streams = first.get("streams")
     if not problems:

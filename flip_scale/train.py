@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (
-    abandon_pending_save, finalize_pending_save, find_latest, load_checkpoint, resolve_resume, save_checkpoint,
+    CheckpointError, abandon_pending_save, finalize_pending_save, load_checkpoint, resolve_resume, save_checkpoint,
 )
 from .config import Config, ConfigError, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, shutdown
@@ -206,6 +206,9 @@ class Trainer:
         self.data_state = trainer_state.get("data_state")
         if trainer_state.get("layout") not in (None, self.dims.describe()):
             log.info("checkpoint layout %s re-sharded into %s", trainer_state["layout"], self.dims.describe())
+        if not data_states(path) and self.state.samples_seen > 0 and self.tokenizer is not None:
+            log.warning("%s holds no data stream position: the stream starts from its beginning and the first "
+                        "%d samples are seen again", path, self.state.samples_seen)
         if data_states(path):
             # Per-stream positions of every rank, merged: they continue under any layout whose
             # data-parallel size divides the stream count (flip_scale/data/loader.py).
@@ -354,8 +357,10 @@ class Trainer:
                     "mask_ratio": cfg.model.mask_ratio,
                     "skipped_samples": self.state.skipped_samples,
                 }
-                if peak:
-                    values["mfu"] = tflops / peak  # model FLOPs utilisation of the accelerator
+                if peak and (self.precision == "bf16" or cfg.logging.peak_tflops > 0):
+                    # Model FLOPs utilisation against the bf16 peak (fp32 runs have another peak:
+                    # give it as logging.peak_tflops to get an MFU for them).
+                    values["mfu"] = tflops / peak
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}: stopping (lower optim.lr or check the data)")
                 self.metrics.write(step, values)
@@ -440,6 +445,23 @@ def clamp_logit_scale(model) -> None:
     local.clamp_(0.0, module.logit_scale_max)
 
 
+def on_rank0_for_all(compute):
+    """`compute()` on rank 0; its result, or its CheckpointError, on every rank (collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    payload = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", compute())]
+        except CheckpointError as error:
+            payload = [("error", str(error))]
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
     proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
     setup_logging(proc.rank)
@@ -449,7 +471,9 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
             torch.use_deterministic_algorithms(True)
         trainer = Trainer(cfg, run_dir, proc)
         trainer.describe()
-        checkpoint = resolve_resume(resume, Path(run_dir))
+        # Rank 0 picks the checkpoint and every rank takes its choice (ranks looking at a shared
+        # file system on their own could see different `latest` files).
+        checkpoint = on_rank0_for_all(lambda: resolve_resume(resume, Path(run_dir)))
         if checkpoint is not None:
             trainer.resume(checkpoint)
         elif resume == "auto":

@@ -154,6 +154,16 @@ def test_keep_last_and_keep_every(tmp_path):
     assert len(list_checkpoints(tmp_path / "all")) == 3
 
 
+def test_pruning_after_resuming_from_an_older_checkpoint_keeps_the_new_one(tmp_path):
+    """Resumed from step 2 in a directory that still holds steps 3 and 4 (an abandoned
+    continuation), the new step-3 save with keep_last=2 must not be pruned by the later ones."""
+    _small_checkpoints(tmp_path, [1, 2, 3, 4], keep_last=0)
+    _small_checkpoints(tmp_path, [3], keep_last=2)  # the resumed run's next checkpoint
+    assert (tmp_path / "latest").read_text().strip() == "step_00000003"
+    assert find_latest(tmp_path).name == "step_00000003"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003", "step_00000004"]
+
+
 def test_saved_state_loads_back(tmp_path):
     net, opt = _small_checkpoints(tmp_path, [1, 2])
     fresh = _Net()

@@ -514,3 +514,30 @@ def test_trainer_refuses_a_stream_count_the_batch_cannot_use_before_building(tmp
     with pytest.raises(ConfigError, match="global_batch_size=128 is not divisible by data.streams=3"):
         Trainer(cfg, tmp_path, ProcessInfo(0, 1, 0, torch.device("cpu")), with_data=False)
     assert not (tmp_path / "config.yaml").exists()  # refused before anything was written or built
+
+
+def test_resume_where_only_bad_samples_are_left_in_the_epoch(tmp_path, tokenizer):
+    """The epoch a resume starts in had usable samples before the resume point: that the rest of it
+    is bad is no reason to stop (the uninterrupted stream does not stop either)."""
+    samples = [good_sample(f"k{i}", i) for i in range(6)] + [(f"z{i}", {"png": b"bogus", "txt": b"a red"})
+                                                             for i in range(3)]
+    cfg = data_cfg([write_shard(tmp_path / "s-000000.tar", samples)], shuffle_buffer=1)
+    loader = build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 3, seed=0)
+    iterator = iter(loader)
+    for _ in range(2):
+        next(iterator)
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [next(iterator)["keys"] for _ in range(2)]  # into the next epoch
+    resumed = build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 3, seed=0)
+    resumed.load_state_dict(state)
+    assert [b["keys"] for b in take(resumed, 2)] == expected
+
+
+def test_another_shard_list_of_the_same_length_is_not_continued(tmp_path, tokenizer):
+    (tmp_path / "a").mkdir()
+    first = write_good_shards(tmp_path / "a", 2, 4)
+    other = write_good_shards(tmp_path / "a", 2, 4, prefix="t")
+    loader = build_train_loader(data_cfg(first), IMAGE, tokenizer, 0, 1, 2, seed=0)
+    take(loader, 1)
+    with pytest.raises(ValueError, match="shards_digest"):
+        build_train_loader(data_cfg(other), IMAGE, tokenizer, 0, 1, 2, seed=0).load_state_dict(loader.state_dict())

@@ -80,6 +80,15 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
+def shards_digest(shards: Sequence[str]) -> str:
+    """A short digest of the shard names (not their directory): the stream positions are only
+    meaningful for the same shards in the same order."""
+    import hashlib
+
+    names = "\n".join(shard.rsplit("/", 1)[-1] for shard in shards)
+    return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
 def default_streams(dp_size: int, num_workers: int, local_batch_size: int = 0) -> int:
     """`data.streams: 0`: one stream per data-parallel rank and loader worker of the first run (fewer
     per rank where the rank's batch does not divide by the worker count)."""
@@ -232,9 +241,11 @@ class TrainStream(IterableDataset):
                 if len(images) == self.chunk_size:
                     position = (epoch, drawn)
                     yield make_chunk()
-            fast_forwarded = epoch == start_epoch and drawn <= skip
+            # The epoch a resume started in had usable samples before the resume point (they were
+            # decoded then), even when none is left after it.
+            resumed_epoch = epoch == start_epoch and skip > 0
             tracker.quiet = False
-            if produced == 0 or (decoded == 0 and not fast_forwarded):
+            if produced == 0 or (decoded == 0 and not resumed_epoch):
                 # A stream with nothing usable would otherwise spin through its epochs forever.
                 raise DataError(
                     f"no usable samples in epoch {epoch} for stream {stream} of {self.total_streams} over "
@@ -281,8 +292,11 @@ class TrainLoader:
         self.chunk_size = self.batch_size // per_rank
         self.num_workers = loader_workers(per_rank, self.requested_workers)
         if self.num_workers != self.requested_workers and self.requested_workers > 0 and self.dp_rank == 0:
-            log.info("data: %d loader workers per rank (data.num_workers=%d) share its %d streams evenly",
-                     self.num_workers, self.requested_workers, per_rank)
+            fits = [w for w in range(1, per_rank + 1) if per_rank % w == 0]
+            report = log.warning if self.num_workers < max(1, self.requested_workers // 2) else log.info
+            report("data: %d loader workers per rank instead of data.num_workers=%d: workers share a rank's %d "
+                   "streams evenly (worker counts that fit: %s; or choose data.streams as dp size x workers)",
+                   self.num_workers, self.requested_workers, per_rank, fits)
         self.positions = {stream: (0, 0) for stream in self.rank_streams}
         warn_if_few_shards(len(self.shards), streams)
 
@@ -293,9 +307,13 @@ class TrainLoader:
         )
 
     def __iter__(self) -> Iterator[dict]:
+        # A batch takes one chunk of each of the rank's streams, so each worker contributes
+        # streams / workers chunks to it: prefetch two batches' worth.
+        per_worker = len(self.rank_streams) // max(1, self.num_workers)
+        extra = {"prefetch_factor": max(2, 2 * per_worker)} if self.num_workers > 0 else {}
         loader = DataLoader(
             self._dataset(), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=False,
+            persistent_workers=False, **extra,
         )
         pending: list[dict] = []
         for chunk in loader:
@@ -331,6 +349,7 @@ class TrainLoader:
             "batches": self.batches,
             "seed": self.seed,
             "num_shards": len(self.shards),
+            "shards_digest": shards_digest(self.shards),
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
             "batch_size": self.batch_size,
@@ -342,7 +361,8 @@ class TrainLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
                              f"stream of an older checkpoint cannot be continued sample for sample")
-        differ = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)))
+        differ = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)),
+                                                     ("shards_digest", shards_digest(self.shards)))
                   if state.get(k) != v}
         if differ:
             text = ", ".join(f"{k}: saved {old} now {new}" for k, (old, new) in differ.items())

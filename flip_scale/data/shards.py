@@ -253,6 +253,11 @@ class BadSampleTracker:
 
     def add_bad(self, bad: BadSample) -> None:
         if self.quiet:
+            # Replaying the samples before a resume point: they were counted then. A shard that now
+            # fails to read was not (the stream then differs from the one saved): say so.
+            if "shard (" in bad.reason:
+                log.warning("while resuming the data stream%s: %s: %s (if this is new since the checkpoint, the "
+                            "stream no longer continues exactly where it stopped)", self.where, bad.shard, bad.reason)
             return
         self.bad += 1
         self.skipped_since_batch += 1
