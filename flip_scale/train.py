@@ -81,6 +81,18 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return "fp32"
 
 
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast for `precision` "bf16", else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """The autocast the trainer runs `cfg` under on `device` (train.precision, resolved)."""
+    return autocast_context(resolve_precision(cfg, device), device)
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -256,9 +268,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_context(self.precision, self.device)
 
     def mask_noise(self, step: int, batch_size: int) -> Optional[torch.Tensor]:
         if self.cfg.model.mask_ratio <= 0:
@@ -396,12 +406,10 @@ class Trainer:
         # same share) in lockstep, so every rank takes part in every forward; the counts are
         # all-reduced. Under pipeline parallel the stages run forward-only schedules of their own.
         model = self.model
-        if model is None:
+        if model is None:  # its schedules' buffers live for this evaluation only
             from .parallel.pipeline import PipelineEvalModel
 
-            if getattr(self, "_pipeline_eval_model", None) is None:
-                self._pipeline_eval_model = PipelineEvalModel(self.pipe, self.arch)
-            model = self._pipeline_eval_model
+            model = PipelineEvalModel(self.pipe, self.arch)
         started = time.perf_counter()
         with self.autocast():
             results = run_evaluation(model, self.tokenizer, self.cfg, self.device, EvalGroup.from_dims(self.dims))
@@ -498,7 +506,16 @@ def main(argv=None) -> int:
         print(f"flip-train: config error: {error}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-    result = run(cfg, run_dir, resume=args.resume, init_from=args.init_from)
+    from .parallel.dims import LayoutError
+
+    try:
+        result = run(cfg, run_dir, resume=args.resume, init_from=args.init_from)
+    except (ConfigError, LayoutError) as error:
+        # Found with the world size or the data in hand (layout, data.streams, tokenizer size):
+        # as deterministic as a config error, so the same exit status (the Slurm templates never
+        # requeue it).
+        print(f"flip-train: config error: {error}", file=sys.stderr)
+        return 2
     return preemption.EXIT_CODE if result.get("preempted") else 0
 
 

@@ -22,7 +22,8 @@ The tuning run is an ordinary training run (`flip_scale.train.run`) with:
     (f = 3.9 for L/16 at 75%, 2.0 at 50%), and activation memory grows about as much. Rule
     (`--memory auto`): if activation checkpointing is not already `full`, switch it to `full`
     (a block then keeps only its input for the backward instead of a dozen activations of that
-    size, which covers f <= 4); if it already is, raise optim.grad_accum_steps by ceil(f) (to a
+    size, which covers f <= 4; beyond that it also raises optim.grad_accum_steps by ceil(f / 4));
+    if it already is, raise optim.grad_accum_steps by ceil(f) (to a
     value that divides the per-rank batch) so each micro-batch holds as many tokens as before;
     the two-pass feature cache keeps the global-batch loss exact. `--memory accum` always raises
     the accumulation, `--memory checkpointing` only switches checkpointing on, `--memory keep`
@@ -34,8 +35,8 @@ Resumable like any run: `--resume auto` continues the tuning run directory's lat
 step in progress with a checkpoint of that step, and the tool exits preemption.EXIT_CODE (42), on
 which slurm/common.sh requeues the job. `--report` also prints zero-shot accuracy before tuning
 with masking (as in pre-training), before tuning unmasked, and after tuning unmasked
-(RUN_DIR/unmask_report.json; written only when the tuning has run to its end, not for a run
-stopped by a preemption).
+(RUN_DIR/unmask_report.json: the "before" part as soon as it is measured, so that a requeued run
+does not measure it again, the "after" part when the tuning has run to its end).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -76,7 +78,7 @@ MEMORY_MODES = ("auto", "accum", "checkpointing", "keep")
 
 EPILOG = """examples:
   python tools/unmask_tune.py --from runs/tiny_mask75 --run-dir runs/tiny_mask75_unmask --report
-  python tools/unmask_tune.py --from runs/l16/step_00190000 --run-dir runs/l16_unmask --dry-run
+  python tools/unmask_tune.py --from runs/l16/step_00190000 --run-dir runs/l16_unmask --dry-run --world-size 256
   python tools/unmask_tune.py --from exports/l16 --run-dir runs/l16_unmask --samples 64e6 train.global_batch_size=32768
   torchrun --nproc_per_node 8 tools/unmask_tune.py --from runs/g14 --run-dir runs/g14_unmask --resume auto parallel.tp=2
 """
@@ -144,6 +146,11 @@ def _accum_choice(cfg: Config, world_size: int, wanted: int) -> tuple[int, str]:
                    f"memory per micro-batch cannot shrink further)")
 
 
+# Full activation checkpointing keeps one input per block instead of about a dozen activations of
+# its size: it pays for up to about this many times the tokens (module docstring).
+FULL_AC_COVERS = 4.0
+
+
 def memory_plan(cfg: Config, source_mask_ratio: float, mode: str, world_size: int) -> tuple[dict, list]:
     """(dotted key -> value, explanation lines) of the memory rule (module docstring)."""
     if mode not in MEMORY_MODES:
@@ -158,15 +165,23 @@ def memory_plan(cfg: Config, source_mask_ratio: float, mode: str, world_size: in
     if growth <= 1.0 or mode == "keep":
         why = "the checkpoint was trained unmasked" if growth <= 1.0 else "--memory keep"
         return {}, [f"{head}: layout and accumulation kept ({why})"]
+    mode_given = mode
     if mode == "auto":
         mode = "checkpointing" if ac != "full" else "accum"
     if mode == "checkpointing":
         if ac == "full":
             return {}, [f"{head}: activation checkpointing is already full; nothing more to switch on "
                         f"(--memory accum would raise optim.grad_accum_steps by {math.ceil(growth)})"]
-        return ({"parallel.activation_checkpointing": "full"},
-                [f"{head}: activation checkpointing {ac} -> full (each block keeps only its input for the backward, "
-                 f"which saves more than the x{growth:.2f} the extra tokens cost); grad_accum_steps kept at {accum}"])
+        if growth <= FULL_AC_COVERS or mode_given == "checkpointing":
+            return ({"parallel.activation_checkpointing": "full"},
+                    [f"{head}: activation checkpointing {ac} -> full (each block keeps only its input for the backward, "
+                     f"which saves more than the x{growth:.2f} the extra tokens cost); grad_accum_steps kept at {accum}"])
+        # Beyond what full checkpointing covers: the rest by accumulation.
+        chosen, note = _accum_choice(cfg, world_size, accum * math.ceil(growth / FULL_AC_COVERS))
+        return ({"parallel.activation_checkpointing": "full", "optim.grad_accum_steps": chosen},
+                [f"{head}: activation checkpointing {ac} -> full (covers about x{FULL_AC_COVERS:g}) and "
+                 f"optim.grad_accum_steps {accum} -> {chosen} (x ceil({growth:.2f} / {FULL_AC_COVERS:g})) for the "
+                 f"rest{note}; global batch kept, the feature cache keeps the loss exact"])
     wanted = accum * math.ceil(growth)
     chosen, note = _accum_choice(cfg, world_size, wanted)
     exact = ("the feature cache keeps the global-batch loss exact" if cfg.loss.microbatch_contrast == "exact"
@@ -285,6 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how to pay for the unmasked images' extra activations (default auto; see the module doc)")
     parser.add_argument("--overlay", default=str(DEFAULT_OVERLAY), help="YAML put over the checkpoint's config")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: plan for this many ranks (default: the launcher's WORLD_SIZE, else 1), "
+                             "e.g. on a login node before submitting")
     parser.add_argument("--report", action="store_true",
                         help="zero-shot accuracy before tuning (masked and unmasked) and after tuning (unmasked)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.global_batch_size=32768")
@@ -308,16 +326,17 @@ def _record(plan: TuningPlan, args: argparse.Namespace) -> dict:
     }
 
 
-def evaluate_source(plan: TuningPlan) -> dict:
+def evaluate_source(plan: TuningPlan) -> tuple:
     """Zero-shot/retrieval of the source weights, masked as in pre-training and unmasked, on the
-    tuning run's layout and eval data. Leaves the process group up for the tuning run."""
+    tuning run's layout and eval data -> (results, the device). Leaves the process group up for the
+    tuning run."""
     import torch
 
     from .data import Tokenizer
     from .distributed import init_distributed
     from .evaluation import EvalGroup, run_evaluation
     from .evaluation.cli import build_eval_model
-    from .train import setup_logging
+    from .train import autocast_for, setup_logging
 
     cfg = dataclasses.replace(plan.cfg, parallel=dataclasses.replace(plan.cfg.parallel, activation_checkpointing="none"))
     proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
@@ -328,13 +347,22 @@ def evaluate_source(plan: TuningPlan) -> dict:
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
     ratio = config_from_dict(plan.source.config_tree).model.mask_ratio
     group = EvalGroup.from_dims(dims)
-    out = {"mask_ratio": ratio,
-           "masked": run_evaluation(model, tokenizer, cfg, proc.device, group, ratio or None, cfg.train.seed) if ratio else None,
-           "unmasked": run_evaluation(model, tokenizer, cfg, proc.device, group)}
+    with autocast_for(cfg, proc.device):  # the precision the tuning run evaluates its "after" in
+        out = {"mask_ratio": ratio,
+               "masked": run_evaluation(model, tokenizer, cfg, proc.device, group, ratio or None, cfg.train.seed)
+               if ratio else None,
+               "unmasked": run_evaluation(model, tokenizer, cfg, proc.device, group)}
     del model, parts
+    gc.collect()  # FSDP-wrapped modules sit in reference cycles: free them before the tuning model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return out
+    return out, proc.device
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def format_report(report: dict) -> str:
@@ -363,6 +391,15 @@ def main(argv=None) -> int:
 
     launch = slurm_launch_env(os.environ) or os.environ  # torchrun's variables, or an srun task's
     rank, world_size = int(launch.get("RANK", "0")), int(launch.get("WORLD_SIZE", "1"))
+    if args.world_size is not None:
+        if not args.dry_run:
+            print("unmask_tune: --world-size plans a run elsewhere and goes with --dry-run (a real run takes the "
+                  "launcher's world size)", file=sys.stderr)
+            return 2
+        if args.world_size < 1:
+            print(f"unmask_tune: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
+            return 2
+        world_size = args.world_size
     record_file, report_file = run_dir / RECORD_FILE, run_dir / REPORT_FILE
     try:
         existing = find_latest(run_dir) if run_dir.is_dir() else None
@@ -385,6 +422,10 @@ def main(argv=None) -> int:
         print(plan.describe(), flush=True)
     if args.dry_run:
         return 0
+    if args.report:
+        # A SIGUSR1 during the evaluation before tuning is a preemption request too (checked right
+        # after it; flip_scale/train.run installs the handler afresh for the tuning).
+        preemption.install()
     if rank == 0 and not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         record_file.write_text(json.dumps(_record(plan, args), indent=1) + "\n")
@@ -399,7 +440,15 @@ def main(argv=None) -> int:
         if saved.get("source") == str(source.path.resolve()) and saved.get("before"):
             before = saved["before"]
         else:
-            before = evaluate_source(plan)
+            before, device = evaluate_source(plan)
+            if rank == 0:  # kept at once: a requeued run does not evaluate the source again
+                run_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(report_file, {"source": str(source.path.resolve()), "before": before})
+            if preemption.requested(device):  # during the evaluation: nothing trained, nothing lost
+                if rank == 0:
+                    print(f"unmask_tune: preempted during the evaluation before tuning (kept in {report_file}); "
+                          f"continue with --resume auto (exit code {preemption.EXIT_CODE})", flush=True)
+                return preemption.EXIT_CODE
         report = {"source": str(source.path.resolve()), "before": before}
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, at_end=True))
 
@@ -412,8 +461,8 @@ def main(argv=None) -> int:
         # As flip-train: the checkpoint of the step it stopped at is complete; exit EXIT_CODE so that
         # the batch script requeues and `--resume auto` continues. A partial run has no "after".
         if rank == 0:
-            note = (f"; --report: {report_file} not written for a partial run (it is written when the resumed run "
-                    f"finishes)") if report is not None else ""
+            note = (f"; --report: {report_file} holds the 'before' part, the 'after' part comes when the resumed "
+                    f"run finishes") if report is not None else ""
             print(f"unmask_tune: preempted after step {result.get('step')} of {cfg.train.max_steps} with its checkpoint "
                   f"in {run_dir}; continue with --resume auto (exit code {preemption.EXIT_CODE}){note}", flush=True)
         return preemption.EXIT_CODE
@@ -421,6 +470,6 @@ def main(argv=None) -> int:
         report["after"] = {key: result[key] for key in ("zero_shot", "retrieval") if key in result}
         report["tuning_steps"] = result.get("step")
         report["tuning_mask_ratio"] = cfg.model.mask_ratio
-        report_file.write_text(json.dumps(report, indent=1) + "\n")
+        _write_json(report_file, report)
         print(format_report(report), flush=True)
     return 0

@@ -247,3 +247,14 @@ def test_effective_lr_linear_scaling():
     assert effective_lr(cfg) == pytest.approx(1.024e-3, rel=1e-12)  # 4e-6 x 65536 / 256
     assert effective_lr(load_config("flip_l16.yaml", ["train.global_batch_size=256"])) == pytest.approx(4e-6)
     assert effective_lr(load_config("flip_l16.yaml", ["optim.lr=5e-4"])) == 5e-4  # an explicit lr wins
+
+
+def test_flip_train_exits_2_on_errors_found_with_the_world_in_hand(tmp_path, capsys):
+    """A layout the world cannot hold, or a data.streams the batch cannot use, is as deterministic as
+    a config error: exit 2 (which the Slurm templates never requeue), with the message."""
+    from flip_scale.train import main
+
+    assert main(["--run-dir", str(tmp_path / "a"), "parallel.tp=2", "train.device=cpu"]) == 2
+    assert "does not divide the world size 1" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path / "b"), "data.streams=3", "train.device=cpu"]) == 2
+    assert "is not divisible by data.streams=3" in capsys.readouterr().err

@@ -73,6 +73,20 @@ def test_tiny_run_is_clamped_and_lr_follows_the_pretraining_ratio():
     assert any("overridden on the command line" in line and "train.max_steps" in line for line in flagged.lines)
 
 
+def test_memory_rule_adds_accumulation_beyond_what_full_checkpointing_covers():
+    # ViT-B/16-sized patch grid at 224 px (196 patches) with 90% removed: 20 -> 197 tokens (x9.85).
+    tree = load_config(None, ["model.mask_ratio=0.9", "model.image_size=224", "model.patch_size=16",
+                              "train.global_batch_size=48"]).to_dict()
+    plan = plan_tuning(_source(tree, 10**6))
+    changes = plan.changes()
+    assert changes["parallel.activation_checkpointing"] == ("none", "full")
+    assert changes["optim.grad_accum_steps"] == (1, 3)  # ceil(9.85 / 4) = 3, divides 48
+    assert any("covers about x4" in line for line in plan.lines)
+    # Within what checkpointing covers (x3.82 at 75% of 64 patches), checkpointing alone.
+    small = load_config(None, ["model.mask_ratio=0.75"]).to_dict()
+    assert "optim.grad_accum_steps" not in plan_tuning(_source(small, 38_400)).changes()
+
+
 def test_memory_rule_raises_accumulation_to_a_divisor_of_the_rank_batch():
     tree = load_config(None, ["model.mask_ratio=0.75", "parallel.activation_checkpointing=full"]).to_dict()
     # 64 patches, 16 visible: 17 -> 65 tokens (x3.82) -> accumulation x4.
@@ -316,10 +330,11 @@ def test_preempted_tuning_exits_42_with_a_checkpoint_and_resumes(masked_run, tmp
             "--base-lr", "0.01", "--memory", "keep", "--report", "train.log_every_steps=1"]
     out = _check_preempted_then_resumed(run_dir, args, steps=3, capsys=capsys)
     assert sigusr1_after_first_step["sent"] == [1] and sigusr1_after_first_step["unhandled"] == []
-    # The report of the partial run is not written (and the log says so); the resumed run's is.
-    assert "not written for a partial run" in out
+    # The partial run keeps the "before" part (the log says so); the resumed run reuses it, not
+    # evaluating the source again, and adds the "after" part.
+    assert "holds the 'before' part" in out
     report = json.loads((run_dir / "unmask_report.json").read_text())
-    assert report["tuning_steps"] == 3 and "zero_shot" in report["after"]
+    assert report["tuning_steps"] == 3 and "zero_shot" in report["after"] and "zero_shot" in report["before"]["unmasked"]
 
 
 def test_preempted_tuning_from_a_consolidated_checkpoint_exits_42_and_resumes(masked_run, tmp_path, capsys,
@@ -341,3 +356,13 @@ def test_unmask_tool_help_and_refusals(tmp_path, capsys):
     assert "examples:" in capsys.readouterr().out
     assert unmask_main(["--from", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "t")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_dry_run_plans_for_another_world_size(masked_run, tmp_path, capsys):
+    args = ["--from", str(masked_run), "--run-dir", str(tmp_path / "plan"), "--dry-run", "--memory", "accum"]
+    assert unmask_main([*args, "--world-size", "2", "parallel.dp_shard=2"]) == 0
+    assert "optim.grad_accum_steps" in capsys.readouterr().out
+    assert unmask_main([*args, "--world-size", "3", "parallel.tp=2"]) == 2  # tp 2 cannot divide 3 ranks
+    assert "does not divide the world size 3" in capsys.readouterr().err
+    assert unmask_main([a for a in args if a != "--dry-run"] + ["--world-size", "2"]) == 2
+    assert "goes with --dry-run" in capsys.readouterr().err

@@ -373,7 +373,7 @@ def load_consolidated(path: Union[str, Path], model, strict: bool = True, broadc
     (saves host memory when many ranks share a node; every rank must call this).
     """
     import torch.distributed as dist
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     path = Path(path)
@@ -383,23 +383,26 @@ def load_consolidated(path: Union[str, Path], model, strict: bool = True, broadc
     metadata, _ = read_safetensors_header(file)
     broadcast = broadcast_from_rank0 and dist.is_available() and dist.is_initialized()
     reads = not broadcast or dist.get_rank() == 0
-    full = load_file(str(file)) if reads else {}
     parts = list(model) if isinstance(model, (list, tuple)) else [model]
-    used = set()
-    for part in parts:
-        wanted = get_model_state_dict(part)  # local shards: names and dtypes, nothing gathered
-        if reads:
-            missing = [name for name in wanted if name not in full]
-            if missing and strict:
-                raise ConvertError(f"{file} lacks {len(missing)} tensors of the model: {', '.join(missing[:8])}")
-            state = {name: full[name].to(wanted[name].dtype) for name in wanted if name in full}
-            used.update(state)
-        else:
-            state = {}
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=strict)
-        set_model_state_dict(part, state, options=options)
+    used, in_file = set(), set()
+    # Only the tensors this rank's parts hold are read (a pipeline stage reads its own stage's).
+    with safe_open(str(file), framework="pt") as reader:
+        in_file = set(reader.keys())
+        for part in parts:
+            wanted = get_model_state_dict(part)  # local shards: names and dtypes, nothing gathered
+            if reads:
+                missing = [name for name in wanted if name not in in_file]
+                if missing and strict:
+                    raise ConvertError(f"{file} lacks {len(missing)} tensors of the model: {', '.join(missing[:8])}")
+                state = {name: reader.get_tensor(name).to(wanted[name].dtype) for name in wanted if name in in_file}
+                used.update(state)
+            else:
+                state = {}
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=strict)
+            set_model_state_dict(part, state, options=options)
+            del state
     if strict and reads and len(parts) == 1:
-        unexpected = [name for name in full if name not in used]
+        unexpected = [name for name in in_file if name not in used]
         if unexpected:
             raise ConvertError(f"{file} has {len(unexpected)} tensors the model does not: {', '.join(unexpected[:8])}")
     return metadata

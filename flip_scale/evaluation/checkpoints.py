@@ -116,6 +116,21 @@ def check_source_architecture(source: CheckpointSource, model_cfg, functional: s
     )
 
 
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (collective when distributed): ranks that would otherwise
+    carry on into the next collective alone stop together instead."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bool = False,
                  whole_model: bool = True) -> None:
     """The checkpoint's model weights into built (and parallelised) model parts; collective.
@@ -139,6 +154,9 @@ def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bo
     _, specs = convert.read_safetensors_header(source.path / MODEL_FILE)
     in_file = {spec.name for spec in specs}
     missing = [name for part in parts for name in get_model_state_dict(part) if name not in in_file]
+    if _any_rank(bool(missing)) and not missing:
+        raise CheckpointError(f"{source.path / MODEL_FILE} lacks tensors of another rank's pipeline stages "
+                              f"(that rank names them)")
     if missing:
         raise CheckpointError(f"{source.path / MODEL_FILE} lacks {len(missing)} tensors of this rank's pipeline "
                               f"stages: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")

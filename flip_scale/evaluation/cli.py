@@ -137,7 +137,11 @@ def evaluate_checkpoint(source: CheckpointSource, cfg: Config, proc, mask_ratio:
     load_weights(source, parts, broadcast_from_rank0=proc.world_size > 1 and not dims.pp_enabled,
                  whole_model=not dims.pp_enabled)
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
-    return run_evaluation(model, tokenizer, cfg, proc.device, EvalGroup.from_dims(dims), mask_ratio, cfg.train.seed)
+    from ..train import autocast_for
+
+    with autocast_for(cfg, proc.device):  # train.precision, as the trainer's own evaluations
+        return run_evaluation(model, tokenizer, cfg, proc.device, EvalGroup.from_dims(dims), mask_ratio,
+                              cfg.train.seed)
 
 
 def main(argv=None) -> int:

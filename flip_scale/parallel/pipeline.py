@@ -271,11 +271,13 @@ class PipelineEvalModel:
     (None for a tower given no input), forward only.
 
     Each call runs a forward-only schedule over the stages. A schedule fixes its micro-batch shapes
-    at its first step, so there is one schedule per (padded batch size, masked or not); a batch is
-    padded up to a multiple of parallel.microbatches, a missing tower's input is zeros, and the rows
-    of the padding are cut off. The last stage's output is broadcast over the pp group. Every pp
-    rank must make the same calls with batches of the same size (the evaluation's lockstep batches
-    do: the pp ranks of a replica read the same data).
+    at its first step, so there is one schedule per (padded batch size, image view): a batch is
+    padded up to a multiple of parallel.microbatches and the rows of the padding are cut off. A
+    tower given no input gets zeros; without images the image tower keeps a single patch, so
+    embedding prompts costs about what the text tower costs. The last stage's output is broadcast
+    over the pp group. Every pp rank must make the same calls with batches of the same size (the
+    evaluation's lockstep batches do: the pp ranks of a replica read the same data). The schedules
+    hold receive buffers and the last activations: build one of these per evaluation and drop it.
     """
 
     def __init__(self, pipe: FLIPPipeline, arch):
@@ -287,7 +289,7 @@ class PipelineEvalModel:
 
     @property
     def visual(self):
-        # Every stage keeps its image tower's masking module: the evaluation switches it.
+        # Every stage keeps its image tower's masking module; the first stage's is the one that acts.
         return self.pipe.modules[0].visual
 
     @property
@@ -301,6 +303,19 @@ class PipelineEvalModel:
 
     def eval(self) -> "PipelineEvalModel":
         return self.train(False)
+
+    @contextlib.contextmanager
+    def _one_patch(self):
+        """The first stage's image tower keeps one patch (zero noise: the first) for the block."""
+        masking = self.pipe.modules[0].visual.masking
+        ratio, training = masking.mask_ratio, masking.training
+        masking.mask_ratio = 1.0 - 1e-6  # visible_count -> max(1, int(L * 1e-6)) = 1
+        masking.train(True)
+        try:
+            yield
+        finally:
+            masking.mask_ratio = ratio
+            masking.train(training)
 
     def __call__(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor],
                  mask_noise: Optional[torch.Tensor] = None):
@@ -318,11 +333,18 @@ class PipelineEvalModel:
                 out[:rows] = tensor.to(device)
             return out
 
-        key = (padded, mask_noise is not None)
+        masking = self.visual.masking
+        text_only = images is None
+        if text_only:
+            mask_noise = torch.zeros(rows, arch.num_patches)
+            view = "one patch"
+        else:  # the number of image tokens each stage sees
+            view = masking.mask_ratio if (masking.training and masking.mask_ratio > 0) else 0.0
+        key = (padded, view)
         if key not in self._schedules:
             self._schedules[key] = pipe.new_forward_schedule()
         schedule = self._schedules[key]
-        with torch.no_grad():
+        with torch.no_grad(), (self._one_patch() if text_only else contextlib.nullcontext()):
             if pipe.has_first_stage:
                 inputs = [pad(images, (3, arch.image_size, arch.image_size), torch.float32),
                           pad(tokens, (arch.context_length,), torch.long)]
@@ -336,5 +358,5 @@ class PipelineEvalModel:
             if pipe.pp_size > 1:
                 dist.broadcast(packed, group=pipe.pp_group, group_src=pipe.last_stage_rank)
         image_features, text_features, log_temperature = split_stage_output(packed[:rows], pipe.embed_dim)
-        return (image_features if images is not None else None,
+        return (None if text_only else image_features,
                 text_features if tokens is not None else None, log_temperature)
