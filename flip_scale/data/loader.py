@@ -170,7 +170,9 @@ class TrainStream(IterableDataset):
         """Usable samples of this stream's shards in `epoch`, before the shuffle buffer."""
         tasks = assign_shards(self.shards, epoch, self.seed, 0, 1, stream, self.total_streams)
         for task in tasks:
-            for sample in read_tar_samples(task.shard, task.select if task.stride > 1 else None):
+            # While replaying to a resume point (tracker.quiet) images are only located, not read.
+            for sample in read_tar_samples(task.shard, task.select if task.stride > 1 else None,
+                                           lazy_images=lambda: tracker.quiet):
                 if isinstance(sample, BadSample):
                     tracker.add_bad(sample)
                     continue

@@ -79,6 +79,14 @@ class RawSample:
     fields: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MemberRef:
+    """Where a field's bytes lie in its shard, not yet read (`read_tar_samples(..., lazy_images=...)`)."""
+
+    offset: int
+    size: int
+
+
 @dataclass
 class BadSample:
     """A sample (or a whole shard) that could not be used, and why."""
@@ -97,7 +105,7 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def read_tar_samples(
-    shard: str, select: Optional[Callable[[int], bool]] = None
+    shard: str, select: Optional[Callable[[int], bool]] = None, lazy_images: Optional[Callable[[], bool]] = None,
 ) -> Iterator[Union[RawSample, BadSample]]:
     """Samples of one tar shard in file order; a read error ends the shard with one `BadSample`.
 
@@ -105,6 +113,9 @@ def read_tar_samples(
     so that several readers can share one shard without overlap; unselected samples' data is not
     read. A tar cut short reports one bad sample: the sample being read when the data ran out (or,
     when the cut falls between members, the last sample, which may be missing a field).
+    While `lazy_images()` is true, image fields hold a `MemberRef` instead of their bytes (the tar
+    reader seeks past them); `image_bytes` reads them when asked. Replaying a stream to a resume
+    point reads headers and captions only.
     """
     def chosen(index: int) -> bool:
         return select is None or select(index)
@@ -152,7 +163,10 @@ def read_tar_samples(
             if not selected:
                 continue
             try:
-                current.fields[suffix] = tar.extractfile(member).read()
+                if suffix in IMAGE_FIELDS and lazy_images is not None and lazy_images():
+                    current.fields[suffix] = MemberRef(member.offset_data, member.size)
+                else:
+                    current.fields[suffix] = tar.extractfile(member).read()
             except Exception as error:
                 yield BadSample(shard, key, f"truncated shard ({type(error).__name__}: {error})")
                 return
@@ -214,7 +228,16 @@ def class_index(sample: RawSample) -> Optional[int]:
 def image_bytes(sample: RawSample) -> bytes:
     for name in IMAGE_FIELDS:
         if name in sample.fields:
-            return sample.fields[name]
+            value = sample.fields[name]
+            if isinstance(value, MemberRef):  # read lazily: now it is needed
+                with open(sample.shard, "rb") as file:
+                    file.seek(value.offset)
+                    data = file.read(value.size)
+                if len(data) != value.size:
+                    raise EOFError(f"{sample.shard} ends inside the image of {sample.key!r} "
+                                   f"({len(data)} of {value.size} bytes)")
+                return data
+            return value
     raise KeyError(f"sample {sample.key} of {sample.shard} has no image field ({', '.join(IMAGE_FIELDS)})")
 
 
