@@ -541,3 +541,19 @@ def test_another_shard_list_of_the_same_length_is_not_continued(tmp_path, tokeni
     take(loader, 1)
     with pytest.raises(ValueError, match="shards_digest"):
         build_train_loader(data_cfg(other), IMAGE, tokenizer, 0, 1, 2, seed=0).load_state_dict(loader.state_dict())
+
+
+def test_lazy_images_are_located_then_read_when_needed(tmp_path):
+    from flip_scale.data.shards import MemberRef, image_bytes, read_tar_samples
+
+    shard = write_shard(tmp_path / "l-000000.tar", [good_sample(f"k{i}", i) for i in range(3)])
+    eager = list(read_tar_samples(shard))
+    lazy = list(read_tar_samples(shard, lazy_images=lambda: True))
+    assert all(isinstance(s.fields["png"], MemberRef) for s in lazy)
+    assert [s.fields["txt"] for s in lazy] == [s.fields["txt"] for s in eager]  # captions are read
+    assert [image_bytes(s) for s in lazy] == [image_bytes(s) for s in eager]
+    # A reference past the end of a shard cut afterwards is an error the loader counts as bad.
+    with open(shard, "r+b") as f:
+        f.truncate(lazy[-1].fields["png"].offset + 10)
+    with pytest.raises(EOFError, match="ends inside the image of 'k2'"):
+        image_bytes(lazy[-1])
