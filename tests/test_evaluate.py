@@ -301,3 +301,22 @@ def test_flip_eval_under_pipeline_parallel_matches_one_process(synthetic_dir, tm
     results = run_distributed(_flip_eval_rank, 2, (str(tmp_path / "run"), overrides), timeout=240)
     expected = log_values(one_process["unmasked"])
     assert results == [expected, expected]
+
+
+def test_long_evaluations_log_progress_with_an_eta(caplog):
+    import logging
+    import time
+
+    from flip_scale.evaluation.group import EvalProgress
+
+    with caplog.at_level(logging.INFO, logger="flip_scale.eval"):
+        quiet = EvalProgress("zero-shot images", total=1000, every=3600)
+        quiet.update(500)  # not yet due: nothing
+        assert not caplog.records
+        progress = EvalProgress("zero-shot images", total=1000, every=0.0)
+        time.sleep(0.01)
+        progress.update(250)
+        EvalProgress("retrieval pairs", every=0.0).update(10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("zero-shot images: 250 / 1000 (25%)") and "ETA" in lines[0]
+    assert lines[1].startswith("retrieval pairs: 10 so far")

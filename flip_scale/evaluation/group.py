@@ -11,11 +11,38 @@ count, and the counts are summed over the ranks at the end.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("flip_scale.eval")
+
+
+class EvalProgress:
+    """A log line at most every `every` seconds on long evaluations: samples done (all ranks, as
+    counted on this one), rate, and an ETA when the total is known. Only the main process's logger
+    prints (the other ranks log warnings only)."""
+
+    def __init__(self, label: str, total: Optional[int] = None, every: float = 30.0):
+        self.label, self.total, self.every = label, total, every
+        self.started = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        if self.total:
+            left = max(0, self.total - done) / max(rate, 1e-9)
+            log.info("%s: %d / %d (%.0f%%), %.0f/s, ETA %.0fs", self.label, done, self.total,
+                     100 * done / self.total, rate, left)
+        else:
+            log.info("%s: %d so far, %.0f/s", self.label, done, rate)
 
 
 @dataclass(frozen=True)
@@ -86,6 +113,8 @@ def lockstep_batches(
     group: EvalGroup,
     device: torch.device,
     max_samples: int = 0,
+    label: str = "evaluation",
+    total: Optional[int] = None,
 ) -> Iterator[dict]:
     """This rank's batches (dicts of the `fields`, at most `batch_size` rows each), padded to
     `batch_size` rows and continued with all-padding batches until every rank is done.
@@ -96,6 +125,7 @@ def lockstep_batches(
     limit = group.rank_limit(max_samples)
     source = iter(batches)
     taken = 0
+    progress = EvalProgress(label, total=max_samples or total)
     exhausted = limit == 0
     while True:
         batch, rows = None, 0
@@ -122,3 +152,4 @@ def lockstep_batches(
         if limit is not None and taken >= limit:
             exhausted = True
         yield out
+        progress.update(taken * group.size)

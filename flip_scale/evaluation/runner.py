@@ -22,7 +22,7 @@ import torch
 
 from ..models import masking_noise
 from .datasets import ClassificationSet, caption_batches, open_classification
-from .group import EvalGroup, Field, lockstep_batches
+from .group import EvalGroup, EvalProgress, Field, lockstep_batches
 from .scoring import classifier_from_text_features, correct_at_k, retrieval_hits
 from .templates import load_templates
 
@@ -82,11 +82,14 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
     mine = prompts[group.rank * per_rank : (group.rank + 1) * per_rank]
     mine += [""] * (per_rank - len(mine))  # padding prompts, cut off after the gather
     features = []
+    progress = EvalProgress(f"zero-shot classifier ({len(classnames)} classes x {len(templates)} prompts)",
+                            total=len(prompts))
     with evaluation_mode(model):
         for start in range(0, per_rank, batch_size):
             tokens = tokenizer(mine[start : start + batch_size]).to(device)
             _, text_features, _ = model(None, tokens)
             features.append(text_features.float())
+            progress.update(min(len(prompts), (start + batch_size) * group.size))
     gathered = group.all_gather(torch.cat(features))[: len(prompts)]
     return classifier_from_text_features(gathered.view(len(classnames), len(templates), -1))
 
@@ -94,7 +97,7 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
 @torch.no_grad()
 def zero_shot_accuracy(model, classifier: torch.Tensor, loader, device, max_samples: int = 0,
                        group: Optional[EvalGroup] = None, batch_size: Optional[int] = None,
-                       mask_ratio: Optional[float] = None, mask_seed: int = 0) -> dict:
+                       mask_ratio: Optional[float] = None, mask_seed: int = 0, total: Optional[int] = None) -> dict:
     """top-1 / top-5 accuracy (fractions) over this rank's share of the labelled batches of `loader`
     ({images, labels} dicts or (images, labels) pairs), summed over the data-parallel ranks."""
     group = group or EvalGroup()
@@ -110,7 +113,8 @@ def zero_shot_accuracy(model, classifier: torch.Tensor, loader, device, max_samp
     fields = {"images": Field((3, arch.image_size, arch.image_size), torch.float32), "labels": Field((), torch.long, -1)}
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, samples
     with evaluation_mode(model, mask_ratio):
-        for batch in lockstep_batches(batches, fields, batch_size, group, device, max_samples):
+        for batch in lockstep_batches(batches, fields, batch_size, group, device, max_samples,
+                                      label="zero-shot images", total=total):
             labels, valid = batch["labels"].to(device), batch["valid"].to(device)
             if int(labels.max()) >= classes:
                 raise ValueError(f"an evaluation sample has class {int(labels.max())} but there are only {classes} "
@@ -140,7 +144,8 @@ def retrieval_recall(model, loader, device, batch_size: int, max_samples: int = 
     }
     images, texts, keys = [], [], []
     with evaluation_mode(model, mask_ratio):
-        for batch in lockstep_batches(loader, fields, batch_size, group, device, max_samples):
+        for batch in lockstep_batches(loader, fields, batch_size, group, device, max_samples,
+                                      label="retrieval pairs"):
             noise = _image_noise(model, batch["index"], mask_ratio, mask_seed, device)
             image_features, text_features, _ = model(batch["images"].to(device), batch["tokens"].to(device), noise)
             valid = batch["valid"].to(device)
@@ -195,7 +200,7 @@ def run_zero_shot(model, tokenizer, eval_cfg, data_cfg, image_size: int, device,
                                             eval_cfg.batch_size, group)
     batches = dataset.batches(image_size, data_cfg, eval_cfg.batch_size, group.rank, group.size)
     result = zero_shot_accuracy(model, classifier, batches, device, eval_cfg.max_samples, group,
-                                eval_cfg.batch_size, mask_ratio, mask_seed)
+                                eval_cfg.batch_size, mask_ratio, mask_seed, total=len(dataset.items) if dataset.items is not None else None)
     result["classes"] = len(dataset.classnames)
     result["chance"] = 1.0 / len(dataset.classnames)
     return result
