@@ -837,3 +837,36 @@ def test_preempted_job_requeues_resumes_and_the_unmask_job_follows(slurm_cluster
     assert "dp_shard 1 x tp 2 (data-parallel size 1: tensor parallel)" in tune_text
     assert "mask_ratio: 0.0" in (tune_dir / "config.yaml").read_text()
     assert all(r["mask_ratio"] == 0.0 for r in read_jsonl(tune_dir / "metrics.jsonl"))
+
+
+# ============================================================================ the templates' own layouts
+def _template_defaults(name: str) -> tuple[int, str, list[str]]:
+    """(ranks, recipe, layout overrides) that a template runs with when nothing is overridden."""
+    text = (REPO / "slurm" / f"{name}.sh").read_text()
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1))
+    per_node = int(re.search(r"^#SBATCH --ntasks-per-node=(\d+)$", text, re.M).group(1))
+    recipe = re.search(r"^FLIP_CONFIG=\$\{FLIP_CONFIG:-([^}]+)\}$", text, re.M).group(1)
+    layout = re.search(r"^FLIP_LAYOUT=\$\{FLIP_LAYOUT-([^}]*)\}$", text, re.M).group(1).split()
+    return nodes * per_node, recipe, layout
+
+
+@pytest.mark.parametrize("name", ["flip_b16", "flip_l16", "flip_h14", "flip_g14", "unmask_tune_g14"])
+def test_each_template_default_layout_is_valid_for_its_allocation(name):
+    """`sbatch slurm/NAME.sh` as shipped: the recipe, the template's layout and its #SBATCH
+    allocation make a layout the trainer accepts (checked before any model is built), with a data
+    stream count that splits over its data-parallel ranks and the global batch."""
+    from flip_scale.config import load_config
+    from flip_scale.data.loader import check_streams, default_streams
+    from flip_scale.models import arch_from_config
+    from flip_scale.parallel import ParallelDims
+
+    ranks, recipe, layout = _template_defaults(name)
+    cfg = load_config(REPO / recipe, layout)
+    dims = ParallelDims.from_config(cfg.parallel, ranks, arch_from_config(cfg.model), cfg.train.global_batch_size,
+                                    cfg.optim.grad_accum_steps)
+    assert dims.world_size == ranks and dims.tp * dims.pp * dims.dp_size == ranks
+    local = cfg.train.global_batch_size // dims.dp_size
+    streams = cfg.data.streams or default_streams(dims.dp_size, cfg.data.num_workers, local)
+    check_streams(streams, dims.dp_size, cfg.train.global_batch_size)
+    if name.endswith("g14"):  # the README's sizing: tp 2 inside a node, ZeRO-3 over 128, full AC
+        assert (dims.tp, dims.dp_shard, cfg.parallel.activation_checkpointing) == (2, 128, "full")
