@@ -128,6 +128,9 @@ class ParallelConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     activation_checkpointing_every: int = 2  # selective: every k-th block
     activation_checkpointing_towers: str = "both"  # both | vision | text: the towers it applies to
+    # torch.compile of every transformer block (after checkpointing, before sharding, as torchtitan);
+    # meant for GPUs, where it fuses the norms, GELU and residual adds: measure before relying on it.
+    compile: bool = False
     param_dtype: str = "bf16"  # FSDP MixedPrecisionPolicy on GPU
     reduce_dtype: str = "fp32"
     cpu_offload: bool = False

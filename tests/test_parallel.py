@@ -246,6 +246,20 @@ def test_checkpointing_per_tower(towers, expected, reference):
     assert_matches_reference(dict(losses=losses, norms=norms, params=model.state_dict()), reference, f"AC {towers}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_compiled_blocks_match_one_process(ac, reference):
+    """parallel.compile: every block through torch.compile (inductor on the CPU here), keys unchanged,
+    the same losses and parameters as the eager reference (to the equality tests' tolerance)."""
+    cfg = tiny_config(compile=True, activation_checkpointing=ac)
+    dims = ParallelDims.from_config(cfg.parallel, 1, arch_from_config(cfg.model), GLOBAL_BATCH)
+    model = parallelize_model(build_model(cfg.model, device="meta"), dims, dims.build_mesh("cpu"), cfg, "cpu")
+    assert all(block._compiled_call_impl is not None for block in model.visual.blocks.values())
+    assert list(model.state_dict()) == list(reference["params"])
+    losses, norms, _ = train(model, cfg, dims)
+    assert_matches_reference(dict(losses=losses, norms=norms, params=model.state_dict()), reference, f"compile AC {ac}")
+
+
 def test_checkpointing_towers_value_is_checked():
     from flip_scale.config import ConfigError, load_config
 

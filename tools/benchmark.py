@@ -94,7 +94,8 @@ def worker(args) -> dict:
         f"model.name={args.model}", f"train.global_batch_size={args.batch}", f"train.max_steps={args.steps + args.warmup}",
         f"model.mask_ratio={args.mask_ratio}", f"train.device={args.device}", f"train.precision={args.precision}",
         f"parallel.activation_checkpointing={args.ac}", "schedule.warmup_steps=0", "logging.tensorboard=false",
-        f"optim.grad_accum_steps={args.grad_accum}", *layout_overrides(args.layout),
+        f"optim.grad_accum_steps={args.grad_accum}", f"parallel.compile={str(args.compile).lower()}",
+        *layout_overrides(args.layout),
     ] + [f"parallel.microbatches={microbatches(args)}"] + (["model.vocab_size=512"] if args.model == "tiny" else [])
     cfg = load_config(None, overrides)
     proc = init_distributed(cfg.train.device)
@@ -162,7 +163,7 @@ def launch(args, layout: str) -> list[dict]:
     cmd += [__file__, "--worker", "--layout", layout, "--model", args.model, "--batch", str(args.batch),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--mask-ratio", str(args.mask_ratio),
             "--device", args.device, "--precision", args.precision, "--ac", args.ac, "--grad-accum", str(args.grad_accum),
-            "--microbatches", str(args.microbatches)]
+            "--microbatches", str(args.microbatches)] + (["--compile"] if args.compile else [])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     results = [r for line in proc.stdout.splitlines() if line.startswith("RESULT ") for r in json.loads(line[7:])]
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--ac", default="none", choices=["none", "full", "selective"], help="activation checkpointing")
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="parallel.compile: torch.compile every block")
     parser.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (default: 2 x pp)")
     parser.add_argument("--worker", action="store_true", help="run one rank (under torchrun) instead of the sweep")
     parser.add_argument("--verbose", action="store_true")
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     print(f"model {args.model}, global batch {args.batch}, mask {args.mask_ratio}, {args.device}/{args.precision}, "
-          f"AC {args.ac}, {args.steps} timed steps after {args.warmup}")
+          f"AC {args.ac}{', compiled blocks' if args.compile else ''}, {args.steps} timed steps after {args.warmup}")
     print(f"{'layout':>28} | ranks | images/s   | step s   | peak GiB  | comm MB/step | TFLOP/s/rank")
     for layout in layouts:
         results = launch(args, layout)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .activation import apply_ac, checkpoint_module
+from .activation import apply_ac, apply_compile, checkpoint_module
 from .dims import MESH_DIM_NAMES, LayoutError, ParallelDims
 from .fsdp import apply_fsdp, register_scalar_grad_averaging
 from .tensor import apply_tp, replicate_partial_gradients
@@ -48,7 +48,7 @@ from .utils import (
 log = logging.getLogger("flip_scale.parallel")
 
 __all__ = [
-    "MESH_DIM_NAMES", "LayoutError", "ParallelDims", "apply_ac", "apply_fsdp", "apply_tp", "checkpoint_module",
+    "MESH_DIM_NAMES", "LayoutError", "ParallelDims", "apply_ac", "apply_compile", "apply_fsdp", "apply_tp", "checkpoint_module",
     "clip_grad_norm_", "describe_parameter_counts", "init_buffers", "local_parameter_count", "materialize_and_init",
     "mixed_precision_dtypes", "optimizer_state_bytes", "parallelize_model", "parallelize_pipeline", "parameter_counts_per_rank",
     "reference_state_dict", "replicate_partial_gradients", "shard_bytes", "total_grad_norm",
@@ -159,7 +159,8 @@ def parallelize_model(
         apply_tp(model, dims.tp_mesh, sequence_parallel=sequence_parallel)
     apply_ac(model, pcfg.activation_checkpointing, pcfg.activation_checkpointing_every,
              pcfg.activation_checkpointing_towers)
-    # (torch.compile per block goes here, GPU only.)
+    if pcfg.compile:
+        apply_compile(model)
     if dims.fsdp_enabled:
         param_dtype, reduce_dtype = mixed_precision_dtypes(cfg, device)
         apply_fsdp(

@@ -73,3 +73,15 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2, towers: str = "both") 
             if selects_block(mode, int(name), every):
                 checkpoint_module(block)
     return model
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile every transformer block of both towers in place (`nn.Module.compile`: the
+    parameter names and state-dict keys stay those of the plain model). Applied after activation
+    checkpointing, whose checkpointed forward is compiled with the block, and before FSDP."""
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+        if tower is None:
+            continue
+        for block in tower.blocks.values():
+            block.compile()
+    return model
