@@ -247,17 +247,31 @@ def test_checkpointing_per_tower(towers, expected, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ac", ["none", "full"])
-def test_compiled_blocks_match_one_process(ac, reference):
-    """parallel.compile: every block through torch.compile (inductor on the CPU here), keys unchanged,
-    the same losses and parameters as the eager reference (to the equality tests' tolerance)."""
+def test_compiled_blocks_match_one_process(reference):
+    """parallel.compile: every block's forward through torch.compile (inductor on the CPU here),
+    keys unchanged, the same losses and parameters as the eager reference (equality tolerance)."""
+    ac = "none"
     cfg = tiny_config(compile=True, activation_checkpointing=ac)
     dims = ParallelDims.from_config(cfg.parallel, 1, arch_from_config(cfg.model), GLOBAL_BATCH)
     model = parallelize_model(build_model(cfg.model, device="meta"), dims, dims.build_mesh("cpu"), cfg, "cpu")
-    assert all(block._compiled_call_impl is not None for block in model.visual.blocks.values())
+    assert all(getattr(block, "compiled", False) for block in [*model.visual.blocks.values(), *model.text.blocks.values()])
     assert list(model.state_dict()) == list(reference["params"])
     losses, norms, _ = train(model, cfg, dims)
     assert_matches_reference(dict(losses=losses, norms=norms, params=model.state_dict()), reference, f"compile AC {ac}")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_fsdp_and_tensor_parallel_match_one_process(reference):
+    """Compiled block forwards with FSDP2's and tensor parallel's hooks around them (eager), on 4
+    ranks: dp_shard=4, and dp_shard=2 x tp=2 with sequence parallel and full checkpointing."""
+    layouts = {
+        "dp_shard=4, compiled": (dict(dp_shard=4, compile=True), True, 1),
+        "dp_shard=2 x tp=2 (SP), full AC, compiled": (
+            dict(dp_shard=2, tp=2, compile=True, activation_checkpointing="full"), True, 1),
+    }
+    results = run_distributed(_run_layouts, 4, (layouts,), timeout=600)
+    for label in layouts:
+        assert_matches_reference(results[0][label], reference, label)
 
 
 def test_checkpointing_towers_value_is_checked():

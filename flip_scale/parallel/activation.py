@@ -76,12 +76,20 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2, towers: str = "both") 
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
-    """torch.compile every transformer block of both towers in place (`nn.Module.compile`: the
-    parameter names and state-dict keys stay those of the plain model). Applied after activation
-    checkpointing, whose checkpointed forward is compiled with the block, and before FSDP."""
+    """torch.compile the forward of every transformer block of both towers, in place.
+
+    The block's `forward` is compiled, not its `__call__`: module hooks (FSDP2's unshard/reshard,
+    the tensor-parallel input/output layouts) stay outside the compiled region and run eagerly,
+    and the parameter names and state-dict keys stay those of the plain model. Applied after
+    activation checkpointing, whose checkpointed forward is compiled with the block, and before
+    FSDP (whose hooks are added around it)."""
+    import torch
+
     for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
         if tower is None:
             continue
         for block in tower.blocks.values():
-            block.compile()
+            if not getattr(block, "compiled", False):
+                block.forward = torch.compile(block.forward)
+                block.compiled = True
     return model
