@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ EPILOG = """examples:
   flip-train --config configs/flip_b16.yaml --run-dir runs/b16 data.train_shards='/data/{00000..01023}.tar'
   flip-train --resume auto --run-dir runs/tiny    continue from the last complete checkpoint
   torchrun --nproc_per_node 4 -m flip_scale.train parallel.dp_shard=4
+  flip-train --config configs/flip_g14.yaml --dry-run --world-size 256 parallel.tp=2   check before sbatch
 """
 
 
@@ -59,8 +61,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint of the run directory, if any) or a checkpoint path")
     parser.add_argument("--init-from", default=None, help="start from the weights of this checkpoint (fresh optimizer and step)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and the layout for --world-size ranks, print the plan, and exit "
+                             "(nothing is built or written; the model is counted on the meta device)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: the number of ranks of the job (default: the launcher's, else 1)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=100 model.mask_ratio=0.75")
     return parser.parse_args(argv)
+
+
+def dry_run(cfg: Config, world_size: int) -> str:
+    """What `flip-train` would run, checked as far as can be without building anything: the
+    layout, the batch split, the data streams, the schedule and the model's size and cost.
+    Raises ConfigError / LayoutError as the real start would."""
+    from .data.loader import check_streams, default_streams
+    from .models.flops import flops_for_config
+    from .parallel import ParallelDims
+
+    arch = arch_from_config(cfg.model)
+    dims = ParallelDims.from_config(cfg.parallel, world_size, arch=arch, global_batch_size=cfg.train.global_batch_size,
+                                    grad_accum_steps=cfg.optim.grad_accum_steps)
+    local = cfg.train.global_batch_size // dims.dp_size
+    streams = cfg.data.streams or default_streams(dims.dp_size, cfg.data.num_workers, local)
+    try:
+        check_streams(streams, dims.dp_size, cfg.train.global_batch_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    counts = count_parameters(build_model(cfg.model, device="meta"))
+    flops = flops_for_config(cfg.model, training=True)["total"]
+    samples = cfg.train.max_steps * cfg.train.global_batch_size
+    shards = str(cfg.data.train_shards) if cfg.data.train_shards else "data.train_shards is not set"
+    state_bytes = 16 * counts["params_total"]  # fp32 weights + grads + AdamW's two moments
+    shard_over = dims.dp_shard * dims.tp * dims.pp
+    return "\n".join([
+        f"flip-train --dry-run: {cfg.model.name}, {counts['params_total'] / 1e6:.1f}M parameters "
+        f"(vision {counts['params_vision'] / 1e6:.1f}M, text {counts['params_text'] / 1e6:.1f}M), mask ratio "
+        f"{cfg.model.mask_ratio:g} ({max(1, int(arch.num_patches * (1 - cfg.model.mask_ratio)))} of {arch.num_patches} "
+        f"patches visible)",
+        f"  layout: {dims.describe()}",
+        f"  batch: {cfg.train.global_batch_size} = {dims.dp_size} data-parallel ranks x {local} "
+        f"(grad accumulation {cfg.optim.grad_accum_steps}, pipeline micro-batches {cfg.parallel.microbatches})",
+        f"  data: {shards}; {streams} sample streams ({streams // dims.dp_size} per data-parallel rank, "
+        f"{local * dims.dp_size // streams} samples each per step)",
+        f"  schedule: {cfg.train.max_steps} steps = {samples / 1e6:.2f}M samples, peak lr {effective_lr(cfg):.3e}, "
+        f"warmup {cfg.schedule.warmup_steps}, {cfg.schedule.name}",
+        f"  compute: {flops / 1e9:.1f} GFLOPs per training sample, {flops * samples / 1e18:.2f} EFLOP in all",
+        f"  optimizer state: {state_bytes / 2**30:.1f} GiB in all (fp32 weights, grads, AdamW moments), "
+        f"{state_bytes / shard_over / 2**20:.0f} MiB per rank sharded over {shard_over}"
+        + (f" (x{dims.dp_replicate} replicas)" if dims.dp_replicate > 1 else ""),
+        f"  activation checkpointing: {cfg.parallel.activation_checkpointing} "
+        f"({cfg.parallel.activation_checkpointing_towers}); compiled blocks: {cfg.parallel.compile}",
+        "  config and layout OK",
+    ])
 
 
 def setup_logging(rank: int) -> None:
@@ -507,6 +559,24 @@ def main(argv=None) -> int:
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     from .parallel.dims import LayoutError
+
+    if args.world_size is not None and not args.dry_run:
+        print("flip-train: --world-size goes with --dry-run (a run takes the launcher's world size)", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from .distributed import slurm_launch_env
+
+        launch = slurm_launch_env(os.environ) or os.environ
+        world = args.world_size if args.world_size is not None else int(launch.get("WORLD_SIZE", "1"))
+        if world < 1:
+            print(f"flip-train: --world-size must be >= 1, got {world}", file=sys.stderr)
+            return 2
+        try:
+            print(dry_run(cfg, world))
+        except (ConfigError, LayoutError) as error:
+            print(f"flip-train: config error: {error}", file=sys.stderr)
+            return 2
+        return 0
 
     try:
         result = run(cfg, run_dir, resume=args.resume, init_from=args.init_from)

@@ -258,3 +258,18 @@ def test_flip_train_exits_2_on_errors_found_with_the_world_in_hand(tmp_path, cap
     assert "does not divide the world size 1" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path / "b"), "data.streams=3", "train.device=cpu"]) == 2
     assert "is not divisible by data.streams=3" in capsys.readouterr().err
+
+
+def test_flip_train_dry_run_checks_a_large_job_without_building_it(tmp_path, capsys, monkeypatch):
+    from flip_scale.train import main
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written: no runs/ or data/ appear here
+    assert main(["--config", str(CONFIG_DIR / "flip_g14.yaml"), "--dry-run", "--world-size", "256", "parallel.tp=2"]) == 0
+    out = capsys.readouterr().out
+    assert "G/14, 2516.8M parameters" in out and "dp_shard 128 x tp 2" in out
+    assert "1024 sample streams (8 per data-parallel rank" in out and "config and layout OK" in out
+    assert not list(tmp_path.iterdir())
+    assert main(["--config", str(CONFIG_DIR / "flip_g14.yaml"), "--dry-run", "--world-size", "100", "parallel.tp=2"]) == 2
+    assert "not divisible by the data-parallel size 50" in capsys.readouterr().err
+    assert main(["--world-size", "8"]) == 2
+    assert "goes with --dry-run" in capsys.readouterr().err
