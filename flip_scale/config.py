@@ -106,6 +106,10 @@ class OptimConfig:
     weight_decay: float = 0.2
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum_steps: int = 1
+    # A step whose gradient norm is not finite never reaches the weights: it is skipped (the lr
+    # schedule moves on), logged and counted; more than this many such steps in a row stop the run
+    # with the weights and checkpoints untouched.
+    max_nonfinite_steps: int = 3
     fused: str = "auto"  # auto | true | false: fused AdamW kernel where the device has one
 
 
@@ -391,6 +395,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard: must be -1 (fill the world) or >= 1, got {cfg.parallel.dp_shard}")
+    if cfg.optim.max_nonfinite_steps < 0:
+        raise ConfigError(f"optim.max_nonfinite_steps: must be 0 (stop at the first) or more, got "
+                          f"{cfg.optim.max_nonfinite_steps}")
     if cfg.data.streams < 0:
         raise ConfigError(f"data.streams: must be 0 (one per data-parallel rank x loader worker) or >= 1, "
                           f"got {cfg.data.streams}")

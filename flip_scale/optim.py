@@ -123,6 +123,11 @@ class OptimizerGroup:
         for scheduler in self.schedulers:
             scheduler.step()
 
+    def skip(self) -> None:
+        """A step whose gradients are dropped: the weights stay, the lr schedule moves on."""
+        for scheduler in self.schedulers:
+            scheduler.step()
+
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)

@@ -150,6 +150,8 @@ class TrainState:
     step: int = 0
     samples_seen: int = 0
     skipped_samples: int = 0
+    nonfinite_steps: int = 0  # skipped optimizer steps (non-finite gradient norm), over the run
+    nonfinite_in_a_row: int = 0
 
 
 def _dp_sum(value: float, group, device, op=None) -> float:
@@ -266,6 +268,7 @@ class Trainer:
         self.state = TrainState(
             step=trainer_state["step"], samples_seen=trainer_state.get("samples_seen", 0),
             skipped_samples=trainer_state.get("skipped_samples", 0),
+            nonfinite_steps=trainer_state.get("nonfinite_steps", 0),
         )
         self.data_state = trainer_state.get("data_state")
         if trainer_state.get("layout") not in (None, self.dims.describe()):
@@ -310,6 +313,7 @@ class Trainer:
             self.run_dir, self.state.step, self.model_parts, self.optimizers.optimizers, self.optimizers,
             trainer_state={
                 "samples_seen": self.state.samples_seen, "skipped_samples": self.state.skipped_samples,
+                "nonfinite_steps": self.state.nonfinite_steps,
                 "layout": self.dims.describe(), "world_size": self.proc.world_size,
                 "dp_size": self.dims.dp_size, "model_arch": self.arch.to_dict(),
             },
@@ -349,6 +353,24 @@ class Trainer:
         else:
             grad_norm = total_grad_norm(list(self.parameters()), self.dims)
         lr = self.optimizers.lr
+        # The norm is global (every rank holds the same value), so every rank decides alike.
+        if not math.isfinite(float(grad_norm)):
+            self.optimizers.skip()
+            self.optimizers.zero_grad()
+            self.state.nonfinite_steps += 1
+            self.state.nonfinite_in_a_row += 1
+            step = self.state.step + 1
+            if self.state.nonfinite_in_a_row > self.cfg.optim.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"step {step}: gradient norm {float(grad_norm)} (loss {float(loss)}), non-finite for "
+                    f"{self.state.nonfinite_in_a_row} steps in a row, more than optim.max_nonfinite_steps="
+                    f"{self.cfg.optim.max_nonfinite_steps}: stopping with the weights of the last finite step (no "
+                    f"checkpoint of them is written); lower optim.lr, check the data, or resume from an earlier checkpoint")
+            log.warning("step %d: gradient norm %s (loss %s): the step is skipped, the weights are kept (%d in a row, "
+                        "at most optim.max_nonfinite_steps=%d)", step, float(grad_norm), float(loss),
+                        self.state.nonfinite_in_a_row, self.cfg.optim.max_nonfinite_steps)
+            return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": True}
+        self.state.nonfinite_in_a_row = 0
         self.optimizers.step()
         self.optimizers.zero_grad()
         for part in self.model_parts:
@@ -391,13 +413,16 @@ class Trainer:
             out = self.train_step(batch)
             self.state.step += 1
             self.state.samples_seen += cfg.train.global_batch_size
-            window_loss += float(out["loss"])
+            if not out.get("skipped_step"):  # a skipped step's loss is not finite: kept out of the mean
+                window_loss += float(out["loss"])
+                window_steps += 1
             window_skipped += int(batch.get("skipped", 0))
-            window_steps += 1
             step = self.state.step
             if step % cfg.train.log_every_steps == 0 or step == cfg.train.max_steps or step == 1:
                 # Metrics are reduced once, over the data-parallel ranks, and written by rank 0.
-                loss = _dp_sum(window_loss / window_steps, dp_group, self.device) / self.dims.dp_size
+                # (Every rank skips the same steps, so window_steps agrees.)
+                loss = (_dp_sum(window_loss / window_steps, dp_group, self.device) / self.dims.dp_size
+                        if window_steps else float("nan"))
                 skipped = int(_dp_sum(window_skipped, dp_group, self.device))
                 # The slowest rank's loader holds every rank back: its wait is the one that counts.
                 wait = _dp_sum(window_wait, dp_group, self.device, dist.ReduceOp.MAX if dp_group is not None else None)
@@ -418,12 +443,13 @@ class Trainer:
                     "samples_seen": self.state.samples_seen,
                     "mask_ratio": cfg.model.mask_ratio,
                     "skipped_samples": self.state.skipped_samples,
+                    "nonfinite_steps": self.state.nonfinite_steps,
                 }
                 if peak and (self.precision == "bf16" or cfg.logging.peak_tflops > 0):
                     # Model FLOPs utilisation against the bf16 peak (fp32 runs have another peak:
                     # give it as logging.peak_tflops to get an MFU for them).
                     values["mfu"] = tflops / peak
-                if not math.isfinite(loss):
+                if window_steps and not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}: stopping (lower optim.lr or check the data)")
                 self.metrics.write(step, values)
                 log.info(progress.line(step, values))

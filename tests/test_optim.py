@@ -145,3 +145,48 @@ def test_mfu_peak_and_the_progress_line():
     line = Progress(0, 10).line(5, {"loss": 1.0, "lr": 1e-3, "logit_scale": 14.3, "images_per_s": 50.0,
                                     "mfu": 0.412, "data_wait_fraction": 0.25})
     assert "MFU 41.2%" in line and "data 25%" in line and "ETA" in line
+
+
+def test_a_non_finite_step_never_reaches_the_weights(tmp_path: Path):
+    """A batch that makes the gradient NaN: the step is skipped (weights kept, the lr schedule moves
+    on, counted); more than optim.max_nonfinite_steps in a row stop the run, weights intact."""
+    from flip_scale.train import Trainer
+
+    cfg = _cfg("train.global_batch_size=8", "logging.tensorboard=false", "train.device=cpu", "train.precision=fp32",
+               "optim.max_nonfinite_steps=1", "optim.lr=1e-3", "schedule.warmup_steps=4")
+    trainer = Trainer(cfg, tmp_path, ProcessInfo(0, 1, 0, torch.device("cpu")), with_data=False)
+    arch = trainer.arch
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(poisoned=False):
+        images = torch.randn(8, 3, arch.image_size, arch.image_size, generator=generator)
+        if poisoned:
+            images[3] = float("nan")
+        return {"images": images, "tokens": torch.randint(4, arch.vocab_size, (8, arch.context_length),
+                                                          generator=generator)}
+
+    def weights():
+        return [p.detach().clone() for p in trainer.parameters()]
+
+    def step(b):
+        out = trainer.train_step(b)
+        trainer.state.step += 1
+        return out
+
+    step(batch())
+    before = weights()
+    out = step(batch(poisoned=True))
+    assert out.get("skipped_step") and not math.isfinite(float(out["grad_norm"]))
+    assert all(torch.equal(a, b) for a, b in zip(before, weights()))  # untouched
+    assert trainer.state.nonfinite_steps == 1
+    assert trainer.optimizers.lr == pytest.approx(optim.lr_at(2, cfg))  # the schedule moved on
+    assert not step(batch()).get("skipped_step")
+    assert any(not torch.equal(a, b) for a, b in zip(before, weights()))
+    # Two in a row is more than the one allowed: stop, with the weights of the last finite step.
+    kept = weights()
+    step(batch(poisoned=True))
+    with pytest.raises(FloatingPointError, match=r"non-finite for 2 steps in a row, more than optim.max_nonfinite_steps=1"):
+        step(batch(poisoned=True))
+    assert all(torch.equal(a, b) for a, b in zip(kept, weights()))
+    assert trainer.state.nonfinite_steps == 3
+    trainer.close()
