@@ -183,6 +183,8 @@ def test_other_range_checks():
         load_config(None, ["logging.peak_tflops=-1"])
     with pytest.raises(ConfigError, match="train.collective_timeout_minutes: must be >= 1, got 0"):
         load_config(None, ["train.collective_timeout_minutes=0"])
+    with pytest.raises(ConfigError, match="optim.max_nonfinite_steps: must be 0"):
+        load_config(None, ["optim.max_nonfinite_steps=-1"])
 
 
 def test_missing_recipe_lists_the_shipped_ones():
