@@ -637,3 +637,13 @@ def test_openclip_mapping_covers_the_recipe_sizes(name):
         mapped[pair.openclip] = ((arch.num_patches + 1, arch.vision.width) if pair.flip is None
                                  else tuple(pair.to_openclip(flip_state[pair.flip]).shape))
     assert mapped == {k: tuple(v.shape) for k, v in oc_model.state_dict().items()}
+
+
+def test_consolidate_reports_progress_on_long_conversions(trained, tmp_path, capsys, monkeypatch):
+    import flip_scale.convert.checkpoints as checkpoints_module
+
+    monkeypatch.setattr(checkpoints_module, "PROGRESS_EVERY_S", 0.0)  # every tensor, as if each took long
+    consolidate(trained["path"], tmp_path / "out")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("consolidate: ")]
+    assert lines and "GiB (" in lines[-1] and "ETA" in lines[-1]
+    assert "(100%)" in lines[-1]

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import resource
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -30,6 +31,9 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "flip_config.yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_GROUP_BYTES = 64 * 1024 * 1024  # tensors read per DCP load call (a larger tensor is read alone)
+
+
+PROGRESS_EVERY_S = 30.0
 
 
 def peak_rss_mib() -> float:
@@ -336,9 +340,20 @@ def consolidate(
         source = item.properties.dtype
         specs.append(TensorSpec(name, tuple(item.size), target if source.is_floating_point else source))
     loader = _GroupedDCPLoader(path, entries, [s.name for s in specs], group_bytes)
+    total = sum(spec.nbytes for spec in specs)
+    progress = {"done": 0, "started": time.perf_counter(), "last": time.perf_counter()}
 
     def produce(spec: TensorSpec) -> torch.Tensor:
-        return loader.get(spec.name).to(spec.dtype)
+        tensor = loader.get(spec.name).to(spec.dtype)
+        progress["done"] += spec.nbytes
+        now = time.perf_counter()
+        if now - progress["last"] >= PROGRESS_EVERY_S:  # a G/14-sized model takes minutes on slow disks
+            progress["last"] = now
+            rate = progress["done"] / max(now - progress["started"], 1e-9)
+            print(f"consolidate: {progress['done'] / 2**30:.1f} of {total / 2**30:.1f} GiB "
+                  f"({100 * progress['done'] / total:.0f}%), {rate / 2**20:.0f} MiB/s, ETA "
+                  f"{(total - progress['done']) / max(rate, 1e-9):.0f}s", file=sys.stderr, flush=True)
+        return tensor
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
