@@ -104,6 +104,7 @@ def test_flip_train_pipeline_and_tensor_parallel_four_ranks(tmp_path, synthetic_
     run_dir = tmp_path / "run4"
     proc = _torchrun(tmp_path, 4, [
         "--run-dir", str(run_dir), *_overrides(synthetic_dir, steps=6, every=6), "eval.max_samples=100",
+        "eval.every_steps=3",
         "data.num_workers=0", "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2", "train.log_every_steps=3",
     ])
     output = proc.stdout + proc.stderr
@@ -114,6 +115,6 @@ def test_flip_train_pipeline_and_tensor_parallel_four_ranks(tmp_path, synthetic_
     assert all(r["loss"] == r["loss"] and 0 < r["loss"] < 10 for r in records)
     assert 1.0 < records[-1]["logit_scale"] <= 100.0  # reduced from the last stage
     assert find_latest(run_dir).name == "step_00000006"
-    evaluation = read_jsonl(run_dir / "eval.jsonl")
-    assert len(evaluation) == 1 and evaluation[0]["step"] == 6 and evaluation[0]["samples"] == 100
-    assert 0.0 <= evaluation[0]["zero_shot_top1"] <= evaluation[0]["zero_shot_top5"] <= 1.0
+    evaluation = read_jsonl(run_dir / "eval.jsonl")  # eval.every_steps=3: in the middle, then at the end
+    assert [e["step"] for e in evaluation] == [3, 6] and all(e["samples"] == 100 for e in evaluation)
+    assert all(0.0 <= e["zero_shot_top1"] <= e["zero_shot_top5"] <= 1.0 for e in evaluation)
