@@ -70,6 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_layout_options(cfg: Config, dims) -> None:
+    """Options the layout rules out (as the Trainer and `--dry-run` both check)."""
+    if dims.pp_enabled and cfg.loss.microbatch_contrast != "exact":
+        raise ConfigError("loss.microbatch_contrast=per_microbatch is not available with pipeline parallel "
+                          "(parallel.pp > 1); use exact")
+
+
+def check_tokenizer_size(cfg: Config, vocab_size: int, arch) -> None:
+    if vocab_size > arch.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {cfg.data.tokenizer} has {vocab_size} tokens but model.vocab_size is "
+            f"{arch.vocab_size}; set model.vocab_size={vocab_size} or more"
+        )
+
+
 def dry_run(cfg: Config, world_size: int) -> str:
     """What `flip-train` would run, checked as far as can be without building anything: the
     layout, the batch split, the data streams, the schedule and the model's size and cost.
@@ -81,12 +96,21 @@ def dry_run(cfg: Config, world_size: int) -> str:
     arch = arch_from_config(cfg.model)
     dims = ParallelDims.from_config(cfg.parallel, world_size, arch=arch, global_batch_size=cfg.train.global_batch_size,
                                     grad_accum_steps=cfg.optim.grad_accum_steps)
+    check_layout_options(cfg, dims)
     local = cfg.train.global_batch_size // dims.dp_size
     streams = cfg.data.streams or default_streams(dims.dp_size, cfg.data.num_workers, local)
     try:
         check_streams(streams, dims.dp_size, cfg.train.global_batch_size)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if Path(cfg.data.tokenizer).is_file():
+        from .data import Tokenizer
+
+        check_tokenizer_size(cfg, Tokenizer(cfg.data.tokenizer, context_length=arch.context_length).vocab_size, arch)
+        tokenizer_note = f"tokenizer {cfg.data.tokenizer} fits model.vocab_size={arch.vocab_size}"
+    else:
+        tokenizer_note = (f"tokenizer {cfg.data.tokenizer} not found here (not checked; with data.synthetic the "
+                          f"run writes it)")
     counts = count_parameters(build_model(cfg.model, device="meta"))
     flops = flops_for_config(cfg.model, training=True)["total"]
     samples = cfg.train.max_steps * cfg.train.global_batch_size
@@ -109,6 +133,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"  optimizer state: {state_bytes / 2**30:.1f} GiB in all (fp32 weights, grads, AdamW moments), "
         f"{state_bytes / shard_over / 2**20:.0f} MiB per rank sharded over {shard_over}"
         + (f" (x{dims.dp_replicate} replicas)" if dims.dp_replicate > 1 else ""),
+        f"  {tokenizer_note}",
         f"  activation checkpointing: {cfg.parallel.activation_checkpointing} "
         f"({cfg.parallel.activation_checkpointing_towers}); compiled blocks: {cfg.parallel.compile}",
         "  config and layout OK",
@@ -181,6 +206,7 @@ class Trainer:
             cfg.parallel, proc.world_size, arch=self.arch,
             global_batch_size=cfg.train.global_batch_size, grad_accum_steps=cfg.optim.grad_accum_steps,
         )
+        check_layout_options(cfg, self.dims)
         if cfg.data.streams:  # data.streams: 0 picks a count that fits; a given one must fit too
             from .data.loader import check_streams
 
@@ -200,19 +226,14 @@ class Trainer:
         barrier()
         # Without data (benchmarks feed synthetic tensors) there is no tokenizer either.
         self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length) if with_data else None
-        if self.tokenizer is not None and self.tokenizer.vocab_size > self.arch.vocab_size:
-            raise ConfigError(
-                f"the tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
-                f"{self.arch.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size} or more"
-            )
+        if self.tokenizer is not None:
+            check_tokenizer_size(cfg, self.tokenizer.vocab_size, self.arch)
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, device="meta")
         self.counts = count_parameters(model)
         self.train_flops_per_sample = train_flops_per_sample(cfg.model)
         if self.dims.pp_enabled:
-            if cfg.loss.microbatch_contrast != "exact":
-                raise ConfigError("loss.microbatch_contrast=per_microbatch is not available with pipeline parallel (parallel.pp > 1); use exact")
             self.model_parts, self.pipe = parallelize_pipeline(model, self.dims, self.mesh, cfg, self.device)
         else:
             self.model_parts, self.pipe = [parallelize_model(model, self.dims, self.mesh, cfg, self.device)], None
@@ -269,6 +290,7 @@ class Trainer:
             step=trainer_state["step"], samples_seen=trainer_state.get("samples_seen", 0),
             skipped_samples=trainer_state.get("skipped_samples", 0),
             nonfinite_steps=trainer_state.get("nonfinite_steps", 0),
+            nonfinite_in_a_row=trainer_state.get("nonfinite_in_a_row", 0),
         )
         self.data_state = trainer_state.get("data_state")
         if trainer_state.get("layout") not in (None, self.dims.describe()):
@@ -313,7 +335,7 @@ class Trainer:
             self.run_dir, self.state.step, self.model_parts, self.optimizers.optimizers, self.optimizers,
             trainer_state={
                 "samples_seen": self.state.samples_seen, "skipped_samples": self.state.skipped_samples,
-                "nonfinite_steps": self.state.nonfinite_steps,
+                "nonfinite_steps": self.state.nonfinite_steps, "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
                 "layout": self.dims.describe(), "world_size": self.proc.world_size,
                 "dp_size": self.dims.dp_size, "model_arch": self.arch.to_dict(),
             },
@@ -532,19 +554,22 @@ def clamp_logit_scale(model) -> None:
 
 
 def on_rank0_for_all(compute):
-    """`compute()` on rank 0; its result, or its CheckpointError, on every rank (collective)."""
+    """`compute()` on rank 0; its result, or its error, on every rank (collective)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return compute()
     payload = [None]
     if dist.get_rank() == 0:
         try:
             payload = [("ok", compute())]
-        except CheckpointError as error:
-            payload = [("error", str(error))]
+        except Exception as error:  # every rank must leave the broadcast, and raise alike
+            payload = [("error", (type(error).__name__, str(error)))]
     dist.broadcast_object_list(payload, src=0)
     kind, value = payload[0]
     if kind == "error":
-        raise CheckpointError(value)
+        name, message = value
+        if name == "CheckpointError":
+            raise CheckpointError(message)
+        raise RuntimeError(f"on rank 0: {name}: {message}")
     return value
 
 

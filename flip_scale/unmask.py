@@ -338,7 +338,8 @@ def evaluate_source(plan: TuningPlan) -> tuple:
     from .evaluation.cli import build_eval_model
     from .train import autocast_for, setup_logging
 
-    cfg = dataclasses.replace(plan.cfg, parallel=dataclasses.replace(plan.cfg.parallel, activation_checkpointing="none"))
+    cfg = dataclasses.replace(plan.cfg, parallel=dataclasses.replace(plan.cfg.parallel, activation_checkpointing="none",
+                                                                     compile=False))
     proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
     setup_logging(proc.rank)
     model, parts, dims = build_eval_model(cfg, proc)

@@ -660,3 +660,27 @@ def test_kill_during_checkpoint_write_then_resume(tmp_path, synthetic_dir):
     assert find_latest(run_dir).name == "step_00000006"
     assert not partial.exists()  # the retried save of step 4 replaced it
     assert all(is_complete(run_dir / f"step_0000000{s}") for s in (2, 4, 6))
+
+
+def _rank0_choice(rank: int, world_size: int, fail: str) -> str:
+    from flip_scale.train import on_rank0_for_all
+
+    def compute():
+        if fail == "checkpoint":
+            raise CheckpointError("no complete checkpoint")
+        if fail == "other":
+            raise OSError("stale file handle")
+        return f"chosen by rank {rank}"
+
+    try:
+        return on_rank0_for_all(compute)
+    except (CheckpointError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def test_rank0_choice_and_its_errors_reach_every_rank():
+    from dist_utils import run_distributed
+
+    assert run_distributed(_rank0_choice, 2, ("",)) == ["chosen by rank 0", "chosen by rank 0"]
+    assert run_distributed(_rank0_choice, 2, ("checkpoint",)) == ["CheckpointError: no complete checkpoint"] * 2
+    assert run_distributed(_rank0_choice, 2, ("other",)) == ["RuntimeError: on rank 0: OSError: stale file handle"] * 2

@@ -275,3 +275,11 @@ def test_flip_train_dry_run_checks_a_large_job_without_building_it(tmp_path, cap
     assert "not divisible by the data-parallel size 50" in capsys.readouterr().err
     assert main(["--world-size", "8"]) == 2
     assert "goes with --dry-run" in capsys.readouterr().err
+
+
+def test_dry_run_refuses_what_the_trainer_refuses(capsys):
+    from flip_scale.train import main
+
+    assert main(["--dry-run", "--world-size", "2", "parallel.pp=2", "parallel.microbatches=2",
+                 "loss.microbatch_contrast=per_microbatch"]) == 2
+    assert "per_microbatch is not available with pipeline parallel" in capsys.readouterr().err

@@ -647,3 +647,24 @@ def test_consolidate_reports_progress_on_long_conversions(trained, tmp_path, cap
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("consolidate: ")]
     assert lines and "GiB (" in lines[-1] and "ETA" in lines[-1]
     assert "(100%)" in lines[-1]
+
+
+def _load_other_architecture(rank: int, world_size: int, directory: str) -> str:
+    from flip_scale.convert import ConvertError
+
+    cfg = read_consolidated_config(directory)
+    model = build_model(dataclasses.replace(cfg.model, text_layers=cfg.model.text_layers + 1))
+    try:
+        load_consolidated(directory, model, broadcast_from_rank0=True)
+    except ConvertError as error:
+        return str(error)
+    return "loaded"
+
+
+def test_a_refused_broadcast_load_is_refused_on_every_rank(consolidated):
+    """Only rank 0 reads the file: its verdict reaches the others before any collective, so they
+    raise too instead of waiting in a broadcast that never comes."""
+    from dist_utils import run_distributed
+
+    results = run_distributed(_load_other_architecture, 2, (str(consolidated[0]),), timeout=120)
+    assert all("lacks" in message and "text.blocks" in message for message in results), results

@@ -557,3 +557,17 @@ def test_lazy_images_are_located_then_read_when_needed(tmp_path):
         f.truncate(lazy[-1].fields["png"].offset + 10)
     with pytest.raises(EOFError, match="ends inside the image of 'k2'"):
         image_bytes(lazy[-1])
+
+
+def test_compressed_shards_are_read_whole_even_when_lazy(tmp_path):
+    """In a .tar.gz a member's offset is not a file position: images are read, never referenced."""
+    from flip_scale.data.shards import MemberRef, read_tar_samples
+
+    plain = write_shard(tmp_path / "p-000000.tar", [good_sample(f"k{i}", i) for i in range(2)])
+    packed = tmp_path / "p-000000.tar.gz"
+    with tarfile.open(plain) as src, tarfile.open(packed, "w:gz") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+    lazy = list(read_tar_samples(str(packed), lazy_images=lambda: True))
+    assert lazy and not any(isinstance(s.fields["png"], MemberRef) for s in lazy)
+    assert [s.fields["png"] for s in lazy] == [s.fields["png"] for s in read_tar_samples(plain)]

@@ -399,27 +399,37 @@ def load_consolidated(path: Union[str, Path], model, strict: bool = True, broadc
     broadcast = broadcast_from_rank0 and dist.is_available() and dist.is_initialized()
     reads = not broadcast or dist.get_rank() == 0
     parts = list(model) if isinstance(model, (list, tuple)) else [model]
-    used, in_file = set(), set()
+    names = [get_model_state_dict(part) for part in parts]  # local shards: names and dtypes, nothing gathered
+    # The file is checked against the model before any tensor moves, and with a broadcast every rank
+    # learns rank 0's verdict: a rank that raised alone would leave the others in a collective.
+    problem = None
+    if reads:
+        with safe_open(str(file), framework="pt") as reader:
+            in_file = set(reader.keys())
+        wanted_all = {name for wanted in names for name in wanted}
+        missing = sorted(wanted_all - in_file)
+        unexpected = sorted(in_file - wanted_all) if len(parts) == 1 else []
+        if strict and missing:
+            problem = f"{file} lacks {len(missing)} tensors of the model: {', '.join(missing[:8])}"
+        elif strict and unexpected:
+            problem = f"{file} has {len(unexpected)} tensors the model does not: {', '.join(unexpected[:8])}"
+    if broadcast:
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem is not None:
+        raise ConvertError(problem)
     # Only the tensors this rank's parts hold are read (a pipeline stage reads its own stage's).
-    with safe_open(str(file), framework="pt") as reader:
-        in_file = set(reader.keys())
-        for part in parts:
-            wanted = get_model_state_dict(part)  # local shards: names and dtypes, nothing gathered
-            if reads:
-                missing = [name for name in wanted if name not in in_file]
-                if missing and strict:
-                    raise ConvertError(f"{file} lacks {len(missing)} tensors of the model: {', '.join(missing[:8])}")
-                state = {name: reader.get_tensor(name).to(wanted[name].dtype) for name in wanted if name in in_file}
-                used.update(state)
-            else:
-                state = {}
+    import contextlib
+
+    with (safe_open(str(file), framework="pt") if reads else contextlib.nullcontext()) as reader:
+        in_file = set(reader.keys()) if reads else set()
+        for part, wanted in zip(parts, names):
+            state = ({name: reader.get_tensor(name).to(wanted[name].dtype) for name in wanted if name in in_file}
+                     if reads else {})
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=strict)
             set_model_state_dict(part, state, options=options)
             del state
-    if strict and reads and len(parts) == 1:
-        unexpected = [name for name in in_file if name not in used]
-        if unexpected:
-            raise ConvertError(f"{file} has {len(unexpected)} tensors the model does not: {', '.join(unexpected[:8])}")
     return metadata
 
 

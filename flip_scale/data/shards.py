@@ -12,6 +12,7 @@ stop the run only when they exceed `data.max_bad_fraction`.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -129,6 +130,10 @@ def read_tar_samples(
     index = -1
     current: Optional[RawSample] = None
     selected = False
+    # A member's offset is a position in the file only in an uncompressed tar: a compressed one
+    # (.tar.gz and the like, which "r:*" opens too) is always read.
+    if lazy_images is not None and not isinstance(tar.fileobj, (io.BufferedReader, io.FileIO)):
+        lazy_images = None
     with tar:
         while True:
             try:

@@ -97,6 +97,7 @@ def eval_config(source: CheckpointSource, args: argparse.Namespace) -> Config:
             eval_tree[key] = value
     # Evaluation keeps no activations for a backward: checkpointing would only cost time.
     tree.setdefault("parallel", {})["activation_checkpointing"] = "none"
+    tree["parallel"]["compile"] = False  # one pass over the data: compiling would cost more than it saves
     return config_from_dict(tree)
 
 

@@ -125,7 +125,7 @@ def lockstep_batches(
     limit = group.rank_limit(max_samples)
     source = iter(batches)
     taken = 0
-    progress = EvalProgress(label, total=max_samples or total)
+    progress = EvalProgress(label, total=min(t for t in (max_samples, total) if t) if (max_samples or total) else None)
     exhausted = limit == 0
     while True:
         batch, rows = None, 0
