@@ -579,12 +579,12 @@ def load_checkpoint(
     model,
     optimizer=None,
     scheduler=None,
-    dp_rank: int = 0,
     model_arch: Optional[dict] = None,
     model_config: Optional[dict] = None,
 ) -> dict:
-    """Load a checkpoint into an already-built (and parallelised) model; return the trainer state
-    with `data_state` (this data-parallel rank's stream position, or None).
+    """Load a checkpoint into an already-built (and parallelised) model; return the trainer state.
+    The data stream's positions are read by `data_states` / `data_state_for_resume` (every rank's,
+    merged, so that they continue under another layout).
 
     With `model_arch` (and `model_config`, the `model` section of the config) a checkpoint of
     another architecture is refused before anything is loaded.
@@ -614,8 +614,6 @@ def load_checkpoint(
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    data_file = path / f"data_rank{dp_rank}.json"
-    trainer_state["data_state"] = json.loads(data_file.read_text()) if data_file.exists() else None
     return trainer_state
 
 
@@ -624,10 +622,9 @@ def data_states(path: Path) -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted(Path(path).glob("data_rank*.json"))]
 
 
-def data_state_for_resume(path: Path, saved: Optional[dict], fresh: dict) -> tuple[Optional[dict], Optional[str]]:
+def data_state_for_resume(path: Path, fresh: dict) -> tuple[Optional[dict], Optional[str]]:
     """The loader state to resume with, and why the stream cannot continue sample for sample (or None).
 
-    `saved`: this data-parallel rank's position from the checkpoint (None if it wrote none);
     `fresh`: the `state_dict()` of a newly built loader of this run. The positions are per sample
     stream (flip_scale/data/loader.py), so the positions every rank saved, merged, continue the
     stream under any layout whose data-parallel size divides the stream count, with the same seed

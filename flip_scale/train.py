@@ -283,7 +283,7 @@ class Trainer:
         from .checkpoint import data_state_for_resume, data_states
 
         trainer_state = load_checkpoint(
-            path, self.model_parts, self.optimizers.optimizers, self.optimizers, self.dims.dp_rank,
+            path, self.model_parts, self.optimizers.optimizers, self.optimizers,
             model_arch=self.arch.to_dict(), model_config=asdict(self.cfg.model),
         )
         self.state = TrainState(
@@ -292,20 +292,20 @@ class Trainer:
             nonfinite_steps=trainer_state.get("nonfinite_steps", 0),
             nonfinite_in_a_row=trainer_state.get("nonfinite_in_a_row", 0),
         )
-        self.data_state = trainer_state.get("data_state")
         if trainer_state.get("layout") not in (None, self.dims.describe()):
             log.info("checkpoint layout %s re-sharded into %s", trainer_state["layout"], self.dims.describe())
-        if not data_states(path) and self.state.samples_seen > 0 and self.tokenizer is not None:
-            log.warning("%s holds no data stream position: the stream starts from its beginning and the first "
-                        "%d samples are seen again", path, self.state.samples_seen)
+        # Per-stream positions of every rank, merged: they continue under any layout whose
+        # data-parallel size divides the stream count (flip_scale/data/loader.py).
+        self.data_state = None
         if data_states(path):
-            # Per-stream positions of every rank, merged: they continue under any layout whose
-            # data-parallel size divides the stream count (flip_scale/data/loader.py).
             fresh = self._build_loader()
             if hasattr(fresh, "state_dict"):
-                self.data_state, reason = data_state_for_resume(Path(path), self.data_state, fresh.state_dict())
+                self.data_state, reason = data_state_for_resume(Path(path), fresh.state_dict())
                 if reason is not None:
                     log.warning("data stream: %s", reason)
+        elif self.state.samples_seen > 0 and self.tokenizer is not None:
+            log.warning("%s holds no data stream position: the stream starts from its beginning and the first "
+                        "%d samples are seen again", path, self.state.samples_seen)
         log.info("resumed from %s at step %d (%d samples seen)", path, self.state.step, self.state.samples_seen)
 
     def init_from(self, path) -> None:

@@ -465,12 +465,12 @@ def test_data_positions_merge_across_layouts_or_restart_at_a_fresh_epoch(tmp_pat
     # dp 4 (and dp 1) continue every stream where it stopped.
     for dp in (4, 1):
         fresh = state(0, dp, {str(s): [0, 0] for s in range(4 // dp)})
-        merged, reason = data_state_for_resume(tmp_path, saved[0], fresh)
+        merged, reason = data_state_for_resume(tmp_path, fresh)
         assert reason is None and merged["positions"] == {"0": [1, 5], "1": [1, 0], "2": [0, 9], "3": [1, 2]}
     # dp 3 cannot split 4 streams; a changed seed has other streams altogether.
     for fresh, why in [(state(0, 3, {"0": [0, 0]}, streams=3, batch_size=4), "do not split over 3"),
                        (state(0, 2, {"0": [0, 0], "1": [0, 0]}, seed=1), "seed 0 -> 1")]:
-        restarted, reason = data_state_for_resume(tmp_path, saved[0], fresh)
+        restarted, reason = data_state_for_resume(tmp_path, fresh)
         assert why in reason and "restarts at epoch 2" in reason  # stream 0 and 3 had begun epoch 1
         assert set(restarted["positions"]) == set(fresh["positions"])
         assert all(position == [2, 0] for position in restarted["positions"].values())

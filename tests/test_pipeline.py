@@ -312,6 +312,7 @@ def _check_against_reference(layouts: list, world_size: int, timeout: float):
         # The parameters moved: the comparison is not between two untouched copies.
         assert max((ref_params[k] - v).abs().max().item() for k, v in ref_initial.items()) > 1e-3
     print("\n".join(report))
+    return report
 
 
 def test_pipeline_two_ranks_matches_one_process():
@@ -323,7 +324,8 @@ def test_pipeline_two_ranks_matches_one_process():
         {"pp": 2, "schedule": "gpipe", "microbatches": 2, "model": {"text_pad_mask": True, "text_causal": True}},
         {"pp": 2, "schedule": "interleaved_1f1b", "microbatches": 4},
     ]
-    _check_against_reference(layouts, world_size=2, timeout=150)
+    report = _check_against_reference(layouts, world_size=2, timeout=150)
+    assert len(report) == len(layouts)  # every layout was compared (each comparison asserts above)
 
 
 def test_pipeline_with_fsdp_and_tp_matches_one_process():
@@ -332,4 +334,5 @@ def test_pipeline_with_fsdp_and_tp_matches_one_process():
         {"pp": 2, "dp": 2, "schedule": "1f1b", "microbatches": 4},
         {"pp": 2, "tp": 2, "schedule": "1f1b", "microbatches": 4},
     ]
-    _check_against_reference(layouts, world_size=4, timeout=170)
+    report = _check_against_reference(layouts, world_size=4, timeout=170)
+    assert len(report) == len(layouts)  # every layout was compared (each comparison asserts above)
