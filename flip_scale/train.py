@@ -35,6 +35,7 @@ from .metrics import MetricsWriter, Progress, format_duration, peak_tflops
 from .models import arch_from_config, build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
 from .optim import OptimizerGroup, nvidia_apex_available
+from .runtime import autocast_context, autocast_for, on_rank0_for_all, resolve_precision, setup_logging  # noqa: F401
 from .parallel.pipeline import pipeline_forward_backward
 from .parallel.utils import total_grad_norm
 from .step import forward_backward
@@ -140,34 +141,9 @@ def dry_run(cfg: Config, world_size: int) -> str:
     ])
 
 
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-
-
 def default_run_dir(config_path: Optional[str]) -> Path:
     name = Path(config_path).stem if config_path else "tiny"
     return Path("runs") / name
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast for `precision` "bf16", else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def autocast_for(cfg: Config, device: torch.device):
-    """The autocast the trainer runs `cfg` under on `device` (train.precision, resolved)."""
-    return autocast_context(resolve_precision(cfg, device), device)
 
 
 @dataclass
@@ -551,26 +527,6 @@ def clamp_logit_scale(model) -> None:
         return
     local = param.to_local() if hasattr(param, "to_local") else param
     local.clamp_(0.0, module.logit_scale_max)
-
-
-def on_rank0_for_all(compute):
-    """`compute()` on rank 0; its result, or its error, on every rank (collective)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return compute()
-    payload = [None]
-    if dist.get_rank() == 0:
-        try:
-            payload = [("ok", compute())]
-        except Exception as error:  # every rank must leave the broadcast, and raise alike
-            payload = [("error", (type(error).__name__, str(error)))]
-    dist.broadcast_object_list(payload, src=0)
-    kind, value = payload[0]
-    if kind == "error":
-        name, message = value
-        if name == "CheckpointError":
-            raise CheckpointError(message)
-        raise RuntimeError(f"on rank 0: {name}: {message}")
-    return value
 
 
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:

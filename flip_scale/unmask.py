@@ -336,7 +336,7 @@ def evaluate_source(plan: TuningPlan) -> tuple:
     from .distributed import init_distributed
     from .evaluation import EvalGroup, run_evaluation
     from .evaluation.cli import build_eval_model
-    from .train import autocast_for, setup_logging
+    from .runtime import autocast_for, setup_logging
 
     cfg = dataclasses.replace(plan.cfg, parallel=dataclasses.replace(plan.cfg.parallel, activation_checkpointing="none",
                                                                      compile=False))

@@ -6,11 +6,13 @@
     datasets.py     image folders, `cls`-labelled shards, image-caption shards
     runner.py       a (sharded) model on those datasets; the configured evaluations
     checkpoints.py  training or consolidated checkpoints -> config and weights
+    checkpoint_eval.py  the weights of a checkpoint, built on a layout and evaluated
     cli.py          `flip-eval`
 
 `flip_scale.evaluate` re-exports the public names.
 """
 
+from .checkpoint_eval import build_eval_model, evaluate_checkpoint
 from .group import EvalGroup, lockstep_batches
 from .runner import (
     build_zero_shot_classifier, describe, eval_mode, evaluation_mode, log_values, retrieval_recall, run_evaluation,
@@ -21,8 +23,8 @@ from .templates import FLIP_SHORT_TEMPLATES, OPENAI_IMAGENET_TEMPLATES, TEMPLATE
 
 __all__ = [
     "EvalGroup", "FLIP_SHORT_TEMPLATES", "OPENAI_IMAGENET_TEMPLATES", "TEMPLATE_SETS",
-    "build_zero_shot_classifier", "caption_key", "classifier_from_text_features", "correct_at_k", "describe",
-    "eval_mode", "evaluation_mode", "load_classnames", "load_templates", "lockstep_batches", "log_values",
+    "build_eval_model", "build_zero_shot_classifier", "caption_key", "classifier_from_text_features", "correct_at_k", "describe",
+    "eval_mode", "evaluate_checkpoint", "evaluation_mode", "load_classnames", "load_templates", "lockstep_batches", "log_values",
     "recall_at_k", "retrieval_hits", "retrieval_recall", "run_evaluation", "run_retrieval", "run_zero_shot",
     "topk_correct", "zero_shot_accuracy",
 ]

@@ -20,9 +20,9 @@ from typing import Optional
 
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, apply_overrides, config_from_dict
-from .checkpoints import CheckpointSource, load_weights, open_checkpoint
-from .group import EvalGroup
-from .runner import describe, log_values, run_evaluation
+from .checkpoint_eval import build_eval_model, evaluate_checkpoint  # noqa: F401 - re-exported
+from .checkpoints import CheckpointSource, open_checkpoint
+from .runner import describe, log_values
 
 log = logging.getLogger("flip_scale.evaluation")
 
@@ -109,45 +109,9 @@ def check_layout(cfg: Config, world_size: int):
     return ParallelDims.from_config(cfg.parallel, world_size, arch=arch_from_config(cfg.model))
 
 
-def build_eval_model(cfg: Config, proc):
-    """The model of `cfg` on the layout of `cfg.parallel` over this process group -> (model, its
-    parts to load weights into, dims). Under pipeline parallel the model is the stages behind the
-    one-model interface of `PipelineEvalModel`."""
-    from ..models import arch_from_config, build_model
-    from ..parallel import parallelize_model, parallelize_pipeline
-
-    dims = check_layout(cfg, proc.world_size)
-    mesh = dims.build_mesh(proc.device.type)
-    if dims.pp_enabled:
-        from ..parallel.pipeline import PipelineEvalModel
-
-        parts, pipe = parallelize_pipeline(build_model(cfg.model, device="meta"), dims, mesh, cfg, proc.device)
-        return PipelineEvalModel(pipe, arch_from_config(cfg.model)), parts, dims
-    model = parallelize_model(build_model(cfg.model, device="meta"), dims, mesh, cfg, proc.device)
-    return model, [model], dims
-
-
-def evaluate_checkpoint(source: CheckpointSource, cfg: Config, proc, mask_ratio: Optional[float] = None) -> dict:
-    """Build the model of `cfg`, load `source`'s weights, run the configured evaluations (collective)."""
-    from ..data import Tokenizer
-    from ..models import arch_from_config
-
-    model, parts, dims = build_eval_model(cfg, proc)
-    # A consolidated file is read by rank 0 alone and handed out shard by shard (not under pp,
-    # where each rank loads only its stages' tensors).
-    load_weights(source, parts, broadcast_from_rank0=proc.world_size > 1 and not dims.pp_enabled,
-                 whole_model=not dims.pp_enabled)
-    tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
-    from ..train import autocast_for
-
-    with autocast_for(cfg, proc.device):  # train.precision, as the trainer's own evaluations
-        return run_evaluation(model, tokenizer, cfg, proc.device, EvalGroup.from_dims(dims), mask_ratio,
-                              cfg.train.seed)
-
-
 def main(argv=None) -> int:
     from ..distributed import init_distributed, shutdown, slurm_launch_env
-    from ..train import setup_logging
+    from ..runtime import setup_logging
 
     args = parse_args(argv)
     try:
