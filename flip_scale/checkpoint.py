@@ -692,3 +692,39 @@ def resolve_resume(resume: Optional[str], run_dir: Path, option: str = "--resume
         f"{option} {resume}: not a complete checkpoint ({problem}); expected a complete step_XXXXXXXX directory"
         f"{',' if also else ' or'} a run directory{also}"
     )
+
+
+class CheckpointManager:  # interim adapter over the functions above (replaced by the checkpoint package)
+    def __init__(self, run_dir, cfg, states, *, config_yaml, model_arch=None, model_config=None):
+        self.run_dir, self.cfg, self.states, self.config_yaml = Path(run_dir), cfg, states, config_yaml
+        self.model_arch, self.model_config = model_arch, model_config
+
+    def save(self, step):
+        engine, trainer, data = self.states["engine"], self.states["trainer"], self.states["data"]
+        ts = trainer.state_dict()
+        sched = ts.pop("scheduler")
+
+        class _S:
+            def state_dict(self_inner):
+                return sched
+        return save_checkpoint(self.run_dir, step, engine.model_parts, engine.optimizers.optimizers, _S(),
+                               trainer_state=ts, config_yaml=self.config_yaml, data_state=data.state_dict(),
+                               dp_rank=data.dp_rank, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
+                               async_save=self.cfg.async_save)
+
+    def load(self, path):
+        engine, trainer, data = self.states["engine"], self.states["trainer"], self.states["data"]
+        ts = load_checkpoint(path, engine.model_parts, engine.optimizers.optimizers, None,
+                             model_arch=self.model_arch, model_config=self.model_config)
+        trainer.load_state_dict(ts)
+        data.load_state_dict(data_states(path))
+        return ts
+
+    def finalize(self):
+        finalize_pending_save()
+
+    def close(self):
+        finalize_pending_save()
+
+    def abandon(self):
+        abandon_pending_save()

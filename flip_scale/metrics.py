@@ -117,3 +117,74 @@ def read_jsonl(path: Path) -> list[dict]:
 def last_record(path: Path, key: Optional[str] = None) -> Optional[dict]:
     records = [r for r in read_jsonl(path) if key is None or key in r]
     return records[-1] if records else None
+
+
+class StepMetrics:
+    """The training metrics of the steps since the last logged one: loss, bad samples and the time
+    spent waiting for data are summed per step (`add`); at a logging step (`due`) they are reduced
+    once over the data-parallel ranks and turned into the logged values (`collect`, collective).
+
+    images/s, model TFLOP/s per rank (forward + backward, masked tokens only) and MFU (against the
+    bf16 peak of a known GPU, or logging.peak_tflops) come from the interval's wall-clock time."""
+
+    def __init__(self, cfg, dims, device, world_size: int, train_flops_per_sample: float, precision: str,
+                 start_step: int):
+        self.cfg = cfg
+        self.dims = dims
+        self.device = device
+        self.world_size = world_size
+        self.flops_per_sample = train_flops_per_sample
+        self.progress = Progress(start_step, cfg.train.max_steps)
+        peak = peak_tflops(device, cfg.logging.peak_tflops)
+        # fp32 runs have another peak: given as logging.peak_tflops they get an MFU too.
+        self.peak = peak if peak and (precision == "bf16" or cfg.logging.peak_tflops > 0) else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.loss_steps, self.skipped, self.data_wait = 0.0, 0, 0, 0.0
+
+    def add(self, loss, skipped_step: bool, skipped_samples: int, data_wait_s: float) -> None:
+        """One step: its loss (a skipped step's is not finite and stays out of the mean), the bad
+        samples its batch met, the seconds it waited for the batch."""
+        if not skipped_step:
+            self.loss_sum += float(loss)
+            self.loss_steps += 1
+        self.skipped += int(skipped_samples)
+        self.data_wait += data_wait_s
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.train.log_every_steps
+        return step % every == 0 or step == self.cfg.train.max_steps or step == 1
+
+    def collect(self, step: int) -> tuple[dict, int]:
+        """(the interval's values, the bad samples every rank met in it); collective over the
+        data-parallel group. Every rank skips the same steps, so the step counts agree."""
+        from .runtime import reduce_float
+
+        group, device, batch = self.dims.dp_group, self.device, self.cfg.train.global_batch_size
+        loss = (reduce_float(self.loss_sum / self.loss_steps, group, device) / self.dims.dp_size
+                if self.loss_steps else float("nan"))
+        skipped = int(reduce_float(self.skipped, group, device))
+        # The slowest rank's loader holds every rank back: its wait is the one that counts.
+        wait = reduce_float(self.data_wait, group, device, "max")
+        elapsed, steps = self.progress.interval(step)
+        elapsed = max(elapsed, 1e-9)
+        tflops = self.flops_per_sample * batch * steps / elapsed / self.world_size / 1e12
+        values = {
+            "loss": loss,
+            "images_per_s": batch * steps / elapsed,
+            # Model FLOPs (forward + backward, masked tokens only) per second per rank.
+            "tflops_per_s_per_rank": tflops,
+            # Share of the interval spent waiting for the next batch (data-bound when high).
+            "data_wait_fraction": min(1.0, wait / elapsed),
+        }
+        if self.peak:
+            values["mfu"] = tflops / self.peak
+        finite_loss = not self.loss_steps or math.isfinite(loss)
+        self._reset()
+        if not finite_loss:
+            raise FloatingPointError(f"loss is {loss} at step {step}: stopping (lower optim.lr or check the data)")
+        return values, skipped
+
+    def line(self, step: int, values: dict) -> str:
+        return self.progress.line(step, values)

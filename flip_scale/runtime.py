@@ -107,7 +107,7 @@ def on_rank0_for_all(compute: Callable[[], T]) -> T:
             payload = [("ok", compute())]
         except Exception as error:  # every rank must leave the broadcast, and raise alike
             try:
-                pickle.loads(pickle.dumps(error))
+                pickle.dumps(error)  # it travels as itself (an error whose arguments do not is described)
                 payload = [("error", error)]
             except Exception:  # noqa: BLE001 - an error that does not travel is described instead
                 payload = [("error", RemoteError(f"on rank 0: {type(error).__name__}: {error}"))]

@@ -93,8 +93,8 @@ def _stop_after_save(step: int):
 
     original = Trainer.save
 
-    def save(self, loader):
-        path = original(self, loader)
+    def save(self, *args):
+        path = original(self, *args)
         if self.state.step == step:
             raise _Stop(f"stopped after the checkpoint of step {step}")
         return path

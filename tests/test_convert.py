@@ -191,7 +191,8 @@ def _sharded_worker(rank, world_size, consolidated_dir, run_root):
     for label, parallel in (("fsdp", dict(dp_shard=2)), ("tp", dict(dp_shard=1, tp=2))):
         cfg = dataclasses.replace(tiny_cfg(), parallel=ParallelConfig(**parallel))
         dims = ParallelDims.from_config(cfg.parallel, world_size, arch_from_config(cfg.model))
-        model = parallelize_model(build_model(cfg.model, device="meta"), dims, dims.build_mesh("cpu"), cfg, "cpu")
+        dims.build_mesh("cpu")
+        model = parallelize_model(build_model(cfg.model, device="meta"), dims, cfg, "cpu")
         load_consolidated(consolidated_dir, model)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

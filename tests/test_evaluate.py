@@ -132,14 +132,14 @@ def _build(cfg: Config, world_size: int):
     from flip_scale.parallel import ParallelDims, parallelize_model
 
     dims = ParallelDims.from_config(cfg.parallel, world_size, arch_from_config(cfg.model))
-    mesh = dims.build_mesh("cpu")
+    dims.build_mesh("cpu")
     if dims.pp_enabled:  # the stages behind the one-model interface the evaluation uses
         from flip_scale.parallel import parallelize_pipeline
         from flip_scale.parallel.pipeline import PipelineEvalModel
 
-        _, pipe = parallelize_pipeline(build_model(cfg.model, device="meta"), dims, mesh, cfg, "cpu")
+        _, pipe = parallelize_pipeline(build_model(cfg.model, device="meta"), dims, cfg, "cpu")
         return PipelineEvalModel(pipe, arch_from_config(cfg.model)), dims
-    return parallelize_model(build_model(cfg.model, device="meta"), dims, mesh, cfg, "cpu"), dims
+    return parallelize_model(build_model(cfg.model, device="meta"), dims, cfg, "cpu"), dims
 
 
 def _evaluate(cfg: Config, world_size: int) -> dict:

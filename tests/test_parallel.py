@@ -151,9 +151,9 @@ def _run_layouts(rank: int, world_size: int, layouts: dict) -> dict:
     for label, (parallel, sequence_parallel, microbatches) in layouts.items():
         cfg = tiny_config(**parallel)
         dims = ParallelDims.from_config(cfg.parallel, world_size, arch_from_config(cfg.model), GLOBAL_BATCH, microbatches)
-        mesh = dims.build_mesh("cpu")
+        dims.build_mesh("cpu")
         model = build_model(cfg.model, device="meta")
-        model = parallelize_model(model, dims, mesh, cfg, "cpu", sequence_parallel=sequence_parallel)
+        model = parallelize_model(model, dims, cfg, "cpu", sequence_parallel=sequence_parallel)
         # Cloned: plain (unsharded) parameters come back as views of the live parameter.
         initial = {k: v.clone() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
         buffers = {k: v.clone() for k, v in model.named_buffers()}
@@ -220,7 +220,7 @@ def test_one_process_parallelize_with_checkpointing(mode, reference):
     # World size 1: parallelize_model materialises, initialises and checkpoints; keys unchanged.
     cfg = tiny_config(activation_checkpointing=mode, activation_checkpointing_every=2)
     dims = ParallelDims.from_config(cfg.parallel, 1, arch_from_config(cfg.model), GLOBAL_BATCH)
-    model = parallelize_model(build_model(cfg.model, device="meta"), dims, dims.build_mesh("cpu"), cfg, "cpu")
+    model = parallelize_model(build_model(cfg.model, device="meta"), dims, cfg, "cpu")
     checkpointed = [name for name, module in model.named_modules() if getattr(module, "activation_checkpointed", False)]
     expected = (["visual.blocks.0", "visual.blocks.1", "text.blocks.0", "text.blocks.1"] if mode == "full"
                 else ["visual.blocks.1", "text.blocks.1"])
@@ -239,7 +239,7 @@ def test_one_process_parallelize_with_checkpointing(mode, reference):
 def test_checkpointing_per_tower(towers, expected, reference):
     cfg = tiny_config(activation_checkpointing="full", activation_checkpointing_towers=towers)
     dims = ParallelDims.from_config(cfg.parallel, 1, arch_from_config(cfg.model), GLOBAL_BATCH)
-    model = parallelize_model(build_model(cfg.model, device="meta"), dims, dims.build_mesh("cpu"), cfg, "cpu")
+    model = parallelize_model(build_model(cfg.model, device="meta"), dims, cfg, "cpu")
     checkpointed = [name for name, module in model.named_modules() if getattr(module, "activation_checkpointed", False)]
     assert sorted(checkpointed) == sorted(expected)
     losses, norms, _ = train(model, cfg, dims)
@@ -253,7 +253,7 @@ def test_compiled_blocks_match_one_process(reference):
     ac = "none"
     cfg = tiny_config(compile=True, activation_checkpointing=ac)
     dims = ParallelDims.from_config(cfg.parallel, 1, arch_from_config(cfg.model), GLOBAL_BATCH)
-    model = parallelize_model(build_model(cfg.model, device="meta"), dims, dims.build_mesh("cpu"), cfg, "cpu")
+    model = parallelize_model(build_model(cfg.model, device="meta"), dims, cfg, "cpu")
     assert all(getattr(block, "compiled", False) for block in [*model.visual.blocks.values(), *model.text.blocks.values()])
     assert list(model.state_dict()) == list(reference["params"])
     losses, norms, _ = train(model, cfg, dims)

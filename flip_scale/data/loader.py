@@ -266,7 +266,8 @@ class TrainLoader:
 
     Each `iter()` continues from the current position; a fresh loader starts at the beginning.
     Batch dict: images FloatTensor [B,3,H,W], tokens LongTensor [B,T], skipped (bad samples met
-    since the previous batch), samples (B), keys (sample keys, for inspection).
+    since the previous batch), samples (B), keys (sample keys, for inspection), sample_index
+    LongTensor [B] (each sample's row in the global batch: dp_rank * B + i).
     """
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, dp_rank: int,
@@ -334,12 +335,17 @@ class TrainLoader:
         for chunk in chunks:
             self.positions[chunk["_stream"]] = (int(chunk["_position"][0]), int(chunk["_position"][1]))
         self.batches += 1
+        samples = sum(chunk["samples"] for chunk in chunks)
+        first = self.dp_rank * self.batch_size  # this rank's rows of the global batch (module docstring)
         return {
             "images": torch.cat([chunk["images"] for chunk in chunks]),
             "tokens": torch.cat([chunk["tokens"] for chunk in chunks]),
             "skipped": sum(chunk["skipped"] for chunk in chunks),
-            "samples": sum(chunk["samples"] for chunk in chunks),
+            "samples": samples,
             "keys": [key for chunk in chunks for key in chunk["keys"]],
+            # Each sample's row in the global batch: its mask noise is drawn from it (and the step),
+            # so a sample is masked alike under every layout.
+            "sample_index": torch.arange(first, first + samples),
         }
 
     def state_dict(self) -> dict:

@@ -15,19 +15,15 @@ def build_eval_model(cfg, proc):
     """The model of `cfg` on the layout of `cfg.parallel` over this process group -> (model, its
     parts to load weights into, dims). Under pipeline parallel the model is the stages behind the
     one-model interface of `PipelineEvalModel`."""
-    from ..models import arch_from_config, build_model
-    from ..parallel import parallelize_model, parallelize_pipeline
-    from ..parallel import ParallelDims
+    from ..parallel import build_model_parts
+    from ..parallel.pipeline import PipelineEvalModel
+    from ..preflight import plan_run
 
-    dims = ParallelDims.from_config(cfg.parallel, proc.world_size, arch=arch_from_config(cfg.model))
-    mesh = dims.build_mesh(proc.device.type)
-    if dims.pp_enabled:
-        from ..parallel.pipeline import PipelineEvalModel
-
-        parts, pipe = parallelize_pipeline(build_model(cfg.model, device="meta"), dims, mesh, cfg, proc.device)
-        return PipelineEvalModel(pipe, arch_from_config(cfg.model)), parts, dims
-    model = parallelize_model(build_model(cfg.model, device="meta"), dims, mesh, cfg, proc.device)
-    return model, [model], dims
+    plan = plan_run(cfg, proc.world_size, training=False)
+    plan.dims.build_mesh(proc.device.type)
+    parts, pipe = build_model_parts(cfg, plan.dims, proc.device)
+    model = parts[0] if pipe is None else PipelineEvalModel(pipe, plan.arch)
+    return model, parts, plan.dims
 
 
 def evaluate_checkpoint(source: CheckpointSource, cfg, proc, mask_ratio: Optional[float] = None, *,

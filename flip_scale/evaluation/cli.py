@@ -103,10 +103,9 @@ def eval_config(source: CheckpointSource, args: argparse.Namespace) -> Config:
 
 def check_layout(cfg: Config, world_size: int):
     """The evaluation layout of `cfg.parallel` over `world_size` ranks, or an error saying what is valid."""
-    from ..models import arch_from_config
-    from ..parallel import ParallelDims
+    from ..preflight import plan_run
 
-    return ParallelDims.from_config(cfg.parallel, world_size, arch=arch_from_config(cfg.model))
+    return plan_run(cfg, world_size, training=False).dims
 
 
 def main(argv=None) -> int:

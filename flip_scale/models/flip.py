@@ -52,10 +52,9 @@ class FLIPModel(nn.Module):
         self.visual.init_weights()  # the fixed sin-cos table (a buffer)
         initialize_parameters(self, torch.initial_seed() if seed is None else seed, self.logit_scale_init)
 
-    @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         """Keep the temperature in [0, log 100]; called after every optimizer step."""
-        self.logit_scale.clamp_(0.0, self.logit_scale_max)
+        clamp_logit_scale_(self)
 
     def encode_image(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, normalize: bool = True):
         features = self.visual(images, mask_noise)
@@ -103,3 +102,17 @@ def count_parameters(model: nn.Module) -> dict:
     text = sum(p.numel() for p in model.text.parameters())
     total = sum(p.numel() for p in model.parameters())
     return {"params_vision": vision, "params_text": text, "params_total": total}
+
+
+@torch.no_grad()
+def clamp_logit_scale_(module) -> None:
+    """Keep the temperature of `module` in [0, module.logit_scale_max], in place: a FLIP model, a
+    pipeline stage (a no-op on stages that do not hold it) or a wrapper with `.module`. A sharded
+    or tensor-parallel temperature (a DTensor) is clamped on its local tensor, which every rank
+    holds whole (it is replicated), so the ranks stay equal."""
+    module = getattr(module, "module", module)
+    param = getattr(module, "logit_scale", None)
+    if param is None:
+        return
+    local = param.to_local() if hasattr(param, "to_local") else param
+    local.clamp_(0.0, module.logit_scale_max)

@@ -1,39 +1,31 @@
-"""Parallelism applied to a FLIP model from outside, in torchtitan's order.
+"""Parallelism applied to a FLIP model from outside, in torchtitan's order (`build.py`).
 
     dims = ParallelDims.from_config(cfg.parallel, world_size, arch, cfg.train.global_batch_size,
                                     cfg.optim.grad_accum_steps)       # refuses impossible layouts
-    mesh = dims.build_mesh(device.type)
-    model = build_model(cfg.model, device="meta")
-    model = parallelize_model(model, dims, mesh, cfg, device)        # TP -> AC -> FSDP -> materialise
+    dims.build_mesh(device.type)                                      # dims carries its mesh
+    parts, pipe = build_model_parts(cfg, dims, device)                # TP -> AC -> compile -> FSDP -> materialise
     loss_fn = ContrastiveLoss(dims.dp_group)                          # gathers over data parallel only
     ...
-    clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, dims)
+    clip_grad_norm_(parameters, cfg.optim.grad_clip, dims)
 
-Initialisation: every parameter's initial value is a pure function of (seed, its name, its shape)
-(`flip_scale.models.init`), so after materialising (`to_empty`) each rank draws the full tensor of
-one parameter at a time and keeps its own shard (`distribute_tensor(..., src_data_rank=None)`): no
-communication, no rank ever holds the whole model (peak: the largest tensor), and any layout
-starts from the weights of the one-process model, bit for bit. Training from a checkpoint loads
-shards directly with DCP.
+    dims.py        ParallelDims: the layout, its checks and its mesh
+    tensor.py      tensor-parallel plans (Megatron column/row + sequence parallel)
+    activation.py  activation checkpointing and compiled blocks
+    fsdp.py        FSDP2 (ZeRO-3) with mixed precision
+    pipeline*.py   the pipeline split, schedules and the two-pass feature cache across stages
+    build.py       the order they are applied in, materialisation and initialisation
+    utils.py       global gradient norm and clipping, parameter counts
 
-Pipeline parallelism plugs in between FSDP and materialisation: split the meta model into stages
-first (a stage keeps a slice of each tower's `blocks` ModuleDict, the others set to None), then
-call `parallelize_model` on each stage module (as torchtitan does), with
-`reshard_after_forward=False` (done here when dims.pp > 1).
+This module only re-exports.
 """
 
-from __future__ import annotations
-
-import logging
-from typing import Optional
-
-import torch
-import torch.distributed as dist
-from torch import nn
-
 from .activation import apply_ac, apply_compile, checkpoint_module
+from .build import (
+    build_model_parts, init_buffers, materialize_and_init, mixed_precision_dtypes, parallelize_model,
+    parallelize_pipeline, reference_state_dict,
+)
 from .dims import MESH_DIM_NAMES, LayoutError, ParallelDims
-from .fsdp import apply_fsdp, register_scalar_grad_averaging
+from .fsdp import apply_fsdp, register_scalar_grad_averaging  # noqa: F401
 from .tensor import apply_tp, replicate_partial_gradients
 from .utils import (
     clip_grad_norm_,
@@ -45,131 +37,10 @@ from .utils import (
     total_grad_norm,
 )
 
-log = logging.getLogger("flip_scale.parallel")
-
 __all__ = [
-    "MESH_DIM_NAMES", "LayoutError", "ParallelDims", "apply_ac", "apply_compile", "apply_fsdp", "apply_tp", "checkpoint_module",
-    "clip_grad_norm_", "describe_parameter_counts", "init_buffers", "local_parameter_count", "materialize_and_init",
-    "mixed_precision_dtypes", "optimizer_state_bytes", "parallelize_model", "parallelize_pipeline", "parameter_counts_per_rank",
-    "reference_state_dict", "replicate_partial_gradients", "shard_bytes", "total_grad_norm",
+    "MESH_DIM_NAMES", "LayoutError", "ParallelDims", "apply_ac", "apply_compile", "apply_fsdp", "apply_tp",
+    "build_model_parts", "checkpoint_module", "clip_grad_norm_", "describe_parameter_counts", "init_buffers",
+    "local_parameter_count", "materialize_and_init", "mixed_precision_dtypes", "optimizer_state_bytes",
+    "parallelize_model", "parallelize_pipeline", "parameter_counts_per_rank", "reference_state_dict",
+    "replicate_partial_gradients", "shard_bytes", "total_grad_norm",
 ]
-
-
-def mixed_precision_dtypes(cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(param_dtype, reduce_dtype) for FSDP: fp32 on the CPU or with train.precision=fp32."""
-    from .fsdp import as_dtype
-
-    precision = getattr(cfg.train, "precision", "auto")
-    if precision == "fp32" or torch.device(device).type == "cpu":
-        return torch.float32, torch.float32
-    return as_dtype(cfg.parallel.param_dtype), as_dtype(cfg.parallel.reduce_dtype)
-
-
-def reference_state_dict(model_cfg, seed: int) -> dict:
-    """The state dict of the one-process model: `torch.manual_seed(seed); build_model(model_cfg)` (CPU).
-
-    The global RNG state is left as it was.
-    """
-    from flip_scale.models import build_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(model_cfg, device="cpu").state_dict()
-
-
-@torch.no_grad()
-def init_buffers(model: nn.Module) -> None:
-    """Recompute the non-persistent buffers (the fixed sin-cos position table) after `to_empty`."""
-    from flip_scale.models.vit import sincos_2d_position_embedding
-
-    visual = getattr(model, "visual", None)
-    if visual is not None and getattr(visual, "pos_embed", None) is not None:
-        table = sincos_2d_position_embedding(visual.pos_embed.shape[1], visual.arch.grid_size)
-        visual.pos_embed.copy_(torch.from_numpy(table).to(visual.pos_embed.dtype))
-
-
-from flip_scale.models.init import initialize_parameters  # noqa: E402
-
-
-def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_offload: bool = False) -> nn.Module:
-    """Allocate a meta-device (possibly sharded) model on `device` and give it the one-process weights.
-
-    With `cpu_offload` (FSDP2's CPUOffloadPolicy) the sharded parameters live in host memory; the
-    buffers and the parameters FSDP does not manage (the temperature) still go to `device`.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    device = torch.device(device)
-    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
-    if cpu_offload and device.type != "cpu":
-        with torch.no_grad():
-            for module in model.modules():
-                for name, buffer in module.named_buffers(recurse=False):
-                    setattr(module, name, buffer.to(device))
-            for param in model.parameters():
-                if not isinstance(param, DTensor):
-                    param.data = param.data.to(device)
-    register_scalar_grad_averaging(model)  # to_empty replaced the parameters, and dropped their hooks
-    # Each parameter's initial value is a function of (seed, name), so every rank draws one full
-    # tensor at a time and keeps its shard: no communication, no rank ever holds the whole model,
-    # and the weights equal those of the one-process model.
-    initialize_parameters(model, seed, model_cfg.logit_scale_init)
-    init_buffers(model)
-    return model
-
-
-def parallelize_pipeline(model: nn.Module, dims: ParallelDims, mesh, cfg, device):
-    """Split a meta-device FLIP model into this rank's pipeline stages, parallelise each, and wrap
-    them in the configured schedule. Returns (stage modules, `FLIPPipeline`).
-
-    Gradient accumulation under pipelining is more micro-batches through the same exact feature
-    cache: the schedule runs `parallel.microbatches x optim.grad_accum_steps` micro-batches.
-    """
-    from .pipeline import build_pipeline, build_stage_modules, num_stages, split_stages
-
-    pcfg = cfg.parallel
-    specs = split_stages(model.arch, cfg.model.mask_ratio, num_stages(dims.pp, pcfg.pp_schedule))
-    modules = build_stage_modules(model, specs, dims.pp_rank, dims.pp, pcfg.pp_schedule)
-    modules = [parallelize_model(module, dims, mesh, cfg, device) for module in modules]
-    microbatches = pcfg.microbatches * cfg.optim.grad_accum_steps
-    pipe = build_pipeline(modules, dims.pp_mesh, pcfg.pp_schedule, microbatches, device)
-    return modules, pipe
-
-
-def parallelize_model(
-    model: nn.Module,
-    dims: ParallelDims,
-    mesh,
-    cfg,
-    device,
-    sequence_parallel: bool = True,
-) -> nn.Module:
-    """Tensor parallel -> activation checkpointing -> FSDP2 -> materialise + initialise.
-
-    `model` is built on the meta device; `cfg` is the full `Config` (parallel, model, train.seed).
-    FSDP2 wraps the model when `dims.fsdp_enabled` (dp > 1, or tp > 1). With one rank this
-    materialises, initialises and applies checkpointing only.
-    """
-    device = torch.device(device)
-    if mesh is not None and mesh is not dims.mesh:
-        dims.attach_mesh(mesh)
-    pcfg = cfg.parallel
-    if dims.tp_enabled:
-        apply_tp(model, dims.tp_mesh, sequence_parallel=sequence_parallel)
-    apply_ac(model, pcfg.activation_checkpointing, pcfg.activation_checkpointing_every,
-             pcfg.activation_checkpointing_towers)
-    if pcfg.compile:
-        apply_compile(model)
-    if dims.fsdp_enabled:
-        param_dtype, reduce_dtype = mixed_precision_dtypes(cfg, device)
-        apply_fsdp(
-            model,
-            dims.dp_mesh,
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            cpu_offload=pcfg.cpu_offload,
-            reshard_after_forward=not dims.pp_enabled,
-        )
-    materialize_and_init(model, cfg.model, cfg.train.seed, device, cpu_offload=pcfg.cpu_offload and dims.fsdp_enabled)
-    return model

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flip_scale.models.flip import clamp_logit_scale_
 from flip_scale.models.masking import visible_count
 
 log = logging.getLogger("flip_scale.parallel")
@@ -270,11 +271,9 @@ class FLIPStage(nn.Module):
         self.embed_dim = visual.arch.embed_dim
         self.logit_scale_max = logit_scale_max
 
-    @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         """Keep the temperature in [0, log 100] (a no-op on stages that do not hold it)."""
-        if getattr(self, "logit_scale", None) is not None:
-            self.logit_scale.clamp_(0.0, self.logit_scale_max)
+        clamp_logit_scale_(self)
 
     def forward(self, *inputs: torch.Tensor):
         if self.spec.is_first:

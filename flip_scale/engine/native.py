@@ -1,0 +1,146 @@
+"""The native engine: FSDP2 (ZeRO-3) + tensor parallel + pipeline parallel on one ParallelDims.
+
+The model parts are built by `parallel.build_model_parts` (meta device -> TP -> AC -> compile ->
+FSDP2 -> [pipeline split] -> materialise), the optimizer is an `OptimizerGroup` over the parts
+(one per pipeline stage this rank holds), and the checkpoint state is DCP's (model and optimizer
+state dicts, re-sharded on load into any layout).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+from ..loss import build_loss
+from ..models import clamp_logit_scale_
+from ..optim import OptimizerGroup, nvidia_apex_available
+from ..parallel import build_model_parts, clip_grad_norm_, total_grad_norm
+from ..parallel.pipeline import PipelineEvalModel, pipeline_forward_backward
+from ..runtime import resolve_precision
+from ..step import forward_backward
+from .base import Engine, StepResult
+
+log = logging.getLogger("flip_scale")
+
+# Optimizer state flattened to one key per (parameter name, state): the keys of several model parts
+# (pipeline stages on one rank) merge without collisions, and re-shard across any layout. The
+# on-disk format of every checkpoint so far.
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class NativeEngine(Engine):
+    name = "fsdp"
+
+    def __init__(self, cfg, plan, device):
+        super().__init__(cfg, plan, device)
+        self.dims.build_mesh(self.device.type)
+        self.precision = resolve_precision(cfg, self.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model_parts, self.pipe = build_model_parts(cfg, self.dims, self.device)
+        # The whole model on this rank (None when it is split into pipeline stages).
+        self.model = None if self.pipe is not None else self.model_parts[0]
+        self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
+        self.optimizers = OptimizerGroup(self.model_parts, cfg, self.device)
+
+    # -- one step --------------------------------------------------------------------------
+    def train(self) -> None:
+        for part in self.model_parts:
+            part.train()
+
+    def forward_backward(self, images, tokens, mask_noise: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.pipe is not None:
+            return pipeline_forward_backward(self.pipe, self.loss_fn, images, tokens, mask_noise,
+                                             autocast=self.autocast)
+        return forward_backward(
+            self.model, self.loss_fn, images, tokens, mask_noise,
+            microbatches=self.cfg.optim.grad_accum_steps,
+            exact=self.cfg.loss.microbatch_contrast == "exact",
+            autocast=self.autocast,
+        )
+
+    def clip_and_step(self) -> StepResult:
+        parameters = list(self.parameters())
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = clip_grad_norm_(parameters, self.cfg.optim.grad_clip, self.dims)
+        else:
+            grad_norm = total_grad_norm(parameters, self.dims)
+        lr = self.optimizers.lr
+        # The norm is global (every rank holds the same value), so every rank decides alike.
+        if not math.isfinite(float(grad_norm)):
+            self.optimizers.skip()
+            self.optimizers.zero_grad()
+            return StepResult(grad_norm, lr, skipped=True)
+        self.optimizers.step()
+        self.optimizers.zero_grad()
+        for part in self.model_parts:
+            clamp_logit_scale_(part)
+        return StepResult(grad_norm, lr)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        for part in self.model_parts:
+            yield from part.parameters()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers.lr
+
+    def logit_scale(self) -> float:
+        """exp(temperature); under pipelining only the last stage holds it (a max over the pp group)."""
+        value = 0.0
+        for part in self.model_parts:
+            param = getattr(getattr(part, "module", part), "logit_scale", None)
+            if param is not None:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                value = float(full.detach().exp())
+        if self.pipe is not None:
+            tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.dims.pp_group)
+            value = float(tensor.item())
+        return value
+
+    # -- evaluation ------------------------------------------------------------------------
+    def eval_model(self):
+        # Under pipeline parallel the stages run forward-only schedules of their own; their
+        # buffers live as long as the returned object.
+        return self.model if self.pipe is None else PipelineEvalModel(self.pipe, self.arch)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        model, optim = {}, {}
+        for part, optimizer in zip(self.model_parts, self.optimizers.optimizers):
+            model.update(get_model_state_dict(part))  # pipeline stages hold disjoint names
+            optim.update(get_optimizer_state_dict(part, optimizer, options=OPTIM_OPTIONS))
+        return {"model": model, "optim": optim}
+
+    def load_state_dict(self, state: dict) -> None:
+        for part in self.model_parts:
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        if "optim" in state:
+            for part, optimizer in zip(self.model_parts, self.optimizers.optimizers):
+                set_optimizer_state_dict(part, optimizer, optim_state_dict=state["optim"], options=OPTIM_OPTIONS)
+
+    def schedule_state(self) -> dict:
+        return self.optimizers.state_dict()
+
+    def load_schedule_state(self, state: dict) -> None:
+        self.optimizers.load_state_dict(state)
+
+    def load_weights(self, source) -> None:
+        from ..evaluation.checkpoints import load_weights  # moves to flip_scale.checkpoint.sources
+
+        # Without pipeline stages every rank holds every tensor name: rank 0 alone reads a
+        # consolidated file and the tensors are broadcast (each rank keeps its shard).
+        whole = self.pipe is None
+        load_weights(source, self.model_parts, broadcast_from_rank0=whole, whole_model=whole)
+
+    def describe(self) -> list[str]:
+        kinds = sorted({getattr(opt, "flip_kind", type(opt).__name__) for opt in self.optimizers.optimizers})
+        return [f"engine fsdp (FSDP2 + tensor + pipeline parallel); optimizer {', '.join(kinds)}; LayerNorm: "
+                f"PyTorch's (NVIDIA apex {'importable' if nvidia_apex_available() else 'not importable'})"]

@@ -1,0 +1,136 @@
+"""Every check of a run that needs the world size, done once, before anything is built.
+
+    plan = plan_run(cfg, world_size, tokenizer_vocab)   # ConfigError / LayoutError naming what is wrong
+    print(describe_plan(plan))                          # what `flip-train --dry-run` prints
+
+`flip-train --dry-run`, the `Trainer`, `flip-eval` and the unmask tool all call `plan_run`, so a
+layout that one of them accepts the others accept too, and a job refused at start-up is refused
+on the login node first. The checks:
+
+  - the layout against the world, the model and the batch (`ParallelDims.from_config`: the product
+    of the axes, heads and MLP widths divisible by tp, blocks enough for the pipeline stages,
+    micro-batches the schedule accepts, a batch that splits over dp x micro-batches x accumulation);
+  - options the layout rules out (per-micro-batch contrast under pipeline parallel);
+  - the data streams (`data.streams` divisible by the data-parallel size, dividing the batch);
+  - the tokenizer's size against `model.vocab_size`, when the tokenizer is at hand.
+
+Evaluation (`training=False`) checks the layout against the model only: the checkpoint's training
+batch does not constrain how it is evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import Config, ConfigError, effective_lr
+from .models import arch_from_config
+from .models.masking import visible_count
+from .parallel.dims import ParallelDims
+
+
+@dataclass
+class RunPlan:
+    """The resolved facts of a run on `world_size` ranks (no mesh, no model: nothing is built)."""
+
+    cfg: Config
+    world_size: int
+    arch: object  # models.FlipArch
+    dims: ParallelDims
+    local_batch: int  # samples per data-parallel rank and step
+    streams: int  # sample streams of the data (data.streams, or the count a fresh run picks)
+    tokenizer_vocab: Optional[int] = None  # the tokenizer's size where it was checked
+
+    @property
+    def visible_patches(self) -> int:
+        """Image patches that enter the encoder at the configured mask ratio."""
+        return visible_count(self.arch.num_patches, self.cfg.model.mask_ratio)
+
+
+def check_layout_options(cfg: Config, dims: ParallelDims) -> None:
+    """Options the layout rules out."""
+    if dims.pp_enabled and cfg.loss.microbatch_contrast != "exact":
+        raise ConfigError("loss.microbatch_contrast=per_microbatch is not available with pipeline parallel "
+                          "(parallel.pp > 1); use exact")
+
+
+def check_tokenizer_size(cfg: Config, vocab_size: int, arch) -> None:
+    if vocab_size > arch.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {cfg.data.tokenizer} has {vocab_size} tokens but model.vocab_size is "
+            f"{arch.vocab_size}; set model.vocab_size={vocab_size} or more"
+        )
+
+
+def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None, *,
+             training: bool = True) -> RunPlan:
+    """The plan of `cfg` on `world_size` ranks, or ConfigError / LayoutError saying what is wrong and
+    what would be valid. `tokenizer_vocab`: the tokenizer's size, checked against the model's."""
+    from .data.loader import check_streams, default_streams
+
+    arch = arch_from_config(cfg.model)
+    if not training:
+        dims = ParallelDims.from_config(cfg.parallel, world_size, arch=arch)
+        return RunPlan(cfg, world_size, arch, dims, 0, 0, tokenizer_vocab)
+    dims = ParallelDims.from_config(cfg.parallel, world_size, arch=arch, global_batch_size=cfg.train.global_batch_size,
+                                    grad_accum_steps=cfg.optim.grad_accum_steps)
+    check_layout_options(cfg, dims)
+    local = cfg.train.global_batch_size // dims.dp_size
+    streams = cfg.data.streams or default_streams(dims.dp_size, cfg.data.num_workers, local)
+    try:
+        check_streams(streams, dims.dp_size, cfg.train.global_batch_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if tokenizer_vocab is not None:
+        check_tokenizer_size(cfg, tokenizer_vocab, arch)
+    return RunPlan(cfg, world_size, arch, dims, local, streams, tokenizer_vocab)
+
+
+def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
+    """The size of `data.tokenizer` where the file exists here (a login node may not see it)."""
+    if not Path(cfg.data.tokenizer).is_file():
+        return None
+    from .data import Tokenizer
+
+    return Tokenizer(cfg.data.tokenizer, context_length=cfg.model.context_length).vocab_size
+
+
+def describe_plan(plan: RunPlan) -> str:
+    """What `flip-train` would run: the layout, the batch split, the data streams, the schedule and
+    the model's size and cost (the model is counted on the meta device)."""
+    from .models import build_model, count_parameters
+    from .models.flops import flops_for_config
+
+    cfg, dims, arch = plan.cfg, plan.dims, plan.arch
+    counts = count_parameters(build_model(cfg.model, device="meta"))
+    flops = flops_for_config(cfg.model, training=True)["total"]
+    samples = cfg.train.max_steps * cfg.train.global_batch_size
+    shards = str(cfg.data.train_shards) if cfg.data.train_shards else "data.train_shards is not set"
+    state_bytes = 16 * counts["params_total"]  # fp32 weights + grads + AdamW's two moments
+    shard_over = dims.dp_shard * dims.tp * dims.pp
+    if plan.tokenizer_vocab is not None:
+        tokenizer_note = f"tokenizer {cfg.data.tokenizer} fits model.vocab_size={arch.vocab_size}"
+    else:
+        tokenizer_note = (f"tokenizer {cfg.data.tokenizer} not found here (not checked; with data.synthetic the "
+                          f"run writes it)")
+    return "\n".join([
+        f"flip-train --dry-run: {cfg.model.name}, {counts['params_total'] / 1e6:.1f}M parameters "
+        f"(vision {counts['params_vision'] / 1e6:.1f}M, text {counts['params_text'] / 1e6:.1f}M), mask ratio "
+        f"{cfg.model.mask_ratio:g} ({plan.visible_patches} of {arch.num_patches} patches visible)",
+        f"  layout: {dims.describe()}",
+        f"  batch: {cfg.train.global_batch_size} = {dims.dp_size} data-parallel ranks x {plan.local_batch} "
+        f"(grad accumulation {cfg.optim.grad_accum_steps}, pipeline micro-batches {cfg.parallel.microbatches})",
+        f"  data: {shards}; {plan.streams} sample streams ({plan.streams // dims.dp_size} per data-parallel rank, "
+        f"{plan.local_batch * dims.dp_size // plan.streams} samples each per step)",
+        f"  schedule: {cfg.train.max_steps} steps = {samples / 1e6:.2f}M samples, peak lr {effective_lr(cfg):.3e}, "
+        f"warmup {cfg.schedule.warmup_steps}, {cfg.schedule.name}",
+        f"  compute: {flops / 1e9:.1f} GFLOPs per training sample, {flops * samples / 1e18:.2f} EFLOP in all",
+        f"  optimizer state: {state_bytes / 2**30:.1f} GiB in all (fp32 weights, grads, AdamW moments), "
+        f"{state_bytes / shard_over / 2**20:.0f} MiB per rank sharded over {shard_over}"
+        + (f" (x{dims.dp_replicate} replicas)" if dims.dp_replicate > 1 else ""),
+        f"  {tokenizer_note}",
+        f"  activation checkpointing: {cfg.parallel.activation_checkpointing} "
+        f"({cfg.parallel.activation_checkpointing_towers}); compiled blocks: {cfg.parallel.compile}",
+        "  config and layout OK",
+    ])

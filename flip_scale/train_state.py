@@ -1,0 +1,98 @@
+"""What a training checkpoint holds besides the engine's state, as CheckpointManager components.
+
+    TrainState        the counters of the run (step, samples seen, bad samples, skipped steps)
+    TrainerRecord     -> trainer_state.json: the counters, the lr schedule's position, the layout
+                         it was written with and the model architecture (resume refuses another)
+    DataPosition      -> data_rank{r}.json: each data-parallel rank's stream positions, merged on
+                         load so that they continue under any layout (flip_scale/data/resume.py)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+log = logging.getLogger("flip_scale")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_seen: int = 0
+    skipped_samples: int = 0
+    nonfinite_steps: int = 0  # skipped optimizer steps (non-finite gradient norm), over the run
+    nonfinite_in_a_row: int = 0
+
+
+class TrainerRecord:
+    """trainer_state.json (CheckpointManager kind "json"; the manager adds "step")."""
+
+    checkpoint_kind = "json"
+
+    def __init__(self, state: TrainState, engine, world_size: int):
+        self.state = state
+        self.engine = engine
+        self.world_size = world_size
+        self.loaded: Optional[dict] = None
+
+    def state_dict(self) -> dict:
+        dims, state = self.engine.dims, self.state
+        return {
+            "samples_seen": state.samples_seen, "skipped_samples": state.skipped_samples,
+            "nonfinite_steps": state.nonfinite_steps, "nonfinite_in_a_row": state.nonfinite_in_a_row,
+            "layout": dims.describe(), "world_size": self.world_size, "dp_size": dims.dp_size,
+            "model_arch": self.engine.arch.to_dict(),
+            "scheduler": self.engine.schedule_state(),
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state.step = saved["step"]
+        self.state.samples_seen = saved.get("samples_seen", 0)
+        self.state.skipped_samples = saved.get("skipped_samples", 0)
+        self.state.nonfinite_steps = saved.get("nonfinite_steps", 0)
+        self.state.nonfinite_in_a_row = saved.get("nonfinite_in_a_row", 0)
+        if saved.get("scheduler"):
+            self.engine.load_schedule_state(saved["scheduler"])
+        layout = self.engine.dims.describe()
+        if saved.get("layout") not in (None, layout):
+            log.info("checkpoint layout %s re-sharded into %s", saved["layout"], layout)
+        self.loaded = saved
+
+
+class DataPosition:
+    """The data stream's position (CheckpointManager kind "rank_blobs": data_rank{dp_rank}.json).
+
+    The tensor- and pipeline-parallel ranks of one replica read the same stream: one of them
+    writes it. On load every rank's saved positions are merged (`data.resume`), so the stream
+    continues sample for sample under any layout whose data-parallel size divides the stream count."""
+
+    checkpoint_kind = "rank_blobs"
+    blob_prefix = "data_rank"
+
+    def __init__(self, loader, dp_rank: int, writes: bool):
+        self.loader = loader
+        self.dp_rank = dp_rank
+        self.writes = writes
+        self.found = False  # the checkpoint held positions (continued, or restarted at an epoch)
+
+    @property
+    def blob_name(self) -> str:
+        return f"{self.blob_prefix}{self.dp_rank}"
+
+    def state_dict(self) -> Optional[dict]:
+        if not self.writes or self.loader is None:
+            return None
+        return self.loader.state_dict()
+
+    def load_state_dict(self, blobs: list) -> None:
+        from .data.resume import data_state_for_resume
+
+        self.found = bool(blobs)
+        if not blobs or self.loader is None:
+            return
+        state, reason = data_state_for_resume(blobs, self.loader.state_dict())
+        if reason is not None:
+            log.warning("data stream: %s", reason)
+        if state is not None:
+            self.loader.load_state_dict(state)
