@@ -57,8 +57,8 @@ from typing import Optional, Sequence
 from . import preemption
 from .checkpoint import CheckpointError, find_latest
 from .config import (
-    CONFIG_DIR, Config, ConfigError, _deep_merge, apply_overrides, config_from_dict, effective_lr, flatten_tree,
-    load_yaml_tree,
+    CONFIG_DIR, Config, ConfigError, apply_overrides, config_from_dict, effective_lr, flatten_tree,
+    load_yaml_tree, merge_trees,
 )
 from .evaluation.checkpoints import CheckpointSource, load_weights, open_checkpoint
 from .models import arch_from_config
@@ -200,7 +200,7 @@ def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_
         pretraining = config_from_dict(source.config_tree)
     except ConfigError as error:
         raise ConfigError(f"the config of {source.path} is not valid today: {error}") from None
-    tree = _deep_merge(copy.deepcopy(source.config_tree), load_yaml_tree(overlay))
+    tree = merge_trees(copy.deepcopy(source.config_tree), load_yaml_tree(overlay))
     given = set(flatten_tree(apply_overrides({}, overrides)))  # keys the command line sets itself
     probe = config_from_dict(apply_overrides(tree, overrides))  # the batch and layout the run will have
     batch = probe.train.global_batch_size
