@@ -2,6 +2,7 @@
 
 Every recipe is resolved into one `Config` before anything is built. Unknown keys, wrong types and
 out-of-range values are refused with a message that names the key, the value and what is valid.
+An option with a fixed set of values is typed `Literal[...]`: its type is the list of choices.
 This module imports nothing of the package (DESIGN.md section 2).
 """
 
@@ -14,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -28,8 +29,8 @@ class TrainConfig:
     max_steps: int = 1000
     global_batch_size: int = 256
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast where supported) | fp32 | bf16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
     log_every_steps: int = 10
     deterministic: bool = False
     # How long a collective may wait before the process group reports a hang (NCCL watchdog):
@@ -41,8 +42,9 @@ class TrainConfig:
 class ModelConfig:
     name: str = "tiny"  # registry name: tiny, B/16, L/16, H/14, G/14
     mask_ratio: float = 0.5
-    masking: str = "random"  # the token-removal strategy (only `random` so far)
-    vision_pool: str = "avg_patches"  # avg_patches (OpenCLIP pool_type=avg) | avg_all (FLIP's code) | cls
+    masking: Literal["random"] = "random"  # the token-removal strategy
+    # avg_patches (OpenCLIP pool_type=avg) | avg_all (FLIP's code) | cls
+    vision_pool: Literal["avg_patches", "avg_all", "cls"] = "avg_patches"
     text_pad_mask: bool = False  # FLIP's code attends to padding; true masks it out
     text_causal: bool = False  # CLIP-style: causal mask + end-of-text pooling
     image_size: Optional[int] = None  # None: the registry's size
@@ -66,10 +68,10 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "contrastive"
+    kind: Literal["contrastive"] = "contrastive"
     # Exact global-batch contrast under micro-batching (two-pass feature cache). `per_microbatch`
     # contrasts each micro-batch alone: cheaper, but it changes the math.
-    microbatch_contrast: str = "exact"  # exact | per_microbatch
+    microbatch_contrast: Literal["exact", "per_microbatch"] = "exact"
 
 
 @dataclass
@@ -98,7 +100,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Literal["adamw"] = "adamw"
     lr: Optional[float] = None  # None: base_lr * global_batch_size / 256
     base_lr: float = 4e-6
     betas: list = field(default_factory=lambda: [0.9, 0.95])
@@ -110,33 +112,34 @@ class OptimConfig:
     # schedule moves on), logged and counted; more than this many such steps in a row stop the run
     # with the weights and checkpoints untouched.
     max_nonfinite_steps: int = 3
-    fused: str = "auto"  # auto | true | false: fused AdamW kernel where the device has one
+    # Fused AdamW kernel where the device has one (auto); YAML's unquoted true/false are read as "true"/"false".
+    fused: Literal["auto", "true", "false"] = "auto"
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine | constant
+    name: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
     min_lr: float = 0.0
 
 
 @dataclass
 class ParallelConfig:
-    engine: str = "fsdp"  # fsdp | deepspeed
+    engine: Literal["fsdp", "deepspeed"] = "fsdp"  # deepspeed: reserved, refused by the layout check
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves
     tp: int = 1
     pp: int = 1
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     microbatches: int = 1
-    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
     activation_checkpointing_every: int = 2  # selective: every k-th block
-    activation_checkpointing_towers: str = "both"  # both | vision | text: the towers it applies to
+    activation_checkpointing_towers: Literal["both", "vision", "text"] = "both"  # the towers it applies to
     # torch.compile of every transformer block (after checkpointing, before sharding, as torchtitan);
     # meant for GPUs, where it fuses the norms, GELU and residual adds: measure before relying on it.
     compile: bool = False
-    param_dtype: str = "bf16"  # FSDP MixedPrecisionPolicy on GPU
-    reduce_dtype: str = "fp32"
+    param_dtype: Literal["bf16", "fp32"] = "bf16"  # FSDP MixedPrecisionPolicy on GPU
+    reduce_dtype: Literal["bf16", "fp32"] = "fp32"
     cpu_offload: bool = False
 
 
@@ -194,25 +197,6 @@ class Config:
         os.replace(tmp, path)
 
 
-# Allowed values of string options, checked after loading.
-CHOICES = {
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "model.masking": ("random",),
-    "model.vision_pool": ("avg_patches", "avg_all", "cls"),
-    "loss.kind": ("contrastive",),
-    "loss.microbatch_contrast": ("exact", "per_microbatch"),
-    "optim.name": ("adamw",),
-    "optim.fused": ("auto", "true", "false"),
-    "schedule.name": ("cosine", "constant"),
-    "parallel.engine": ("fsdp", "deepspeed"),
-    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
-    "parallel.activation_checkpointing": ("none", "full", "selective"),
-    "parallel.activation_checkpointing_towers": ("both", "vision", "text"),
-    "parallel.param_dtype": ("bf16", "fp32"),
-    "parallel.reduce_dtype": ("bf16", "fp32"),
-}
-
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -223,13 +207,37 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_choice(value: Any, options: tuple) -> bool:
+    return any(value == o and type(value) is type(o) for o in options)  # True is not 1
+
+
+def _choice_message(key: str, value: Any, options: tuple) -> str:
+    shown = f"'{value}'" if isinstance(value, str) else repr(value)
+    return f"{key}: {shown} is not valid; choose one of {', '.join(str(o) for o in options)}"
+
+
+def _choice_fields(cls=None, prefix: str = "") -> dict:
+    """dotted key -> the values its `Literal[...]` type allows, for every such field of `cls` (Config)."""
+    cls = Config if cls is None else cls
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_choice_fields(tp, f"{prefix}{name}."))
+        elif typing.get_origin(tp) is Literal:
+            out[f"{prefix}{name}"] = typing.get_args(tp)
+    return out
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp` or raise ConfigError naming the key and the expected type."""
+    """Return `value` as type `tp` or raise ConfigError naming the key and the expected type (for a
+    `Literal[...]`, the value and the valid choices)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -238,6 +246,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if isinstance(value, bool) and all(isinstance(o, str) for o in options):
+            value = "true" if value else "false"  # YAML reads true/false unquoted as bools (optim.fused: true)
+        if _is_choice(value, options):
+            return value
+        raise ConfigError(_choice_message(key, value, options))
     if tp is type(None):
         if value is None:
             return None
@@ -258,7 +273,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool):  # YAML reads true/false unquoted as bools (optim.fused: true)
+        if isinstance(value, bool):  # YAML reads true/false unquoted as bools: the words were meant
             return "true" if value else "false"
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):
@@ -298,11 +313,13 @@ def _build(cls, values: dict, prefix: str):
 # ----------------------------------------------------------------------------- YAML + overrides
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def merge_trees(base: dict, update: dict) -> dict:
+    """`update` over `base`, key by key into nested mappings (a recipe over its `_base_`); a new tree,
+    the inputs are not changed (nested mappings that only `base` has are shared, not copied)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -340,8 +357,8 @@ def load_yaml_tree(path: Union[str, Path], _seen: Optional[set] = None) -> dict:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.exists():
             base_path = resolve_config_path(base)
-        merged = _deep_merge(merged, load_yaml_tree(base_path, seen))
-    return _deep_merge(merged, data)
+        merged = merge_trees(merged, load_yaml_tree(base_path, seen))
+    return merge_trees(merged, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -356,7 +373,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict, overrides) -> dict:
-    tree = _deep_merge({}, tree)
+    tree = merge_trees({}, tree)
     for text in overrides or []:
         parts, value = parse_override(text)
         node = tree
@@ -371,11 +388,12 @@ def apply_overrides(tree: dict, overrides) -> dict:
 
 
 def validate(cfg: Config) -> Config:
-    for dotted, options in CHOICES.items():
+    # A Config built in code (not through config_from_dict) has not met `_coerce`: check its choices.
+    for dotted, options in _choice_fields().items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value not in options:
-            raise ConfigError(f"{dotted}: '{value}' is not valid; choose one of {', '.join(options)}")
+        if not _is_choice(value, options):
+            raise ConfigError(_choice_message(dotted, value, options))
     if not 0.0 <= cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: {cfg.model.mask_ratio} is outside [0, 1)")
     positive = {

@@ -24,7 +24,7 @@
 # It runs, one task per GPU,
 #   tools/unmask_tune.py --from CKPT --run-dir RUN_DIR --resume auto --overlay FLIP_UNMASK_RECIPE \
 #       train.device=FLIP_DEVICE FLIP_LAYOUT... FLIP_ARGS...
-# (weights of CKPT, fresh optimizer, step 0, the tuning schedule: flip_scale/unmask.py); a requeued
+# (weights of CKPT, fresh optimizer, step 0, the tuning schedule: flip_scale/unmask/plan.py); a requeued
 # tuning job continues from its own `latest` (`--resume auto`).
 #
 # Sizing: 257 tokens instead of 129 roughly double the activations of pre-training; with full

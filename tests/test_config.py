@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flip_scale import config as config_module
 from flip_scale.config import (
     CONFIG_DIR,
     Config,
@@ -14,6 +17,8 @@ from flip_scale.config import (
     config_from_dict,
     effective_lr,
     load_config,
+    merge_trees,
+    validate,
 )
 
 
@@ -162,6 +167,87 @@ def test_invalid_choice_lists_the_valid_ones():
         load_config(None, ["model.vision_pool=mean"])
     with pytest.raises(ConfigError, match="optim.fused: 'maybe' is not valid"):
         load_config(None, ["optim.fused=maybe"])
+
+
+def _literal_fields(cls=Config, prefix=""):
+    """dotted key -> the choices of every `Literal[...]` field, read from the dataclass types."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_literal_fields(tp, f"{prefix}{name}."))
+        elif typing.get_origin(tp) is typing.Literal:
+            out[f"{prefix}{name}"] = typing.get_args(tp)
+    return out
+
+
+def test_choice_options_are_literal_types():
+    fields = _literal_fields()
+    assert fields["parallel.engine"] == ("fsdp", "deepspeed")
+    assert fields["optim.fused"] == ("auto", "true", "false")
+    assert fields["train.device"] == ("auto", "cpu", "cuda")
+    assert len(fields) == 15
+    assert not hasattr(config_module, "CHOICES")  # the types are the one list of choices
+
+
+@pytest.mark.parametrize("dotted", sorted(_literal_fields()))
+def test_every_literal_field_refuses_a_value_outside_it(tmp_path, dotted):
+    choices = _literal_fields()[dotted]
+    expected = f"{dotted}: 'nonsense' is not valid; choose one of {', '.join(choices)}"
+    section, key = dotted.split(".")
+    # The override path, a recipe file and config_from_dict all go through the same check.
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"{dotted}=nonsense"])
+    assert str(error.value) == expected
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path / "bad.yaml", {section: {key: "nonsense"}}))
+    assert str(error.value) == expected
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({section: {key: "nonsense"}})
+    assert str(error.value) == expected
+    # Every choice is accepted as it is.
+    for choice in choices:
+        assert getattr(getattr(config_from_dict({section: {key: choice}}), section), key) == choice
+
+
+def test_a_choice_of_another_type_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.device=3"])
+    assert str(error.value) == "train.device: 3 is not valid; choose one of auto, cpu, cuda"
+    with pytest.raises(ConfigError, match="train.precision: 'true' is not valid; choose one of auto, fp32, bf16"):
+        load_config(None, ["train.precision=true"])  # YAML's bool, read as the word
+
+
+def test_fused_takes_yaml_bools_and_strings(tmp_path):
+    for override, expected in (("optim.fused=true", "true"), ("optim.fused=false", "false"),
+                               ("optim.fused='true'", "true"), ("optim.fused='false'", "false"),
+                               ("optim.fused=auto", "auto")):
+        assert load_config(None, [override]).optim.fused == expected
+    assert load_config(write(tmp_path / "f.yaml", {"optim": {"fused": True}})).optim.fused == "true"
+    assert load_config(write(tmp_path / "g.yaml", {"optim": {"fused": "false"}})).optim.fused == "false"
+    assert config_from_dict({"optim": {"fused": False}}).optim.fused == "false"
+
+
+def test_validate_refuses_a_choice_set_in_code():
+    cfg = Config()
+    cfg.parallel.pp_schedule = "zero_bubble"
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert str(error.value) == "parallel.pp_schedule: 'zero_bubble' is not valid; choose one of gpipe, 1f1b, interleaved_1f1b"
+    cfg.parallel.pp_schedule = "gpipe"
+    assert validate(cfg) is cfg
+
+
+def test_deepspeed_is_a_valid_choice_refused_by_the_layout():
+    assert load_config(None, ["parallel.engine=deepspeed"]).parallel.engine == "deepspeed"
+
+
+def test_merge_trees_merges_nested_keys_and_leaves_its_inputs():
+    base = {"train": {"max_steps": 1, "seed": 2}, "model": {"name": "tiny"}}
+    update = {"train": {"max_steps": 5}, "model": "replaced", "eval": {"at_end": False}}
+    merged = merge_trees(base, update)
+    assert merged == {"train": {"max_steps": 5, "seed": 2}, "model": "replaced", "eval": {"at_end": False}}
+    assert base == {"train": {"max_steps": 1, "seed": 2}, "model": {"name": "tiny"}}
+    assert update == {"train": {"max_steps": 5}, "model": "replaced", "eval": {"at_end": False}}
 
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])

@@ -101,6 +101,20 @@ def test_memory_rule_raises_accumulation_to_a_divisor_of_the_rank_batch():
     assert any("already full" in line for line in lines)
 
 
+def test_the_plan_imports_without_torch():
+    """A login node can import the planning (and the package's planning names) without torch."""
+    code = ("import sys\n"
+            "import flip_scale.unmask.plan\n"
+            "from flip_scale.unmask import TuningPlan, format_report, plan_tuning\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'flip_scale'))\n"
+            "assert 'torch' not in sys.modules, loaded\n"
+            "print(loaded)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "flip_scale.unmask.plan" in proc.stdout and "flip_scale.unmask.cli" not in proc.stdout
+
+
 # ----------------------------------------------------------------------------- real tuning runs
 
 
@@ -273,6 +287,45 @@ def test_unmask_tuning_from_a_consolidated_checkpoint(masked_run, tmp_path):
     consolidate(source_step, out)
     assert unmask_main(args) == 0
     check_tuning_run(run_dir, source_step, steps=2, tmp_path=tmp_path)
+
+
+def test_report_evaluates_the_source_masked_and_unmasked_and_frees_its_model(masked_run):
+    import gc
+
+    from flip_scale.models import FLIPModel
+    from flip_scale.unmask import cli, evaluate_source
+
+    def models_alive() -> int:
+        gc.collect()
+        return sum(issubclass(type(o), FLIPModel) for o in gc.get_objects())
+
+    source = cli.open_checkpoint(str(masked_run))
+    alive = models_alive()
+    before, device = evaluate_source(plan_tuning(source, samples=64, memory="keep"))
+    assert before["mask_ratio"] == SOURCE_MASK and device is not None
+    assert before["masked"]["zero_shot"]["samples"] == before["unmasked"]["zero_shot"]["samples"] == 64
+    assert before["masked"]["zero_shot"] != before["unmasked"]["zero_shot"]  # masking changes the features
+    assert models_alive() == alive  # nothing keeps the evaluated model for the tuning run to sit beside
+
+
+def test_report_evaluates_an_unmasked_source_unmasked_only(monkeypatch):
+    from flip_scale.unmask import cli
+
+    views_asked = []
+
+    def fake_evaluate_checkpoint(source, cfg, proc, *, views):
+        views_asked.append(dict(views))
+        return {name: {"view": name} for name in views}
+
+    monkeypatch.setattr(cli, "evaluate_checkpoint", fake_evaluate_checkpoint)
+    unmasked = load_config(None, ["model.mask_ratio=0", "train.device=cpu"]).to_dict()
+    before, _ = cli.evaluate_source(plan_tuning(_source(unmasked, 38_400)))
+    assert views_asked == [{"unmasked": None}]
+    assert before == {"mask_ratio": 0.0, "masked": None, "unmasked": {"view": "unmasked"}}
+    masked = load_config(None, ["model.mask_ratio=0.5", "train.device=cpu"]).to_dict()
+    before, _ = cli.evaluate_source(plan_tuning(_source(masked, 38_400)))
+    assert views_asked[-1] == {"masked": 0.5, "unmasked": None}
+    assert before == {"mask_ratio": 0.5, "masked": {"view": "masked"}, "unmasked": {"view": "unmasked"}}
 
 
 # ----------------------------------------------------------------------------- preemption (as flip-train)
