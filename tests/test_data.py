@@ -24,13 +24,13 @@ from flip_scale.data import (
     Tokenizer,
     TrainStream,
     assign_shards,
-    build_eval_loader,
     build_train_loader,
     ensure_synthetic_data,
     expand_shards,
     train_tokenizer,
     write_synthetic_dataset,
 )
+from flip_scale.evaluation.datasets import build_eval_loader
 from flip_scale.data import shards as shards_module, synthetic, tokenizer as tokenizer_module
 from flip_scale.data.transforms import EvalTransform, TrainTransform, random_resized_crop_box
 

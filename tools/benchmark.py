@@ -88,7 +88,8 @@ def worker(args) -> dict:
     """One rank of one layout (run under torchrun, or alone for a one-process layout)."""
     from flip_scale.config import load_config
     from flip_scale.distributed import init_distributed, shutdown
-    from flip_scale.train import Trainer, setup_logging
+    from flip_scale.runtime import setup_logging
+    from flip_scale.train import Trainer
 
     overrides = [
         f"model.name={args.model}", f"train.global_batch_size={args.batch}", f"train.max_steps={args.steps + args.warmup}",

@@ -1,9 +1,9 @@
 """Data pipeline: webdataset shards -> augmented images + tokens, split by data-parallel rank.
 
-`data` knows no model: it gets the data-parallel rank and size as numbers (DESIGN.md section 2).
+`data` knows no model: it gets the data-parallel rank and size as numbers (docs/design.md section 2); evaluation datasets live in flip_scale.evaluation.
 """
 
-from .loader import EvalStream, TrainLoader, TrainStream, build_eval_loader, build_train_loader
+from .loader import TrainLoader, TrainStream, build_train_loader
 from .shards import DataError, assign_shards, expand_shards, read_tar_samples
 from .synthetic import class_names, ensure_synthetic_data, write_synthetic_dataset
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
@@ -12,11 +12,11 @@ from .transforms import EvalTransform, TrainTransform, build_eval_transform, bui
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID",
     "DataError",
-    "EvalStream", "EvalTransform",
+    "EvalTransform",
     "Tokenizer",
     "TrainLoader", "TrainStream", "TrainTransform",
     "assign_shards",
-    "build_eval_loader", "build_eval_transform", "build_train_loader", "build_train_transform",
+    "build_eval_transform", "build_train_loader", "build_train_transform",
     "class_names",
     "ensure_synthetic_data",
     "expand_shards",

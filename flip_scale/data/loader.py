@@ -46,9 +46,7 @@ from .shards import (
     RawSample,
     assign_shards,
     caption_text,
-    check_eval_sample,
     check_train_sample,
-    class_index,
     derive_seed,
     expand_shards,
     image_bytes,
@@ -56,7 +54,7 @@ from .shards import (
     warn_if_few_shards,
 )
 from .tokenizer import Tokenizer
-from .transforms import EvalTransform, TrainTransform, build_eval_transform, build_train_transform, decode_image
+from .transforms import TrainTransform, build_train_transform, decode_image
 
 log = logging.getLogger("flip_scale.data")
 
@@ -411,76 +409,3 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
     transform = build_train_transform(data_cfg, image_size)
     return TrainLoader(shards, data_cfg, transform, tokenizer, dp_rank, dp_size, local_batch_size, seed,
                        epochs=epochs, pin_memory=pin_memory, streams=int(getattr(data_cfg, "streams", 0)))
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-class EvalStream(IterableDataset):
-    """One deterministic pass over labelled shards, split by rank, batched inside the workers.
-
-    Samples are numbered in shard order; rank r takes every dp_size-th usable sample starting at r.
-    A rank's samples are cut into batches and DataLoader worker w builds batches w, w+W, ...;
-    the round-robin hand-out then yields them in order, so the result does not depend on
-    data.num_workers. Ranks' sample counts differ by at most one.
-    """
-
-    def __init__(self, shards: Sequence[str], transform: EvalTransform, batch_size: int, dp_rank: int, dp_size: int,
-                 max_bad_fraction: float, bad_check_after: int):
-        self.shards = list(shards)
-        self.transform = transform
-        self.batch_size = batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.max_bad_fraction = max_bad_fraction
-        self.bad_check_after = bad_check_after
-
-    def _rank_samples(self, tracker: BadSampleTracker) -> Iterator[RawSample]:
-        usable = 0
-        for shard in self.shards:
-            for sample in read_tar_samples(shard):
-                problem = sample.reason if isinstance(sample, BadSample) else check_eval_sample(sample)
-                if problem is not None:
-                    tracker.add_bad(BadSample(sample.shard, sample.key, problem))
-                    continue
-                usable += 1
-                if (usable - 1) % self.dp_size == self.dp_rank:
-                    yield sample
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # Workers other than 0 read the same shards to find their batches; only worker 0 reports.
-        tracker = BadSampleTracker(self.max_bad_fraction, self.bad_check_after, " (evaluation)")
-        tracker.quiet = worker != 0
-        batch_index, images, labels = 0, [], []
-        for position, sample in enumerate(self._rank_samples(tracker)):
-            batch_index = position // self.batch_size
-            if batch_index % workers != worker:
-                continue
-            try:
-                image = decode_image(image_bytes(sample))
-            except Exception as error:
-                log.warning("skipped an evaluation sample: %s key=%r: undecodable image (%s: %s)",
-                            sample.shard, sample.key, type(error).__name__, error)
-                image = None
-            if image is not None:
-                images.append(self.transform(image))
-                labels.append(class_index(sample))
-            if (position + 1) % self.batch_size == 0 and images:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-                images, labels = [], []
-        if images:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-
-
-def build_eval_loader(shards: Union[str, Sequence[str]], image_size: int, data_cfg, batch_size: int,
-                      dp_rank: int = 0, dp_size: int = 1) -> DataLoader:
-    """(images FloatTensor [B,3,H,W], labels LongTensor [B]) over shards whose samples carry `cls`:
-    one pass, deterministic order, no augmentation (resize short side + center crop), split by rank."""
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = EvalStream(expand_shards(shards), build_eval_transform(data_cfg, image_size), batch_size, dp_rank,
-                         dp_size, data_cfg.max_bad_fraction, data_cfg.bad_check_after)
-    return DataLoader(dataset, batch_size=None, num_workers=max(0, int(data_cfg.num_workers)))

@@ -5,7 +5,7 @@ Classification (zero-shot):
     sorted folder names, or, with a class-names file, its lines in sorted-folder order (ImageNet
     style: folders named by synset id, the file holding readable names); images in sorted order;
   - webdataset shards whose samples carry an image and an integer class under `cls`
-    (`flip_scale.data.build_eval_loader`); the class names come from a file.
+    (`build_eval_loader`); the class names come from a file.
 Retrieval: webdataset shards of images with captions (`txt`), e.g. the synthetic eval shards.
 
 Batches are dicts of tensors: images [B,3,H,W] plus labels [B], or tokens [B,T] and caption keys
@@ -22,11 +22,11 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..data.loader import build_eval_loader
 from ..data.shards import (
-    BadSample, BadSampleTracker, caption_text, check_train_sample, expand_shards, image_bytes, read_tar_samples,
+    BadSample, BadSampleTracker, RawSample, caption_text, check_eval_sample, check_train_sample, class_index,
+    expand_shards, image_bytes, read_tar_samples,
 )
-from ..data.transforms import build_eval_transform, decode_image
+from ..data.transforms import EvalTransform, build_eval_transform, decode_image
 from .scoring import caption_key
 from .templates import load_classnames
 
@@ -126,7 +126,7 @@ def open_classification(source: Union[str, list], classnames_file: str = "") -> 
 class CaptionStream(IterableDataset):
     """One deterministic pass over image-caption shards, split by rank, batched in the workers.
 
-    The same scheme as `flip_scale.data.EvalStream` (which reads classes): usable samples are
+    The same scheme as `EvalStream` (which reads classes): usable samples are
     numbered in shard order, rank r takes every size-th starting at r, and DataLoader worker w
     builds batches w, w + W, ... so that the order does not depend on the number of workers.
     """
@@ -185,3 +185,76 @@ def caption_batches(shards: Union[str, Sequence[str]], image_size: int, data_cfg
     stream = CaptionStream(expand_shards(shards), build_eval_transform(data_cfg, image_size), tokenizer, batch_size,
                            rank, size, data_cfg.max_bad_fraction, data_cfg.bad_check_after)
     return DataLoader(stream, batch_size=None, num_workers=max(0, int(data_cfg.num_workers)))
+
+
+# ----------------------------------------------------------------------------- labelled shards
+
+
+class EvalStream(IterableDataset):
+    """One deterministic pass over labelled shards, split by rank, batched inside the workers.
+
+    Samples are numbered in shard order; rank r takes every dp_size-th usable sample starting at r.
+    A rank's samples are cut into batches and DataLoader worker w builds batches w, w+W, ...;
+    the round-robin hand-out then yields them in order, so the result does not depend on
+    data.num_workers. Ranks' sample counts differ by at most one.
+    """
+
+    def __init__(self, shards: Sequence[str], transform: EvalTransform, batch_size: int, dp_rank: int, dp_size: int,
+                 max_bad_fraction: float, bad_check_after: int):
+        self.shards = list(shards)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_check_after = bad_check_after
+
+    def _rank_samples(self, tracker: BadSampleTracker) -> Iterator[RawSample]:
+        usable = 0
+        for shard in self.shards:
+            for sample in read_tar_samples(shard):
+                problem = sample.reason if isinstance(sample, BadSample) else check_eval_sample(sample)
+                if problem is not None:
+                    tracker.add_bad(BadSample(sample.shard, sample.key, problem))
+                    continue
+                usable += 1
+                if (usable - 1) % self.dp_size == self.dp_rank:
+                    yield sample
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Workers other than 0 read the same shards to find their batches; only worker 0 reports.
+        tracker = BadSampleTracker(self.max_bad_fraction, self.bad_check_after, " (evaluation)")
+        tracker.quiet = worker != 0
+        batch_index, images, labels = 0, [], []
+        for position, sample in enumerate(self._rank_samples(tracker)):
+            batch_index = position // self.batch_size
+            if batch_index % workers != worker:
+                continue
+            try:
+                image = decode_image(image_bytes(sample))
+            except Exception as error:
+                log.warning("skipped an evaluation sample: %s key=%r: undecodable image (%s: %s)",
+                            sample.shard, sample.key, type(error).__name__, error)
+                image = None
+            if image is not None:
+                images.append(self.transform(image))
+                labels.append(class_index(sample))
+            if (position + 1) % self.batch_size == 0 and images:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+                images, labels = [], []
+        if images:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def build_eval_loader(shards: Union[str, Sequence[str]], image_size: int, data_cfg, batch_size: int,
+                      dp_rank: int = 0, dp_size: int = 1) -> DataLoader:
+    """(images FloatTensor [B,3,H,W], labels LongTensor [B]) over shards whose samples carry `cls`:
+    one pass, deterministic order, no augmentation (resize short side + center crop), split by rank."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dataset = EvalStream(expand_shards(shards), build_eval_transform(data_cfg, image_size), batch_size, dp_rank,
+                         dp_size, data_cfg.max_bad_fraction, data_cfg.bad_check_after)
+    return DataLoader(dataset, batch_size=None, num_workers=max(0, int(data_cfg.num_workers)))

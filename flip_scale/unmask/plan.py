@@ -24,7 +24,7 @@ ratio 0, cosine schedule), the values below, and the key=value overrides over al
             nothing; the plan's lines say what was chosen and why.
 
 Importing this module needs neither torch nor a GPU (a login node can plan a job). Planning itself
-reads the model registry and checks the layout with `ParallelDims.from_config`; flip_scale.models
+reads the model registry and checks the run with `preflight.plan_run`; flip_scale.models
 and flip_scale.parallel import torch, so `plan_tuning`, `memory_plan` and `token_growth` import
 them (and with them torch) when called.
 """
@@ -103,10 +103,9 @@ def token_growth(arch, mask_ratio: float) -> float:
 
 def _accum_choice(cfg: Config, world_size: int, wanted: int) -> tuple[int, str]:
     """The smallest grad_accum_steps >= wanted that the layout and batch allow."""
-    from ..models import arch_from_config
-    from ..parallel import ParallelDims
+    from ..preflight import plan_run  # the layout rules (and torch)
 
-    dims = ParallelDims.from_config(cfg.parallel, world_size, arch_from_config(cfg.model))
+    dims = plan_run(cfg, world_size, training=False).dims
     per_rank = cfg.train.global_batch_size // dims.dp_size
     limit = max(1, per_rank // cfg.parallel.microbatches)
     for accum in range(wanted, limit + 1):
@@ -235,11 +234,9 @@ def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_
         lines.append(f"overridden on the command line (these win): {', '.join(overridden)}")
 
     cfg = config_from_dict(apply_overrides(tree, overrides))
-    from ..models import arch_from_config
-    from ..parallel import ParallelDims  # the layout rules (and torch)
+    from ..preflight import plan_run  # the checks the tuning run will make at its start (and torch)
 
-    ParallelDims.from_config(cfg.parallel, world_size, arch_from_config(cfg.model), cfg.train.global_batch_size,
-                             cfg.optim.grad_accum_steps)
+    plan_run(cfg, world_size)
     if cfg.model.mask_ratio != 0.0:
         lines.append(f"NOTE model.mask_ratio={cfg.model.mask_ratio} from the command line: this is not unmasked tuning")
     lines.append(f"peak lr {effective_lr(cfg):.3g}, {cfg.schedule.warmup_steps} warmup steps, {cfg.train.max_steps} steps")
