@@ -22,7 +22,8 @@ run). `restart-check`, run by the batch script at the start of every restart (SL
 down its node at the same step every time stops after `--max-requeues` restarts without progress.
 
 This module imports only the standard library at import time (the batch script runs its
-command-line part on the batch host; torch is imported by `requested()` only).
+command-line part on the batch host; torch is imported by `requested()` only, through
+`runtime.any_rank`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from .runtime import any_rank, write_json_atomic
 
 # Exit status of `flip-train` after a preemption request: the checkpoint of the step it stopped at
 # is complete and `--resume auto` continues from it. Distinct from 0 (finished), 1 (an error),
@@ -99,17 +102,9 @@ def requested_locally() -> bool:
 
 def requested(device=None) -> bool:
     """Whether any rank has been asked to stop. Collective: every rank of the default process group
-    must call it at the same point (the trainer calls it once after every step)."""
-    local = requested_locally()
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    import torch
-
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    must call it at the same point (the trainer calls it once after every step). `device` is kept
+    for callers that pass one; the flag travels on the process group's own device."""
+    return any_rank(requested_locally())
 
 
 # ---------------------------------------------------------------------------- requeue bookkeeping
@@ -170,10 +165,7 @@ def requeue_decision(state: dict, job_id: str, step: Optional[int], max_requeues
 
 
 def _write_state(run_dir: Path, state: dict) -> None:
-    path = Path(run_dir) / STATE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(Path(run_dir) / STATE_FILE, state)
 
 
 def requeue_check(run_dir: Path, job_id: str, max_requeues: int, reason: str = "preempted",
