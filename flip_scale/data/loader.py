@@ -359,7 +359,7 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`: this rank's streams' positions (a merge of every rank's saved
-        state, see `flip_scale.checkpoint.data_state_for_resume`), possibly of another layout."""
+        state, see `flip_scale.data.resume.data_state_for_resume`), possibly of another layout."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
                              f"stream of an older checkpoint cannot be continued sample for sample")

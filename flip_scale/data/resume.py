@@ -1,0 +1,80 @@
+"""Where a resumed run's data stream continues, from the positions every rank saved.
+
+Each data-parallel rank saves the `TrainLoader.state_dict()` of its own streams (a "blob"); a
+resumed run gets every blob, in rank order, and a freshly built loader's `state_dict()`:
+
+    state, reason = data_state_for_resume(blobs, fresh)   # reason is None: continues sample for sample
+    loader.load_state_dict(state)
+
+The positions are per sample stream (flip_scale/data/loader.py), not per rank, so the merge of
+every rank's positions continues the stream under any layout whose data-parallel size divides the
+stream count. Where it cannot continue (another seed, other shards, a layout the stream count does
+not split) the stream restarts at a fresh epoch and `reason` says why.
+
+Here are only the blobs' contents: where they are stored (a checkpoint's `data_rank{r}.json`) is
+the checkpoint package's business, which passes them on without looking inside. This module
+imports nothing of the package (the data part knows no checkpoint).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# What must be equal for the saved positions to mean the same samples in this run.
+_SAME_STREAM_KEYS = ("version", "seed", "num_shards", "shards_digest")
+
+
+def merged_positions(blobs: list[dict]) -> dict[str, list]:
+    """stream index (a string) -> [epoch, samples drawn], from every rank's blob."""
+    return {str(stream): position for blob in blobs for stream, position in blob["positions"].items()}
+
+
+def _restart_epoch(blobs: list[dict]) -> int:
+    """The first epoch that no saved stream had begun (a stream that drew nothing of its epoch has
+    not begun it)."""
+
+    def positions(blob) -> list:
+        saved = blob["positions"]
+        return list(saved.values()) if isinstance(saved, dict) else list(saved)
+
+    return max((epoch + 1 if drawn > 0 else epoch) for blob in blobs for epoch, drawn in positions(blob))
+
+
+def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict], Optional[str]]:
+    """The loader state to resume with, and why the stream cannot continue sample for sample (or None).
+
+    `blobs`: the saved loader states of every data-parallel rank that wrote one, in rank order
+    (none: `(None, None)`, the stream starts from its beginning). `fresh`: the `state_dict()` of a
+    newly built loader of this run. The merged positions continue the stream under any layout
+    whose data-parallel size divides the stream count, with the same seed and shards. Otherwise the
+    stream restarts at the first epoch no stream of the checkpoint had begun, so no sample of an
+    epoch is seen twice (the rest of the epochs in progress is not seen).
+    """
+    if not blobs:
+        return None, None
+    first = blobs[0]
+    problems = [f"{key} {first.get(key)} -> {fresh.get(key)}" for key in _SAME_STREAM_KEYS
+                if first.get(key) != fresh.get(key)]
+    streams = first.get("streams")
+    if not problems:
+        merged = merged_positions(blobs)
+        dp_size, global_batch = fresh["dp_size"], fresh["batch_size"] * fresh["dp_size"]
+        if not fresh.get("streams_auto", True) and fresh["streams"] != streams:
+            problems.append(f"data.streams {streams} -> {fresh['streams']}")
+        elif streams % dp_size:
+            problems.append(f"its {streams} data streams do not split over {dp_size} data-parallel ranks")
+        elif global_batch % streams:
+            problems.append(f"train.global_batch_size={global_batch} is not a multiple of its {streams} data streams")
+        elif sorted(int(k) for k in merged) != list(range(streams)):
+            problems.append(f"positions of {streams - len(merged)} of its {streams} streams are missing")
+        else:
+            return dict(first, positions=merged), None
+
+    epoch = _restart_epoch(blobs)
+    state = dict(fresh, positions={stream: [epoch, 0] for stream in fresh["positions"]}, batches=0)
+    reason = (
+        f"the checkpoint's data stream cannot continue sample for sample in this run ({'; '.join(problems)}); "
+        f"it restarts at epoch {epoch}, the first no stream had begun. To keep the stream across layouts, "
+        f"give data.streams a value that every data-parallel size you use divides (e.g. 256)"
+    )
+    return state, reason
