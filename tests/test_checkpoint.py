@@ -25,6 +25,7 @@ from torch import nn
 
 from dist_utils import run_distributed
 from flip_scale import checkpoint as ckpt
+from flip_scale.checkpoint import dcp as ckpt_dcp
 from flip_scale.checkpoint import (
     CheckpointError,
     checkpoint_problem,
@@ -230,16 +231,16 @@ def test_checkpoint_metadata_is_never_unpickled_freely(tmp_path):
 def test_code_planted_in_an_optimizer_entry_is_refused_and_never_runs(tmp_path, monkeypatch):
     """DCP stores optimizer hyper-parameters as pickled bytes; loading them must not unpickle code."""
     marker = tmp_path / "code_ran"
-    original = ckpt.optimizer_state
+    original = ckpt_dcp.optimizer_state
 
     def planted(model, optimizer):
         state = original(model, optimizer)
         state["param_groups.a.weight.lr"] = _RunsCode(marker)
         return state
 
-    monkeypatch.setattr(ckpt, "optimizer_state", planted)
+    monkeypatch.setattr(ckpt_dcp, "optimizer_state", planted)
     _small_checkpoints(tmp_path, [1])
-    monkeypatch.setattr(ckpt, "optimizer_state", original)
+    monkeypatch.setattr(ckpt_dcp, "optimizer_state", original)
     assert not marker.exists()
     fresh = _Net()
     with pytest.raises(CheckpointError, match=r"param_groups\.a\.weight\.lr.*refused rather than unpickled"):

@@ -15,7 +15,7 @@ from .openclip_config import (
     OPENCLIP_CONFIG_FILE, check_exportable, model_config_from_openclip, openclip_model_config,
 )
 from .safetensors_io import TensorSpec, read_safetensors_header, write_safetensors
-from .safety import ConvertError, UnsupportedCheckpoint, read_dcp_metadata, safe_torch_load
+from ..checkpoint.safety import ConvertError, UnsupportedCheckpoint, read_dcp_metadata, safe_torch_load
 
 __all__ = [
     "CONFIG_FILE", "MODEL_FILE", "OPENCLIP_CONFIG_FILE", "OPENCLIP_MODEL_FILE",

@@ -25,7 +25,7 @@ from ..checkpoint import STEP_DIR, SafeLoadPlanner, find_latest
 from ..config import Config, ConfigError, config_from_dict
 from ..models import arch_from_config, build_model
 from .safetensors_io import TensorSpec, read_safetensors_header, write_safetensors
-from .safety import ConvertError, UnsupportedCheckpoint, read_dcp_metadata
+from ..checkpoint.safety import ConvertError, UnsupportedCheckpoint, read_dcp_metadata
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "flip_config.yaml"

@@ -48,7 +48,7 @@ from .checkpoints import (
 )
 from .openclip_config import OPENCLIP_CONFIG_FILE, model_config_from_openclip, openclip_model_config, read_openclip_config
 from .safetensors_io import TensorSpec, read_safetensors_header, write_safetensors
-from .safety import ConvertError, safe_torch_load
+from ..checkpoint.safety import ConvertError, safe_torch_load
 
 OPENCLIP_MODEL_FILE = "open_clip_model.safetensors"
 OPENCLIP_BIN_FILE = "open_clip_pytorch_model.bin"

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .safety import ConvertError
+from ..checkpoint.safety import ConvertError
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
