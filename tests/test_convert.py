@@ -444,7 +444,7 @@ def test_flip_train_init_from_openclip_conversion(openclip_init, tmp_path):
     from exactly the converted tensors and trains; another architecture is refused naming the key;
     other pooling is only logged (a fine-tune may intend it); a non-checkpoint names --init-from."""
     from flip_scale.checkpoint import CheckpointError
-    from flip_scale.evaluation.checkpoints import check_source_architecture, resolve_init_from
+    from flip_scale.checkpoint import check_source_architecture, resolve_init_from
     from flip_scale.metrics import read_jsonl
 
     out, overrides = openclip_init

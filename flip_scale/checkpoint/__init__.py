@@ -10,16 +10,22 @@ It is written as `step_00001234.tmp/` and renamed when every rank has finished; 
 last complete one and is replaced last, so a crash mid-save never leaves a checkpoint that resume
 would pick.
 
-  store.py     the run directory: step directories, `latest`, completeness, pruning, resume choice
-  dcp.py       DCP save / load of a state dict (background writes: AsyncWriter), the safe reader, RNG
-  compat.py    whether a checkpoint's architecture and model options are the run's
-  manager.py   CheckpointManager: a step directory written and read from the trainer's components
-  plain.py     save_checkpoint / load_checkpoint of plain modules and optimizers (on the manager)
-  safety.py    loading files without running code (restricted unpickler, weights_only loads)
+  store.py         the run directory: step directories, `latest`, completeness, pruning, resume choice
+  dcp.py           DCP save / load of a state dict (background writes: AsyncWriter), safe reader, RNG
+  compat.py        whether a checkpoint's architecture and model options are the run's
+  manager.py       CheckpointManager: a step directory written and read from the trainer's components
+  plain.py         save_checkpoint / load_checkpoint of plain modules and optimizers (on the manager)
+  sources.py       what a path names (training, run, consolidated or DeepSpeed directory); loading
+                   its weights (--init-from, flip-eval, the unmask tool)
+  consolidated.py  the consolidated format (model.safetensors + flip_config.yaml): header, config, loading
+  safety.py        loading files without running code (restricted unpickler, weights_only loads)
 
-Dependencies point one way: this package imports config, runtime and distributed, never the
-entry points, the converter or the data pipeline (the data blobs are passed on unread; their
-merge is flip_scale.data.resume).
+Dependencies point one way. This package imports config, runtime, distributed and models (the
+architecture of a consolidated config), never the entry points, the data pipeline (the data blobs
+are passed on unread; their merge is flip_scale.data.resume) or the converter: flip_scale.convert
+imports this package. What loading a consolidated directory needs (the safetensors header, its
+config, `load_consolidated`) and the safe loaders therefore live here, and the converter, which
+writes that format, takes them from here; before, the two packages imported each other lazily.
 """
 
 from .compat import FUNCTIONAL_KEYS, check_architecture, compare_architecture, functional_differences
@@ -32,19 +38,24 @@ from .plain import (
     abandon_pending_save, data_state_for_resume, data_states, finalize_pending_save, load_checkpoint, pending_save,
     save_checkpoint,
 )
+from .consolidated import CONFIG_FILE, MODEL_FILE, load_consolidated
 from .safety import read_dcp_metadata
+from .sources import (
+    CheckpointSource, check_source_architecture, checkpoint_kind, load_weights, open_checkpoint, resolve_init_from,
+)
 from .store import (
     STEP_DIR, CheckpointError, checkpoint_problem, find_latest, is_complete, list_checkpoints, prune_checkpoints,
     resolve_resume, step_dir_name, storage_problem,
 )
 
 __all__ = [
-    "FUNCTIONAL_KEYS", "STEP_DIR",
-    "AsyncWriter", "CheckpointError", "CheckpointManager", "ModelOptimizerState", "SafeLoadPlanner",
-    "check_architecture", "checkpoint_problem", "compare_architecture", "find_latest", "functional_differences",
-    "is_complete", "list_checkpoints", "load_checkpoint", "load_state", "model_state", "optimizer_state",
-    "prune_checkpoints", "read_dcp_metadata", "resolve_resume", "rng_state", "save_checkpoint", "save_state",
-    "set_rng_state", "step_dir_name", "storage_problem",
+    "CONFIG_FILE", "FUNCTIONAL_KEYS", "MODEL_FILE", "STEP_DIR",
+    "AsyncWriter", "CheckpointError", "CheckpointManager", "CheckpointSource", "ModelOptimizerState", "SafeLoadPlanner",
+    "check_architecture", "check_source_architecture", "checkpoint_kind", "checkpoint_problem", "compare_architecture",
+    "find_latest", "functional_differences", "is_complete", "list_checkpoints", "load_checkpoint",
+    "load_consolidated", "load_state", "load_weights", "model_state", "open_checkpoint", "optimizer_state",
+    "prune_checkpoints", "read_dcp_metadata", "resolve_init_from", "resolve_resume", "rng_state", "save_checkpoint",
+    "save_state", "set_rng_state", "step_dir_name", "storage_problem",
     # transitional (train.py moves to CheckpointManager):
     "abandon_pending_save", "data_state_for_resume", "data_states", "finalize_pending_save", "pending_save",
 ]
