@@ -150,6 +150,20 @@ class CheckpointManager:
                              f"(the completeness checks count the rng_rank{{r}}.pt files by it)")
         return state
 
+    def _rank_blobs(self) -> dict:
+        """blob name -> this rank's blob, of every rank_blobs component that has one."""
+        blobs = {}
+        for component in self._of_kind("rank_blobs"):
+            blob = component.state_dict()
+            if blob is None:
+                continue
+            name, prefix = component.blob_name, component.blob_prefix
+            if not re.fullmatch(rf"{re.escape(prefix)}\d+", name):
+                raise ValueError(f"blob_name {name!r} is not blob_prefix {prefix!r} followed by an index: "
+                                 f"a load would not find it")
+            blobs[name] = blob
+        return blobs
+
     def _sharded_state(self) -> dict:
         merged: dict = {}
         for key, kind in self.kinds.items():
@@ -170,7 +184,7 @@ class CheckpointManager:
         final = self.run_dir / step_dir_name(step)
         tmp = self.run_dir / (step_dir_name(step) + ".tmp")
         rank = _rank()
-        trainer_state = self._trainer_state(step)
+        trainer_state, blobs = self._trainer_state(step), self._rank_blobs()
         if rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -179,14 +193,7 @@ class CheckpointManager:
         sharded = self._sharded_state()
         # The small files first: they hold the state of this moment (the RNG moves on during an async write).
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-        for component in self._of_kind("rank_blobs"):
-            blob = component.state_dict()
-            if blob is None:
-                continue
-            name, prefix = component.blob_name, component.blob_prefix
-            if not re.fullmatch(rf"{re.escape(prefix)}\d+", name):
-                raise ValueError(f"blob_name {name!r} is not blob_prefix {prefix!r} followed by an index: "
-                                 f"a load would not find it")
+        for name, blob in blobs.items():
             write_json_atomic(tmp / f"{name}.json", blob)
         if rank == 0:
             write_json_atomic(tmp / "trainer_state.json", trainer_state)
