@@ -323,3 +323,44 @@ def test_the_checkpoint_of_the_code_before_the_package_reads(tmp_path):
     state, reason = merge_blobs(data.loaded, fresh)
     assert reason is None and state["positions"] == {"0": [0, 32], "1": [0, 32]}
     assert data_state_for_resume(LEGACY, fresh) == (state, None)  # the transitional path-based call
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+
+def _imports(file: Path, package: str) -> list[str]:
+    """The flip_scale modules `file` (a module of `package`) imports, anywhere in it, absolute."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append(module)
+    return [name for name in found if name.startswith("flip_scale")]
+
+
+def test_dependencies_point_one_way():
+    """The checkpoint package imports neither the converter nor the entry points (the converter
+    imports it), and the data part knows no checkpoint; the one use of the data part by the
+    checkpoint package is the transitional data_state_for_resume(path, fresh) of plain.py."""
+    root = Path(__file__).resolve().parent.parent / "flip_scale"
+    refused = ("flip_scale.convert", "flip_scale.evaluation", "flip_scale.train", "flip_scale.unmask",
+               "flip_scale.evaluate", "flip_scale.data")
+    offenders = []
+    for file in sorted((root / "checkpoint").glob("*.py")):
+        for name in _imports(file, "flip_scale.checkpoint"):
+            if name.startswith(refused) and not (file.name == "plain.py" and name == "flip_scale.data.resume"):
+                offenders.append(f"{file.name} imports {name}")
+    for file in sorted((root / "data").glob("*.py")):
+        offenders += [f"data/{file.name} imports {name}" for name in _imports(file, "flip_scale.data")
+                      if name.startswith("flip_scale.checkpoint")]
+    assert not offenders, offenders
+    assert "flip_scale.checkpoint.safety" in _imports(root / "convert" / "checkpoints.py", "flip_scale.convert")
+    assert not (root / "convert" / "safety.py").exists()
