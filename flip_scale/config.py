@@ -3,7 +3,7 @@
 Every recipe is resolved into one `Config` before anything is built. Unknown keys, wrong types and
 out-of-range values are refused with a message that names the key, the value and what is valid.
 An option with a fixed set of values is typed `Literal[...]`: its type is the list of choices.
-This module imports nothing of the package (DESIGN.md section 2).
+This module imports nothing of the package (docs/design.md section 2).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from torch import nn
 
 from dist_utils import run_distributed
 from flip_scale import checkpoint as ckpt
+from flip_scale.checkpoint import dcp as ckpt_dcp
 from flip_scale.checkpoint import (
     CheckpointError,
     checkpoint_problem,
@@ -230,16 +231,16 @@ def test_checkpoint_metadata_is_never_unpickled_freely(tmp_path):
 def test_code_planted_in_an_optimizer_entry_is_refused_and_never_runs(tmp_path, monkeypatch):
     """DCP stores optimizer hyper-parameters as pickled bytes; loading them must not unpickle code."""
     marker = tmp_path / "code_ran"
-    original = ckpt.optimizer_state
+    original = ckpt_dcp.optimizer_state
 
     def planted(model, optimizer):
         state = original(model, optimizer)
         state["param_groups.a.weight.lr"] = _RunsCode(marker)
         return state
 
-    monkeypatch.setattr(ckpt, "optimizer_state", planted)
+    monkeypatch.setattr(ckpt_dcp, "optimizer_state", planted)
     _small_checkpoints(tmp_path, [1])
-    monkeypatch.setattr(ckpt, "optimizer_state", original)
+    monkeypatch.setattr(ckpt_dcp, "optimizer_state", original)
     assert not marker.exists()
     fresh = _Net()
     with pytest.raises(CheckpointError, match=r"param_groups\.a\.weight\.lr.*refused rather than unpickled"):
@@ -448,33 +449,6 @@ def test_other_model_options_are_refused_on_resume_and_logged_on_init_from(tmp_p
     text = " ".join(record.getMessage() for record in records)
     assert "model.text_pad_mask (False in the checkpoint, True now)" in text, text
     assert sorted(_losses(tmp_path / "init")) == [1]
-
-
-def test_data_positions_merge_across_layouts_or_restart_at_a_fresh_epoch(tmp_path):
-    """Per-stream positions of every rank merge into any layout the stream count splits; a layout
-    it does not split, or a changed seed, restarts at the first epoch no stream had begun."""
-    from flip_scale.checkpoint import data_state_for_resume
-
-    def state(rank, dp, positions, **changes):
-        return dict({"version": 2, "streams": 4, "streams_auto": True, "positions": positions, "batches": 7,
-                     "seed": 0, "num_shards": 8, "dp_rank": rank, "dp_size": dp, "batch_size": 8 // dp}, **changes)
-
-    saved = [state(0, 2, {"0": [1, 5], "1": [1, 0]}), state(1, 2, {"2": [0, 9], "3": [1, 2]})]
-    for rank, one in enumerate(saved):
-        (tmp_path / f"data_rank{rank}.json").write_text(json.dumps(one))
-    # dp 4 (and dp 1) continue every stream where it stopped.
-    for dp in (4, 1):
-        fresh = state(0, dp, {str(s): [0, 0] for s in range(4 // dp)})
-        merged, reason = data_state_for_resume(tmp_path, fresh)
-        assert reason is None and merged["positions"] == {"0": [1, 5], "1": [1, 0], "2": [0, 9], "3": [1, 2]}
-    # dp 3 cannot split 4 streams; a changed seed has other streams altogether.
-    for fresh, why in [(state(0, 3, {"0": [0, 0]}, streams=3, batch_size=4), "do not split over 3"),
-                       (state(0, 2, {"0": [0, 0], "1": [0, 0]}, seed=1), "seed 0 -> 1")]:
-        restarted, reason = data_state_for_resume(tmp_path, fresh)
-        assert why in reason and "restarts at epoch 2" in reason  # stream 0 and 3 had begun epoch 1
-        assert set(restarted["positions"]) == set(fresh["positions"])
-        assert all(position == [2, 0] for position in restarted["positions"].values())
-        assert restarted["batches"] == 0
 
 
 # ----------------------------------------------------------------------------- another layout (4 ranks)

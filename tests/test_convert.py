@@ -167,7 +167,7 @@ def test_consolidate_streams_tensors(tmp_path):
     (step_dir / "config.yaml").write_text(cfg.to_yaml())
     script = (
         "import json, sys; from flip_scale.convert import consolidate; "
-        f"print(json.dumps(consolidate(sys.argv[1], sys.argv[2], group_bytes=2**20)))"
+        "print(json.dumps(consolidate(sys.argv[1], sys.argv[2], group_bytes=2**20)))"
     )
     result = subprocess.run([sys.executable, "-c", script, str(step_dir), str(tmp_path / "out")],
                             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
@@ -445,7 +445,7 @@ def test_flip_train_init_from_openclip_conversion(openclip_init, tmp_path):
     from exactly the converted tensors and trains; another architecture is refused naming the key;
     other pooling is only logged (a fine-tune may intend it); a non-checkpoint names --init-from."""
     from flip_scale.checkpoint import CheckpointError
-    from flip_scale.evaluation.checkpoints import check_source_architecture, resolve_init_from
+    from flip_scale.checkpoint import check_source_architecture, resolve_init_from
     from flip_scale.metrics import read_jsonl
 
     out, overrides = openclip_init

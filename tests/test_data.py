@@ -377,7 +377,8 @@ def _global_batches(cfg, tokenizer, dp_size: int, global_batch: int, batches: in
             loader.load_state_dict(merged)
     per_rank = [take(loader, batches) for loader in loaders]
     steps = [{"keys": [k for rank in per_rank for k in rank[step]["keys"]],
-              "images": torch.cat([rank[step]["images"] for rank in per_rank])} for step in range(batches)]
+              "images": torch.cat([rank[step]["images"] for rank in per_rank]),
+              "sample_index": torch.cat([rank[step]["sample_index"] for rank in per_rank])} for step in range(batches)]
     return steps, [loader.state_dict() for loader in loaders]
 
 
@@ -394,6 +395,9 @@ def test_global_batch_is_the_same_under_every_data_parallel_size(tmp_path, token
         for got, want in zip(steps, reference):
             assert got["keys"] == want["keys"], dp_size
             assert torch.equal(got["images"], want["images"]), dp_size
+            # Each sample's row of the global batch (its mask is drawn from it): rank r holds rows
+            # r*B/dp .. (r+1)*B/dp - 1, so the concatenation is 0 .. B-1 under every layout.
+            assert got["sample_index"].tolist() == want["sample_index"].tolist() == list(range(8)), dp_size
     # Stop after 3 steps under dp 4, continue under dp 2 (and under dp 1): the same next batches.
     _, saved = _global_batches(cfg, tokenizer, 4, 8, 3)
     saved = json.loads(json.dumps(saved))
@@ -454,7 +458,7 @@ def test_synthetic_dataset_files_and_consistent_captions(tmp_path):
     assert len((tmp_path / "captions.txt").read_text().splitlines()) == 40
     checked = 0
     for path in out["train_shards"] + out["eval_shards"]:
-        for key, fields in read_samples(path).items():
+        for _key, fields in read_samples(path).items():
             params = json.loads(fields["json"])
             name = f"{params['colour']} {params['shape']}"
             caption = fields["txt"].decode()

@@ -1,6 +1,5 @@
 """End-to-end: the real `flip-train` entry point on synthetic shards (tiny config, CPU)."""
 
-import json
 import os
 import subprocess
 import sys

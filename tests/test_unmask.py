@@ -21,7 +21,7 @@ import yaml
 from flip_scale import preemption
 from flip_scale.checkpoint import find_latest, load_checkpoint
 from flip_scale.config import config_from_dict, load_config
-from flip_scale.evaluation.checkpoints import CheckpointSource
+from flip_scale.checkpoint import CheckpointSource
 from flip_scale.metrics import read_jsonl
 from flip_scale.optim import lr_at
 from flip_scale.unmask import main as unmask_main

@@ -1,10 +1,9 @@
-"""Training checkpoints (DCP) -> one consolidated file, loading a consolidated file, inspection.
+"""Training checkpoints (DCP) -> one consolidated file, and inspection of either.
 
-A consolidated checkpoint is a directory with
-  model.safetensors   every model tensor, full (unsharded), names as in `FLIPModel.state_dict()`;
-                      `__metadata__` records the step, source and layout it came from
-  flip_config.yaml    the resolved config, with every architecture field of `model` written out
-                      explicitly, so the model rebuilds even if the registry of sizes changes
+The consolidated format (model.safetensors + flip_config.yaml), its reading and loading, and what
+a path names (`checkpoint_kind`) are the checkpoint package's (flip_scale/checkpoint/consolidated.py,
+sources.py): loading a consolidated directory is a checkpoint source like any other. Writing one,
+from a training checkpoint, is here.
 """
 
 from __future__ import annotations
@@ -19,16 +18,17 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-import yaml
 
-from ..checkpoint import STEP_DIR, SafeLoadPlanner, find_latest
-from ..config import Config, ConfigError, config_from_dict
+from ..checkpoint import SafeLoadPlanner
+from ..checkpoint.consolidated import (
+    CONFIG_FILE, MODEL_FILE, TensorSpec, config_from_yaml_file, read_safetensors_header, resolved_config,
+)
+from ..checkpoint.safety import ConvertError, read_dcp_metadata
+from ..checkpoint.sources import checkpoint_kind, refuse_deepspeed
+from ..config import Config
 from ..models import arch_from_config, build_model
-from .safetensors_io import TensorSpec, read_safetensors_header, write_safetensors
-from .safety import ConvertError, UnsupportedCheckpoint, read_dcp_metadata
+from .safetensors_io import write_safetensors
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "flip_config.yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_GROUP_BYTES = 64 * 1024 * 1024  # tensors read per DCP load call (a larger tensor is read alone)
 
@@ -54,32 +54,7 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-# ----------------------------------------------------------------------------- what a path is
-
-
-def deepspeed_evidence(path: Path) -> Optional[str]:
-    """A file or folder that marks a DeepSpeed checkpoint under `path`, or None."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    for pattern in ("*model_states.pt", "*optim_states.pt", "zero_to_fp32.py", "global_step*"):
-        found = sorted(path.glob(pattern))
-        if found:
-            return found[0].name
-    latest = path / "latest"
-    if latest.is_file():
-        text = latest.read_text(errors="replace").strip()
-        if text.startswith("global_step"):
-            return f"latest -> {text}"
-    return None
-
-
-def refuse_deepspeed(path: Path) -> None:
-    raise UnsupportedCheckpoint(
-        f"{path} is a DeepSpeed checkpoint (found {deepspeed_evidence(path)}); converting DeepSpeed checkpoints is "
-        f"not supported yet. Supported inputs: a flip_scale DCP checkpoint (step_XXXXXXXX/ with .metadata), "
-        f"a run directory with a 'latest' file, or a consolidated directory ({MODEL_FILE} + {CONFIG_FILE})"
-    )
+# ----------------------------------------------------------------------------- DeepSpeed
 
 
 def consolidate_deepspeed(path: Path, out_dir: Path, dtype: str) -> dict:
@@ -92,65 +67,7 @@ def consolidate_deepspeed(path: Path, out_dir: Path, dtype: str) -> dict:
     refuse_deepspeed(path)
 
 
-def checkpoint_kind(path: Union[str, Path]) -> tuple[str, Path]:
-    """('dcp' | 'consolidated' | 'deepspeed', the directory) for a step directory, a run directory
-    (its latest complete checkpoint), a consolidated directory, or a DeepSpeed checkpoint; anything
-    else is refused."""
-    path = Path(path)
-    if not path.exists():
-        raise ConvertError(f"{path} does not exist")
-    if path.is_file() and path.name == MODEL_FILE:
-        path = path.parent
-    if not path.is_dir():
-        raise ConvertError(
-            f"{path} is a file; expected a checkpoint directory (step_XXXXXXXX/, a run directory, "
-            f"or a consolidated directory with {MODEL_FILE} + {CONFIG_FILE})"
-        )
-    if deepspeed_evidence(path) is not None:
-        return "deepspeed", path
-    if (path / ".metadata").is_file():
-        missing = [name for name in ("trainer_state.json", "config.yaml") if not (path / name).is_file()]
-        if missing:
-            raise ConvertError(f"{path} is an incomplete training checkpoint: missing {', '.join(missing)}")
-        if path.name.endswith(".tmp"):
-            raise ConvertError(f"{path} is a checkpoint still being written (or left by a crash mid-save)")
-        return "dcp", path
-    if (path / MODEL_FILE).is_file():
-        if not (path / CONFIG_FILE).is_file():
-            raise ConvertError(f"{path} has {MODEL_FILE} but no {CONFIG_FILE}; a consolidated directory needs both")
-        return "consolidated", path
-    latest_file = path / "latest"
-    if latest_file.is_file():  # a run directory whose latest step holds DeepSpeed's files
-        named = path / latest_file.read_text(errors="replace").strip()
-        if named.is_dir() and deepspeed_evidence(named) is not None:
-            return "deepspeed", named
-    latest = find_latest(path)
-    if latest is not None:
-        return checkpoint_kind(latest)
-    steps = [p.name for p in path.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    hint = f" (it has {', '.join(sorted(steps))}, none complete)" if steps else ""
-    raise ConvertError(
-        f"{path} is not a checkpoint{hint}: expected a step_XXXXXXXX/ DCP directory (.metadata, trainer_state.json, "
-        f"config.yaml), a run directory with complete checkpoints, or a consolidated directory ({MODEL_FILE} + {CONFIG_FILE})"
-    )
-
-
 # ----------------------------------------------------------------------------- configs
-
-
-def resolved_config(cfg: Config) -> Config:
-    """`cfg` with the model's architecture written out field by field (registry values filled in)."""
-    arch = arch_from_config(cfg.model)
-    model = dataclasses.replace(
-        cfg.model,
-        image_size=arch.image_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim,
-        vocab_size=arch.vocab_size, context_length=arch.context_length,
-        vision_width=arch.vision.width, vision_layers=arch.vision.layers,
-        vision_heads=arch.vision.heads, vision_mlp_dim=arch.vision.mlp_dim,
-        text_width=arch.text.width, text_layers=arch.text.layers,
-        text_heads=arch.text.heads, text_mlp_dim=arch.text.mlp_dim,
-    )
-    return dataclasses.replace(cfg, model=model)
 
 
 def pin_architecture(cfg: Config, model_arch: Optional[dict]) -> Config:
@@ -175,14 +92,6 @@ def pin_architecture(cfg: Config, model_arch: Optional[dict]) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-def _config_from_yaml_file(file: Path) -> Config:
-    try:
-        tree = yaml.safe_load(file.read_text()) or {}
-        return config_from_dict(tree)
-    except (ConfigError, ValueError, yaml.YAMLError) as error:
-        raise ConvertError(f"{file}: not a valid flip_scale config: {error}") from None
-
-
 def write_config(cfg: Config, out_dir: Path, header: str) -> Path:
     file = Path(out_dir) / CONFIG_FILE
     text = "".join(f"# {line}\n" for line in header.splitlines()) + resolved_config(cfg).to_yaml()
@@ -190,16 +99,6 @@ def write_config(cfg: Config, out_dir: Path, header: str) -> Path:
     tmp.write_text(text)
     tmp.replace(file)
     return file
-
-
-def read_consolidated_config(path: Union[str, Path]) -> Config:
-    """The `Config` of a consolidated directory (its flip_config.yaml)."""
-    kind, directory = checkpoint_kind(path)
-    if kind == "deepspeed":
-        refuse_deepspeed(directory)
-    if kind != "consolidated":
-        raise ConvertError(f"{path} is a training checkpoint, not a consolidated directory; run `consolidate` first")
-    return _config_from_yaml_file(directory / CONFIG_FILE)
 
 
 def expected_state(cfg: Config) -> dict:
@@ -329,7 +228,7 @@ def consolidate(
     if kind != "dcp":
         raise ConvertError(f"{checkpoint} is already a consolidated directory; `consolidate` reads training checkpoints")
     trainer_state = json.loads((path / "trainer_state.json").read_text())
-    cfg = pin_architecture(_config_from_yaml_file(path / "config.yaml"), trainer_state.get("model_arch"))
+    cfg = pin_architecture(config_from_yaml_file(path / "config.yaml"), trainer_state.get("model_arch"))
     entries = _dcp_model_entries(path, read_dcp_metadata(path))
     check_names({n: tuple(e.size) for n, e in entries.items()}, expected_state(cfg),
                 f"the model state of {path}", f"its config.yaml (model.name={cfg.model.name})")
@@ -373,66 +272,6 @@ def consolidate(
     }
 
 
-# ----------------------------------------------------------------------------- load
-
-
-def load_consolidated(path: Union[str, Path], model, strict: bool = True, broadcast_from_rank0: bool = False) -> dict:
-    """Load a consolidated checkpoint into a built model; returns the file's `__metadata__`.
-
-    `path`: a consolidated directory or its model.safetensors. `model`: a module, or a list of model
-    parts (the pipeline stages this rank holds), plain or sharded (FSDP2 / tensor parallel): the
-    full tensors are handed to `set_model_state_dict(..., full_state_dict=True)`, which keeps the
-    shard of each rank. Tensors are cast to the dtype of the parameter they load into.
-    `strict`: every tensor of the model must be in the file, and (for a single module) every tensor
-    of the file in the model. `broadcast_from_rank0`: only rank 0 reads the file and broadcasts
-    (saves host memory when many ranks share a node; every rank must call this).
-    """
-    import torch.distributed as dist
-    from safetensors import safe_open
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    path = Path(path)
-    file = path if path.is_file() else path / MODEL_FILE
-    if not file.is_file():
-        raise ConvertError(f"{path}: no {MODEL_FILE} (expected a consolidated directory or the file itself)")
-    metadata, _ = read_safetensors_header(file)
-    broadcast = broadcast_from_rank0 and dist.is_available() and dist.is_initialized()
-    reads = not broadcast or dist.get_rank() == 0
-    parts = list(model) if isinstance(model, (list, tuple)) else [model]
-    names = [get_model_state_dict(part) for part in parts]  # local shards: names and dtypes, nothing gathered
-    # The file is checked against the model before any tensor moves, and with a broadcast every rank
-    # learns rank 0's verdict: a rank that raised alone would leave the others in a collective.
-    problem = None
-    if reads:
-        with safe_open(str(file), framework="pt") as reader:
-            in_file = set(reader.keys())
-        wanted_all = {name for wanted in names for name in wanted}
-        missing = sorted(wanted_all - in_file)
-        unexpected = sorted(in_file - wanted_all) if len(parts) == 1 else []
-        if strict and missing:
-            problem = f"{file} lacks {len(missing)} tensors of the model: {', '.join(missing[:8])}"
-        elif strict and unexpected:
-            problem = f"{file} has {len(unexpected)} tensors the model does not: {', '.join(unexpected[:8])}"
-    if broadcast:
-        verdict = [problem]
-        dist.broadcast_object_list(verdict, src=0)
-        problem = verdict[0]
-    if problem is not None:
-        raise ConvertError(problem)
-    # Only the tensors this rank's parts hold are read (a pipeline stage reads its own stage's).
-    import contextlib
-
-    with (safe_open(str(file), framework="pt") if reads else contextlib.nullcontext()) as reader:
-        in_file = set(reader.keys()) if reads else set()
-        for part, wanted in zip(parts, names):
-            state = ({name: reader.get_tensor(name).to(wanted[name].dtype) for name in wanted if name in in_file}
-                     if reads else {})
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=strict)
-            set_model_state_dict(part, state, options=options)
-            del state
-    return metadata
-
-
 # ----------------------------------------------------------------------------- inspect
 
 
@@ -455,7 +294,7 @@ def inspect_checkpoint(path: Union[str, Path]) -> dict:
         refuse_deepspeed(directory)
     if kind == "dcp":
         trainer_state = json.loads((directory / "trainer_state.json").read_text())
-        cfg = pin_architecture(_config_from_yaml_file(directory / "config.yaml"), trainer_state.get("model_arch"))
+        cfg = pin_architecture(config_from_yaml_file(directory / "config.yaml"), trainer_state.get("model_arch"))
         metadata = read_dcp_metadata(directory)
         entries = _dcp_model_entries(directory, metadata)
         tensors = [(name, tuple(item.size), item.properties.dtype) for name, item in entries.items()]
@@ -468,7 +307,7 @@ def inspect_checkpoint(path: Union[str, Path]) -> dict:
             "files": sorted(p.name for p in directory.iterdir() if p.is_file()),
         }
     else:
-        cfg = _config_from_yaml_file(directory / CONFIG_FILE)
+        cfg = config_from_yaml_file(directory / CONFIG_FILE)
         header, specs = read_safetensors_header(directory / MODEL_FILE)
         tensors = [(s.name, s.shape, s.dtype) for s in specs]
         step = header.get("step")

@@ -124,7 +124,7 @@ def _print(report: dict, as_json: bool, lines: list) -> None:
 def main(argv: Optional[list] = None) -> int:
     from .checkpoints import consolidate, format_inspect, inspect_checkpoint
     from .openclip import from_openclip, to_openclip
-    from .safety import ConvertError
+    from ..checkpoint.safety import ConvertError
 
     args = _parser().parse_args(argv)
     try:

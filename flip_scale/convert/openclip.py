@@ -43,12 +43,12 @@ import torch
 from ..config import Config, validate
 from ..models import arch_from_config
 from ..models.vit import sincos_2d_position_embedding
-from .checkpoints import (
-    CONFIG_FILE, MODEL_FILE, expected_state, check_names, read_consolidated_config, write_config,
-)
+from ..checkpoint.consolidated import CONFIG_FILE, MODEL_FILE, TensorSpec, read_safetensors_header
+from ..checkpoint.safety import ConvertError, safe_torch_load
+from ..checkpoint.sources import read_consolidated_config
+from .checkpoints import check_names, expected_state, write_config
 from .openclip_config import OPENCLIP_CONFIG_FILE, model_config_from_openclip, openclip_model_config, read_openclip_config
-from .safetensors_io import TensorSpec, read_safetensors_header, write_safetensors
-from .safety import ConvertError, safe_torch_load
+from .safetensors_io import write_safetensors
 
 OPENCLIP_MODEL_FILE = "open_clip_model.safetensors"
 OPENCLIP_BIN_FILE = "open_clip_pytorch_model.bin"

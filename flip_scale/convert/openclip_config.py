@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 from ..config import ModelConfig
 from ..models import MODEL_SIZES, arch_from_config
-from .safety import ConvertError
+from ..checkpoint.safety import ConvertError
 
 OPENCLIP_CONFIG_FILE = "open_clip_config.json"
 

@@ -1,50 +1,24 @@
-"""Writing safetensors files one tensor at a time, and reading their header without the data.
+"""Writing safetensors files one tensor at a time.
 
-The format: 8-byte little-endian header length N, N bytes of JSON header
-(`{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets": [begin, end]}}`, padded
-with spaces to a multiple of 8), then the raw little-endian tensor bytes, offsets relative to the
-end of the header. The shapes and dtypes are known before any tensor is read, so the header is
-written first and each tensor is appended as soon as it is produced: memory stays near the
-largest tensor instead of the whole model.
+The format (and reading a header without the data: `read_safetensors_header`) is described in
+flip_scale/checkpoint/consolidated.py. The shapes and dtypes are known before any tensor is read,
+so the header is written first and each tensor is appended as soon as it is produced: memory stays
+near the largest tensor instead of the whole model.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .safety import ConvertError
-
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+from ..checkpoint.consolidated import DTYPE_NAMES, TensorSpec
+from ..checkpoint.safety import ConvertError
 
 
 def write_safetensors(
@@ -99,28 +73,3 @@ def write_safetensors(
         if tmp.exists():
             tmp.unlink()
     return expected
-
-
-def read_safetensors_header(path: Union[str, Path]) -> tuple[dict, list[TensorSpec]]:
-    """(the `__metadata__` strings, the tensor specs in file order) of a safetensors file; no data is read."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ConvertError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise ConvertError(f"{path} is not a safetensors file (header length {length} does not fit the file)")
-        try:
-            header = json.loads(f.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ConvertError(f"{path} is not a safetensors file (header is not JSON: {error})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    specs = []
-    for name, entry in header.items():
-        dtype = DTYPES_BY_NAME.get(entry.get("dtype"))
-        if dtype is None:
-            raise ConvertError(f"{path}: tensor '{name}' has dtype {entry.get('dtype')}, which flip_scale does not use")
-        specs.append((entry["data_offsets"][0], TensorSpec(name, tuple(entry["shape"]), dtype)))
-    return metadata, [spec for _, spec in sorted(specs, key=lambda item: item[0])]

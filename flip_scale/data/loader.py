@@ -1,6 +1,6 @@
 """Training and evaluation loaders over webdataset tar shards.
 
-Training stream (DESIGN.md section 3): the global batch is drawn from S independent *sample
+Training stream (docs/design.md section 3): the global batch is drawn from S independent *sample
 streams* (`data.streams`), the same S whatever the parallel layout:
 
     stream s = 0 .. S-1, epoch e = 0, 1, 2, ...  (the stream never ends)
@@ -363,7 +363,7 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`: this rank's streams' positions (a merge of every rank's saved
-        state, see `flip_scale.checkpoint.data_state_for_resume`), possibly of another layout."""
+        state, see `flip_scale.data.resume.data_state_for_resume`), possibly of another layout."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
                              f"stream of an older checkpoint cannot be continued sample for sample")

@@ -1,23 +1,63 @@
+"""Where a resumed run's data stream continues, from the positions every rank saved.
+
+Each data-parallel rank saves the `TrainLoader.state_dict()` of its own streams (a "blob"); a
+resumed run gets every blob, in rank order, and a freshly built loader's `state_dict()`:
+
+    state, reason = data_state_for_resume(blobs, fresh)   # reason is None: continues sample for sample
+    loader.load_state_dict(state)
+
+The positions are per sample stream (flip_scale/data/loader.py), not per rank, so the merge of
+every rank's positions continues the stream under any layout whose data-parallel size divides the
+stream count. Where it cannot continue (another seed, other shards, a layout the stream count does
+not split) the stream restarts at a fresh epoch and `reason` says why.
+
+Here are only the blobs' contents: where they are stored (a checkpoint's `data_rank{r}.json`) is
+the checkpoint package's business, which passes them on without looking inside. This module
+imports nothing of the package (the data part knows no checkpoint).
+"""
+
+from __future__ import annotations
+
 from typing import Optional
 
+# What must be equal for the saved positions to mean the same samples in this run.
+_SAME_STREAM_KEYS = ("version", "seed", "num_shards", "shards_digest")
 
-def data_state_for_resume(everyone: list, fresh: dict) -> tuple[Optional[dict], Optional[str]]:
+
+def merged_positions(blobs: list[dict]) -> dict[str, list]:
+    """stream index (a string) -> [epoch, samples drawn], from every rank's blob."""
+    return {str(stream): position for blob in blobs for stream, position in blob["positions"].items()}
+
+
+def _restart_epoch(blobs: list[dict]) -> int:
+    """The first epoch that no saved stream had begun (a stream that drew nothing of its epoch has
+    not begun it)."""
+
+    def positions(blob) -> list:
+        saved = blob["positions"]
+        return list(saved.values()) if isinstance(saved, dict) else list(saved)
+
+    return max((epoch + 1 if drawn > 0 else epoch) for blob in blobs for epoch, drawn in positions(blob))
+
+
+def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict], Optional[str]]:
     """The loader state to resume with, and why the stream cannot continue sample for sample (or None).
 
-    `fresh`: the `state_dict()` of a newly built loader of this run. The positions are per sample
-    stream (flip_scale/data/loader.py), so the positions every rank saved, merged, continue the
-    stream under any layout whose data-parallel size divides the stream count, with the same seed
-    and shards. Otherwise the stream restarts at the first epoch no stream of the checkpoint had
-    begun, so no sample of an epoch is seen twice (the rest of the epochs in progress is not seen).
+    `blobs`: the saved loader states of every data-parallel rank that wrote one, in rank order
+    (none: `(None, None)`, the stream starts from its beginning). `fresh`: the `state_dict()` of a
+    newly built loader of this run. The merged positions continue the stream under any layout
+    whose data-parallel size divides the stream count, with the same seed and shards. Otherwise the
+    stream restarts at the first epoch no stream of the checkpoint had begun, so no sample of an
+    epoch is seen twice (the rest of the epochs in progress is not seen).
     """
-    if not everyone:
+    if not blobs:
         return None, None
-    first = everyone[0]
-    problems = [f"{key} {first.get(key)} -> {fresh.get(key)}" for key in ("version", "seed", "num_shards", "shards_digest")
+    first = blobs[0]
+    problems = [f"{key} {first.get(key)} -> {fresh.get(key)}" for key in _SAME_STREAM_KEYS
                 if first.get(key) != fresh.get(key)]
     streams = first.get("streams")
     if not problems:
-        merged = {str(k): v for state in everyone for k, v in state["positions"].items()}
+        merged = merged_positions(blobs)
         dp_size, global_batch = fresh["dp_size"], fresh["batch_size"] * fresh["dp_size"]
         if not fresh.get("streams_auto", True) and fresh["streams"] != streams:
             problems.append(f"data.streams {streams} -> {fresh['streams']}")
@@ -30,11 +70,7 @@ def data_state_for_resume(everyone: list, fresh: dict) -> tuple[Optional[dict], 
         else:
             return dict(first, positions=merged), None
 
-    def started(state) -> list:
-        positions = state["positions"]
-        return list(positions.values()) if isinstance(positions, dict) else list(positions)
-
-    epoch = max((e + 1 if drawn > 0 else e) for state in everyone for e, drawn in started(state))
+    epoch = _restart_epoch(blobs)
     state = dict(fresh, positions={stream: [epoch, 0] for stream in fresh["positions"]}, batches=0)
     reason = (
         f"the checkpoint's data stream cannot continue sample for sample in this run ({'; '.join(problems)}); "
@@ -42,5 +78,3 @@ def data_state_for_resume(everyone: list, fresh: dict) -> tuple[Optional[dict], 
         f"give data.streams a value that every data-parallel size you use divides (e.g. 256)"
     )
     return state, reason
-
-

@@ -82,6 +82,7 @@ class Engine(abc.ABC):
     def logit_scale(self) -> float:
         """exp(temperature), the same on every rank (collective where the layout needs one)."""
 
+    @abc.abstractmethod
     def train(self) -> None:
         """Training mode (masking on) for the next step."""
 
@@ -119,6 +120,6 @@ class Engine(abc.ABC):
         """Lines for the start-up log."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook most engines do not need
         """Free what the engine holds beyond Python's reach (nothing, by default)."""
 

@@ -133,7 +133,7 @@ class NativeEngine(Engine):
         self.optimizers.load_state_dict(state)
 
     def load_weights(self, source) -> None:
-        from ..evaluation.checkpoints import load_weights  # moves to flip_scale.checkpoint.sources
+        from ..checkpoint import load_weights
 
         # Without pipeline stages every rank holds every tensor name: rank 0 alone reads a
         # consolidated file and the tensors are broadcast (each rank keeps its shard).

@@ -5,8 +5,7 @@
     group.py        the data-parallel split in lockstep (padding, counts summed over ranks)
     datasets.py     image folders, `cls`-labelled shards, image-caption shards
     runner.py       a (sharded) model on those datasets; the configured evaluations
-    checkpoints.py  training or consolidated checkpoints -> config and weights
-    checkpoint_eval.py  the weights of a checkpoint, built on a layout and evaluated
+    checkpoint_eval.py  the weights of a checkpoint (flip_scale.checkpoint.sources), built on a layout and evaluated
     cli.py          `flip-eval`
 
 `flip_scale.evaluate` re-exports the public names.

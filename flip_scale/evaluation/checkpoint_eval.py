@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from ..runtime import autocast_for
-from .checkpoints import CheckpointSource, load_weights
+from ..checkpoint import CheckpointSource, load_weights
 from .group import EvalGroup
 from .runner import run_evaluation
 

@@ -16,12 +16,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, apply_overrides, config_from_dict
 from .checkpoint_eval import build_eval_model, evaluate_checkpoint  # noqa: F401 - re-exported
-from .checkpoints import CheckpointSource, open_checkpoint
+from ..checkpoint import CheckpointSource, open_checkpoint
 from .runner import describe, log_values
 
 log = logging.getLogger("flip_scale.evaluation")

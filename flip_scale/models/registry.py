@@ -1,6 +1,6 @@
 """Model sizes by name, and the resolved architecture of a config.
 
-The table follows DESIGN.md section 1 (FLIP paper Table 9; G/14 as OpenCLIP's bigG/14).
+The table follows docs/design.md section 1 (FLIP paper Table 9; G/14 as OpenCLIP's bigG/14).
 """
 
 from __future__ import annotations

@@ -82,7 +82,6 @@ def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_off
     With `cpu_offload` (FSDP2's CPUOffloadPolicy) the sharded parameters live in host memory; the
     buffers and the parameters FSDP does not manage (the temperature) still go to `device`.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.tensor import DTensor
 
     device = torch.device(device)

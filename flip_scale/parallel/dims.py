@@ -76,7 +76,7 @@ class ParallelDims:
                 f"parallel.pp={cfg.pp}; use parallel.engine: fsdp for tensor or pipeline parallelism"
             )
         if engine == "deepspeed":
-            # The DeepSpeed ZeRO engine is planned (DESIGN.md section 4) but not built yet: refuse
+            # The DeepSpeed ZeRO engine is planned (docs/design.md section 4) but not built yet: refuse
             # rather than silently train with FSDP under a config that says otherwise.
             raise LayoutError(
                 "parallel.engine=deepspeed is not available in this version of flip_scale; use "

@@ -11,7 +11,7 @@ Schedules (`torch.distributed.pipelining`): GPipe and 1F1B hold one stage per ra
 (num_stages = pp); interleaved 1F1B holds two per rank, assigned loop-style (rank r holds stages r
 and r + pp; num_stages = 2 pp).
 
-Exact contrast (the two-pass feature cache of `flip_scale.step`, DESIGN.md section 4): the
+Exact contrast (the two-pass feature cache of `flip_scale.step`, docs/design.md section 5): the
 contrastive loss couples every sample, so the pipeline's micro-batches cannot each compute their
 own loss. Pass 1 runs the schedule forward-only; its merged output on the last stage is the
 embeddings of the whole local batch. The last stage computes the loss on them (the loss gathers over

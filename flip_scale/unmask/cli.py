@@ -30,7 +30,7 @@ from ..checkpoint import CheckpointError, find_latest
 from ..config import ConfigError, config_from_dict
 from ..distributed import init_distributed, slurm_launch_env
 from ..evaluation import evaluate_checkpoint
-from ..evaluation.checkpoints import CheckpointSource, open_checkpoint
+from ..checkpoint import CheckpointSource, open_checkpoint
 from ..runtime import setup_logging, write_json_atomic
 from ..train import run
 from .plan import DEFAULT_OVERLAY, MEMORY_MODES, TuningPlan, _samples, format_report, plan_tuning

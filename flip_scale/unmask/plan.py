@@ -43,7 +43,7 @@ from ..config import (
 )
 
 if TYPE_CHECKING:
-    from ..evaluation.checkpoints import CheckpointSource
+    from ..checkpoint import CheckpointSource
 
 PAPER_SAMPLES = 128_000_000  # 0.32 epoch of LAION-400M
 PAPER_WARMUP_SAMPLES = 25_600_000

@@ -5,6 +5,11 @@ Python objects other than tensors, containers and numbers) is refused with a cle
 loaded. The `.metadata` file of a DCP checkpoint is a pickle that torch reads with plain
 `pickle.load`; `read_dcp_metadata` reads it with an unpickler that admits only the checkpoint
 metadata classes.
+
+It sits in the checkpoint package because resuming (the completeness checks, the DCP reader) reads
+`.metadata` too; the converter (flip_scale.convert), which imports the checkpoint package and not
+the other way round, uses it from here. `ConvertError` keeps its name: it is the error the
+converter's users catch (a ValueError), and flip_scale.convert exports it.
 """
 
 from __future__ import annotations
