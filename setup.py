@@ -23,7 +23,7 @@ setup(
         "safetensors",
         "braceexpand",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "open-clip-torch"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "open-clip-torch", "ruff", "import-linter"]},
     entry_points={
         "console_scripts": [
             "flip-train=flip_scale.train:main",
