@@ -16,6 +16,7 @@ the cost of the standard library only.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -107,7 +108,8 @@ def on_rank0_for_all(compute: Callable[[], T]) -> T:
             payload = [("ok", compute())]
         except Exception as error:  # every rank must leave the broadcast, and raise alike
             try:
-                pickle.dumps(error)  # it travels as itself (an error whose arguments do not is described)
+                copy.deepcopy(error)  # rebuilt as a receiver rebuilds it (an error that cannot be is described)
+                pickle.dumps(error)
                 payload = [("error", error)]
             except Exception:  # noqa: BLE001 - an error that does not travel is described instead
                 payload = [("error", RemoteError(f"on rank 0: {type(error).__name__}: {error}"))]

@@ -34,7 +34,6 @@ class TrainerRecord:
         self.state = state
         self.engine = engine
         self.world_size = world_size
-        self.loaded: Optional[dict] = None
 
     def state_dict(self) -> dict:
         dims, state = self.engine.dims, self.state
@@ -57,7 +56,6 @@ class TrainerRecord:
         layout = self.engine.dims.describe()
         if saved.get("layout") not in (None, layout):
             log.info("checkpoint layout %s re-sharded into %s", saved["layout"], layout)
-        self.loaded = saved
 
 
 class DataPosition:

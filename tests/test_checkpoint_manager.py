@@ -170,6 +170,27 @@ def test_every_component_kind_is_written_and_loaded_back(tmp_path):
     assert manager.maybe_save(3, force=True) == tmp_path / "step_00000003"
 
 
+def test_an_engine_that_writes_its_own_files_resumes_and_is_pruned(tmp_path):
+    """No sharded component (a DeepSpeed-like engine owning its files): no .metadata, yet the
+    checkpoint is complete, `latest` resolves to it, it loads back, and old ones are pruned."""
+    cfg = _Cfg(keep_last=1)
+    for step, text in ((2, "two"), (4, "four")):
+        states = {"notes": _Notes(text), "trainer": _Trainer({"world_size": 1})}
+        CheckpointManager(tmp_path, cfg, states, config_yaml="x: 1\n").save(step)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004"]  # step 2 pruned
+    assert not (tmp_path / "step_00000004" / ".metadata").exists()
+    assert is_complete(tmp_path / "step_00000004") and find_latest(tmp_path).name == "step_00000004"
+    notes, trainer = _Notes(), _Trainer({"world_size": 1})
+    saved = CheckpointManager(tmp_path, cfg, {"notes": notes, "trainer": trainer}, config_yaml="").load(
+        tmp_path / "step_00000004")
+    assert notes.text == "four" and saved["step"] == 4 and saved["dcp_shards"] is False
+    # A checkpoint with DCP shards still needs its .metadata.
+    engine = _Engine()
+    CheckpointManager(tmp_path / "dcp", _Cfg(), _states(engine), config_yaml="").save(1)
+    (tmp_path / "dcp" / "step_00000001" / ".metadata").unlink()
+    assert not is_complete(tmp_path / "dcp" / "step_00000001")
+
+
 def test_partial_state_keys_load_what_the_checkpoint_has(tmp_path):
     class WithExtra(_Engine):
         partial_state_keys = ("optim", "extra")

@@ -238,7 +238,13 @@ def test_validate_refuses_a_choice_set_in_code():
 
 
 def test_deepspeed_is_a_valid_choice_refused_by_the_layout():
-    assert load_config(None, ["parallel.engine=deepspeed"]).parallel.engine == "deepspeed"
+    from flip_scale.parallel import LayoutError
+    from flip_scale.preflight import plan_run
+
+    cfg = load_config(None, ["parallel.engine=deepspeed"])
+    assert cfg.parallel.engine == "deepspeed"
+    with pytest.raises(LayoutError, match="parallel.engine=deepspeed is not available"):
+        plan_run(cfg, 1)
 
 
 def test_merge_trees_merges_nested_keys_and_leaves_its_inputs():

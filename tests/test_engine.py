@@ -117,3 +117,27 @@ def test_plan_run_checks_once_for_training_and_evaluation():
     text = describe_plan(plan)
     assert "batch: 8 = 2 data-parallel ranks x 4" in text and "fits model.vocab_size" in text
     assert f"{plan.visible_patches} of {plan.arch.num_patches} patches visible" in text
+
+
+class _NeedsTwoArguments(Exception):
+    def __init__(self, path, why):
+        super().__init__(f"{path}: {why}")
+
+
+def _rank0_error(rank: int, world_size: int) -> str:
+    from flip_scale.runtime import on_rank0_for_all
+
+    def compute():
+        raise _NeedsTwoArguments("ckpt", "unreadable")
+
+    try:
+        on_rank0_for_all(compute)
+    except Exception as error:  # noqa: BLE001 - the type is what is checked
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_an_error_that_cannot_be_rebuilt_reaches_every_rank_alike():
+    from dist_utils import run_distributed
+
+    assert run_distributed(_rank0_error, 2) == ["RemoteError: on rank 0: _NeedsTwoArguments: ckpt: unreadable"] * 2

@@ -96,7 +96,7 @@ class ModelOptimizerState:
     def load_state_dict(self, state: dict) -> None:
         for part in _as_list(self.model_parts):
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
-        if self.optimizers is not None:
+        if self.optimizers is not None and "optim" in state:  # a model-only state loads the weights alone
             for part, optimizer in zip(_as_list(self.model_parts), _as_list(self.optimizers)):
                 set_optimizer_state_dict(part, optimizer, optim_state_dict=state["optim"], options=_OPTIM_OPTIONS)
 

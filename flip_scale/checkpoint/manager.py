@@ -123,6 +123,15 @@ class CheckpointManager:
             raise ValueError(f"checkpoint components need exactly one of kind 'json' (trainer_state.json), "
                              f"got {trainer or 'none'}")
         self._trainer_key = trainer[0]
+        # Checked here, on every rank alike: a save would raise only on the ranks writing a blob,
+        # leaving the others in the next barrier.
+        for key, kind in self.kinds.items():
+            if kind == "rank_blobs":
+                component = self.states[key]
+                if not re.fullmatch(rf"{re.escape(component.blob_prefix)}\d+", component.blob_name):
+                    raise ValueError(f"checkpoint component {key!r}: blob_name {component.blob_name!r} is not "
+                                     f"blob_prefix {component.blob_prefix!r} followed by an index: a load would not "
+                                     f"find it")
         self._writer = writer if writer is not None else AsyncWriter()
 
     def _of_kind(self, kind: str) -> list:
@@ -144,7 +153,14 @@ class CheckpointManager:
         return None
 
     def _trainer_state(self, step: int) -> dict:
-        state = dict(self.states[self._trainer_key].state_dict(), step=step)
+        own = self.states[self._trainer_key].state_dict()
+        # "step" before "scheduler", where the checkpoints before the manager had it.
+        state = {k: v for k, v in own.items() if k != "scheduler"}
+        state["step"] = step
+        if "scheduler" in own:
+            state["scheduler"] = own["scheduler"]
+        if "sharded" not in self.kinds.values():
+            state["dcp_shards"] = False  # no .metadata: the completeness check must not ask for one
         if "world_size" not in state:
             raise ValueError(f"checkpoint component {self._trainer_key!r}: its state_dict() has no 'world_size' "
                              f"(the completeness checks count the rng_rank{{r}}.pt files by it)")

@@ -78,7 +78,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         return f"the name {path.name!r} is not step_XXXXXXXX (a .tmp directory is a save that never finished)"
     if not path.is_dir():
         return "it does not exist"
-    for name in (".metadata", "trainer_state.json", "config.yaml"):
+    for name in ("trainer_state.json", "config.yaml"):
         if not (path / name).is_file():
             return f"{name} is missing"
     try:
@@ -89,6 +89,12 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     for rank in range(world_size):
         if not (path / f"rng_rank{rank}.pt").is_file():
             return f"rng_rank{rank}.pt is missing (written by {world_size} ranks)"
+    # A checkpoint whose engine writes its own files (CheckpointManager kind "files", no sharded
+    # component) records "dcp_shards": false and has no .metadata; every other one has DCP shards.
+    if trainer_state.get("dcp_shards", True) is False:
+        return None
+    if not (path / ".metadata").is_file():
+        return ".metadata is missing"
     return storage_problem(path)
 
 

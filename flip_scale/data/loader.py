@@ -1,4 +1,4 @@
-"""Training and evaluation loaders over webdataset tar shards.
+"""The training loader over webdataset tar shards (evaluation datasets: flip_scale/evaluation/datasets.py).
 
 Training stream (docs/design.md section 3): the global batch is drawn from S independent *sample
 streams* (`data.streams`), the same S whatever the parallel layout:

@@ -14,10 +14,8 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
-)
 
+from ..checkpoint.dcp import ModelOptimizerState
 from ..loss import build_loss
 from ..models import clamp_logit_scale_
 from ..optim import OptimizerGroup, nvidia_apex_available
@@ -28,12 +26,6 @@ from ..step import forward_backward
 from .base import Engine, StepResult
 
 log = logging.getLogger("flip_scale")
-
-# Optimizer state flattened to one key per (parameter name, state): the keys of several model parts
-# (pipeline stages on one rank) merge without collisions, and re-shard across any layout. The
-# on-disk format of every checkpoint so far.
-OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
 
 class NativeEngine(Engine):
     name = "fsdp"
@@ -113,18 +105,14 @@ class NativeEngine(Engine):
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        model, optim = {}, {}
-        for part, optimizer in zip(self.model_parts, self.optimizers.optimizers):
-            model.update(get_model_state_dict(part))  # pipeline stages hold disjoint names
-            optim.update(get_optimizer_state_dict(part, optimizer, options=OPTIM_OPTIONS))
-        return {"model": model, "optim": optim}
+        return self._state().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        for part in self.model_parts:
-            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
-        if "optim" in state:
-            for part, optimizer in zip(self.model_parts, self.optimizers.optimizers):
-                set_optimizer_state_dict(part, optimizer, optim_state_dict=state["optim"], options=OPTIM_OPTIONS)
+        self._state().load_state_dict(state)
+
+    def _state(self):
+        # The one definition of the on-disk format ({"model", "optim"}, optimizer state flattened).
+        return ModelOptimizerState(self.model_parts, self.optimizers.optimizers)
 
     def schedule_state(self) -> dict:
         return self.optimizers.state_dict()
