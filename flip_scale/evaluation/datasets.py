@@ -35,6 +35,22 @@ log = logging.getLogger("flip_scale.evaluation")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def rank_samples(shards, check, rank: int, size: int, tracker: BadSampleTracker) -> Iterator[RawSample]:
+    """The usable samples of `shards` in order (`check(sample)` -> a reason to skip it, or None),
+    every `size`-th from the `rank`-th: rank r of an evaluation takes samples r, r + size, ...
+    Unusable ones go to `tracker` (counted, logged) and take no place in the numbering."""
+    usable = 0
+    for shard in shards:
+        for sample in read_tar_samples(shard):
+            problem = sample.reason if isinstance(sample, BadSample) else check(sample)
+            if problem is not None:
+                tracker.add_bad(BadSample(sample.shard, sample.key, problem))
+                continue
+            usable += 1
+            if (usable - 1) % size == rank:
+                yield sample
+
+
 def is_image_folder(spec: Union[str, Sequence[str]]) -> bool:
     return isinstance(spec, (str, Path)) and Path(spec).is_dir()
 
@@ -142,16 +158,7 @@ class CaptionStream(IterableDataset):
         self.bad_check_after = bad_check_after
 
     def _rank_samples(self, tracker: BadSampleTracker):
-        usable = 0
-        for shard in self.shards:
-            for sample in read_tar_samples(shard):
-                problem = sample.reason if isinstance(sample, BadSample) else check_train_sample(sample)
-                if problem is not None:
-                    tracker.add_bad(BadSample(sample.shard, sample.key, problem))
-                    continue
-                usable += 1
-                if (usable - 1) % self.size == self.rank:
-                    yield sample
+        return rank_samples(self.shards, check_train_sample, self.rank, self.size, tracker)
 
     def _batch(self, images: list, captions: list) -> dict:
         return {"images": torch.stack(images), "tokens": self.tokenizer(captions),
@@ -209,16 +216,7 @@ class EvalStream(IterableDataset):
         self.bad_check_after = bad_check_after
 
     def _rank_samples(self, tracker: BadSampleTracker) -> Iterator[RawSample]:
-        usable = 0
-        for shard in self.shards:
-            for sample in read_tar_samples(shard):
-                problem = sample.reason if isinstance(sample, BadSample) else check_eval_sample(sample)
-                if problem is not None:
-                    tracker.add_bad(BadSample(sample.shard, sample.key, problem))
-                    continue
-                usable += 1
-                if (usable - 1) % self.dp_size == self.dp_rank:
-                    yield sample
+        return rank_samples(self.shards, check_eval_sample, self.dp_rank, self.dp_size, tracker)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
