@@ -1,0 +1,113 @@
+"""Typed config checking: a YAML tree against the config dataclasses' field types.
+
+Every value is coerced to its field's type or refused with ConfigError naming the key, the value
+and what is valid (for a `Literal[...]` field, its choices; for an unknown key, the closest known
+one). This module imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what would be valid."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_choice(value: Any, options: tuple) -> bool:
+    return any(value == o and type(value) is type(o) for o in options)  # True is not 1
+
+
+def _choice_message(key: str, value: Any, options: tuple) -> str:
+    shown = f"'{value}'" if isinstance(value, str) else repr(value)
+    return f"{key}: {shown} is not valid; choose one of {', '.join(str(o) for o in options)}"
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming the key and the expected type (for a
+    `Literal[...]`, the value and the valid choices)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if isinstance(value, bool) and all(isinstance(o, str) for o in options):
+            value = "true" if value else "false"  # YAML reads true/false unquoted as bools (optim.fused: true)
+        if _is_choice(value, options):
+            return value
+        raise ConfigError(_choice_message(key, value, options))
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "4e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # YAML reads true/false unquoted as bools: the words were meant
+            return "true" if value else "false"
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:  # pragma: no cover - only the types above are used
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            guess = _closest(str(key), names)
+            raise ConfigError(
+                f"unknown config key '{full}'; did you mean '{prefix}{guess}'? "
+                f"Valid keys under '{prefix.rstrip('.') or 'config'}': {', '.join(names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full + ".")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
