@@ -23,7 +23,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
+        # A ZeRO-3 partitioned parameter holds a flat slice; its full shape is `ds_shape`.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        if ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
             no_decay.append(param)
         else:
             decay.append(param)

@@ -41,6 +41,10 @@ class RunPlan:
     local_batch: int  # samples per data-parallel rank and step
     streams: int  # sample streams of the data (data.streams, or the count a fresh run picks)
     tokenizer_vocab: Optional[int] = None  # the tokenizer's size where it was checked
+    # parallel.engine=deepspeed: the DeepSpeed config generated (and merged with
+    # parallel.deepspeed_config) for the precision a GPU run resolves to; the engine regenerates
+    # it for the device in hand.
+    engine_config: Optional[dict] = None
 
     @property
     def visible_patches(self) -> int:
@@ -84,7 +88,12 @@ def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
         raise ConfigError(str(error)) from None
     if tokenizer_vocab is not None:
         check_tokenizer_size(cfg, tokenizer_vocab, arch)
-    return RunPlan(cfg, world_size, arch, dims, local, streams, tokenizer_vocab)
+    engine_config = None
+    if cfg.parallel.engine == "deepspeed":
+        from .parallel.deepspeed_config import deepspeed_config, dry_run_precision
+
+        engine_config = deepspeed_config(cfg, dims, dry_run_precision(cfg), arch)
+    return RunPlan(cfg, world_size, arch, dims, local, streams, tokenizer_vocab, engine_config)
 
 
 def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
@@ -109,6 +118,11 @@ def describe_plan(plan: RunPlan) -> str:
     shards = str(cfg.data.train_shards) if cfg.data.train_shards else "data.train_shards is not set"
     state_bytes = 16 * counts["params_total"]  # fp32 weights + grads + AdamW's two moments
     shard_over = dims.dp_shard * dims.tp * dims.pp
+    per_rank = state_bytes / shard_over
+    if cfg.parallel.engine == "deepspeed":  # ZeRO-1 shards the moments, 2 the gradients too, 3 the weights too
+        stage, params = cfg.parallel.zero_stage, counts["params_total"]
+        per_rank = params * (8 / dims.dp_size + 4 * (1 / dims.dp_size if stage >= 2 else 1)
+                             + 4 * (1 / dims.dp_size if stage >= 3 else 1))
     if plan.tokenizer_vocab is not None:
         tokenizer_note = f"tokenizer {cfg.data.tokenizer} fits model.vocab_size={arch.vocab_size}"
     else:
@@ -127,10 +141,29 @@ def describe_plan(plan: RunPlan) -> str:
         f"warmup {cfg.schedule.warmup_steps}, {cfg.schedule.name}",
         f"  compute: {flops / 1e9:.1f} GFLOPs per training sample, {flops * samples / 1e18:.2f} EFLOP in all",
         f"  optimizer state: {state_bytes / 2**30:.1f} GiB in all (fp32 weights, grads, AdamW moments), "
-        f"{state_bytes / shard_over / 2**20:.0f} MiB per rank sharded over {shard_over}"
+        f"{per_rank / 2**20:.0f} MiB per rank "
+        + (f"under ZeRO-{cfg.parallel.zero_stage} over {dims.dp_size}" if cfg.parallel.engine == "deepspeed"
+           else f"sharded over {shard_over}")
         + (f" (x{dims.dp_replicate} replicas)" if dims.dp_replicate > 1 else ""),
         f"  {tokenizer_note}",
         f"  activation checkpointing: {cfg.parallel.activation_checkpointing} "
         f"({cfg.parallel.activation_checkpointing_towers}); compiled blocks: {cfg.parallel.compile}",
+        *_engine_lines(plan),
         "  config and layout OK",
     ])
+
+
+def _engine_lines(plan: RunPlan) -> list[str]:
+    cfg = plan.cfg
+    if plan.engine_config is None:
+        return [f"  engine: {cfg.parallel.engine} (FSDP2 + tensor + pipeline parallel)"]
+    import json
+
+    from .parallel.deepspeed_config import dry_run_precision
+
+    p = cfg.parallel
+    lines = [f"  engine: deepspeed, ZeRO-{p.zero_stage}, offload optimizer {p.offload_optimizer}, parameters "
+             f"{p.offload_params}" + (f", merged with {p.deepspeed_config}" if p.deepspeed_config else ""),
+             f"  deepspeed config (for precision {dry_run_precision(cfg)}; the run regenerates it on its device):"]
+    lines += ["    " + line for line in json.dumps(plan.engine_config, indent=2, sort_keys=True).splitlines()]
+    return lines

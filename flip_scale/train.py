@@ -124,13 +124,13 @@ class Trainer:
 
     @property
     def optimizers(self):
-        return self.engine.optimizers
+        return getattr(self.engine, "optimizers", None)  # the native engine's OptimizerGroup
 
     def parameters(self):
         return self.engine.parameters()
 
     def describe(self) -> None:
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.parameters())
+        local = self.engine.local_parameter_count()
         c = self.counts
         log.info("model %s: %.2fM params (vision %.2fM, text %.2fM); mask ratio %.2f -> %d of %d patches visible",
                  self.cfg.model.name, c["params_total"] / 1e6, c["params_vision"] / 1e6, c["params_text"] / 1e6,

@@ -237,14 +237,15 @@ def test_validate_refuses_a_choice_set_in_code():
     assert validate(cfg) is cfg
 
 
-def test_deepspeed_is_a_valid_choice_refused_by_the_layout():
+def test_deepspeed_is_a_valid_choice_planned_for_data_parallel_only():
     from flip_scale.parallel import LayoutError
     from flip_scale.preflight import plan_run
 
     cfg = load_config(None, ["parallel.engine=deepspeed"])
     assert cfg.parallel.engine == "deepspeed"
-    with pytest.raises(LayoutError, match="parallel.engine=deepspeed is not available"):
-        plan_run(cfg, 1)
+    assert plan_run(cfg, 2).engine_config["zero_optimization"]["stage"] == cfg.parallel.zero_stage
+    with pytest.raises(LayoutError, match="parallel.engine=deepspeed is data parallel only"):
+        plan_run(load_config(None, ["parallel.engine=deepspeed", "parallel.tp=2"]), 2)
 
 
 def test_merge_trees_merges_nested_keys_and_leaves_its_inputs():

@@ -320,7 +320,7 @@ def test_from_config_resolves_dp_shard():
         (dict(batch=16, accum=4), "divisible by data-parallel size 8 x parallel.microbatches=1 x optim.grad_accum_steps=4 = 32"),
         (dict(engine="deepspeed", tp=2), "use parallel.engine: fsdp"),
         (dict(engine="deepspeed", pp=2, microbatches=2), "use parallel.engine: fsdp"),
-        (dict(engine="deepspeed"), "parallel.engine=deepspeed is not available in this version"),
+        (dict(engine="deepspeed", dp_replicate=2, dp_shard=4), "zero_hpz_partition_size"),
     ],
 )
 def test_from_config_refuses_impossible_layouts(kwargs, message):

@@ -122,7 +122,9 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: Literal["fsdp", "deepspeed"] = "fsdp"  # deepspeed: reserved, refused by the layout check
+    # fsdp: the native engine (FSDP2 ZeRO-3 + tensor + pipeline parallel); deepspeed: DeepSpeed ZeRO
+    # 1/2/3, data parallel only (flip_scale/engine/deepspeed.py; README "Choosing an engine").
+    engine: Literal["fsdp", "deepspeed"] = "fsdp"
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves
     tp: int = 1
@@ -137,7 +139,16 @@ class ParallelConfig:
     compile: bool = False
     param_dtype: Literal["bf16", "fp32"] = "bf16"  # FSDP MixedPrecisionPolicy on GPU
     reduce_dtype: Literal["bf16", "fp32"] = "fp32"
-    cpu_offload: bool = False
+    cpu_offload: bool = False  # fsdp: FSDP2's CPUOffloadPolicy (deepspeed: offload_optimizer / offload_params)
+    # --- parallel.engine: deepspeed (refused with the native engine where they would change nothing)
+    zero_stage: Literal[1, 2, 3] = 2  # 1: optimizer states, 2: + gradients, 3: + parameters sharded
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"  # ZeRO-Offload / ZeRO-Infinity (DeepSpeed's CPU Adam)
+    offload_params: Literal["none", "cpu", "nvme"] = "none"  # ZeRO-3 only
+    nvme_path: str = ""  # a local NVMe directory, for offload_* = nvme
+    # A DeepSpeed JSON merged on top of the config generated from these keys, for what they do not
+    # model (ZeRO++ zero_hpz_partition_size / zero_quantized_weights / zero_quantized_gradients,
+    # communication settings, bucket sizes); a key that contradicts this config is refused.
+    deepspeed_config: str = ""
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
     engine = build_engine(cfg, plan, device)   # plan: flip_scale.preflight.plan_run(cfg, world_size)
 
-`parallel.engine: fsdp` is the native engine (native.py: FSDP2 + tensor + pipeline parallel).
+`parallel.engine: fsdp` is the native engine (native.py: FSDP2 + tensor + pipeline parallel);
+`parallel.engine: deepspeed` is DeepSpeed ZeRO-1/2/3, data parallel only (deepspeed.py, which alone
+imports deepspeed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ def build_engine(cfg, plan, device) -> Engine:
         from .native import NativeEngine
 
         return NativeEngine(cfg, plan, device)
-    raise ValueError(f"parallel.engine={cfg.parallel.engine!r}: no such engine; valid: fsdp")
+    if cfg.parallel.engine == "deepspeed":
+        from .deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, plan, device)
+    raise ValueError(f"parallel.engine={cfg.parallel.engine!r}: no such engine; valid: fsdp, deepspeed")
 
 
 __all__ = ["Engine", "StepResult", "build_engine"]

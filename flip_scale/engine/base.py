@@ -73,6 +73,10 @@ class Engine(abc.ABC):
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """This rank's parameters (local shards where sharded)."""
 
+    def local_parameter_count(self) -> int:
+        """Parameter elements this rank holds (its shards where sharded)."""
+        return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.parameters())
+
     @property
     @abc.abstractmethod
     def lr(self) -> float:

@@ -26,6 +26,7 @@ class FLIPModel(nn.Module):
         norm_eps: float = 1e-6,
         logit_scale_init: float = math.log(1 / 0.07),
         logit_scale_max: float = math.log(100.0),
+        temperature_shape: tuple = (),
     ):
         super().__init__()
         self.arch = arch
@@ -33,7 +34,10 @@ class FLIPModel(nn.Module):
         self.logit_scale_max = logit_scale_max
         self.visual = VisionTower(arch, mask_ratio, masking, vision_pool, norm_eps)
         self.text = TextTower(arch, text_pad_mask, text_causal, norm_eps)
-        self.logit_scale = nn.Parameter(torch.zeros(()))
+        # A 0-dim parameter, as OpenCLIP's; the DeepSpeed engine builds it with shape (1,) (DeepSpeed
+        # broadcasts parameters through a uint8 view, which a 0-dim tensor cannot take), and its
+        # checkpoints are reshaped to () wherever they are read.
+        self.logit_scale = nn.Parameter(torch.zeros(tuple(temperature_shape)))
 
     @property
     def mask_ratio(self) -> float:
@@ -76,8 +80,10 @@ class FLIPModel(nn.Module):
         return image_features, text_features, self.logit_scale * 1.0
 
 
-def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True) -> FLIPModel:
-    """Build the model of a `ModelConfig`. On `device="meta"` nothing is allocated or initialised."""
+def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True,
+                temperature_shape: tuple = ()) -> FLIPModel:
+    """Build the model of a `ModelConfig`. On `device="meta"` nothing is allocated or initialised.
+    `temperature_shape`: () (every engine's checkpoints) or (1,) (the DeepSpeed engine's live model)."""
     arch = arch_from_config(model_cfg)
     with torch.device(device):
         model = FLIPModel(
@@ -90,6 +96,7 @@ def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True
             norm_eps=model_cfg.norm_eps,
             logit_scale_init=model_cfg.logit_scale_init,
             logit_scale_max=model_cfg.logit_scale_max,
+            temperature_shape=temperature_shape,
         )
     if init and torch.device(device).type != "meta":
         model.init_weights()

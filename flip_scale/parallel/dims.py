@@ -27,6 +27,51 @@ class LayoutError(ValueError):
     """A parallel layout that cannot work; the message names the numbers and what is valid."""
 
 
+def check_deepspeed_layout(cfg) -> None:
+    """The layouts `parallel.engine: deepspeed` runs: data parallel only (every rank one replica's
+    ZeRO shard), refused before anything is built with the reason and the fix."""
+    if cfg.tp > 1 or cfg.pp > 1:
+        raise LayoutError(
+            f"parallel.engine=deepspeed is data parallel only, got parallel.tp={cfg.tp}, parallel.pp={cfg.pp}: "
+            f"DeepSpeed's pipeline engine supports ZeRO stage <= 1 and neither composes with DTensor tensor "
+            f"parallelism; use parallel.engine: fsdp for tensor or pipeline parallelism (FSDP2 is ZeRO-3 too)"
+        )
+    if cfg.dp_replicate > 1:
+        raise LayoutError(
+            f"parallel.dp_replicate={cfg.dp_replicate} is the native engine's HSDP; under parallel.engine=deepspeed "
+            f"every rank is one data-parallel rank (parallel.dp_replicate=1, parallel.dp_shard=-1); for ZeRO++ "
+            f"hierarchical partitioning set zero_optimization.zero_hpz_partition_size in parallel.deepspeed_config"
+        )
+    if getattr(cfg, "cpu_offload", False):
+        raise LayoutError(
+            "parallel.cpu_offload is FSDP2's offload (parallel.engine: fsdp); under parallel.engine=deepspeed use "
+            "parallel.offload_optimizer: cpu and/or parallel.offload_params: cpu"
+        )
+    if cfg.offload_params != "none" and cfg.zero_stage != 3:
+        raise LayoutError(
+            f"parallel.offload_params={cfg.offload_params} needs parallel.zero_stage=3 (got {cfg.zero_stage}): only "
+            f"ZeRO-3 partitions the parameters it would offload"
+        )
+    if "nvme" in (cfg.offload_params, cfg.offload_optimizer) and not cfg.nvme_path:
+        raise LayoutError(
+            "parallel.offload_optimizer / offload_params = nvme needs parallel.nvme_path (a directory on a local "
+            "NVMe drive of every node)"
+        )
+
+
+def check_native_layout(cfg) -> None:
+    """The DeepSpeed-only keys are refused under the native engine, where they would change nothing."""
+    for key, default in (("offload_optimizer", "none"), ("offload_params", "none"), ("nvme_path", ""),
+                         ("deepspeed_config", "")):
+        value = getattr(cfg, key, default)
+        if value != default:
+            raise LayoutError(
+                f"parallel.{key}={value!r} applies to parallel.engine=deepspeed only (the engine here is "
+                f"{getattr(cfg, 'engine', 'fsdp')}); set parallel.engine=deepspeed, or leave it out "
+                f"(the native engine's offload is parallel.cpu_offload)"
+            )
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -38,6 +83,8 @@ class ParallelDims:
     dp_shard: int
     tp: int
     world_size: int
+    # Who shards the data-parallel ranks, for describe() (None: the native engine's FSDP2).
+    engine_label: Optional[str] = field(default=None, repr=False, compare=False)
     _mesh: Optional[object] = field(default=None, init=False, repr=False, compare=False)
     _dp_flat: Optional[object] = field(default=None, init=False, repr=False, compare=False)
 
@@ -70,18 +117,10 @@ class ParallelDims:
         """
         cfg = parallel_cfg
         engine = getattr(cfg, "engine", "fsdp")
-        if engine == "deepspeed" and (cfg.tp > 1 or cfg.pp > 1):
-            raise LayoutError(
-                f"parallel.engine=deepspeed supports data parallelism only, got parallel.tp={cfg.tp}, "
-                f"parallel.pp={cfg.pp}; use parallel.engine: fsdp for tensor or pipeline parallelism"
-            )
         if engine == "deepspeed":
-            # The DeepSpeed ZeRO engine is planned (docs/design.md section 4) but not built yet: refuse
-            # rather than silently train with FSDP under a config that says otherwise.
-            raise LayoutError(
-                "parallel.engine=deepspeed is not available in this version of flip_scale; use "
-                "parallel.engine: fsdp (ZeRO-3 sharding through FSDP2, with parallel.dp_shard / dp_replicate)"
-            )
+            check_deepspeed_layout(cfg)
+        else:
+            check_native_layout(cfg)
         for name in ("pp", "dp_replicate", "tp"):
             if getattr(cfg, name) < 1:
                 raise LayoutError(f"parallel.{name}={getattr(cfg, name)}: must be >= 1")
@@ -98,6 +137,8 @@ class ParallelDims:
         elif dp_shard < 1:
             raise LayoutError(f"parallel.dp_shard={dp_shard}: must be -1 (fill the world) or >= 1")
         dims = cls(pp=cfg.pp, dp_replicate=cfg.dp_replicate, dp_shard=dp_shard, tp=cfg.tp, world_size=world_size)
+        if engine == "deepspeed":
+            dims.engine_label = f"DeepSpeed ZeRO-{getattr(cfg, 'zero_stage', 2)}"
 
         if arch is not None:
             for tower, tower_arch in (("vision", arch.vision), ("text", arch.text)):
@@ -303,7 +344,7 @@ class ParallelDims:
             elif self.dp_replicate > 1:
                 parts.append("replicated data parallel (FSDP2 with dp_shard=1)")
             else:
-                parts.append("FSDP2/ZeRO-3")
+                parts.append(self.engine_label or "FSDP2/ZeRO-3")
         if self.tp_enabled:
             parts.append("tensor parallel")
         if self.pp_enabled:

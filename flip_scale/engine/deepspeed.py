@@ -1,0 +1,444 @@
+"""The DeepSpeed engine: ZeRO-1/2/3 (+ CPU/NVMe offload, ZeRO++ through parallel.deepspeed_config),
+data parallel only, behind the same seam as the native engine.
+
+    parallel.engine: deepspeed, parallel.zero_stage: 1 | 2 | 3, parallel.offload_optimizer / offload_params
+
+What it shares with the native engine: the model (built under `deepspeed.zero.Init` for ZeRO-3, so
+no rank holds it whole, and given the one-process weights parameter by parameter), the param
+groups, the loss, the exact two-pass feature cache, the lr schedule (ours, set on the optimizer's
+groups each step), the temperature clamp, the run directory. What is DeepSpeed's: the sharding,
+the gradient reduction, clipping (`gradient_clipping`) and the non-finite-step skip inside
+`engine.step()`, and its checkpoint files (checkpoint_kind "files": step_XXXXXXXX/deepspeed/).
+
+The feature cache goes through the engine: pass 2 back-propagates each micro-batch's slice of the
+cached gradients with `engine.backward` (a surrogate scalar whose gradient is exactly that slice),
+and `engine.step()` follows each micro-batch, so DeepSpeed counts micro-steps, reduces at its
+accumulation boundary and clips there.
+
+Loading never unpickles code: DeepSpeed's `torch.load(weights_only=False)` calls are served by
+checkpoint.deepspeed_files.safe_torch_load (weights_only=True and an allow-list of DeepSpeed's few
+classes) while a checkpoint loads. Resuming into another data-parallel size re-shards from the
+files: each parameter's fp32 weights and Adam moments are assembled and set through DeepSpeed's
+own `safe_set_full_*` APIs.
+
+`import deepspeed` happens here only, when this engine is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..loss import build_loss
+from ..optim import lr_at, nvidia_apex_available, param_groups
+from ..parallel.activation import apply_ac, apply_compile
+from ..parallel.deepspeed_config import deepspeed_config
+from ..runtime import resolve_precision
+from .base import Engine, StepResult
+
+log = logging.getLogger("flip_scale")
+
+# Scripts DeepSpeed copies into every save directory; we consolidate with tools/convert_ckpt.py
+# (which never unpickles code) and do not ship executable files inside checkpoints.
+_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+# The temperature's shape in the live model: DeepSpeed broadcasts parameters through uint8 views,
+# which a 0-dim tensor cannot take. Everything read from or written for other engines has shape ().
+TEMPERATURE_SHAPE = (1,)
+
+
+def import_deepspeed():
+    """deepspeed, or an ImportError that says how to get it."""
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise ImportError(
+            f"parallel.engine=deepspeed needs DeepSpeed ({error}); install it with `pip install deepspeed`, "
+            f"or use parallel.engine: fsdp") from None
+    return deepspeed
+
+
+def _ensure_process_group(device: torch.device) -> bool:
+    """DeepSpeed wants a process group even for one process: make a one-rank one when there is none.
+    Returns whether one was made here."""
+    # DeepSpeed reads the launcher's variables (zero.Init: LOCAL_RANK) even for one process.
+    os.environ.setdefault("LOCAL_RANK", str(device.index or 0))
+    if dist.is_initialized():
+        return False
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+    checkpoint_kind = "files"
+
+    def __init__(self, cfg, plan, device):
+        super().__init__(cfg, plan, device)
+        ds = import_deepspeed()
+        self._ds = ds
+        self._own_group = _ensure_process_group(self.device)
+        ds.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)  # wraps our group
+        self.dims.build_mesh(self.device.type)
+        self.precision = resolve_precision(cfg, self.device)
+        self.stage = cfg.parallel.zero_stage
+        self.ds_config = deepspeed_config(cfg, self.dims, self.precision, self.arch)
+        self.rank = dist.get_rank()
+        torch.manual_seed(cfg.train.seed)
+
+        model = self._build_model()
+        pcfg = cfg.parallel
+        apply_ac(model, pcfg.activation_checkpointing, pcfg.activation_checkpointing_every,
+                 pcfg.activation_checkpointing_towers)
+        if pcfg.compile:
+            apply_compile(model)
+        optimizer = self._build_optimizer(model)
+        self.engine, self.optimizer, _, _ = ds.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+                                                          dist_init_required=False)
+        self.module = self.engine.module
+        self.model_parts = [self.module]
+        self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
+        self.steps_taken = 0  # optimizer steps, skipped ones included: the lr schedule's position
+        self._set_lr()
+
+    # -- building ----------------------------------------------------------------------------
+    def _build_model(self):
+        from ..models import build_model
+        from ..models.init import initial_value
+        from ..models.transformer import Block
+
+        cfg = self.cfg
+        if self.stage != 3:
+            # ZeRO-1/2 keep the whole model on every rank: the one-process weights, built in place.
+            model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE)
+            model.init_weights(cfg.train.seed)
+            return model
+        # ZeRO-3: each module is partitioned as it is constructed; then each parameter is gathered
+        # alone, given its initial value (a function of seed and name) and re-partitioned.
+        ds = self._ds
+        with ds.zero.Init(config_dict_or_path=self.ds_config, remote_device=self._param_device()):
+            model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE)
+        model.visual.init_weights()  # the fixed sin-cos table (a buffer, never partitioned)
+        for name, param in model.named_parameters():
+            value = initial_value(name, param.ds_shape, cfg.train.seed, cfg.model.logit_scale_init)
+            with ds.zero.GatheredParameters([param], modifier_rank=0):
+                if self.rank == 0:
+                    param.data.copy_(value.to(param.dtype))
+        # Every transformer block is one ZeRO-3 fetch unit (one all-gather per block, DeepSpeed#5047).
+        ds.utils.set_z3_leaf_modules(model, [Block])
+        return model
+
+    def _param_device(self) -> Optional[str]:
+        offload = self.cfg.parallel.offload_params
+        return None if offload == "none" else offload
+
+    def _build_optimizer(self, model):
+        """AdamW over our decay / no-decay groups: DeepSpeed's CPU Adam with optimizer offload,
+        DeepSpeed's FusedAdam on CUDA (PyTorch's fused AdamW where that cannot load), else PyTorch's."""
+        cfg = self.cfg
+        groups = param_groups(model, cfg.optim.weight_decay)
+        kwargs = dict(lr=lr_at(0, cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        if cfg.parallel.offload_optimizer != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            try:
+                optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+            except Exception as error:  # the op is compiled on first use
+                raise RuntimeError(
+                    f"parallel.offload_optimizer={cfg.parallel.offload_optimizer} needs DeepSpeed's CPU Adam, which "
+                    f"failed to build or load here: {error}; see `ds_report`, or set parallel.offload_optimizer=none"
+                ) from error
+            self.optimizer_kind = "DeepSpeed CPU Adam (AdamW mode, offloaded optimizer)"
+            return optimizer
+        if self.device.type == "cuda" and cfg.optim.fused != "false":
+            try:
+                from deepspeed.ops.adam import FusedAdam
+
+                optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
+                self.optimizer_kind = "DeepSpeed FusedAdam (AdamW mode)"
+                return optimizer
+            except Exception as error:
+                log.warning("DeepSpeed's FusedAdam is not available (%s): using PyTorch's fused AdamW", error)
+                self.optimizer_kind = "PyTorch AdamW (fused)"
+                return torch.optim.AdamW(groups, fused=True, **kwargs)
+        fused = self.device.type == "cuda" and cfg.optim.fused == "true"
+        self.optimizer_kind = f"PyTorch AdamW ({'fused' if fused else 'foreach'})"
+        return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else True, **kwargs)
+
+    # -- one step --------------------------------------------------------------------------
+    def train(self) -> None:
+        self.engine.train()
+
+    def _set_lr(self) -> None:
+        lr = lr_at(self.steps_taken, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, images, tokens, mask_noise: Optional[torch.Tensor]) -> torch.Tensor:
+        micro = self.cfg.optim.grad_accum_steps
+        exact = self.cfg.loss.microbatch_contrast == "exact"
+        batch = images.shape[0]
+        if batch % micro:
+            raise ValueError(f"a local batch of {batch} samples cannot be split into {micro} equal micro-batches")
+        image_chunks, token_chunks = images.chunk(micro), tokens.chunk(micro)
+        noise_chunks = mask_noise.chunk(micro) if mask_noise is not None else [None] * micro
+        engine = self.engine
+
+        if micro == 1 or not exact:
+            total = torch.zeros((), device=images.device)
+            for index in range(micro):
+                with self.autocast():
+                    image_features, text_features, log_scale = engine(image_chunks[index], token_chunks[index],
+                                                                      noise_chunks[index])
+                    loss = self.loss_fn(image_features, text_features, log_scale) / micro
+                engine.backward(loss, scale_wrt_gas=False)
+                if index < micro - 1:
+                    engine.step()  # a micro-step: DeepSpeed counts it; the last one is clip_and_step's
+                total += loss.detach()
+            return total
+
+        # Pass 1: every micro-batch's embeddings, no autograd graph kept.
+        with torch.no_grad():
+            image_parts, text_parts = [], []
+            for index in range(micro):
+                with self.autocast():
+                    image_features, text_features, log_scale = engine(image_chunks[index], token_chunks[index],
+                                                                      noise_chunks[index])
+                image_parts.append(image_features)
+                text_parts.append(text_features)
+        image_all = torch.cat(image_parts).detach().requires_grad_(True)
+        text_all = torch.cat(text_parts).detach().requires_grad_(True)
+        log_scale = log_scale.detach().requires_grad_(True)
+        with self.autocast():
+            loss = self.loss_fn(image_all, text_all, log_scale)
+        loss.backward()
+        image_grads, text_grads = image_all.grad.chunk(micro), text_all.grad.chunk(micro)
+
+        # Pass 2: each micro-batch again with autograd, back-propagating its slice of the cached
+        # gradients through the engine (d surrogate / d output is exactly that slice).
+        for index in range(micro):
+            with self.autocast():
+                image_features, text_features, scale_out = engine(image_chunks[index], token_chunks[index],
+                                                                  noise_chunks[index])
+            surrogate = (image_features.float() * image_grads[index].float()).sum() \
+                + (text_features.float() * text_grads[index].float()).sum()
+            # The temperature's gradient is spread over the micro-batches (1/micro each: exact for
+            # powers of two): DeepSpeed mishandles a parameter that has no gradient in some
+            # micro-step (ZeRO-1 drops one missing from the last, ZeRO-3 one missing from the first).
+            surrogate = surrogate + (scale_out.float() * (log_scale.grad.float() / micro)).sum()
+            engine.backward(surrogate, scale_wrt_gas=False)
+            if index < micro - 1:
+                engine.step()
+        return loss.detach()
+
+    def clip_and_step(self) -> StepResult:
+        lr = self.lr
+        # The accumulation boundary: DeepSpeed reduces, takes the global norm, clips to
+        # gradient_clipping and steps, or skips a step whose norm is not finite.
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        skipped = not self.engine.was_step_applied() or not math.isfinite(norm)
+        self.steps_taken += 1
+        self._set_lr()
+        if not skipped:
+            self._clamp_logit_scale()
+        return StepResult(torch.tensor(norm), lr, skipped=skipped)
+
+    @torch.no_grad()
+    def _clamp_logit_scale(self) -> None:
+        """Keep the temperature in [0, logit_scale_max]: the optimizer's fp32 master copy and the
+        model's copy alike (collective; every rank computes the same value)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        param = self.module.logit_scale
+        master = safe_get_full_fp32_param(param)
+        clamped = master.clamp(0.0, self.module.logit_scale_max)
+        if torch.equal(clamped, master):
+            return
+        safe_set_full_fp32_param(param, clamped)
+        self._set_model_param(param, clamped)
+
+    def _set_model_param(self, param, value: torch.Tensor) -> None:
+        """The model's (low-precision) copy of `param` := value (collective under ZeRO-3)."""
+        if self.stage == 3:
+            with self._ds.zero.GatheredParameters([param], modifier_rank=0):
+                if self.rank == 0:
+                    param.data.copy_(value.to(param.dtype))
+        else:
+            param.data.copy_(value.to(param.device, param.dtype))
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        yield from self.module.parameters()
+
+    @torch.no_grad()
+    def full_parameters(self) -> dict:
+        """name -> the whole fp32 (master) value of every parameter, on the CPU (collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(param).detach().float().cpu().clone()
+                for name, param in self.module.named_parameters()}
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state: its fp32 master partition and the Adam moments."""
+        base = self._base_optimizer()
+        moments = sum(t.numel() * t.element_size() for state in base.state.values() for t in state.values()
+                      if torch.is_tensor(t))
+        flats = (getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+                 or getattr(self.optimizer, "single_partition_of_fp32_groups", None) or [])
+        return moments + sum(t.numel() * t.element_size() for t in flats)
+
+    def local_parameter_count(self) -> int:
+        if self.stage == 3:
+            return sum(p.ds_tensor.numel() for p in self.module.parameters())
+        return sum(p.numel() for p in self.module.parameters())
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def logit_scale(self) -> float:
+        param = self.module.logit_scale
+        gather = self._ds.zero.GatheredParameters([param]) if self.stage == 3 else contextlib.nullcontext()
+        with gather:
+            return float(param.detach().float().exp())
+
+    # -- evaluation ------------------------------------------------------------------------
+    def eval_model(self):
+        # ZeRO-3's hooks live on the module: calling it gathers each block's parameters in turn.
+        return self.module
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_files(self, step_dir) -> None:
+        """DeepSpeed's files into step_dir/deepspeed/ (collective)."""
+        from pathlib import Path
+
+        from ..checkpoint.deepspeed_files import DS_TAG
+
+        step_dir = Path(step_dir)
+        self.engine.save_checkpoint(str(step_dir), tag=DS_TAG, client_state={"flip_scale_steps_taken": self.steps_taken},
+                                    save_latest=False)
+        if self.rank == 0:
+            for name in _RECOVERY_SCRIPTS:
+                (step_dir / name).unlink(missing_ok=True)
+        dist.barrier()
+
+    def load_files(self, step_dir) -> None:
+        """The weights, the optimizer state and DeepSpeed's counters from step_dir/deepspeed/
+        (collective): DeepSpeed's own loader where the data-parallel size is the one saved, else
+        re-sharded parameter by parameter."""
+        from pathlib import Path
+
+        from ..checkpoint.deepspeed_files import DS_TAG, DeepSpeedFiles, refusing_unsafe_loads
+
+        step_dir = Path(step_dir)
+        files = DeepSpeedFiles(step_dir)
+        if files.zero_stage == self.stage and files.world_size == self.dims.dp_size:
+            with refusing_unsafe_loads():
+                path, _ = self.engine.load_checkpoint(str(step_dir), tag=DS_TAG, load_module_strict=True,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                from ..checkpoint import CheckpointError
+
+                raise CheckpointError(f"{step_dir / DS_TAG}: DeepSpeed found no checkpoint to load there")
+            return
+        log.info("re-sharding %s: ZeRO-%d over %d ranks -> ZeRO-%d over %d ranks", step_dir / DS_TAG,
+                 files.zero_stage, files.world_size, self.stage, self.dims.dp_size)
+        self._load_full_state(files, with_optimizer=True)
+
+    def _load_full_state(self, files, with_optimizer: bool) -> None:
+        """Every parameter's fp32 weights (and Adam moments and step) from a DeepSpeedFiles reader,
+        into this engine's shards through DeepSpeed's tensor-fragment API (collective)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        states = ("fp32", "exp_avg", "exp_avg_sq") if with_optimizer else ("fp32",)
+        params = dict(self.module.named_parameters())
+        seen = set()
+        for name, values in files.iter_params(states):
+            if name not in params:
+                from ..checkpoint import CheckpointError
+
+                raise CheckpointError(f"{files.path}: holds parameter {name!r}, which this model does not have")
+            param = params[name]
+            seen.add(name)
+            full = values["fp32"].to(torch.float32)
+            safe_set_full_fp32_param(param, full.to(self.device))
+            self._set_model_param(param, full)
+            if with_optimizer:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(param, values[key].to(torch.float32).to(self.device), key)
+        missing = sorted(set(params) - seen)
+        if missing:
+            from ..checkpoint import CheckpointError
+
+            raise CheckpointError(f"{files.path}: lacks {len(missing)} parameters of this model: {', '.join(missing[:8])}")
+        if with_optimizer:
+            step = files.optimizer_step()
+            if step is not None:
+                for state in self._base_optimizer().state.values():
+                    if "step" in state:
+                        state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) \
+                            else step
+
+    def _base_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def schedule_state(self) -> dict:
+        return {"steps_taken": self.steps_taken}
+
+    def load_schedule_state(self, state: dict) -> None:
+        self.steps_taken = int(state.get("steps_taken", 0))
+        self._set_lr()
+
+    def load_weights(self, source) -> None:
+        """Weights only (the optimizer stays fresh) from any checkpoint source: a consolidated
+        directory, a native (DCP) step directory, or a DeepSpeed one."""
+        from ..checkpoint import load_weights
+        from ..checkpoint.deepspeed_files import DeepSpeedFiles
+        from ..models import build_model
+
+        if source.kind == "deepspeed":
+            self._load_full_state(DeepSpeedFiles(source.path), with_optimizer=False)
+            return
+        # Every rank reads the whole model into a plain CPU copy (a consolidated file is read by
+        # rank 0 and broadcast), then hands each parameter to DeepSpeed.
+        plain = build_model(self.cfg.model, device="cpu", init=False)
+        load_weights(source, [plain], broadcast_from_rank0=False, whole_model=True)
+        params = dict(self.module.named_parameters())
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad():
+            for name, value in plain.named_parameters():
+                full = value.detach().to(torch.float32)
+                safe_set_full_fp32_param(params[name], full.to(self.device))
+                self._set_model_param(params[name], full)
+        del plain
+
+    def describe(self) -> list[str]:
+        zero = self.ds_config["zero_optimization"]
+        offload = [f"{what} -> {zero[key]['device']}" for key, what in (("offload_optimizer", "optimizer"),
+                                                                         ("offload_param", "parameters"))
+                   if zero.get(key, {}).get("device", "none") != "none"]
+        bf16 = self.ds_config.get("bf16", {}).get("enabled", False)
+        return [
+            f"engine deepspeed {self._ds.__version__} (ZeRO-{self.stage}{'; offload ' + ', '.join(offload) if offload else ''}; "
+            f"{'bf16 weights, fp32 master' if bf16 else 'fp32 weights'}); optimizer {self.optimizer_kind}; "
+            f"LayerNorm: PyTorch's (NVIDIA apex {'importable' if nvidia_apex_available() else 'not importable'})",
+            "deepspeed config: " + json.dumps(self.ds_config, sort_keys=True),
+        ]
+
+    def close(self) -> None:
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+        if self._own_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,324 @@
+"""The DeepSpeed engine trains exactly as the native engine and as one process (CPU, gloo, fp32).
+
+Each run goes through the trainer's own build (`Trainer(cfg, ...)`, `parallel.engine=deepspeed`):
+the same 3 global batches (each rank its rows, mask noise from each sample's global index), and
+the losses, gradient norms and parameters after them must equal those of the native engine
+(dp_shard=2) and of one process. The refusals and the config merge are checked without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from flip_scale.config import Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig, TrainConfig, load_config
+from flip_scale.distributed import ProcessInfo
+from flip_scale.parallel import LayoutError
+from flip_scale.preflight import plan_run
+
+pytest.importorskip("deepspeed")
+
+SEED = 0
+GLOBAL_BATCH = 8
+STEPS = 3
+# fp32 on CPU: the engines differ only in the order of additions (reduce-scatter vs all-reduce).
+LOSS_TOL = 1e-5
+NORM_RTOL = 1e-4
+PARAM_ATOL = 3e-6  # after 3 AdamW steps of lr 1e-3
+
+
+def tiny_config(engine: str = "fsdp", accum: int = 1, **parallel) -> Config:
+    model = ModelConfig(
+        name="tiny", vocab_size=64, image_size=16, patch_size=4, context_length=8, mask_ratio=0.5,
+        embed_dim=16, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp_dim=64,
+        text_width=32, text_layers=2, text_heads=4, text_mlp_dim=64,
+    )
+    return Config(
+        train=TrainConfig(global_batch_size=GLOBAL_BATCH, seed=SEED, precision="fp32", device="cpu"),
+        model=model,
+        # eps 1e-6: the key bias's gradient is exactly zero in exact arithmetic, and rounding noise
+        # normalised by Adam would differ by layout (tests/test_parallel.py says more).
+        optim=OptimConfig(lr=1e-3, grad_clip=0.5, weight_decay=0.1, eps=1e-6, grad_accum_steps=accum),
+        parallel=ParallelConfig(engine=engine, **parallel),
+    )
+
+
+def _batch(step: int, cfg: Config):
+    generator = torch.Generator().manual_seed(1000 + step)
+    m = cfg.model
+    images = torch.randn(GLOBAL_BATCH, 3, m.image_size, m.image_size, generator=generator)
+    tokens = torch.randint(1, m.vocab_size, (GLOBAL_BATCH, m.context_length), generator=generator)
+    return images, tokens
+
+
+def _full_params(trainer) -> dict:
+    engine = trainer.engine
+    if engine.name == "deepspeed":
+        return {name: value.reshape(()) if name == "logit_scale" else value
+                for name, value in engine.full_parameters().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if torch.distributed.is_initialized():
+        return get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone() for k, v in engine.model.named_parameters()}
+
+
+def _train(cfg: Config, run_dir: Path, rank: int, world_size: int, nan_at_step: int = -1) -> dict:
+    """STEPS steps of `cfg` through the trainer on this rank's rows of each global batch."""
+    import torch.distributed as dist
+
+    from flip_scale.parallel.utils import optimizer_state_bytes
+    from flip_scale.train import Trainer
+
+    trainer = Trainer(cfg, run_dir, ProcessInfo(rank, world_size, rank, torch.device("cpu")), with_data=False)
+    local = GLOBAL_BATCH // world_size
+    rows = slice(rank * local, (rank + 1) * local)
+    losses, norms, skipped, lrs = [], [], [], []
+    for step in range(STEPS):
+        images, tokens = _batch(step, cfg)
+        if step == nan_at_step:
+            images = images.clone()
+            images[rows.start] = float("nan")
+        out = trainer.train_step({"images": images[rows], "tokens": tokens[rows], "sample_index": torch.arange(GLOBAL_BATCH)[rows]})
+        trainer.state.step += 1
+        loss = out["loss"].detach().clone()
+        if world_size > 1:
+            dist.all_reduce(loss)
+            loss /= world_size
+        losses.append(float(loss))
+        norms.append(float(out["grad_norm"]))
+        skipped.append(bool(out["skipped_step"]))
+        lrs.append(out["lr"])
+    params = _full_params(trainer)
+    engine = trainer.engine
+    if engine.name == "deepspeed":
+        state_bytes = engine.optimizer_state_bytes()  # fp32 master partition + moments
+    else:
+        state_bytes = sum(optimizer_state_bytes(o) for o in engine.optimizers.optimizers)
+    result = dict(losses=losses, norms=norms, skipped=skipped, lrs=lrs, params=params, state_bytes=state_bytes,
+                  logit_scale=trainer.logit_scale(), nonfinite=trainer.state.nonfinite_steps,
+                  numel=sum(v.numel() for v in params.values()), local=engine.local_parameter_count(),
+                  describe=engine.describe())
+    trainer.close()
+    return result
+
+
+def assert_same_run(got: dict, want: dict, label: str) -> None:
+    for a, b in zip(got["losses"], want["losses"]):
+        assert abs(a - b) <= LOSS_TOL, (label, got["losses"], want["losses"])
+    for a, b in zip(got["norms"], want["norms"]):
+        assert abs(a - b) <= NORM_RTOL * b, (label, got["norms"], want["norms"])
+    assert got["lrs"] == pytest.approx(want["lrs"], rel=1e-12), label
+    assert set(got["params"]) == set(want["params"]), label
+    for name, value in want["params"].items():
+        assert got["params"][name].shape == value.shape, (label, name)
+        error = (got["params"][name] - value).abs().max().item()
+        assert error <= PARAM_ATOL, f"{label}: {name} differs by {error:.3g} after {STEPS} steps"
+
+
+RUNS = {
+    # label: (engine, grad accumulation, parallel keys)
+    "fsdp dp_shard=2": ("fsdp", 1, {}),
+    "zero-1": ("deepspeed", 1, dict(zero_stage=1)),
+    "zero-2": ("deepspeed", 1, dict(zero_stage=2)),
+    "zero-3": ("deepspeed", 1, dict(zero_stage=3)),
+    "zero-1, 2 exact micro-batches": ("deepspeed", 2, dict(zero_stage=1)),
+    "zero-2, 2 exact micro-batches": ("deepspeed", 2, dict(zero_stage=2)),
+    "zero-3, 2 exact micro-batches, full AC": ("deepspeed", 2, dict(zero_stage=3, activation_checkpointing="full")),
+}
+
+
+def _run_all(rank: int, world_size: int, out_dir: str, runs: dict) -> dict:
+    results = {}
+    for label, (engine, accum, parallel) in runs.items():
+        cfg = tiny_config(engine, accum, **parallel)
+        results[label] = _train(cfg, Path(out_dir) / label.replace(" ", "_").replace(",", ""), rank, world_size)
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return _train(tiny_config(), tmp_path_factory.mktemp("one"), 0, 1)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_distributed(_run_all, 2, (str(tmp_path_factory.mktemp("two")), RUNS), timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", [label for label in RUNS if label != "fsdp dp_shard=2"])
+def test_deepspeed_matches_native_engine_and_one_process(label, two_ranks, one_process):
+    ranks = two_ranks
+    assert_same_run(ranks[0][label], ranks[0]["fsdp dp_shard=2"], f"{label} vs native")
+    assert_same_run(ranks[0][label], one_process, f"{label} vs one process")
+    # Every rank ends with the same weights (the replicas never drift apart).
+    for name, value in ranks[0][label]["params"].items():
+        assert torch.equal(value, ranks[1][label]["params"][name]), (label, name)
+    assert ranks[0][label]["logit_scale"] == pytest.approx(one_process["logit_scale"], rel=1e-6)
+    assert "engine deepspeed" in ranks[0][label]["describe"][0]
+
+
+@pytest.mark.slow
+def test_zero3_halves_the_optimizer_state_and_the_weights_per_rank(two_ranks):
+    """Per-rank AdamW state under ZeRO-3 on 2 ranks is about half of one rank's whole state (fp32
+    master weights + two moments = 12 bytes per parameter), and so are the weights each rank holds."""
+    for rank in (0, 1):
+        z3 = two_ranks[rank]["zero-3"]
+        whole = 12 * z3["numel"]
+        assert 0.45 * whole <= z3["state_bytes"] <= 0.6 * whole, (rank, z3["state_bytes"], whole)
+        assert z3["local"] <= 0.6 * z3["numel"], (rank, z3["local"], z3["numel"])
+        z1 = two_ranks[rank]["zero-1"]  # ZeRO-1 shards the optimizer state but keeps the whole model
+        assert 0.45 * whole <= z1["state_bytes"] <= 0.6 * whole and z1["local"] == z1["numel"]
+
+
+def _skip_run(rank: int, world_size: int, out_dir: str) -> dict:
+    return _train(tiny_config("deepspeed", 1, zero_stage=3), Path(out_dir), rank, world_size, nan_at_step=1)
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_is_skipped_under_zero3(tmp_path: Path, two_ranks):
+    """A NaN image at step 2: DeepSpeed's step sees a non-finite norm on every rank and skips it; the
+    trainer counts it, the lr schedule moves on, the weights stay finite."""
+    results = run_distributed(_skip_run, 2, (str(tmp_path),), timeout=300)
+    for result in results:
+        assert result["skipped"] == [False, True, False] and result["nonfinite"] == 1
+        assert result["lrs"] == two_ranks[0]["zero-3"]["lrs"]
+        assert all(torch.isfinite(v).all() for v in result["params"].values())
+        assert result["losses"][0] == pytest.approx(two_ranks[0]["zero-3"]["losses"][0], abs=LOSS_TOL)
+
+
+# ----------------------------------------------------------------------------- refusals and config (no DeepSpeed run)
+
+
+@pytest.mark.parametrize("keys, fragment", [
+    (dict(tp=2), "data parallel only, got parallel.tp=2"),
+    (dict(pp=2), "parallel.pp=2"),
+    (dict(dp_replicate=2, dp_shard=1), "zero_hpz_partition_size"),
+    (dict(cpu_offload=True), "parallel.offload_optimizer: cpu"),
+    (dict(zero_stage=2, offload_params="cpu"), "needs parallel.zero_stage=3"),
+    (dict(zero_stage=3, offload_params="nvme"), "parallel.nvme_path"),
+])
+def test_layouts_deepspeed_cannot_run_are_refused_before_anything_is_built(keys, fragment):
+    cfg = tiny_config("deepspeed", **keys)
+    with pytest.raises(LayoutError, match="parallel.engine|ZeRO|zero_stage|nvme") as error:
+        plan_run(cfg, 2)
+    assert fragment in str(error.value)
+    if "tp" in keys or "pp" in keys:
+        assert "parallel.engine: fsdp" in str(error.value) and "ZeRO stage <= 1" in str(error.value)
+
+
+def test_deepspeed_keys_are_refused_under_the_native_engine():
+    with pytest.raises(LayoutError, match="applies to parallel.engine=deepspeed only"):
+        plan_run(tiny_config("fsdp", offload_optimizer="cpu"), 2)
+
+
+def test_the_deepspeed_config_is_generated_from_ours_and_merged(tmp_path: Path):
+    from flip_scale.parallel.deepspeed_config import deepspeed_config
+
+    cfg = tiny_config("deepspeed", accum=2, zero_stage=3, offload_optimizer="cpu")
+    plan = plan_run(cfg, 2)
+    ds = plan.engine_config
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is False  # train.precision=fp32
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] >= 8 * 32
+    # A JSON for what we do not model is merged; its values win over our defaults.
+    extra = {"zero_optimization": {"zero_hpz_partition_size": 2, "zero_quantized_weights": True,
+                                   "stage3_prefetch_bucket_size": 1234, "stage": 3},
+             "comms_logger": {"enabled": True}, "train_batch_size": 8}
+    merged = deepspeed_config(cfg, plan.dims, "fp32", plan.arch, user=extra)
+    assert merged["zero_optimization"]["zero_hpz_partition_size"] == 2
+    assert merged["zero_optimization"]["stage3_prefetch_bucket_size"] == 1234
+    assert merged["comms_logger"] == {"enabled": True} and merged["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("user, fragment", [
+    ({"train_batch_size": 16}, "train_batch_size = 16 contradicts this config's 8 (from train.global_batch_size)"),
+    ({"gradient_accumulation_steps": 4}, "optim.grad_accum_steps"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping = 1.0 contradicts this config's 0.5"),
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage = 2 contradicts this config's 3"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled = true contradicts this config's false"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, "parallel.offload_optimizer"),
+    ({"optimizer": {"type": "Adam"}}, "the 'optimizer' section is not taken"),
+    ({"scheduler": {"type": "WarmupLR"}}, "the 'scheduler' section is not taken"),
+])
+def test_a_contradicting_deepspeed_config_key_is_refused_with_both_values(tmp_path: Path, user, fragment):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    cfg = tiny_config("deepspeed", zero_stage=3, deepspeed_config=str(path))
+    with pytest.raises(ConfigError) as error:
+        plan_run(cfg, 2)
+    assert fragment in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_missing_or_broken_deepspeed_config_file_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no such file"):
+        plan_run(tiny_config("deepspeed", deepspeed_config=str(tmp_path / "nope.json")), 2)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        plan_run(tiny_config("deepspeed", deepspeed_config=str(tmp_path / "bad.json")), 2)
+
+
+def test_dry_run_prints_the_generated_deepspeed_config(capsys):
+    from flip_scale.train import main
+
+    assert main(["--dry-run", "--world-size", "4", "parallel.engine=deepspeed", "parallel.zero_stage=3"]) == 0
+    out = capsys.readouterr().out
+    assert "engine: deepspeed, ZeRO-3" in out and '"stage": 3' in out and '"train_batch_size"' in out
+    assert "DeepSpeed ZeRO-3" in out
+    assert main(["--dry-run", "--world-size", "4", "parallel.engine=deepspeed", "parallel.tp=2"]) == 2
+    assert "parallel.engine: fsdp" in capsys.readouterr().err
+
+
+def test_the_package_imports_without_deepspeed_and_the_engine_names_the_fix():
+    """`import deepspeed` happens only when the engine is chosen: without it the rest of the package
+    works, and choosing it says how to install it."""
+    code = (
+        "import sys; sys.modules['deepspeed'] = None\n"
+        "import flip_scale.train, flip_scale.evaluate, flip_scale.convert, flip_scale.engine\n"
+        "from flip_scale.config import load_config\n"
+        "from flip_scale.preflight import plan_run\n"
+        "from flip_scale.engine import build_engine\n"
+        "cfg = load_config(None, ['parallel.engine=deepspeed', 'train.device=cpu'])\n"
+        "try:\n"
+        "    build_engine(cfg, plan_run(cfg, 1), 'cpu')\n"
+        "except ImportError as error:\n"
+        "    print('ERROR', error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install deepspeed" in out.stdout and "parallel.engine: fsdp" in out.stdout
+
+
+def test_one_process_runs_the_deepspeed_engine(tmp_path: Path):
+    """World size 1 (no launcher): the engine makes its own one-rank process group and trains."""
+    code = (
+        "import torch, json\n"
+        "from pathlib import Path\n"
+        "import sys; sys.path.insert(0, %r)\n"
+        "from test_deepspeed_engine import tiny_config, _train\n"
+        "r = _train(tiny_config('deepspeed', 1, zero_stage=3), Path(%r), 0, 1)\n"
+        "print('RESULT', json.dumps(r['losses']))\n"
+    ) % (str(Path(__file__).parent), str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = json.loads(out.stdout.split("RESULT", 1)[1])
+    assert len(losses) == STEPS and all(loss == loss for loss in losses)
+
+
+def test_load_config_accepts_the_engine_keys():
+    cfg = load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.offload_optimizer=cpu"])
+    assert cfg.parallel.zero_stage == 1 and cfg.parallel.offload_optimizer == "cpu"
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config(None, ["parallel.zero_stage=4"])
+
