@@ -185,14 +185,15 @@ def test_choice_options_are_literal_types():
     assert fields["parallel.engine"] == ("fsdp", "deepspeed")
     assert fields["optim.fused"] == ("auto", "true", "false")
     assert fields["train.device"] == ("auto", "cpu", "cuda")
-    assert len(fields) == 15
+    assert len(fields) == 18
+    assert fields["parallel.zero_stage"] == (1, 2, 3)
     assert not hasattr(config_module, "CHOICES")  # the types are the one list of choices
 
 
 @pytest.mark.parametrize("dotted", sorted(_literal_fields()))
 def test_every_literal_field_refuses_a_value_outside_it(tmp_path, dotted):
     choices = _literal_fields()[dotted]
-    expected = f"{dotted}: 'nonsense' is not valid; choose one of {', '.join(choices)}"
+    expected = f"{dotted}: 'nonsense' is not valid; choose one of {', '.join(str(c) for c in choices)}"
     section, key = dotted.split(".")
     # The override path, a recipe file and config_from_dict all go through the same check.
     with pytest.raises(ConfigError) as error:
