@@ -41,6 +41,7 @@ class TrainerRecord:
             "samples_seen": state.samples_seen, "skipped_samples": state.skipped_samples,
             "nonfinite_steps": state.nonfinite_steps, "nonfinite_in_a_row": state.nonfinite_in_a_row,
             "layout": dims.describe(), "world_size": self.world_size, "dp_size": dims.dp_size,
+            "engine": self.engine.name,
             "model_arch": self.engine.arch.to_dict(),
             "scheduler": self.engine.schedule_state(),
         }

@@ -252,7 +252,31 @@ flip_launch() {
 
 # flip_train [ARGS...]: flip-train with the recipe, the run directory, automatic resume, the device
 # and FLIP_ARGS (ARGS first, so FLIP_ARGS wins over a template's own overrides).
+# The template's layout ($@), for the engine FLIP_ARGS chooses: under parallel.engine=deepspeed
+# (data parallel only) the native engine's tensor / pipeline keys of the template are dropped, and
+# said so; everything else (activation checkpointing, dp_shard=-1) is kept.
+flip_layout_for_engine() {
+  local engine=fsdp arg kept=() dropped=()
+  for arg in "${FLIP_ARG_LIST[@]}"; do
+    case "$arg" in parallel.engine=*) engine=${arg#parallel.engine=} ;; esac
+  done
+  for arg in "$@"; do
+    if [ "$engine" = deepspeed ]; then
+      case "$arg" in
+        parallel.tp=* | parallel.pp=* | parallel.microbatches=* | parallel.pp_schedule=* | parallel.dp_replicate=* | parallel.cpu_offload=*)
+          dropped+=("$arg"); continue ;;
+      esac
+    fi
+    kept+=("$arg")
+  done
+  if [ "${#dropped[@]}" -gt 0 ]; then
+    echo "    engine deepspeed is data parallel only: the template's ${dropped[*]} dropped" >&2
+  fi
+  FLIP_LAYOUT_FOR_ENGINE=("${kept[@]}")
+}
+
 flip_train() {
+  flip_layout_for_engine "$@"
   flip_launch "$FLIP_PYTHON" -u -m flip_scale.train --config "$FLIP_CONFIG" --run-dir "$RUN_DIR" \
-    --resume auto "train.device=$FLIP_DEVICE" "$@" "${FLIP_ARG_LIST[@]}"
+    --resume auto "train.device=$FLIP_DEVICE" "${FLIP_LAYOUT_FOR_ENGINE[@]}" "${FLIP_ARG_LIST[@]}"
 }

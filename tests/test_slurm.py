@@ -180,6 +180,19 @@ def test_template_builds_the_srun_command(tmp_path):
     assert not (tmp_path / "scontrol_calls").exists()
 
 
+def test_template_under_the_deepspeed_engine_drops_its_tensor_parallel_layout(tmp_path):
+    """FLIP_ARGS="parallel.engine=deepspeed parallel.zero_stage=3": the template's tp=2 is the native
+    engine's and is dropped (said so); its checkpointing and dp_shard=-1 stay."""
+    proc = _run_template(tmp_path, "flip_g14", 0, {
+        "FLIP_ARGS": "parallel.engine=deepspeed parallel.zero_stage=3 train.max_steps=7"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    tail = args[args.index("auto") + 1:]
+    assert tail == ["train.device=cpu", "parallel.dp_shard=-1", "parallel.activation_checkpointing=full",
+                    "parallel.engine=deepspeed", "parallel.zero_stage=3", "train.max_steps=7"]
+    assert "engine deepspeed is data parallel only: the template's parallel.tp=2 dropped" in proc.stderr
+
+
 def test_template_requeues_on_exit_42_and_stops_after_the_limit(tmp_path):
     run = tmp_path / "run"
     _fake_checkpoint(run, 12)
