@@ -131,6 +131,10 @@ RUNS = {
     "zero-1, 2 exact micro-batches": ("deepspeed", 2, dict(zero_stage=1)),
     "zero-2, 2 exact micro-batches": ("deepspeed", 2, dict(zero_stage=2)),
     "zero-3, 2 exact micro-batches, full AC": ("deepspeed", 2, dict(zero_stage=3, activation_checkpointing="full")),
+    # DeepSpeed's CPU Adam (compiled on first use) steps the offloaded optimizer state.
+    "zero-2, optimizer offloaded to the CPU": ("deepspeed", 1, dict(zero_stage=2, offload_optimizer="cpu")),
+    "zero-3, optimizer and parameters offloaded": ("deepspeed", 1, dict(zero_stage=3, offload_optimizer="cpu",
+                                                                         offload_params="cpu")),
 }
 
 
@@ -163,6 +167,8 @@ def test_deepspeed_matches_native_engine_and_one_process(label, two_ranks, one_p
         assert torch.equal(value, ranks[1][label]["params"][name]), (label, name)
     assert ranks[0][label]["logit_scale"] == pytest.approx(one_process["logit_scale"], rel=1e-6)
     assert "engine deepspeed" in ranks[0][label]["describe"][0]
+    if "offloaded" in label:
+        assert "DeepSpeed CPU Adam" in ranks[0][label]["describe"][0]
 
 
 @pytest.mark.slow

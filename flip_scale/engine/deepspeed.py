@@ -78,6 +78,11 @@ def _ensure_process_group(device: torch.device) -> bool:
     return True
 
 
+def _full_shape(param) -> torch.Size:
+    """The whole shape of a parameter (a ZeRO-3 partitioned one holds a flat slice)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     checkpoint_kind = "files"
@@ -129,7 +134,7 @@ class DeepSpeedEngine(Engine):
             model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE)
         model.visual.init_weights()  # the fixed sin-cos table (a buffer, never partitioned)
         for name, param in model.named_parameters():
-            value = initial_value(name, param.ds_shape, cfg.train.seed, cfg.model.logit_scale_init)
+            value = initial_value(name, _full_shape(param), cfg.train.seed, cfg.model.logit_scale_init)
             with ds.zero.GatheredParameters([param], modifier_rank=0):
                 if self.rank == 0:
                     param.data.copy_(value.to(param.dtype))
@@ -418,9 +423,10 @@ class DeepSpeedEngine(Engine):
 
         with torch.no_grad():
             for name, value in plain.named_parameters():
-                full = value.detach().to(torch.float32)
-                safe_set_full_fp32_param(params[name], full.to(self.device))
-                self._set_model_param(params[name], full)
+                param = params[name]
+                full = value.detach().to(torch.float32).reshape(_full_shape(param))  # the temperature: () -> (1,)
+                safe_set_full_fp32_param(param, full.to(self.device))
+                self._set_model_param(param, full)
         del plain
 
     def describe(self) -> list[str]:
