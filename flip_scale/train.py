@@ -169,8 +169,7 @@ class Trainer:
         source = path if isinstance(path, CheckpointSource) else resolve_init_from(path)
         check_source_architecture(source, self.cfg.model, functional="warn")
         self.engine.load_weights(source)
-        log.info("initialised weights from %s (fresh optimizer, step 0): a %s", source.path,
-                 "training checkpoint" if source.kind == "dcp" else "consolidated directory")
+        log.info("initialised weights from %s (fresh optimizer, step 0)", source.describe())
 
     def save(self) -> Path:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are

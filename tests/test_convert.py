@@ -596,21 +596,24 @@ def test_pickled_code_is_refused_and_never_runs(openclip_export, trained, tmp_pa
     assert not marker.exists()
 
 
-def test_deepspeed_checkpoint_is_recognised_and_refused(tmp_path):
+def test_deepspeed_checkpoint_of_another_trainer_is_refused(tmp_path):
+    # DeepSpeed's own layout (run/latest -> global_step10/), without flip_scale's trainer_state.json
+    # and config.yaml: nothing to rebuild the model from. (flip_scale's own DeepSpeed step
+    # directories convert: tests/test_deepspeed_files.py.)
     run = tmp_path / "ds_run"
     (run / "global_step10").mkdir(parents=True)
     (run / "global_step10" / "mp_rank_00_model_states.pt").write_bytes(b"")
     (run / "latest").write_text("global_step10")
-    # flip_scale's own layout around DeepSpeed's files: run/latest -> step_00000010/ with them inside.
+    # DeepSpeed's files in a step directory whose trainer_state.json is unreadable: not ours either.
     ours = tmp_path / "flip_run"
     (ours / "step_00000010").mkdir(parents=True)
     for name in ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "trainer_state.json", "config.yaml"):
         (ours / "step_00000010" / name).write_bytes(b"")
     (ours / "latest").write_text("step_00000010\n")
     for path in (run, run / "global_step10", ours, ours / "step_00000010"):
-        with pytest.raises(UnsupportedCheckpoint, match="DeepSpeed checkpoint .* not supported yet"):
+        with pytest.raises(UnsupportedCheckpoint, match="DeepSpeed checkpoint of another trainer .* not supported"):
             consolidate(path, tmp_path / "out")
-    assert main(["inspect", str(run)]) == 2 and main(["inspect", str(ours)]) == 2
+    assert main(["inspect", str(run)]) == 2 and main(["inspect", str(ours / "step_00000010")]) == 2
     assert not (tmp_path / "out").exists()
 
 

@@ -1,7 +1,8 @@
 """Training checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable.
 
 A checkpoint is a directory `step_00001234/` holding
-  model + optimizer      DCP shards (each rank writes its part; re-sharded on load)
+  model + optimizer      DCP shards (each rank writes its part; re-sharded on load), or, written by
+                         the DeepSpeed engine, DeepSpeed's own files in deepspeed/
   trainer_state.json     step, samples seen, lr schedule, layout it was written with, world_size
   rng_rank{r}.pt         every rank's RNG states (tensors only: loads with weights_only=True)
   data_rank{r}.json      the data stream position of each data-parallel rank
@@ -18,7 +19,10 @@ would pick.
   sources.py       what a path names (training, run, consolidated or DeepSpeed directory); loading
                    its weights (--init-from, flip-eval, the unmask tool)
   consolidated.py  the consolidated format (model.safetensors + flip_config.yaml): header, config, loading
+  deepspeed_files.py  the DeepSpeed engine's files: completeness, safe loading, the full fp32 weights
+                   and Adam moments assembled from the ZeRO-1/2/3 partitions one parameter at a time
   safety.py        loading files without running code (restricted unpickler, weights_only loads)
+  errors.py        CheckpointError
 
 Dependencies point one way. This package imports config, runtime, distributed and models (the
 architecture of a consolidated config), never the entry points, the data pipeline (the data blobs
@@ -36,6 +40,7 @@ from .dcp import (
 from .manager import CheckpointManager
 from .plain import load_checkpoint, save_checkpoint
 from .consolidated import CONFIG_FILE, MODEL_FILE, load_consolidated
+from .deepspeed_files import DS_TAG, DeepSpeedFiles, deepspeed_files_problem
 from .safety import read_dcp_metadata
 from .sources import (
     CheckpointSource, check_source_architecture, checkpoint_kind, load_weights, open_checkpoint, resolve_init_from,
@@ -46,9 +51,11 @@ from .store import (
 )
 
 __all__ = [
-    "CONFIG_FILE", "FUNCTIONAL_KEYS", "MODEL_FILE", "STEP_DIR",
-    "AsyncWriter", "CheckpointError", "CheckpointManager", "CheckpointSource", "ModelOptimizerState", "SafeLoadPlanner",
+    "CONFIG_FILE", "DS_TAG", "FUNCTIONAL_KEYS", "MODEL_FILE", "STEP_DIR",
+    "AsyncWriter", "CheckpointError", "CheckpointManager", "CheckpointSource", "DeepSpeedFiles", "ModelOptimizerState",
+    "SafeLoadPlanner",
     "check_architecture", "check_source_architecture", "checkpoint_kind", "checkpoint_problem", "compare_architecture",
+    "deepspeed_files_problem",
     "find_latest", "functional_differences", "is_complete", "list_checkpoints", "load_checkpoint",
     "load_consolidated", "load_state", "load_weights", "model_state", "open_checkpoint", "optimizer_state",
     "prune_checkpoints", "read_dcp_metadata", "read_rank_blobs", "resolve_init_from", "resolve_resume", "rng_state", "save_checkpoint",

@@ -135,36 +135,60 @@ def load_consolidated(path: Union[str, Path], model, strict: bool = True, broadc
     if not file.is_file():
         raise ConvertError(f"{path}: no {MODEL_FILE} (expected a consolidated directory or the file itself)")
     metadata, _ = read_safetensors_header(file)
+
+    @contextlib.contextmanager
+    def open_file():
+        with safe_open(str(file), framework="pt") as reader:
+            yield set(reader.keys()), reader.get_tensor
+
+    load_full_state(model, open_file, str(file), strict=strict, broadcast_from_rank0=broadcast_from_rank0)
+    return metadata
+
+
+def load_full_state(model, open_tensors, where: str, strict: bool = True, broadcast_from_rank0: bool = False) -> None:
+    """Full (unsharded) tensors into built model parts, each rank keeping its shard; collective.
+
+    `open_tensors()`: a context manager yielding (the names it holds, `get(name)` -> the full
+    tensor), entered only on the ranks that read: rank 0 with `broadcast_from_rank0` (the others
+    get their shards from it), every rank without. `where` names the source in errors. `model`,
+    `strict`, the dtype cast: as `load_consolidated`, which is this on a safetensors file (the
+    DeepSpeed reader hands its assembled fp32 weights here too).
+    """
     broadcast = broadcast_from_rank0 and dist.is_available() and dist.is_initialized()
     reads = not broadcast or dist.get_rank() == 0
     parts = list(model) if isinstance(model, (list, tuple)) else [model]
     names = [get_model_state_dict(part) for part in parts]  # local shards: names and dtypes, nothing gathered
-    # The file is checked against the model before any tensor moves, and with a broadcast every rank
-    # learns rank 0's verdict: a rank that raised alone would leave the others in a collective.
-    problem = None
-    if reads:
-        with safe_open(str(file), framework="pt") as reader:
-            in_file = set(reader.keys())
-        wanted_all = {name for wanted in names for name in wanted}
-        missing = sorted(wanted_all - in_file)
-        unexpected = sorted(in_file - wanted_all) if len(parts) == 1 else []
-        if strict and missing:
-            problem = f"{file} lacks {len(missing)} tensors of the model: {', '.join(missing[:8])}"
-        elif strict and unexpected:
-            problem = f"{file} has {len(unexpected)} tensors the model does not: {', '.join(unexpected[:8])}"
-    if broadcast:
-        verdict = [problem]
-        dist.broadcast_object_list(verdict, src=0)
-        problem = verdict[0]
-    if problem is not None:
-        raise ConvertError(problem)
-    # Only the tensors this rank's parts hold are read (a pipeline stage reads its own stage's).
-    with (safe_open(str(file), framework="pt") if reads else contextlib.nullcontext()) as reader:
-        in_file = set(reader.keys()) if reads else set()
+    with contextlib.ExitStack() as stack:
+        # The source is checked against the model before any tensor moves, and with a broadcast every
+        # rank learns rank 0's verdict: a rank that raised alone would leave the others in a collective.
+        problem, failure, available, get = None, None, set(), None
+        if reads:
+            try:
+                available, get = stack.enter_context(open_tensors())
+            except Exception as error:
+                if not broadcast:
+                    raise
+                failure = error  # raised here after the other ranks have been told
+                problem = f"rank 0 could not read {where}: {type(error).__name__}: {error}"
+            if failure is None:
+                wanted_all = {name for wanted in names for name in wanted}
+                missing = sorted(wanted_all - available)
+                unexpected = sorted(available - wanted_all) if len(parts) == 1 else []
+                if strict and missing:
+                    problem = f"{where} lacks {len(missing)} tensors of the model: {', '.join(missing[:8])}"
+                elif strict and unexpected:
+                    problem = f"{where} has {len(unexpected)} tensors the model does not: {', '.join(unexpected[:8])}"
+        if broadcast:
+            verdict = [problem]
+            dist.broadcast_object_list(verdict, src=0)
+            problem = verdict[0]
+            if failure is not None:
+                raise failure
+        if problem is not None:
+            raise ConvertError(problem)
+        # Only the tensors this rank's parts hold are read (a pipeline stage reads its own stage's).
         for part, wanted in zip(parts, names):
-            state = ({name: reader.get_tensor(name).to(wanted[name].dtype) for name in wanted if name in in_file}
-                     if reads else {})
+            state = ({name: get(name).to(wanted[name].dtype) for name in wanted if name in available} if reads else {})
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=strict)
             set_model_state_dict(part, state, options=options)
             del state
-    return metadata

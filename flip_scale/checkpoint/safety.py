@@ -1,10 +1,10 @@
 """Loading files without running code from them.
 
 Every `torch.load` here uses `weights_only=True`: a file that needs full unpickling (one that holds
-Python objects other than tensors, containers and numbers) is refused with a clear message, never
-loaded. The `.metadata` file of a DCP checkpoint is a pickle that torch reads with plain
-`pickle.load`; `read_dcp_metadata` reads it with an unpickler that admits only the checkpoint
-metadata classes.
+Python objects other than tensors, containers and numbers, or than the few classes a caller admits
+for one call: DeepSpeed's, in deepspeed_files.py) is refused with a clear message, never loaded.
+The `.metadata` file of a DCP checkpoint is a pickle that torch reads with plain `pickle.load`;
+`read_dcp_metadata` reads it with an unpickler that admits only the checkpoint metadata classes.
 
 It sits in the checkpoint package because resuming (the completeness checks, the DCP reader) reads
 `.metadata` too; the converter (flip_scale.convert), which imports the checkpoint package and not
@@ -14,11 +14,13 @@ converter's users catch (a ValueError), and flip_scale.convert exports it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import pickle
+import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -37,17 +39,42 @@ SAFETENSORS_HINT = (
 )
 
 
-def safe_torch_load(path: Union[str, Path]) -> Any:
-    """`torch.load(path, weights_only=True)` on CPU; a file that needs arbitrary unpickling is refused."""
+class UnsafeFile(ConvertError):
+    """A file `torch.load(weights_only=True)` refused: it asks for a global (a class or function)
+    outside the allow-list. `refused`: that global as module.name (None where torch did not say)."""
+
+    def __init__(self, message: str, path: Path, refused: Optional[str]):
+        super().__init__(message)
+        self.path = path
+        self.refused = refused
+
+
+def refused_global(error: BaseException) -> Optional[str]:
+    """The global (module.name) a weights_only load refused, read from torch's message, or None."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return match.group(1) if match else None
+
+
+def safe_torch_load(path: Union[str, Path], mmap: bool = False, allowed_globals: Sequence = ()) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU; a file that needs arbitrary unpickling is refused
+    (UnsafeFile, naming the global it asked for) before anything in it runs.
+
+    `allowed_globals`: classes admitted besides torch's own weights-only set, for this call only
+    (`torch.serialization.safe_globals`, never the process-wide `add_safe_globals`). `mmap`: the
+    tensors stay in the file, mapped, and are read when touched (large files, a few tensors wanted)."""
     path = Path(path)
+    admitted = torch.serialization.safe_globals(list(allowed_globals)) if allowed_globals else contextlib.nullcontext()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with admitted:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
+        refused = refused_global(error)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConvertError(
-            f"{path} contains arbitrary Python objects (pickled classes or functions) and will not be loaded: "
-            f"unpickling them can run code. Only tensors, containers and numbers are accepted "
-            f"(torch.load weights_only=True said: {first_line}). {SAFETENSORS_HINT}."
+        asks = f" (it asks for {refused})" if refused else ""
+        raise UnsafeFile(
+            f"{path} contains arbitrary Python objects{asks} and will not be loaded: unpickling them can run "
+            f"code. Only tensors, containers and numbers are accepted (torch.load weights_only=True said: "
+            f"{first_line}). {SAFETENSORS_HINT}.", path, refused,
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
         raise ConvertError(f"{path} could not be read by torch.load: {error}") from None

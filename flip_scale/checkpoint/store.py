@@ -11,8 +11,9 @@ checkpoint that resume would pick. Completeness (`checkpoint_problem`) is judged
 alone, so `--resume auto` also skips a truncated or partly copied checkpoint (with a warning naming
 it) in favour of an older one.
 
-Nothing here writes tensors or knows what a component stores: only names, sizes and the two JSON
-keys the layout needs (`world_size` of trainer_state.json, which counts the rng files).
+Nothing here writes tensors or knows what a component stores: only names, sizes and the JSON keys
+the layout needs (`world_size` of trainer_state.json, which counts the rng files; `engine`
+"deepspeed", whose files deepspeed_files.py knows by name; `dcp_shards`).
 """
 
 from __future__ import annotations
@@ -26,15 +27,13 @@ from pathlib import Path
 from typing import Optional
 
 from ..runtime import write_text_atomic
+from .deepspeed_files import deepspeed_files_problem
+from .errors import CheckpointError  # defined there, imported from here by most of the package
 from .safety import read_dcp_metadata
 
 log = logging.getLogger("flip_scale.checkpoint")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def step_dir_name(step: int) -> str:
@@ -89,6 +88,9 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     for rank in range(world_size):
         if not (path / f"rng_rank{rank}.pt").is_file():
             return f"rng_rank{rank}.pt is missing (written by {world_size} ranks)"
+    # The DeepSpeed engine's files (deepspeed/ inside the step directory): every rank's, at full length.
+    if trainer_state.get("engine") == "deepspeed":
+        return deepspeed_files_problem(path, world_size)
     # A checkpoint whose engine writes its own files (CheckpointManager kind "files", no sharded
     # component) records "dcp_shards": false and has no .metadata; every other one has DCP shards.
     if trainer_state.get("dcp_shards", True) is False:

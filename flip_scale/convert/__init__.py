@@ -1,4 +1,4 @@
-"""Checkpoint conversion: training checkpoints (DCP) -> one consolidated safetensors file + config;
+"""Checkpoint conversion: training checkpoints (DCP or DeepSpeed) -> one consolidated safetensors file + config;
 consolidated <-> OpenCLIP; inspection. The command line is `tools/convert_ckpt.py` (`main`).
 
 The consolidated format's reading and loading (`load_consolidated`, `read_consolidated_config`,

@@ -1,4 +1,4 @@
-"""Training checkpoints (DCP) -> one consolidated file, and inspection of either.
+"""Training checkpoints (DCP or DeepSpeed) -> one consolidated file, and inspection of any of them.
 
 The consolidated format (model.safetensors + flip_config.yaml), its reading and loading, and what
 a path names (`checkpoint_kind`) are the checkpoint package's (flip_scale/checkpoint/consolidated.py,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import resource
 import sys
 import time
@@ -24,7 +25,8 @@ from ..checkpoint.consolidated import (
     CONFIG_FILE, MODEL_FILE, TensorSpec, config_from_yaml_file, read_safetensors_header, resolved_config,
 )
 from ..checkpoint.safety import ConvertError, read_dcp_metadata
-from ..checkpoint.sources import checkpoint_kind, refuse_deepspeed
+from ..checkpoint.deepspeed_files import DS_TAG, DeepSpeedFiles
+from ..checkpoint.sources import checkpoint_kind
 from ..config import Config
 from ..models import arch_from_config, build_model
 from .safetensors_io import write_safetensors
@@ -52,19 +54,6 @@ def peak_rss_mib() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-# ----------------------------------------------------------------------------- DeepSpeed
-
-
-def consolidate_deepspeed(path: Path, out_dir: Path, dtype: str) -> dict:
-    """The DeepSpeed engine's half of `consolidate` (parallel.engine: deepspeed).
-
-    The hook for when that engine lands: merge its ZeRO partitions into full tensors (DeepSpeed's
-    own `get_fp32_state_dict_from_zero_checkpoint`) and write them with `write_safetensors` in the
-    same consolidated format (model.safetensors + flip_config.yaml). Until then: refused.
-    """
-    refuse_deepspeed(path)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -207,6 +196,25 @@ class _GroupedDCPLoader:
 # ----------------------------------------------------------------------------- consolidate
 
 
+class _InOrder:
+    """The tensors of an iterator of (name, tensor), asked for in its order (the DeepSpeed reader's)."""
+
+    def __init__(self, items):
+        self.items = iter(items)
+
+    def get(self, name: str) -> torch.Tensor:
+        got, tensor = next(self.items)
+        if got != name:
+            raise ConvertError(f"asked for {name}, the reader gave {got} (the tensors must be asked for in order)")
+        return tensor
+
+
+def _progress_line(done: int, total: int, started: float, now: float) -> str:
+    rate = done / max(now - started, 1e-9)
+    return (f"consolidate: {done / 2**30:.1f} of {total / 2**30:.1f} GiB ({100 * done / total:.0f}%), "
+            f"{rate / 2**20:.0f} MiB/s, ETA {(total - done) / max(rate, 1e-9):.0f}s")
+
+
 def consolidate(
     checkpoint: Union[str, Path],
     out_dir: Union[str, Path],
@@ -215,30 +223,36 @@ def consolidate(
 ) -> dict:
     """A training checkpoint -> `out_dir/model.safetensors` + `out_dir/flip_config.yaml` (model only).
 
-    Tensors are read from DCP a small group at a time (`group_bytes`) and appended to the output
-    as they come, so memory stays near the largest tensor (about 3x: DCP's read buffer, the loaded
-    tensor, the target). Returns a report: counts, sizes, and the process's peak RSS before the
-    tensors were read (`rss_before_mib`) and at the end (`peak_rss_mib`).
+    Tensors are appended to the output as they come, so memory stays near the largest tensor.
+    DCP: read a small group at a time (`group_bytes`; about 3x the largest tensor: DCP's read
+    buffer, the loaded tensor, the target). DeepSpeed: each parameter's fp32 master weights are
+    assembled from the ZeRO partitions of the memory-mapped rank files, one at a time, the maps
+    dropped every `group_bytes` read (DeepSpeedFiles). Returns a report: counts, sizes, and the
+    process's peak RSS before the tensors were read (`rss_before_mib`) and at the end (`peak_rss_mib`).
     """
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: valid values are {', '.join(DTYPES)}")
     kind, path = checkpoint_kind(checkpoint)
-    if kind == "deepspeed":
-        return consolidate_deepspeed(path, Path(out_dir), dtype)
-    if kind != "dcp":
+    if kind == "consolidated":
         raise ConvertError(f"{checkpoint} is already a consolidated directory; `consolidate` reads training checkpoints")
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     cfg = pin_architecture(config_from_yaml_file(path / "config.yaml"), trainer_state.get("model_arch"))
-    entries = _dcp_model_entries(path, read_dcp_metadata(path))
-    check_names({n: tuple(e.size) for n, e in entries.items()}, expected_state(cfg),
+    if kind == "deepspeed":
+        # Every rank file opened (mapped) and the partitions checked against the shapes before any
+        # output is written; deepspeed's import is then behind us too (not the tensors' cost).
+        files = DeepSpeedFiles(path, release_bytes=group_bytes).validate()
+        entries = files.weight_entries()
+        loader = _InOrder(files.weights())
+    else:
+        dcp_entries = _dcp_model_entries(path, read_dcp_metadata(path))
+        entries = {name: (tuple(item.size), item.properties.dtype) for name, item in dcp_entries.items()}
+        loader = _GroupedDCPLoader(path, dcp_entries, list(entries), group_bytes)
+    check_names({name: shape for name, (shape, _) in entries.items()}, expected_state(cfg),
                 f"the model state of {path}", f"its config.yaml (model.name={cfg.model.name})")
     rss_before = peak_rss_mib()  # imports and the meta-device model above are not the tensors' cost
     target = DTYPES[dtype]
-    specs = []
-    for name, item in entries.items():
-        source = item.properties.dtype
-        specs.append(TensorSpec(name, tuple(item.size), target if source.is_floating_point else source))
-    loader = _GroupedDCPLoader(path, entries, [s.name for s in specs], group_bytes)
+    specs = [TensorSpec(name, shape, target if source.is_floating_point else source)
+             for name, (shape, source) in entries.items()]
     total = sum(spec.nbytes for spec in specs)
     progress = {"done": 0, "started": time.perf_counter(), "last": time.perf_counter()}
 
@@ -248,10 +262,7 @@ def consolidate(
         now = time.perf_counter()
         if now - progress["last"] >= PROGRESS_EVERY_S:  # a G/14-sized model takes minutes on slow disks
             progress["last"] = now
-            rate = progress["done"] / max(now - progress["started"], 1e-9)
-            print(f"consolidate: {progress['done'] / 2**30:.1f} of {total / 2**30:.1f} GiB "
-                  f"({100 * progress['done'] / total:.0f}%), {rate / 2**20:.0f} MiB/s, ETA "
-                  f"{(total - progress['done']) / max(rate, 1e-9):.0f}s", file=sys.stderr, flush=True)
+            print(_progress_line(progress["done"], total, progress["started"], now), file=sys.stderr, flush=True)
         return tensor
 
     out_dir = Path(out_dir)
@@ -259,15 +270,17 @@ def consolidate(
     step = trainer_state.get("step")
     metadata = {
         "format": "pt", "producer": "flip_scale.convert", "kind": "flip_scale_consolidated",
-        "step": step, "source": str(path.resolve()), "source_format": "dcp",
+        "step": step, "source": str(path.resolve()), "source_format": kind,
         "source_layout": trainer_state.get("layout", "unknown"),
         "source_world_size": trainer_state.get("world_size", "unknown"), "dtype": dtype,
     }
+    if kind == "deepspeed":
+        metadata["source_zero_stage"] = files.zero_stage
     size = write_safetensors(out_dir / MODEL_FILE, specs, produce, metadata)
     write_config(cfg, out_dir, f"flip_scale consolidated model, step {step}, from {path.resolve()}")
     return {
         "out": str(out_dir), "step": step, "tensors": len(specs), "params": sum(s.numel for s in specs),
-        "file_bytes": size, "largest_tensor_bytes": max(s.nbytes for s in specs),
+        "file_bytes": size, "largest_tensor_bytes": max(s.nbytes for s in specs), "source_format": kind,
         "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(), "dtype": dtype,
     }
 
@@ -287,12 +300,47 @@ def _config_summary(cfg: Config) -> dict:
     }
 
 
+def _rank_file_summary(names: list) -> list:
+    """File names with their rank numbers folded: zero_pp_rank_{0..7}_mp_rank_00_optim_states.pt (8 files)."""
+    patterns: dict = {}
+    for name in names:
+        match = re.match(r"^(.*zero_pp_rank_)(\d+)(_.*)$", name)
+        key = (match.group(1), match.group(3)) if match else (name, None)
+        patterns.setdefault(key, []).append(int(match.group(2)) if match else None)
+    lines = []
+    for (head, tail), ranks in patterns.items():
+        if tail is None:
+            lines.append(head)
+        else:
+            lines.append(f"{head}{{{min(ranks)}..{max(ranks)}}}{tail} ({len(ranks)} files)")
+    return lines
+
+
+def _inspect_deepspeed(directory: Path, trainer_state: dict) -> tuple[list, dict]:
+    """(tensors, info) of a DeepSpeed step directory, from its model states (no optimizer file read)."""
+    files = DeepSpeedFiles(directory)
+    tensors = [(name, shape, dtype) for name, (shape, dtype) in files.weight_entries().items()]
+    info = {
+        "kind": "deepspeed training checkpoint", "path": str(directory), "step": trainer_state.get("step"),
+        "layout": trainer_state.get("layout", "unknown"), "world_size": trainer_state.get("world_size", "unknown"),
+        "samples_seen": trainer_state.get("samples_seen"), "engine": "deepspeed", "zero_stage": files.zero_stage,
+        "dp_world_size": files.dp_world_size, "bf16": files.bf16, "ds_version": files.ds_version,
+        "frozen": list(files.frozen),
+        "files": sorted(p.name for p in directory.iterdir() if p.is_file()) + [f"{DS_TAG}/{n}" for n in files.files],
+        "deepspeed_files": _rank_file_summary(files.files),
+    }
+    return tensors, info
+
+
 def inspect_checkpoint(path: Union[str, Path]) -> dict:
-    """Step, config summary, parameter count, layout and tensor list of a DCP or consolidated checkpoint."""
+    """Step, config summary, parameter count, layout and tensor list of a DCP, DeepSpeed or consolidated
+    checkpoint (metadata only: no tensor is read)."""
     kind, directory = checkpoint_kind(path)
     if kind == "deepspeed":
-        refuse_deepspeed(directory)
-    if kind == "dcp":
+        trainer_state = json.loads((directory / "trainer_state.json").read_text())
+        cfg = pin_architecture(config_from_yaml_file(directory / "config.yaml"), trainer_state.get("model_arch"))
+        tensors, info = _inspect_deepspeed(directory, trainer_state)
+    elif kind == "dcp":
         trainer_state = json.loads((directory / "trainer_state.json").read_text())
         cfg = pin_architecture(config_from_yaml_file(directory / "config.yaml"), trainer_state.get("model_arch"))
         metadata = read_dcp_metadata(directory)
@@ -340,6 +388,11 @@ def format_inspect(info: dict) -> str:
     ]
     if "optimizer_entries" in info:
         lines.append(f"optimizer    {info['optimizer_entries']} entries")
+    if "zero_stage" in info:
+        frozen = f", {len(info['frozen'])} frozen parameters" if info["frozen"] else ""
+        lines.append(f"engine       deepspeed ZeRO-{info['zero_stage']}, dp world size {info['dp_world_size']}"
+                     f"{', bf16' if info['bf16'] else ', fp32'}, DeepSpeed {info['ds_version']}{frozen}")
+        lines.append(f"files        {DS_TAG}/ " + "; ".join(info["deepspeed_files"]))
     lines.append("tensors")
     width = max(len(t["name"]) for t in info["tensors"])
     for t in info["tensors"]:

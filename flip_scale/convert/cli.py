@@ -27,8 +27,10 @@ examples:
 Writes DIR/model.safetensors (model weights only, full tensors, no optimizer state) and
 DIR/flip_config.yaml (the resolved config). Tensors are read from the sharded checkpoint a few at a
 time and appended to the file as they come: memory stays near the largest tensor. The checkpoint
-may have been written by any layout (FSDP, tensor or pipeline parallel, any world size).
-DeepSpeed checkpoints are recognised and refused (not supported yet).
+may have been written by any layout (FSDP, tensor or pipeline parallel, any world size), or by
+parallel.engine=deepspeed (ZeRO-1/2/3: the fp32 master weights are assembled from the rank files;
+reading them needs `pip install deepspeed`). A DeepSpeed checkpoint of another trainer (no
+trainer_state.json / config.yaml) is refused.
 """
 
 TO_OPENCLIP_EXAMPLES = """\
@@ -66,7 +68,8 @@ examples:
   python tools/convert_ckpt.py inspect exports/l16 --json
 
 Prints the step, a config summary (model, sizes, mask ratio), the parameter count, the layout the
-checkpoint was written with, and every model tensor (name, shape, dtype). Reads metadata only.
+checkpoint was written with (for a DeepSpeed one: its ZeRO stage, data-parallel size and files),
+and every model tensor (name, shape, dtype). Reads metadata only.
 """
 
 
@@ -74,18 +77,21 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="convert_ckpt", formatter_class=fmt, epilog=TOP_EXAMPLES,
-        description="Convert flip_scale checkpoints: training (DCP) -> consolidated safetensors; "
+        description="Convert flip_scale checkpoints: training (DCP or DeepSpeed) -> consolidated safetensors; "
                     "consolidated <-> OpenCLIP; inspect any of them.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("consolidate", help="training checkpoint -> model.safetensors + flip_config.yaml",
-                       description="A training checkpoint (DCP directory) -> one consolidated safetensors file + config.",
+                       description="A training checkpoint (DCP or DeepSpeed step directory) -> one consolidated "
+                                   "safetensors file + config.",
                        epilog=CONSOLIDATE_EXAMPLES, formatter_class=fmt)
     p.add_argument("checkpoint", metavar="CKPT_DIR", help="step_XXXXXXXX/ directory, or a run directory (its latest)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the floating tensors (default fp32)")
-    p.add_argument("--group-mib", type=int, default=64, help="MiB of tensors read per DCP load call (default 64)")
+    p.add_argument("--group-mib", type=int, default=64,
+                   help="MiB of tensors read per DCP load call; DeepSpeed: MiB read between releases of the "
+                        "memory-mapped rank files (default 64)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("to-openclip", help="consolidated -> OpenCLIP state dict + open_clip_config.json",
@@ -124,6 +130,7 @@ def _print(report: dict, as_json: bool, lines: list) -> None:
 def main(argv: Optional[list] = None) -> int:
     from .checkpoints import consolidate, format_inspect, inspect_checkpoint
     from .openclip import from_openclip, to_openclip
+    from ..checkpoint.errors import CheckpointError
     from ..checkpoint.safety import ConvertError
 
     args = _parser().parse_args(argv)
@@ -152,7 +159,7 @@ def main(argv: Optional[list] = None) -> int:
         else:
             info = inspect_checkpoint(args.checkpoint)
             _print(info, args.json, [format_inspect(info)])
-    except (ConvertError, ConfigError, FileNotFoundError) as error:
+    except (ConvertError, CheckpointError, ConfigError, FileNotFoundError) as error:
         print(f"convert_ckpt {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,10 @@
+"""The checkpoint package's error: `CheckpointError`, raised by resume, loading and the readers.
+
+Its own module so that every module of the package can raise it without importing another one's
+code: store.py (completeness) calls deepspeed_files.py, which raises it too; store.py re-exports it
+where it always was (`flip_scale.checkpoint.store.CheckpointError`).
+"""
+
+
+class CheckpointError(RuntimeError):
+    pass
