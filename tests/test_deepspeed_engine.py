@@ -9,6 +9,8 @@ the losses, gradient norms and parameters after them must equal those of the nat
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -316,7 +318,7 @@ def test_one_process_runs_the_deepspeed_engine(tmp_path: Path):
         "print('RESULT', json.dumps(r['losses']))\n"
     ) % (str(Path(__file__).parent), str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     losses = json.loads(out.stdout.split("RESULT", 1)[1])
     assert len(losses) == STEPS and all(loss == loss for loss in losses)
@@ -328,3 +330,210 @@ def test_load_config_accepts_the_engine_keys():
     with pytest.raises(ConfigError, match="zero_stage"):
         load_config(None, ["parallel.zero_stage=4"])
 
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _step(trainer, cfg: Config, step: int, rank: int, world_size: int) -> float:
+    import torch.distributed as dist
+
+    images, tokens = _batch(step, cfg)
+    local = GLOBAL_BATCH // world_size
+    rows = slice(rank * local, (rank + 1) * local)
+    out = trainer.train_step({"images": images[rows], "tokens": tokens[rows], "sample_index": torch.arange(GLOBAL_BATCH)[rows]})
+    trainer.state.step += 1
+    loss = out["loss"].detach().clone()
+    if world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world_size
+    return float(loss)
+
+
+def _trainer(cfg: Config, run_dir: Path, rank: int, world_size: int):
+    from flip_scale.train import Trainer
+
+    return Trainer(cfg, run_dir, ProcessInfo(rank, world_size, rank, torch.device("cpu")), with_data=False)
+
+
+def _checkpoint_runs(rank: int, world_size: int, out_dir: str) -> dict:
+    """ZeRO-3: 3 steps saving after steps 2 and 3; then a resume from step 2 that takes step 3
+    again; the native engine's same 3 steps, saved; a ZeRO-3 start from its consolidated weights
+    comes later (test below)."""
+    out = Path(out_dir)
+    cfg = tiny_config("deepspeed", 1, zero_stage=3)
+    trainer = _trainer(cfg, out / "ds3", rank, world_size)
+    losses = [_step(trainer, cfg, step, rank, world_size) for step in range(2)]
+    trainer.save()
+    losses.append(_step(trainer, cfg, 2, rank, world_size))
+    trainer.save()
+    through = _full_params(trainer)
+    trainer.close()
+
+    resumed = _trainer(cfg, out / "ds3_resumed", rank, world_size)
+    resumed.resume(out / "ds3" / "step_00000002")
+    resumed_step = resumed.state.step
+    resumed_loss = _step(resumed, cfg, 2, rank, world_size)
+    resumed_params = _full_params(resumed)
+    resumed_lr = resumed.engine.lr
+    resumed.close()
+
+    native_cfg = tiny_config("fsdp")
+    native = _trainer(native_cfg, out / "native", rank, world_size)
+    native_losses = [_step(native, native_cfg, step, rank, world_size) for step in range(3)]
+    native.save()
+    native_params = _full_params(native)
+    native.close()
+    return dict(losses=losses, through=through, resumed_step=resumed_step, resumed_loss=resumed_loss,
+                resumed_params=resumed_params, resumed_lr=resumed_lr, native_losses=native_losses,
+                native_params=native_params)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    return out, run_distributed(_checkpoint_runs, 2, (str(out),), timeout=600)
+
+
+@pytest.mark.slow
+def test_zero3_resume_is_exact(checkpoint_runs):
+    """Resumed from step 2, step 3 gives bitwise the loss and weights of the run that never stopped."""
+    out, ranks = checkpoint_runs
+    for result in ranks:
+        assert result["resumed_step"] == 2
+        assert result["resumed_loss"] == result["losses"][2]
+        for name, value in result["through"].items():
+            assert torch.equal(result["resumed_params"][name], value), name
+    state = json.loads((out / "ds3" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["engine"] == "deepspeed" and state["dcp_shards"] is False and state["step"] == 3
+    assert not list((out / "ds3" / "step_00000003").glob("*.py"))
+
+
+def _resume_elsewhere(rank: int, world_size: int, out_dir: str, stage: int) -> dict:
+    out = Path(out_dir)
+    cfg = tiny_config("deepspeed", 1, zero_stage=stage)
+    trainer = _trainer(cfg, out / f"into_{world_size}_zero{stage}", rank, world_size)
+    trainer.resume(out / "ds3" / "step_00000002")
+    loss = _step(trainer, cfg, 2, rank, world_size)
+    params = _full_params(trainer)
+    trainer.close()
+    return dict(loss=loss, params=params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [3, 2])
+def test_resume_into_another_data_parallel_size(checkpoint_runs, stage):
+    """The 2-rank ZeRO-3 checkpoint of step 2 resumed on one rank (ZeRO-3, and ZeRO-2): the weights
+    and Adam moments re-sharded from the files, step 3 the same as the 2-rank run's."""
+    out, ranks = checkpoint_runs
+    (result,) = run_distributed(_resume_elsewhere, 1, (str(out), stage), timeout=300)
+    assert abs(result["loss"] - ranks[0]["losses"][2]) <= LOSS_TOL
+    for name, value in ranks[0]["through"].items():
+        error = (result["params"][name] - value).abs().max().item()
+        assert error <= PARAM_ATOL, f"{name} differs by {error:.3g}"
+
+
+def _plant(rank: int, world_size: int, out_dir: str) -> str:
+    from flip_scale.checkpoint import CheckpointError
+
+    out = Path(out_dir)
+    trainer = _trainer(tiny_config("deepspeed", 1, zero_stage=3), out / "victim", rank, world_size)
+    try:
+        trainer.resume(out / "planted" / "step_00000002")
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        trainer.close()
+    return "loaded"
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_payload_in_deepspeed_files_is_refused_on_resume(checkpoint_runs, tmp_path):
+    out, _ = checkpoint_runs
+    planted = out / "planted" / "step_00000002"
+    shutil.copytree(out / "ds3" / "step_00000002", planted)
+    marker = tmp_path / "payload_ran"
+    for rank in (0, 1):
+        path = planted / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        state = torch.load(path, weights_only=False)
+        state["optimizer_state_dict"]["evil"] = _Payload(str(marker))
+        torch.save(state, path)
+    messages = run_distributed(_plant, 2, (str(out),), timeout=300)
+    for message in messages:
+        assert "system" in message and "not allowed" in message and "optim_states.pt" in message, message
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_consolidated_zero3_weights_equal_the_native_engines(checkpoint_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from flip_scale.convert import consolidate
+
+    out, ranks = checkpoint_runs
+    consolidate(out / "ds3" / "step_00000003", tmp_path / "ds")
+    consolidate(out / "native" / "step_00000003", tmp_path / "native")
+    ds, native = load_file(tmp_path / "ds" / "model.safetensors"), load_file(tmp_path / "native" / "model.safetensors")
+    assert set(ds) == set(native) and ds["logit_scale"].shape == native["logit_scale"].shape == ()
+    for name, value in native.items():
+        assert (ds[name] - value).abs().max().item() <= PARAM_ATOL, name
+    for name, value in ranks[0]["through"].items():  # the files hold exactly the engine's fp32 weights
+        assert torch.equal(ds[name], value), name
+    assert ranks[0]["native_losses"] == pytest.approx(ranks[0]["losses"], abs=LOSS_TOL)
+
+
+def _init_from(rank: int, world_size: int, out_dir: str, engine: str, source: str) -> dict:
+    out = Path(out_dir)
+    cfg = tiny_config(engine, 1, zero_stage=3) if engine == "deepspeed" else tiny_config("fsdp")
+    trainer = _trainer(cfg, out / f"init_{engine}_{Path(source).name}", rank, world_size)
+    trainer.init_from(source)
+    params = _full_params(trainer)
+    trainer.close()
+    return params
+
+
+@pytest.mark.slow
+def test_init_from_across_engines_both_ways(checkpoint_runs, tmp_path):
+    """The native run's consolidated weights start a ZeRO-3 run, and the ZeRO-3 run's (its step
+    directory, or its consolidated weights) start a native one: the weights arrive unchanged."""
+    from flip_scale.convert import consolidate
+
+    out, ranks = checkpoint_runs
+    consolidate(out / "native" / "step_00000003", out / "native_consolidated")
+    consolidate(out / "ds3" / "step_00000003", out / "ds3_consolidated")
+    into_ds = run_distributed(_init_from, 2, (str(out), "deepspeed", str(out / "native_consolidated")), timeout=300)
+    for name, value in ranks[0]["native_params"].items():
+        assert torch.equal(into_ds[0][name], value), name
+    for source in (out / "ds3_consolidated", out / "ds3" / "step_00000003"):
+        into_native = run_distributed(_init_from, 2, (str(out), "fsdp", str(source)), timeout=300)
+        for name, value in ranks[0]["through"].items():
+            assert torch.equal(into_native[0][name], value), (source.name, name)
+
+
+def _clamp_run(rank: int, world_size: int, out_dir: str, engine: str) -> dict:
+    import dataclasses
+
+    cfg = tiny_config(engine, 1, zero_stage=3)
+    cfg.model = dataclasses.replace(cfg.model, logit_scale_init=5.0)  # above the clamp, log(100)
+    return _train(cfg, Path(out_dir) / engine, rank, world_size)
+
+
+@pytest.mark.slow
+def test_the_temperature_clamp_reaches_the_fp32_master_under_zero3(tmp_path):
+    """A temperature started above log(100) is clamped after every step, in the optimizer's fp32
+    master copy as in the model's, on every rank: as the native engine does."""
+    ds = run_distributed(_clamp_run, 2, (str(tmp_path), "deepspeed"), timeout=300)
+    native = run_distributed(_clamp_run, 2, (str(tmp_path), "fsdp"), timeout=300)
+    for result in ds:
+        # Unclamped it would be about exp(5) = 148 after 3 steps of lr 1e-3.
+        assert result["logit_scale"] <= 100.0 + 1e-4
+        assert result["logit_scale"] == pytest.approx(native[0]["logit_scale"], rel=1e-6)
+        assert_same_run(result, native[0], "clamped temperature, zero-3 vs native")

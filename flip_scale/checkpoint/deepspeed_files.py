@@ -124,6 +124,46 @@ def safe_torch_load(path: Union[str, Path], mmap: bool = True):
         raise CheckpointError(str(error)) from None
 
 
+@contextmanager
+def refusing_unsafe_loads():
+    """While DeepSpeed's own loader reads a checkpoint (`engine.load_checkpoint`), every
+    `torch.load` it makes (with weights_only=False) is served by `safe_torch_load` instead: the
+    same files, nothing unpickled beyond tensors and DeepSpeed's allow-listed classes. Not
+    thread-safe (nothing else loads while a checkpoint does)."""
+    original = torch.load
+
+    def load(f, map_location=None, *args, **kwargs):
+        if not isinstance(f, (str, Path)):
+            raise CheckpointError(f"refusing a torch.load of {type(f).__name__} while a DeepSpeed checkpoint loads "
+                                  f"(only files are read, through the weights-only loader)")
+        torch.load = original  # the weights-only loader below calls torch.load itself
+        try:
+            loaded = safe_torch_load(f, mmap=False)
+        finally:
+            torch.load = load
+        if map_location is not None:
+            loaded = _to_location(loaded, map_location)
+        return loaded
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _to_location(value, map_location):
+    if torch.is_tensor(value):
+        return value.to(map_location) if isinstance(map_location, (str, torch.device)) else value
+    if isinstance(value, dict):
+        return type(value)((k, _to_location(v, map_location)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_to_location(v, map_location) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_to_location(v, map_location) for v in value)
+    return value
+
+
 # ----------------------------------------------------------------------------- completeness
 
 
@@ -213,6 +253,11 @@ def _as_shape(shape) -> torch.Size:
     return torch.Size(int(dim) for dim in shape)
 
 
+# Parameters the DeepSpeed engine holds in another shape than the model's: its temperature is (1,)
+# (DeepSpeed broadcasts through uint8 views, which a 0-dim tensor cannot take); read as ().
+CANONICAL_SHAPES = {"logit_scale": ()}
+
+
 class DeepSpeedFiles:
     """The DeepSpeed files of a flip_scale step directory (or the `deepspeed/` folder itself).
 
@@ -279,6 +324,9 @@ class DeepSpeedFiles:
                 if source == name:
                     self.shapes[alias] = shape
         self.shapes.update(self.frozen)
+        for name, shape in self.shapes.items():  # the temperature as every other checkpoint holds it
+            if name in CANONICAL_SHAPES and shape.numel() == 1:
+                self.shapes[name] = torch.Size(CANONICAL_SHAPES[name])
         self._module = module
         self._views: dict = {}  # rank -> its optimizer file's flat vectors (memory-mapped)
         self._vectors: dict = {}  # ZeRO-1/2 (state, group) -> every rank's slices as one vector
@@ -535,7 +583,7 @@ class DeepSpeedFiles:
             aliases = [alias for alias, source in self.shared.items() if source == name]
             if names is not None and name not in names and not names.intersection(aliases):
                 continue
-            values = {state: self._read(name, state) for state in states}
+            values = {state: self._read(name, state).reshape(self.shapes[name]) for state in states}
             for wanted in [name, *aliases]:
                 if names is None or wanted in names:
                     yield wanted, values

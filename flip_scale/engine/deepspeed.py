@@ -263,14 +263,14 @@ class DeepSpeedEngine(Engine):
     def _clamp_logit_scale(self) -> None:
         """Keep the temperature in [0, logit_scale_max]: the optimizer's fp32 master copy and the
         model's copy alike (collective; every rank computes the same value)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param
 
         param = self.module.logit_scale
         master = safe_get_full_fp32_param(param)
         clamped = master.clamp(0.0, self.module.logit_scale_max)
         if torch.equal(clamped, master):
             return
-        safe_set_full_fp32_param(param, clamped)
+        self._set_full_hp(param, clamped)
         self._set_model_param(param, clamped)
 
     def _set_model_param(self, param, value: torch.Tensor) -> None:
@@ -339,60 +339,94 @@ class DeepSpeedEngine(Engine):
 
     def load_files(self, step_dir) -> None:
         """The weights, the optimizer state and DeepSpeed's counters from step_dir/deepspeed/
-        (collective): DeepSpeed's own loader where the data-parallel size is the one saved, else
-        re-sharded parameter by parameter."""
+        (collective): DeepSpeed's own loader where stage and data-parallel size are the ones saved,
+        else re-sharded parameter by parameter from the files."""
         from pathlib import Path
 
+        from ..checkpoint import CheckpointError
         from ..checkpoint.deepspeed_files import DS_TAG, DeepSpeedFiles, refusing_unsafe_loads
 
         step_dir = Path(step_dir)
         files = DeepSpeedFiles(step_dir)
-        if files.zero_stage == self.stage and files.world_size == self.dims.dp_size:
+        if files.zero_stage == self.stage and files.dp_world_size == self.dims.dp_size:
             with refusing_unsafe_loads():
                 path, _ = self.engine.load_checkpoint(str(step_dir), tag=DS_TAG, load_module_strict=True,
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
             if path is None:
-                from ..checkpoint import CheckpointError
-
                 raise CheckpointError(f"{step_dir / DS_TAG}: DeepSpeed found no checkpoint to load there")
             return
         log.info("re-sharding %s: ZeRO-%d over %d ranks -> ZeRO-%d over %d ranks", step_dir / DS_TAG,
-                 files.zero_stage, files.world_size, self.stage, self.dims.dp_size)
-        self._load_full_state(files, with_optimizer=True)
+                 files.zero_stage, files.dp_world_size, self.stage, self.dims.dp_size)
+        self._set_full_state(files.parameters(("fp32", "exp_avg", "exp_avg_sq")), files.adam_step, str(step_dir))
 
-    def _load_full_state(self, files, with_optimizer: bool) -> None:
-        """Every parameter's fp32 weights (and Adam moments and step) from a DeepSpeedFiles reader,
-        into this engine's shards through DeepSpeed's tensor-fragment API (collective)."""
+    def _set_full_hp(self, param, value: torch.Tensor, state: Optional[str] = None) -> None:
+        """This rank's part of `param`'s fp32 master weights (or of its Adam state `state`) := its
+        part of the whole `value`. ZeRO-1/2: DeepSpeed's safe_set_full_* (fragment mapped). ZeRO-3:
+        the same slice DeepSpeed's own setter takes, with the last rank's short (padded) partition
+        allowed, which DeepSpeed 0.19's setter refuses for a parameter that does not divide evenly."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        states = ("fp32", "exp_avg", "exp_avg_sq") if with_optimizer else ("fp32",)
-        params = dict(self.module.named_parameters())
-        seen = set()
-        for name, values in files.iter_params(states):
-            if name not in params:
-                from ..checkpoint import CheckpointError
+        value = value.to(self.device)
+        if self.stage != 3:
+            if state is None:
+                safe_set_full_fp32_param(param, value)
+            else:
+                safe_set_full_optimizer_state(param, value, state)
+            return
+        zero = self.optimizer
+        partition, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=state)
+        size = partition.numel()
+        start = size * zero._get_param_partition_rank(param)
+        piece = value.flatten()[start:start + size]
+        partition.data.zero_()
+        partition.data[:piece.numel()].copy_(piece)
 
-                raise CheckpointError(f"{files.path}: holds parameter {name!r}, which this model does not have")
+    def _flat_partitions(self) -> list:
+        """This rank's fp32 master partitions, one per (sub-)group: what the base optimizer steps."""
+        if self.stage == 3:
+            return list(self.optimizer.fp32_partitioned_groups_flat)
+        return list(self.optimizer.single_partition_of_fp32_groups)
+
+    @torch.no_grad()
+    def _set_full_state(self, named_values, adam_step: Optional[int], where: str) -> None:
+        """Every parameter's whole fp32 value (and, where given, its Adam moments) into this engine's
+        shards through DeepSpeed's tensor-fragment API (`safe_set_full_*`), then the model's own
+        weights from the fp32 ones (collective). `named_values`: (name, {"fp32", ["exp_avg",
+        "exp_avg_sq"]}) for every parameter; with moments, `adam_step` is Adam's step count."""
+        from ..checkpoint import CheckpointError
+
+        zero = self.optimizer
+        params = dict(self.module.named_parameters())
+        seen, with_moments = set(), False
+        for name, values in named_values:
+            if name not in params:
+                raise CheckpointError(f"{where}: holds parameter {name!r}, which this model does not have")
             param = params[name]
+            if "exp_avg" in values and not with_moments:
+                # Adam's state exists after a first step only: made on each flat partition (the
+                # files' step count), and ZeRO-1/2's parameters linked to it again.
+                with_moments = True
+                for flat in self._flat_partitions():
+                    zero.optimizer.state[flat] = {"step": torch.tensor(float(adam_step or 0)),
+                                                  "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+                if self.stage < 3:
+                    zero._hp_optimizer_states_linked = False
+                    zero._lazy_init_hp_params_optimizer_state()
             seen.add(name)
-            full = values["fp32"].to(torch.float32)
-            safe_set_full_fp32_param(param, full.to(self.device))
-            self._set_model_param(param, full)
-            if with_optimizer:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    safe_set_full_optimizer_state(param, values[key].to(torch.float32).to(self.device), key)
+            shape = _full_shape(param)  # the temperature: () in the files, (1,) here
+            self._set_full_hp(param, values["fp32"].float().reshape(shape))
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in values:
+                    self._set_full_hp(param, values[key].float().reshape(shape), key)
         missing = sorted(set(params) - seen)
         if missing:
-            from ..checkpoint import CheckpointError
-
-            raise CheckpointError(f"{files.path}: lacks {len(missing)} parameters of this model: {', '.join(missing[:8])}")
-        if with_optimizer:
-            step = files.optimizer_step()
-            if step is not None:
-                for state in self._base_optimizer().state.values():
-                    if "step" in state:
-                        state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) \
-                            else step
+            raise CheckpointError(f"{where}: lacks {len(missing)} parameters of this model: {', '.join(missing[:8])}")
+        # The model's own weights follow the fp32 ones only at the next step: copied now.
+        if self.stage == 3:
+            for sub_group in range(len(zero.fp16_groups)):
+                zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        else:
+            zero.update_lp_params()
 
     def _base_optimizer(self):
         return getattr(self.optimizer, "optimizer", self.optimizer)
@@ -406,27 +440,21 @@ class DeepSpeedEngine(Engine):
 
     def load_weights(self, source) -> None:
         """Weights only (the optimizer stays fresh) from any checkpoint source: a consolidated
-        directory, a native (DCP) step directory, or a DeepSpeed one."""
+        directory, a native (DCP) step directory, or a DeepSpeed one (collective)."""
         from ..checkpoint import load_weights
         from ..checkpoint.deepspeed_files import DeepSpeedFiles
         from ..models import build_model
 
         if source.kind == "deepspeed":
-            self._load_full_state(DeepSpeedFiles(source.path), with_optimizer=False)
+            files = DeepSpeedFiles(source.path)
+            self._set_full_state(files.parameters(("fp32",)), None, str(source.path))
             return
-        # Every rank reads the whole model into a plain CPU copy (a consolidated file is read by
-        # rank 0 and broadcast), then hands each parameter to DeepSpeed.
+        # Every rank reads the whole model into a plain CPU copy (rank 0 reads a consolidated file
+        # and broadcasts it), then hands each parameter to DeepSpeed.
         plain = build_model(self.cfg.model, device="cpu", init=False)
-        load_weights(source, [plain], broadcast_from_rank0=False, whole_model=True)
-        params = dict(self.module.named_parameters())
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        with torch.no_grad():
-            for name, value in plain.named_parameters():
-                param = params[name]
-                full = value.detach().to(torch.float32).reshape(_full_shape(param))  # the temperature: () -> (1,)
-                safe_set_full_fp32_param(param, full.to(self.device))
-                self._set_model_param(param, full)
+        load_weights(source, [plain], broadcast_from_rank0=source.kind == "consolidated", whole_model=True)
+        self._set_full_state(((name, {"fp32": value.detach()}) for name, value in plain.named_parameters()),
+                             None, str(source.path))
         del plain
 
     def describe(self) -> list[str]:
