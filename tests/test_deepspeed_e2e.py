@@ -81,6 +81,16 @@ def test_flip_train_deepspeed_zero3_trains_evaluates_checkpoints_and_resumes(tmp
     assert "resumed from" in proc.stdout + proc.stderr
     assert find_latest(run_dir).name == "step_00000008"
 
+    # flip-eval reads the DeepSpeed checkpoint (into the native build, any layout), and its numbers
+    # are those the run's own evaluation logged at step 6.
+    from flip_scale.evaluate import main as eval_main
+
+    report = tmp_path / "eval.json"
+    assert eval_main(["--checkpoint", str(run_dir / "step_00000006"), "--json", str(report), "train.device=cpu",
+                      "data.num_workers=0"]) == 0
+    measured = json.loads(report.read_text())
+    assert measured["step"] == 6 and measured["zero_shot_top1"] == pytest.approx(evaluation[-1]["zero_shot_top1"], abs=1e-6)
+
 
 def _srun_like(tmp_path: Path, args: list[str]) -> list[subprocess.Popen]:
     """Two ranks started as srun starts them (one process per task, no torchrun in between), so
@@ -129,3 +139,18 @@ def test_sigusr1_makes_a_deepspeed_run_save_and_exit_42_then_resume(tmp_path, sy
     assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps[-2:] == [stopped + 1, stopped + 2] and steps.count(stopped) == 1
+
+
+def test_unmasked_tuning_of_a_deepspeed_run_runs_under_the_same_engine(tmp_path, synthetic_dir):
+    """tools/unmask_tune.py --from a DeepSpeed run: the tuning run takes the run's engine and its
+    weights (a DeepSpeed step directory as --init-from)."""
+    from flip_scale.train import main as train_main
+    from flip_scale.unmask import main as unmask_main
+
+    run_dir, tuned = tmp_path / "masked", tmp_path / "tuned"
+    base = [*_overrides(synthetic_dir, steps=4, every=4), "eval.at_end=false", "train.device=cpu", *DS]
+    assert train_main(["--run-dir", str(run_dir), *base]) == 0
+    assert unmask_main(["--from", str(run_dir), "--run-dir", str(tuned), "--samples", "256", "--warmup-samples", "128",
+                        "data.num_workers=0", "eval.at_end=false"]) == 0
+    state = json.loads((find_latest(tuned) / "trainer_state.json").read_text())
+    assert state["engine"] == "deepspeed" and state["step"] == 2

@@ -65,7 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-LAYOUT_DEFAULTS = {"dp_replicate": 1, "dp_shard": -1, "tp": 1, "pp": 1, "microbatches": 1}
+# Evaluation runs the native build whatever engine trained the checkpoint (any engine's weights
+# load into it), so the engine's own keys are reset with the layout.
+LAYOUT_DEFAULTS = {"dp_replicate": 1, "dp_shard": -1, "tp": 1, "pp": 1, "microbatches": 1, "engine": "fsdp",
+                   "offload_optimizer": "none", "offload_params": "none", "nvme_path": "", "deepspeed_config": ""}
 
 
 def _shards(value: str):
