@@ -84,6 +84,18 @@ def microbatches(args) -> int:
     return 2 * pp if pp > 1 else 1
 
 
+def state_bytes(engine) -> int:
+    """Bytes of the weights and optimizer state this rank holds (its shards where sharded): the
+    parameters, plus AdamW's moments (and, under DeepSpeed, its fp32 master partition)."""
+    from flip_scale.parallel.utils import optimizer_state_bytes
+
+    params = list(engine.parameters())
+    weights = engine.local_parameter_count() * (params[0].element_size() if params else 4)
+    if hasattr(engine, "optimizer_state_bytes"):  # DeepSpeed: master partition + moments
+        return weights + engine.optimizer_state_bytes()
+    return weights + sum(optimizer_state_bytes(o) for o in engine.optimizers.optimizers)
+
+
 def worker(args) -> dict:
     """One rank of one layout (run under torchrun, or alone for a one-process layout)."""
     from flip_scale.config import load_config
@@ -133,6 +145,7 @@ def worker(args) -> dict:
             with CommCounter() as comm:
                 trainer.train_step(batch())
             peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            state = state_bytes(trainer.engine)
             result = {
                 "layout": args.layout, "model": args.model, "rank": proc.rank, "world": proc.world_size,
                 "images_per_s": args.batch * args.steps / elapsed,
@@ -140,6 +153,7 @@ def worker(args) -> dict:
                 "peak_mem_gib": peak / 2**30,
                 "peak_mem_kind": "cuda allocated" if cuda else "process RSS",
                 "comm_mb_per_step": comm.bytes / 1e6,
+                "state_mib": state / 2**20,
                 "tflops_per_s_per_rank": trainer.train_flops_per_sample * args.batch * args.steps / elapsed / proc.world_size / 1e12,
             }
             # One line from rank 0 with every rank's figures (ranks printing at once interleave).
@@ -181,7 +195,9 @@ def summarize(layout: str, results: list[dict]) -> str:
     peak = max(r["peak_mem_gib"] for r in results)
     comm = max(r["comm_mb_per_step"] for r in results)
     tflops = sum(r["tflops_per_s_per_rank"] for r in results) / len(results)
-    return f"{layout:>28} | {len(results):>5} | {ips:>10.1f} | {results[0]['step_s']:>8.3f} | {peak:>9.2f} | {comm:>11.1f} | {tflops:>8.4f}"
+    state = max(r.get("state_mib", 0.0) for r in results)
+    return (f"{layout:>28} | {len(results):>5} | {ips:>10.1f} | {results[0]['step_s']:>8.3f} | {peak:>9.2f} | "
+            f"{state:>11.1f} | {comm:>11.1f} | {tflops:>8.4f}")
 
 
 def main(argv=None) -> int:
@@ -212,7 +228,7 @@ def main(argv=None) -> int:
         return 0
     print(f"model {args.model}, global batch {args.batch}, mask {args.mask_ratio}, {args.device}/{args.precision}, "
           f"AC {args.ac}{', compiled blocks' if args.compile else ''}, {args.steps} timed steps after {args.warmup}")
-    print(f"{'layout':>28} | ranks | images/s   | step s   | peak GiB  | comm MB/step | TFLOP/s/rank")
+    print(f"{'layout':>28} | ranks | images/s   | step s   | peak GiB  | state MiB/rank | comm MB/step | TFLOP/s/rank")
     for layout in layouts:
         results = launch(args, layout)
         if results:
