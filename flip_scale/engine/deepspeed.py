@@ -78,6 +78,20 @@ def _ensure_process_group(device: torch.device) -> bool:
     return True
 
 
+def _forget_process_groups() -> None:
+    """DeepSpeed keeps the process groups it made in module globals (deepspeed.utils.groups); the
+    trainer destroys the process group after the engine closes, so a later run in this process (a
+    test, a notebook, the unmask tool after training) must not find the old ones."""
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")) and not name.startswith("__"):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    for name in ("mesh_device", "mpu"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+
+
 def _full_shape(param) -> torch.Size:
     """The whole shape of a parameter (a ZeRO-3 partitioned one holds a flat slice)."""
     return getattr(param, "ds_shape", param.shape)
@@ -474,5 +488,6 @@ class DeepSpeedEngine(Engine):
         destroy = getattr(self.engine, "destroy", None)
         if destroy is not None:
             destroy()
+        _forget_process_groups()
         if self._own_group and dist.is_initialized():
             dist.destroy_process_group()
