@@ -121,7 +121,8 @@ def describe_plan(plan: RunPlan) -> str:
     per_rank = state_bytes / shard_over
     if cfg.parallel.engine == "deepspeed":  # ZeRO-1 shards the moments, 2 the gradients too, 3 the weights too
         stage, params = cfg.parallel.zero_stage, counts["params_total"]
-        per_rank = params * (8 / dims.dp_size + 4 * (1 / dims.dp_size if stage >= 2 else 1)
+        # fp32 master + moments sharded from ZeRO-1 on; gradients from 2; the model's weights from 3.
+        per_rank = params * (12 / dims.dp_size + 4 * (1 / dims.dp_size if stage >= 2 else 1)
                              + 4 * (1 / dims.dp_size if stage >= 3 else 1))
     if plan.tokenizer_vocab is not None:
         tokenizer_note = f"tokenizer {cfg.data.tokenizer} fits model.vocab_size={arch.vocab_size}"

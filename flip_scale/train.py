@@ -152,11 +152,29 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Model, optimizer, lr schedule, step, RNG and data position from `path` (any layout of the
         same architecture; another architecture is refused before anything is loaded)."""
+        self._check_engine_of(path)
         self.checkpoints.load(path)
         if not self.data_position.found and self.state.samples_seen > 0 and self.tokenizer is not None:
             log.warning("%s holds no data stream position: the stream starts from its beginning and the first "
                         "%d samples are seen again", path, self.state.samples_seen)
         log.info("resumed from %s at step %d (%d samples seen)", path, self.state.step, self.state.samples_seen)
+
+    def _check_engine_of(self, path) -> None:
+        """A checkpoint resumes under the engine that wrote it; another engine starts from its
+        weights (--init-from). Checkpoints from before the engine was recorded are the native one's."""
+        import json
+
+        from .checkpoint import CheckpointError
+
+        state_file = Path(path) / "trainer_state.json"
+        if not state_file.is_file():
+            return  # the manager names what is missing
+        written_by = json.loads(state_file.read_text()).get("engine", "fsdp")
+        if written_by != self.engine.name:
+            raise CheckpointError(
+                f"{path} was written by parallel.engine={written_by}, and this run uses parallel.engine="
+                f"{self.engine.name}: resume it with parallel.engine={written_by}, or start this engine from its "
+                f"weights with --init-from {path} (a fresh optimizer and step)")
 
     def init_from(self, path) -> None:
         """Weights only (fresh optimizer, step 0) from a training checkpoint (a step directory or a run

@@ -186,20 +186,21 @@ def test_zero3_halves_the_optimizer_state_and_the_weights_per_rank(two_ranks):
         assert 0.45 * whole <= z1["state_bytes"] <= 0.6 * whole and z1["local"] == z1["numel"]
 
 
-def _skip_run(rank: int, world_size: int, out_dir: str) -> dict:
-    return _train(tiny_config("deepspeed", 1, zero_stage=3), Path(out_dir), rank, world_size, nan_at_step=1)
+def _skip_run(rank: int, world_size: int, out_dir: str, stage: int) -> dict:
+    return _train(tiny_config("deepspeed", 1, zero_stage=stage), Path(out_dir), rank, world_size, nan_at_step=1)
 
 
 @pytest.mark.slow
-def test_a_non_finite_step_is_skipped_under_zero3(tmp_path: Path, two_ranks):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_non_finite_step_is_skipped(tmp_path: Path, two_ranks, stage):
     """A NaN image at step 2: DeepSpeed's step sees a non-finite norm on every rank and skips it; the
     trainer counts it, the lr schedule moves on, the weights stay finite."""
-    results = run_distributed(_skip_run, 2, (str(tmp_path),), timeout=300)
+    results = run_distributed(_skip_run, 2, (str(tmp_path), stage), timeout=300)
     for result in results:
         assert result["skipped"] == [False, True, False] and result["nonfinite"] == 1
-        assert result["lrs"] == two_ranks[0]["zero-3"]["lrs"]
+        assert result["lrs"] == two_ranks[0][f"zero-{stage}"]["lrs"]
         assert all(torch.isfinite(v).all() for v in result["params"].values())
-        assert result["losses"][0] == pytest.approx(two_ranks[0]["zero-3"]["losses"][0], abs=LOSS_TOL)
+        assert result["losses"][0] == pytest.approx(two_ranks[0][f"zero-{stage}"]["losses"][0], abs=LOSS_TOL)
 
 
 # ----------------------------------------------------------------------------- refusals and config (no DeepSpeed run)
@@ -212,6 +213,7 @@ def test_a_non_finite_step_is_skipped_under_zero3(tmp_path: Path, two_ranks):
     (dict(cpu_offload=True), "parallel.offload_optimizer: cpu"),
     (dict(zero_stage=2, offload_params="cpu"), "needs parallel.zero_stage=3"),
     (dict(zero_stage=3, offload_params="nvme"), "parallel.nvme_path"),
+    (dict(zero_stage=2, offload_optimizer="nvme", nvme_path="/nvme"), "ZeRO-1/2 offload the optimizer to host memory"),
 ])
 def test_layouts_deepspeed_cannot_run_are_refused_before_anything_is_built(keys, fragment):
     cfg = tiny_config("deepspeed", **keys)
@@ -246,6 +248,11 @@ def test_the_deepspeed_config_is_generated_from_ours_and_merged(tmp_path: Path):
     assert merged["zero_optimization"]["zero_hpz_partition_size"] == 2
     assert merged["zero_optimization"]["stage3_prefetch_bucket_size"] == 1234
     assert merged["comms_logger"] == {"enabled": True} and merged["zero_optimization"]["stage"] == 3
+    assert merged["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    # What our YAML has no key for is the JSON's to set (pinned host memory off, say).
+    unpinned = deepspeed_config(cfg, plan.dims, "fp32", plan.arch,
+                                user={"zero_optimization": {"offload_optimizer": {"pin_memory": False}}})
+    assert unpinned["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
 
 
 @pytest.mark.parametrize("user, fragment", [
@@ -257,6 +264,9 @@ def test_the_deepspeed_config_is_generated_from_ours_and_merged(tmp_path: Path):
     ({"fp16": {"enabled": True}}, "fp16.enabled"),
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, "parallel.offload_optimizer"),
     ({"optimizer": {"type": "Adam"}}, "the 'optimizer' section is not taken"),
+    ({"checkpoint": {"use_node_local_storage": True}}, "the 'checkpoint' section is not taken"),
+    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation = false contradicts"),
+    ({"zero_optimization": {"compute_grad_norm": False}}, "zero_optimization.compute_grad_norm = false"),
     ({"scheduler": {"type": "WarmupLR"}}, "the 'scheduler' section is not taken"),
 ])
 def test_a_contradicting_deepspeed_config_key_is_refused_with_both_values(tmp_path: Path, user, fragment):
@@ -368,6 +378,7 @@ def _checkpoint_runs(rank: int, world_size: int, out_dir: str) -> dict:
     losses.append(_step(trainer, cfg, 2, rank, world_size))
     trainer.save()
     through = _full_params(trainer)
+    lr_after = trainer.engine.lr
     trainer.close()
 
     resumed = _trainer(cfg, out / "ds3_resumed", rank, world_size)
@@ -384,7 +395,7 @@ def _checkpoint_runs(rank: int, world_size: int, out_dir: str) -> dict:
     native.save()
     native_params = _full_params(native)
     native.close()
-    return dict(losses=losses, through=through, resumed_step=resumed_step, resumed_loss=resumed_loss,
+    return dict(losses=losses, through=through, lr_after=lr_after, resumed_step=resumed_step, resumed_loss=resumed_loss,
                 resumed_params=resumed_params, resumed_lr=resumed_lr, native_losses=native_losses,
                 native_params=native_params)
 
@@ -402,6 +413,7 @@ def test_zero3_resume_is_exact(checkpoint_runs):
     for result in ranks:
         assert result["resumed_step"] == 2
         assert result["resumed_loss"] == result["losses"][2]
+        assert result["resumed_lr"] == result["lr_after"]  # the lr schedule continued from step 3
         for name, value in result["through"].items():
             assert torch.equal(result["resumed_params"][name], value), name
     state = json.loads((out / "ds3" / "step_00000003" / "trainer_state.json").read_text())
@@ -496,6 +508,13 @@ def _init_from(rank: int, world_size: int, out_dir: str, engine: str, source: st
     trainer = _trainer(cfg, out / f"init_{engine}_{Path(source).name}", rank, world_size)
     trainer.init_from(source)
     params = _full_params(trainer)
+    if engine == "deepspeed":  # the model's own (gathered) weights follow the fp32 masters
+        import deepspeed
+
+        module = dict(trainer.engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(module.values())):
+            for name, value in module.items():
+                assert torch.equal(value.detach().reshape(params[name].shape), params[name]), name
     trainer.close()
     return params
 
@@ -537,3 +556,14 @@ def test_the_temperature_clamp_reaches_the_fp32_master_under_zero3(tmp_path):
         assert result["logit_scale"] <= 100.0 + 1e-4
         assert result["logit_scale"] == pytest.approx(native[0]["logit_scale"], rel=1e-6)
         assert_same_run(result, native[0], "clamped temperature, zero-3 vs native")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(checkpoint_runs, tmp_path):
+    from flip_scale.checkpoint import CheckpointError
+
+    out, _ = checkpoint_runs
+    trainer = _trainer(tiny_config("fsdp"), tmp_path / "native", 0, 1)
+    with pytest.raises(CheckpointError, match="written by parallel.engine=deepspeed.*--init-from"):
+        trainer.resume(out / "ds3" / "step_00000002")
+    trainer.close()

@@ -125,6 +125,10 @@ class DeepSpeedEngine(Engine):
                                                           dist_init_required=False)
         self.module = self.engine.module
         self.model_parts = [self.module]
+        if self.ds_config.get("bf16", {}).get("enabled"):
+            # DeepSpeed made its fp32 masters from the bf16 weights: give them the exact initial values,
+            # as the native engine's fp32 parameters have them.
+            self._set_full_state(self._initial_values(), None, "the initial weights")
         self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
         self.steps_taken = 0  # optimizer steps, skipped ones included: the lr schedule's position
         self._set_lr()
@@ -155,6 +159,12 @@ class DeepSpeedEngine(Engine):
         # Every transformer block is one ZeRO-3 fetch unit (one all-gather per block, DeepSpeed#5047).
         ds.utils.set_z3_leaf_modules(model, [Block])
         return model
+
+    def _initial_values(self):
+        from ..models.init import initial_value
+
+        for name, param in self.module.named_parameters():
+            yield name, {"fp32": initial_value(name, _full_shape(param), self.cfg.train.seed, self.cfg.model.logit_scale_init)}
 
     def _param_device(self) -> Optional[str]:
         offload = self.cfg.parallel.offload_params
@@ -266,7 +276,12 @@ class DeepSpeedEngine(Engine):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        skipped = not self.engine.was_step_applied() or not math.isfinite(norm)
+        applied = self.engine.was_step_applied()
+        if applied and not math.isfinite(norm):
+            raise FloatingPointError(
+                f"DeepSpeed applied an optimizer step whose gradient norm is {norm}: the weights are no longer "
+                f"trustworthy (no checkpoint of them is written); resume from the last checkpoint")
+        skipped = not applied
         self.steps_taken += 1
         self._set_lr()
         if not skipped:
@@ -388,12 +403,23 @@ class DeepSpeedEngine(Engine):
                 safe_set_full_optimizer_state(param, value, state)
             return
         zero = self.optimizer
-        partition, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=state)
+        partition, group = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=state)
         size = partition.numel()
         start = size * zero._get_param_partition_rank(param)
         piece = value.flatten()[start:start + size]
         partition.data.zero_()
         partition.data[:piece.numel()].copy_(piece)
+        if zero._swappable_optimizer_subgroup(group):  # NVMe offload: written back, as DeepSpeed's setter does
+            zero._optimizer_states_and_gradient_swap_out(group)
+
+    def _adam_step_value(self, step: int, flat: torch.Tensor):
+        """Adam's step count as the base optimizer keeps it: PyTorch's AdamW a float tensor (on the
+        parameter's device when fused), DeepSpeed's FusedAdam / CPU Adam an int."""
+        base = self._base_optimizer()
+        if isinstance(base, torch.optim.AdamW):
+            fused = bool(base.defaults.get("fused")) or bool(base.defaults.get("capturable"))
+            return torch.tensor(float(step), device=flat.device if fused else "cpu")
+        return int(step)
 
     def _flat_partitions(self) -> list:
         """This rank's fp32 master partitions, one per (sub-)group: what the base optimizer steps."""
@@ -412,6 +438,10 @@ class DeepSpeedEngine(Engine):
         zero = self.optimizer
         params = dict(self.module.named_parameters())
         seen, with_moments = set(), False
+        if self.stage == 3:
+            # Every parameter partitioned first (as DeepSpeed's loader does): no gathered copy, and
+            # no ZeRO++ secondary partition, outlives the new values.
+            zero.checkpoint_event_prologue()
         for name, values in named_values:
             if name not in params:
                 raise CheckpointError(f"{where}: holds parameter {name!r}, which this model does not have")
@@ -421,7 +451,7 @@ class DeepSpeedEngine(Engine):
                 # files' step count), and ZeRO-1/2's parameters linked to it again.
                 with_moments = True
                 for flat in self._flat_partitions():
-                    zero.optimizer.state[flat] = {"step": torch.tensor(float(adam_step or 0)),
+                    zero.optimizer.state[flat] = {"step": self._adam_step_value(adam_step or 0, flat),
                                                   "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
                 if self.stage < 3:
                     zero._hp_optimizer_states_linked = False
@@ -439,6 +469,7 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3:
             for sub_group in range(len(zero.fp16_groups)):
                 zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+            zero.checkpoint_event_epilogue()
         else:
             zero.update_lp_params()
 

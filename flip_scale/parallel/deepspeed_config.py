@@ -27,6 +27,11 @@ from ..config import ConfigError
 REFUSED_SECTIONS = {
     "optimizer": "the optimizer is AdamW from optim.* (lr, betas, eps, weight_decay)",
     "scheduler": "the lr schedule is schedule.* (warmup + cosine), the same under both engines",
+    "checkpoint": "checkpoints are written into flip_scale's step directories by DeepSpeed's torch checkpoint "
+                  "engine, where completeness, retention and conversion can read them",
+    "amp": "precision is train.precision (bf16 or fp32)",
+    "torch_autocast": "autocast is the engine's, from train.precision and parallel.param_dtype",
+    "load_universal_checkpoint": "resuming into another data-parallel size re-shards from the files itself",
 }
 
 
@@ -41,7 +46,7 @@ def _block_params(arch) -> int:
 def _offload(device: str, nvme_path: str) -> dict:
     if device == "none":
         return {"device": "none"}
-    section: dict[str, Any] = {"device": device, "pin_memory": True}
+    section: dict[str, Any] = {"device": device}
     if device == "nvme":
         section["nvme_path"] = nvme_path
     return section
@@ -53,7 +58,9 @@ def pinned_config(cfg, dims, precision: str) -> dict:
     local = cfg.train.global_batch_size // dims.dp_size
     accum = cfg.optim.grad_accum_steps
     bf16_params = precision == "bf16" and p.param_dtype == "bf16"
-    zero: dict[str, Any] = {"stage": p.zero_stage, "offload_optimizer": _offload(p.offload_optimizer, p.nvme_path)}
+    # compute_grad_norm: the trainer's skip of a non-finite step and its logged norm rest on it.
+    zero: dict[str, Any] = {"stage": p.zero_stage, "offload_optimizer": _offload(p.offload_optimizer, p.nvme_path),
+                            "compute_grad_norm": True}
     if p.zero_stage == 3:
         zero["offload_param"] = _offload(p.offload_params, p.nvme_path)
     return {
@@ -64,16 +71,21 @@ def pinned_config(cfg, dims, precision: str) -> dict:
         # bf16 weights (DeepSpeed's bf16 mode, fp32 master weights in the optimizer) where the run
         # is bf16 with parallel.param_dtype bf16; else fp32 weights (under bf16 autocast when
         # train.precision is bf16), as FSDP's MixedPrecisionPolicy does.
-        "bf16": {"enabled": bf16_params},
+        "bf16": {"enabled": bf16_params, "check_grad_overflow": True},  # a non-finite step is skipped
         "fp16": {"enabled": False},
         "zero_optimization": zero,
+        # The engine calls step() after every micro-batch and lets DeepSpeed find the boundary.
+        "managed_gradient_accumulation": True,
     }
 
 
 def default_config(cfg, arch) -> dict:
     """Our defaults for FLIP's towers (the JSON may override each)."""
     block = _block_params(arch)
+    offloading = [key for key, device in (("offload_optimizer", cfg.parallel.offload_optimizer),
+                                          ("offload_param", cfg.parallel.offload_params)) if device != "none"]
     zero: dict[str, Any] = {
+        **{key: {"pin_memory": True} for key in offloading},
         "overlap_comm": True,
         "contiguous_gradients": True,
         "reduce_bucket_size": max(int(5e7), 2 * block),
@@ -125,6 +137,9 @@ _SOURCE_OF = {
     "zero_optimization.stage": "parallel.zero_stage",
     "zero_optimization.offload_optimizer": "parallel.offload_optimizer / parallel.nvme_path",
     "zero_optimization.offload_param": "parallel.offload_params / parallel.nvme_path",
+    "zero_optimization.compute_grad_norm": "the trainer (its logged norm and its skip of non-finite steps)",
+    "bf16.check_grad_overflow": "the trainer (a non-finite step is skipped)",
+    "managed_gradient_accumulation": "the engine (DeepSpeed finds the accumulation boundary)",
 }
 
 

@@ -52,6 +52,11 @@ def check_deepspeed_layout(cfg) -> None:
             f"parallel.offload_params={cfg.offload_params} needs parallel.zero_stage=3 (got {cfg.zero_stage}): only "
             f"ZeRO-3 partitions the parameters it would offload"
         )
+    if cfg.offload_optimizer == "nvme" and cfg.zero_stage != 3:
+        raise LayoutError(
+            f"parallel.offload_optimizer=nvme needs parallel.zero_stage=3 (got {cfg.zero_stage}): DeepSpeed's "
+            f"ZeRO-1/2 offload the optimizer to host memory only; use parallel.offload_optimizer=cpu"
+        )
     if "nvme" in (cfg.offload_params, cfg.offload_optimizer) and not cfg.nvme_path:
         raise LayoutError(
             "parallel.offload_optimizer / offload_params = nvme needs parallel.nvme_path (a directory on a local "
