@@ -638,3 +638,45 @@ def test_zero3_with_the_optimizer_on_nvme_trains_and_refuses_what_it_cannot_do_y
         # Not yet: converting or resuming its checkpoints (refused, never wrong).
         assert "offloaded to NVMe" in result["refusal"]
         assert "resuming such a checkpoint is not supported yet" in result["resume_refusal"]
+
+
+def _exact_resume(rank: int, world_size: int, out_dir: str, stage: int, accum: int) -> bool:
+    out = Path(out_dir)
+    cfg = tiny_config("deepspeed", accum, zero_stage=stage)
+    trainer = _trainer(cfg, out / "run", rank, world_size)
+    for step in range(2):
+        _step(trainer, cfg, step, rank, world_size)
+    trainer.save()
+    loss = _step(trainer, cfg, 2, rank, world_size)
+    through = _full_params(trainer)
+    trainer.close()
+    resumed = _trainer(cfg, out / "resumed", rank, world_size)
+    resumed.resume(out / "run" / "step_00000002")
+    same_loss = _step(resumed, cfg, 2, rank, world_size) == loss
+    params = _full_params(resumed)
+    resumed.close()
+    return same_loss and all(torch.equal(params[name], value) for name, value in through.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, accum", [(1, 2), (2, 1)])
+def test_zero1_and_zero2_resume_exactly_through_deepspeeds_loader(tmp_path, stage, accum):
+    assert run_distributed(_exact_resume, 2, (str(tmp_path), stage, accum), timeout=300) == [True, True]
+
+
+def test_one_process_leaves_no_launcher_variables_behind(tmp_path: Path):
+    """A one-process run sets RANK / WORLD_SIZE / LOCAL_RANK for DeepSpeed's construction only: left in
+    the environment they would make a later srun job's ranks think they are a world of 1."""
+    code = (
+        "import os, sys; sys.path.insert(0, %r)\n"
+        "from pathlib import Path\n"
+        "from test_deepspeed_engine import tiny_config, _trainer\n"
+        "t = _trainer(tiny_config('deepspeed', 1, zero_stage=3), Path(%r), 0, 1)\n"
+        "t.close()\n"
+        "print('LEFT', [k for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK') if k in os.environ])\n"
+    ) % (str(Path(__file__).parent), str(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**env, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LEFT []" in out.stdout

@@ -64,15 +64,29 @@ def import_deepspeed():
     return deepspeed
 
 
+@contextlib.contextmanager
+def _launcher_variables():
+    """RANK / WORLD_SIZE for DeepSpeed's construction in one process started without a launcher:
+    set while it builds and removed after (left behind they would tell later runs and child
+    processes, an srun job's tasks say, that they are rank 0 of a world of 1)."""
+    added = []
+    if not dist.is_initialized():
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1")):
+            if name not in os.environ:
+                os.environ[name] = value
+                added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def _ensure_process_group(device: torch.device) -> bool:
     """DeepSpeed wants a process group even for one process: make a one-rank one when there is none.
     Returns whether one was made here."""
-    # DeepSpeed reads the launcher's variables (zero.Init: LOCAL_RANK) even for one process.
-    os.environ.setdefault("LOCAL_RANK", str(device.index or 0))
     if dist.is_initialized():
         return False
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
@@ -103,6 +117,15 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg, plan, device):
         super().__init__(cfg, plan, device)
+        # DeepSpeed reads LOCAL_RANK in every forward (and zero.Init): set for the engine's life
+        # where no launcher did, removed by close().
+        self._added_local_rank = "LOCAL_RANK" not in os.environ
+        if self._added_local_rank:
+            os.environ["LOCAL_RANK"] = str(self.device.index or 0)
+        with _launcher_variables():
+            self._construct(cfg)
+
+    def _construct(self, cfg) -> None:
         ds = import_deepspeed()
         self._ds = ds
         self._own_group = _ensure_process_group(self.device)
@@ -530,5 +553,7 @@ class DeepSpeedEngine(Engine):
         if destroy is not None:
             destroy()
         _forget_process_groups()
+        if self._added_local_rank:
+            os.environ.pop("LOCAL_RANK", None)
         if self._own_group and dist.is_initialized():
             dist.destroy_process_group()
