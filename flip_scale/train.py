@@ -187,7 +187,9 @@ class Trainer:
         source = path if isinstance(path, CheckpointSource) else resolve_init_from(path)
         check_source_architecture(source, self.cfg.model, functional="warn")
         self.engine.load_weights(source)
-        log.info("initialised weights from %s (fresh optimizer, step 0)", source.describe())
+        what = {"dcp": "training checkpoint", "deepspeed": "DeepSpeed training checkpoint"}.get(source.kind,
+                                                                                             "consolidated directory")
+        log.info("initialised weights from %s (fresh optimizer, step 0): a %s", source.path, what)
 
     def save(self) -> Path:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are

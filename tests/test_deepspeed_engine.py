@@ -583,7 +583,7 @@ def _libaio_problem() -> str | None:
     for cmd in (["apt-get", "install", "-y", "--no-install-recommends", "libaio-dev"], ["apt-get", "update"],
                 ["apt-get", "install", "-y", "--no-install-recommends", "libaio-dev"]):
         try:
-            subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+            subprocess.run(cmd, env=env, capture_output=True, timeout=120)
         except (subprocess.TimeoutExpired, OSError) as error:
             return f"{' '.join(cmd)}: {error}"
         if Path("/usr/include/libaio.h").exists():
