@@ -15,6 +15,7 @@ import pytest
 from dist_utils import free_port
 from flip_scale.checkpoint import find_latest
 from flip_scale.metrics import read_jsonl
+from test_train_e2e import _overrides as train_e2e_overrides
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -24,20 +25,10 @@ DS = ["parallel.engine=deepspeed", "parallel.zero_stage=3"]
 
 
 def _overrides(data_dir: Path, steps: int, every: int) -> list[str]:
-    return [
-        f"data.synthetic_dir={data_dir}",
-        f"data.train_shards={data_dir}/train-{{000000..000007}}.tar",
-        f"data.tokenizer={data_dir}/tokenizer.model",
-        f"eval.zero_shot_shards={data_dir}/eval-{{000000..000000}}.tar",
-        f"eval.retrieval_shards={data_dir}/eval-{{000000..000000}}.tar",
-        f"eval.classnames={data_dir}/classnames.txt",
-        f"eval.templates={data_dir}/templates.txt",
-        f"train.max_steps={steps}",
-        f"checkpoint.every_steps={every}",
-        "eval.max_samples=64",
-        "data.num_workers=0",
-        "logging.tensorboard=false",
-    ]
+    """flip-train's end-to-end overrides (tests/test_train_e2e.py), with retrieval, a capped
+    evaluation, no loader workers and no tensorboard."""
+    return [*train_e2e_overrides(data_dir, steps, every), f"eval.retrieval_shards={data_dir}/eval-{{000000..000000}}.tar",
+            "eval.max_samples=64", "data.num_workers=0", "logging.tensorboard=false"]
 
 
 def _env() -> dict:

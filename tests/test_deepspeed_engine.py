@@ -71,29 +71,39 @@ def _full_params(trainer) -> dict:
     return {k: v.detach().clone() for k, v in engine.model.named_parameters()}
 
 
-def _train(cfg: Config, run_dir: Path, rank: int, world_size: int, nan_at_step: int = -1) -> dict:
-    """STEPS steps of `cfg` through the trainer on this rank's rows of each global batch."""
+def _step(trainer, cfg: Config, step: int, rank: int, world_size: int, nan: bool = False) -> dict:
+    """One trainer step on this rank's rows of global batch `step` (a NaN image in them with `nan`);
+    the step's outputs, with "loss" the mean over the data-parallel ranks."""
     import torch.distributed as dist
 
-    from flip_scale.parallel.utils import optimizer_state_bytes
-    from flip_scale.train import Trainer
-
-    trainer = Trainer(cfg, run_dir, ProcessInfo(rank, world_size, rank, torch.device("cpu")), with_data=False)
+    images, tokens = _batch(step, cfg)
     local = GLOBAL_BATCH // world_size
     rows = slice(rank * local, (rank + 1) * local)
+    if nan:
+        images = images.clone()
+        images[rows.start] = float("nan")
+    out = trainer.train_step({"images": images[rows], "tokens": tokens[rows], "sample_index": torch.arange(GLOBAL_BATCH)[rows]})
+    trainer.state.step += 1
+    loss = out["loss"].detach().clone()
+    if world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world_size
+    return {**out, "loss": float(loss)}
+
+
+def _loss(trainer, cfg: Config, step: int, rank: int, world_size: int) -> float:
+    return _step(trainer, cfg, step, rank, world_size)["loss"]
+
+
+def _train(cfg: Config, run_dir: Path, rank: int, world_size: int, nan_at_step: int = -1) -> dict:
+    """STEPS steps of `cfg` through the trainer on this rank's rows of each global batch."""
+    from flip_scale.parallel.utils import optimizer_state_bytes
+
+    trainer = _trainer(cfg, run_dir, rank, world_size)
     losses, norms, skipped, lrs = [], [], [], []
     for step in range(STEPS):
-        images, tokens = _batch(step, cfg)
-        if step == nan_at_step:
-            images = images.clone()
-            images[rows.start] = float("nan")
-        out = trainer.train_step({"images": images[rows], "tokens": tokens[rows], "sample_index": torch.arange(GLOBAL_BATCH)[rows]})
-        trainer.state.step += 1
-        loss = out["loss"].detach().clone()
-        if world_size > 1:
-            dist.all_reduce(loss)
-            loss /= world_size
-        losses.append(float(loss))
+        out = _step(trainer, cfg, step, rank, world_size, nan=step == nan_at_step)
+        losses.append(out["loss"])
         norms.append(float(out["grad_norm"]))
         skipped.append(bool(out["skipped_step"]))
         lrs.append(out["lr"])
@@ -345,21 +355,6 @@ def test_load_config_accepts_the_engine_keys():
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _step(trainer, cfg: Config, step: int, rank: int, world_size: int) -> float:
-    import torch.distributed as dist
-
-    images, tokens = _batch(step, cfg)
-    local = GLOBAL_BATCH // world_size
-    rows = slice(rank * local, (rank + 1) * local)
-    out = trainer.train_step({"images": images[rows], "tokens": tokens[rows], "sample_index": torch.arange(GLOBAL_BATCH)[rows]})
-    trainer.state.step += 1
-    loss = out["loss"].detach().clone()
-    if world_size > 1:
-        dist.all_reduce(loss)
-        loss /= world_size
-    return float(loss)
-
-
 def _trainer(cfg: Config, run_dir: Path, rank: int, world_size: int):
     from flip_scale.train import Trainer
 
@@ -373,9 +368,9 @@ def _checkpoint_runs(rank: int, world_size: int, out_dir: str) -> dict:
     out = Path(out_dir)
     cfg = tiny_config("deepspeed", 1, zero_stage=3)
     trainer = _trainer(cfg, out / "ds3", rank, world_size)
-    losses = [_step(trainer, cfg, step, rank, world_size) for step in range(2)]
+    losses = [_loss(trainer, cfg, step, rank, world_size) for step in range(2)]
     trainer.save()
-    losses.append(_step(trainer, cfg, 2, rank, world_size))
+    losses.append(_loss(trainer, cfg, 2, rank, world_size))
     trainer.save()
     through = _full_params(trainer)
     lr_after = trainer.engine.lr
@@ -384,14 +379,14 @@ def _checkpoint_runs(rank: int, world_size: int, out_dir: str) -> dict:
     resumed = _trainer(cfg, out / "ds3_resumed", rank, world_size)
     resumed.resume(out / "ds3" / "step_00000002")
     resumed_step = resumed.state.step
-    resumed_loss = _step(resumed, cfg, 2, rank, world_size)
+    resumed_loss = _loss(resumed, cfg, 2, rank, world_size)
     resumed_params = _full_params(resumed)
     resumed_lr = resumed.engine.lr
     resumed.close()
 
     native_cfg = tiny_config("fsdp")
     native = _trainer(native_cfg, out / "native", rank, world_size)
-    native_losses = [_step(native, native_cfg, step, rank, world_size) for step in range(3)]
+    native_losses = [_loss(native, native_cfg, step, rank, world_size) for step in range(3)]
     native.save()
     native_params = _full_params(native)
     native.close()
@@ -426,7 +421,7 @@ def _resume_elsewhere(rank: int, world_size: int, out_dir: str, stage: int) -> d
     cfg = tiny_config("deepspeed", 1, zero_stage=stage)
     trainer = _trainer(cfg, out / f"into_{world_size}_zero{stage}", rank, world_size)
     trainer.resume(out / "ds3" / "step_00000002")
-    loss = _step(trainer, cfg, 2, rank, world_size)
+    loss = _loss(trainer, cfg, 2, rank, world_size)
     params = _full_params(trainer)
     trainer.close()
     return dict(loss=loss, params=params)
@@ -593,15 +588,15 @@ def _libaio_problem() -> str | None:
 
 def _nvme_runs(rank: int, world_size: int, out_dir: str) -> dict:
     from flip_scale.checkpoint import CheckpointError
-    from flip_scale.checkpoint.deepspeed_files import DeepSpeedFiles
+    from flip_scale.checkpoint.deepspeed_reader import DeepSpeedFiles
 
     out = Path(out_dir)
     cfg = tiny_config("deepspeed", 1, zero_stage=3, offload_optimizer="nvme", nvme_path=str(out / f"swap{rank}"))
     trainer = _trainer(cfg, out / "nvme", rank, world_size)
     describe = trainer.engine.describe()
-    losses = [_step(trainer, cfg, step, rank, world_size) for step in range(2)]
+    losses = [_loss(trainer, cfg, step, rank, world_size) for step in range(2)]
     trainer.save()
-    losses.append(_step(trainer, cfg, 2, rank, world_size))
+    losses.append(_loss(trainer, cfg, 2, rank, world_size))
     through = _full_params(trainer)
     trainer.close()
     resumed = _trainer(cfg, out / "nvme_resumed", rank, world_size)
@@ -645,14 +640,14 @@ def _exact_resume(rank: int, world_size: int, out_dir: str, stage: int, accum: i
     cfg = tiny_config("deepspeed", accum, zero_stage=stage)
     trainer = _trainer(cfg, out / "run", rank, world_size)
     for step in range(2):
-        _step(trainer, cfg, step, rank, world_size)
+        _loss(trainer, cfg, step, rank, world_size)
     trainer.save()
-    loss = _step(trainer, cfg, 2, rank, world_size)
+    loss = _loss(trainer, cfg, 2, rank, world_size)
     through = _full_params(trainer)
     trainer.close()
     resumed = _trainer(cfg, out / "resumed", rank, world_size)
     resumed.resume(out / "run" / "step_00000002")
-    same_loss = _step(resumed, cfg, 2, rank, world_size) == loss
+    same_loss = _loss(resumed, cfg, 2, rank, world_size) == loss
     params = _full_params(resumed)
     resumed.close()
     return same_loss and all(torch.equal(params[name], value) for name, value in through.items())

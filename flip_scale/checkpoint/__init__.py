@@ -40,7 +40,8 @@ from .dcp import (
 from .manager import CheckpointManager
 from .plain import load_checkpoint, save_checkpoint
 from .consolidated import CONFIG_FILE, MODEL_FILE, load_consolidated
-from .deepspeed_files import DS_TAG, DeepSpeedFiles, deepspeed_files_problem
+from .deepspeed_files import DS_TAG, deepspeed_files_problem
+from .deepspeed_reader import DeepSpeedFiles
 from .safety import read_dcp_metadata
 from .sources import (
     CheckpointSource, check_source_architecture, checkpoint_kind, load_weights, open_checkpoint, resolve_init_from,

@@ -36,7 +36,8 @@ from .consolidated import (
     CONFIG_FILE, MODEL_FILE, config_from_yaml_file, load_consolidated, load_full_state, read_safetensors_header,
     resolved_config,
 )
-from .deepspeed_files import DS_TAG, DeepSpeedFiles, deepspeed_files_problem
+from .deepspeed_files import DS_TAG, deepspeed_files_problem
+from .deepspeed_reader import DeepSpeedFiles
 from .plain import load_checkpoint
 from .safety import ConvertError, UnsupportedCheckpoint
 from .store import STEP_DIR, CheckpointError, checkpoint_problem, find_latest, resolve_resume

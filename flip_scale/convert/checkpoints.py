@@ -25,7 +25,8 @@ from ..checkpoint.consolidated import (
     CONFIG_FILE, MODEL_FILE, TensorSpec, config_from_yaml_file, read_safetensors_header, resolved_config,
 )
 from ..checkpoint.safety import ConvertError, read_dcp_metadata
-from ..checkpoint.deepspeed_files import DS_TAG, DeepSpeedFiles
+from ..checkpoint.deepspeed_files import DS_TAG
+from ..checkpoint.deepspeed_reader import DeepSpeedFiles
 from ..checkpoint.sources import checkpoint_kind
 from ..config import Config
 from ..models import arch_from_config, build_model
