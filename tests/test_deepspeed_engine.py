@@ -440,6 +440,62 @@ def test_resume_into_another_data_parallel_size(checkpoint_runs, stage):
         assert error <= PARAM_ATOL, f"{name} differs by {error:.3g}"
 
 
+def _odd_config() -> Config:
+    """The tiny model with odd widths: most parameters do not divide over 2 ranks (ZeRO-3 pads the
+    last rank's partition)."""
+    import dataclasses
+
+    cfg = tiny_config("deepspeed", 1, zero_stage=3)
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, embed_dim=15, vision_width=36, vision_heads=3, vision_mlp_dim=65, text_width=33, text_heads=3,
+        text_mlp_dim=65))
+
+
+def _odd_reshard(rank: int, world_size: int, out_dir: str, phase: str) -> dict:
+    """"write" (1 rank): 3 steps uninterrupted, saving after step 2. "grow" (2 ranks): resume from
+    it, take step 3, save."""
+    out = Path(out_dir)
+    cfg = _odd_config()
+    trainer = _trainer(cfg, out / phase, rank, world_size)
+    if phase == "write":
+        losses = []
+        for step in range(3):
+            losses.append(_loss(trainer, cfg, step, rank, world_size))
+            if step == 1:
+                trainer.save()
+    else:
+        trainer.resume(out / "write" / "step_00000002")
+        losses = [_loss(trainer, cfg, trainer.state.step, rank, world_size)]
+        trainer.save()
+    params = _full_params(trainer)
+    result = dict(losses=losses, params=params, odd=sum(value.numel() % 2 for value in params.values()),
+                  step=trainer.state.step)
+    trainer.close()
+    return result
+
+
+@pytest.mark.slow
+def test_resume_into_more_ranks_with_parameters_that_do_not_divide(tmp_path):
+    """ZeRO-3, odd-sized parameters: a 1-rank checkpoint resumed on 2 ranks (the fp32 weights and
+    Adam moments re-sharded, the last rank's partitions padded) takes step 3 as the 1-rank run
+    did; its own 2-rank checkpoint, padded partitions and all, consolidates to its weights."""
+    from safetensors.torch import load_file
+
+    from flip_scale.convert import consolidate
+
+    (write,) = run_distributed(_odd_reshard, 1, (str(tmp_path), "write"), timeout=300)
+    grow = run_distributed(_odd_reshard, 2, (str(tmp_path), "grow"), timeout=300)
+    assert write["odd"] > 10  # most of them
+    assert grow[0]["step"] == 3
+    assert abs(grow[0]["losses"][0] - write["losses"][2]) <= LOSS_TOL
+    consolidate(tmp_path / "grow" / "step_00000003", tmp_path / "consolidated")
+    tensors = load_file(tmp_path / "consolidated" / "model.safetensors")
+    for name, value in write["params"].items():
+        assert torch.equal(tensors[name].reshape(grow[0]["params"][name].shape), grow[0]["params"][name]), name
+        error = (grow[0]["params"][name] - value).abs().max().item()
+        assert error <= PARAM_ATOL, f"{name} differs by {error:.3g}"
+
+
 def _plant(rank: int, world_size: int, out_dir: str) -> str:
     from flip_scale.checkpoint import CheckpointError
 
@@ -632,11 +688,14 @@ def _assert_nvme_checkpoints(out: Path, result: dict, tmp_path: Path) -> None:
     consolidates to exactly the engine's fp32 weights."""
     from safetensors.torch import load_file
 
-    from flip_scale.convert import consolidate
+    from flip_scale.convert import consolidate, inspect_checkpoint
 
     assert result["resumed_loss"] == result["losses"][2]
     for name, value in result["through"].items():
         assert torch.equal(result["resumed_params"][name], value), name
+    info = inspect_checkpoint(out / "nvme" / "step_00000003")
+    assert (info["engine"], info["zero_stage"]) == ("deepspeed", 3)
+    assert info["params"] == sum(value.numel() for value in result["through"].values())
     consolidate(out / "nvme" / "step_00000003", tmp_path / "consolidated")
     tensors = load_file(tmp_path / "consolidated" / "model.safetensors")
     for name, value in result["through"].items():
