@@ -669,8 +669,18 @@ def _nvme_runs(rank: int, world_size: int, out_dir: str, width: int) -> dict:
     resumed_loss = _loss(resumed, cfg, 2, rank, world_size)
     resumed_params = _full_params(resumed)
     resumed.close()
-    return dict(losses=losses, through=through, resumed_loss=resumed_loss, resumed_params=resumed_params,
-                swapped=swapped, describe=describe)
+    result = dict(losses=losses, through=through, resumed_loss=resumed_loss, resumed_params=resumed_params,
+                  swapped=swapped, describe=describe)
+    if width:  # the same checkpoint into an engine whose optimizer stays in host memory
+        import dataclasses
+
+        host = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, offload_optimizer="cpu", nvme_path=""))
+        elsewhere = _trainer(host, out / "host_resumed", rank, world_size)
+        elsewhere.resume(out / "nvme" / "step_00000002")
+        result["host_loss"] = _loss(elsewhere, host, 2, rank, world_size)
+        result["host_params"] = _full_params(elsewhere)
+        elsewhere.close()
+    return result
 
 
 def _needs_async_io() -> None:
@@ -719,11 +729,15 @@ def test_zero3_with_the_optimizer_on_nvme_trains_resumes_exactly_and_consolidate
 @pytest.mark.slow
 def test_nvme_resume_restores_a_swapped_optimizer_sub_group_exactly(tmp_path):
     """One process, a model whose decay group lives in swap files: its fp32 partition and Adam
-    moments reach the checkpoint and come back from it."""
+    moments reach the checkpoint and come back from it (into an NVMe engine exactly, into one with
+    the optimizer in host memory too)."""
     _needs_async_io()
     (result,) = run_distributed(_nvme_runs, 1, (str(tmp_path), 128), timeout=300)
     assert result["swapped"] == [True, False]
     _assert_nvme_checkpoints(tmp_path, result, tmp_path / "out")
+    assert abs(result["host_loss"] - result["losses"][2]) <= LOSS_TOL  # offload_optimizer=cpu resumes it too
+    for name, value in result["through"].items():
+        assert (result["host_params"][name] - value).abs().max().item() <= PARAM_ATOL, name
 
     # What DeepSpeed's own save writes for the swapped sub-group (empty tensors): named, not misread.
     from flip_scale.checkpoint import CheckpointError
