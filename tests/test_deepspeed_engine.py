@@ -440,6 +440,62 @@ def test_resume_into_another_data_parallel_size(checkpoint_runs, stage):
         assert error <= PARAM_ATOL, f"{name} differs by {error:.3g}"
 
 
+def _odd_config() -> Config:
+    """The tiny model with odd widths: most parameters do not divide over 2 ranks (ZeRO-3 pads the
+    last rank's partition)."""
+    import dataclasses
+
+    cfg = tiny_config("deepspeed", 1, zero_stage=3)
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, embed_dim=15, vision_width=36, vision_heads=3, vision_mlp_dim=65, text_width=33, text_heads=3,
+        text_mlp_dim=65))
+
+
+def _odd_reshard(rank: int, world_size: int, out_dir: str, phase: str) -> dict:
+    """"write" (1 rank): 3 steps uninterrupted, saving after step 2. "grow" (2 ranks): resume from
+    it, take step 3, save."""
+    out = Path(out_dir)
+    cfg = _odd_config()
+    trainer = _trainer(cfg, out / phase, rank, world_size)
+    if phase == "write":
+        losses = []
+        for step in range(3):
+            losses.append(_loss(trainer, cfg, step, rank, world_size))
+            if step == 1:
+                trainer.save()
+    else:
+        trainer.resume(out / "write" / "step_00000002")
+        losses = [_loss(trainer, cfg, trainer.state.step, rank, world_size)]
+        trainer.save()
+    params = _full_params(trainer)
+    result = dict(losses=losses, params=params, odd=sum(value.numel() % 2 for value in params.values()),
+                  step=trainer.state.step)
+    trainer.close()
+    return result
+
+
+@pytest.mark.slow
+def test_resume_into_more_ranks_with_parameters_that_do_not_divide(tmp_path):
+    """ZeRO-3, odd-sized parameters: a 1-rank checkpoint resumed on 2 ranks (the fp32 weights and
+    Adam moments re-sharded, the last rank's partitions padded) takes step 3 as the 1-rank run
+    did; its own 2-rank checkpoint, padded partitions and all, consolidates to its weights."""
+    from safetensors.torch import load_file
+
+    from flip_scale.convert import consolidate
+
+    (write,) = run_distributed(_odd_reshard, 1, (str(tmp_path), "write"), timeout=300)
+    grow = run_distributed(_odd_reshard, 2, (str(tmp_path), "grow"), timeout=300)
+    assert write["odd"] > 10  # most of them
+    assert grow[0]["step"] == 3
+    assert abs(grow[0]["losses"][0] - write["losses"][2]) <= LOSS_TOL
+    consolidate(tmp_path / "grow" / "step_00000003", tmp_path / "consolidated")
+    tensors = load_file(tmp_path / "consolidated" / "model.safetensors")
+    for name, value in write["params"].items():
+        assert torch.equal(tensors[name].reshape(grow[0]["params"][name].shape), grow[0]["params"][name]), name
+        error = (grow[0]["params"][name] - value).abs().max().item()
+        assert error <= PARAM_ATOL, f"{name} differs by {error:.3g}"
+
+
 def _plant(rank: int, world_size: int, out_dir: str) -> str:
     from flip_scale.checkpoint import CheckpointError
 
@@ -586,36 +642,48 @@ def _libaio_problem() -> str | None:
     return "apt-get could not install libaio-dev"
 
 
-def _nvme_runs(rank: int, world_size: int, out_dir: str) -> dict:
-    from flip_scale.checkpoint import CheckpointError
-    from flip_scale.checkpoint.deepspeed_reader import DeepSpeedFiles
+def _nvme_runs(rank: int, world_size: int, out_dir: str, width: int) -> dict:
+    """ZeRO-3 with the optimizer on NVMe: 3 steps saving after steps 2 and 3, then a resume from
+    step 2 that takes step 3 again. `width`: the towers' width (0: the tiny model, whose optimizer
+    sub-groups are all under DeepSpeed's 1 MiB swap minimum and stay in memory; 128: its decay
+    group is swapped to files, the no-decay group stays in memory)."""
+    import dataclasses
 
     out = Path(out_dir)
     cfg = tiny_config("deepspeed", 1, zero_stage=3, offload_optimizer="nvme", nvme_path=str(out / f"swap{rank}"))
+    if width:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vision_width=width, text_width=width, vision_mlp_dim=4 * width, text_mlp_dim=4 * width))
     trainer = _trainer(cfg, out / "nvme", rank, world_size)
+    zero = trainer.engine.optimizer
+    swapped = [zero._swappable_optimizer_subgroup(group) for group in range(len(zero.fp16_groups))]
     describe = trainer.engine.describe()
     losses = [_loss(trainer, cfg, step, rank, world_size) for step in range(2)]
     trainer.save()
     losses.append(_loss(trainer, cfg, 2, rank, world_size))
+    trainer.save()
     through = _full_params(trainer)
     trainer.close()
     resumed = _trainer(cfg, out / "nvme_resumed", rank, world_size)
-    try:
-        resumed.resume(out / "nvme" / "step_00000002")
-        resume_refusal = "resumed"
-    except CheckpointError as error:
-        resume_refusal = str(error)
+    resumed.resume(out / "nvme" / "step_00000002")
+    resumed_loss = _loss(resumed, cfg, 2, rank, world_size)
+    resumed_params = _full_params(resumed)
     resumed.close()
-    try:
-        next(DeepSpeedFiles(out / "nvme" / "step_00000002").weights())
-        refusal = "read"
-    except CheckpointError as error:
-        refusal = str(error)
-    return dict(losses=losses, through=through, refusal=refusal, resume_refusal=resume_refusal, describe=describe)
+    result = dict(losses=losses, through=through, resumed_loss=resumed_loss, resumed_params=resumed_params,
+                  swapped=swapped, describe=describe)
+    if width:  # the same checkpoint into an engine whose optimizer stays in host memory
+        import dataclasses
+
+        host = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, offload_optimizer="cpu", nvme_path=""))
+        elsewhere = _trainer(host, out / "host_resumed", rank, world_size)
+        elsewhere.resume(out / "nvme" / "step_00000002")
+        result["host_loss"] = _loss(elsewhere, host, 2, rank, world_size)
+        result["host_params"] = _full_params(elsewhere)
+        elsewhere.close()
+    return result
 
 
-@pytest.mark.slow
-def test_zero3_with_the_optimizer_on_nvme_trains_and_refuses_what_it_cannot_do_yet(tmp_path, two_ranks):
+def _needs_async_io() -> None:
     problem = _libaio_problem()
     if problem is not None:
         pytest.skip(problem)
@@ -623,16 +691,67 @@ def test_zero3_with_the_optimizer_on_nvme_trains_and_refuses_what_it_cannot_do_y
 
     if not AsyncIOBuilder().is_compatible():
         pytest.skip("DeepSpeed's async I/O op cannot build here (see ds_report)")
-    ranks = run_distributed(_nvme_runs, 2, (str(tmp_path),), timeout=600)
+
+
+def _assert_nvme_checkpoints(out: Path, result: dict, tmp_path: Path) -> None:
+    """Resumed from step 2, step 3 is bitwise the uninterrupted run's; step 3's checkpoint
+    consolidates to exactly the engine's fp32 weights."""
+    from safetensors.torch import load_file
+
+    from flip_scale.convert import consolidate, inspect_checkpoint
+
+    assert result["resumed_loss"] == result["losses"][2]
+    for name, value in result["through"].items():
+        assert torch.equal(result["resumed_params"][name], value), name
+    info = inspect_checkpoint(out / "nvme" / "step_00000003")
+    assert (info["engine"], info["zero_stage"]) == ("deepspeed", 3)
+    assert info["params"] == sum(value.numel() for value in result["through"].values())
+    consolidate(out / "nvme" / "step_00000003", tmp_path / "consolidated")
+    tensors = load_file(tmp_path / "consolidated" / "model.safetensors")
+    for name, value in result["through"].items():
+        assert torch.equal(tensors[name], value), name
+    assert not (out / "nvme" / "step_00000003" / "deepspeed" / "offloaded_tensors").exists()
+
+
+@pytest.mark.slow
+def test_zero3_with_the_optimizer_on_nvme_trains_resumes_exactly_and_consolidates(tmp_path, two_ranks):
+    _needs_async_io()
+    ranks = run_distributed(_nvme_runs, 2, (str(tmp_path), 0), timeout=600)
     reference = two_ranks[0]["zero-3"]
     for result in ranks:
         assert "optimizer -> nvme" in result["describe"][0]
         assert result["losses"] == pytest.approx(reference["losses"], abs=LOSS_TOL)
-        for name, value in two_ranks[0]["zero-3"]["params"].items():
+        for name, value in reference["params"].items():
             assert (result["through"][name] - value).abs().max().item() <= PARAM_ATOL, name
-        # Not yet: converting or resuming its checkpoints (refused, never wrong).
-        assert "offloaded to NVMe" in result["refusal"]
-        assert "resuming such a checkpoint is not supported yet" in result["resume_refusal"]
+    _assert_nvme_checkpoints(tmp_path, ranks[0], tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_nvme_resume_restores_a_swapped_optimizer_sub_group_exactly(tmp_path):
+    """One process, a model whose decay group lives in swap files: its fp32 partition and Adam
+    moments reach the checkpoint and come back from it (into an NVMe engine exactly, into one with
+    the optimizer in host memory too)."""
+    _needs_async_io()
+    (result,) = run_distributed(_nvme_runs, 1, (str(tmp_path), 128), timeout=300)
+    assert result["swapped"] == [True, False]
+    _assert_nvme_checkpoints(tmp_path, result, tmp_path / "out")
+    assert abs(result["host_loss"] - result["losses"][2]) <= LOSS_TOL  # offload_optimizer=cpu resumes it too
+    for name, value in result["through"].items():
+        assert (result["host_params"][name] - value).abs().max().item() <= PARAM_ATOL, name
+
+    # What DeepSpeed's own save writes for the swapped sub-group (empty tensors): named, not misread.
+    from flip_scale.checkpoint import CheckpointError
+    from flip_scale.checkpoint.deepspeed_files import safe_torch_load
+    from flip_scale.convert import consolidate
+
+    file = tmp_path / "nvme" / "step_00000002" / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = safe_torch_load(file, mmap=False)
+    osd = state["optimizer_state_dict"]
+    osd["fp32_flat_groups"][0] = torch.empty(0)
+    osd["optimizer_state_dict"]["state"][0].update(exp_avg=torch.empty(0), exp_avg_sq=torch.empty(0))
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match="offloaded to NVMe and its swapped partitions are not in the files"):
+        consolidate(tmp_path / "nvme" / "step_00000002", tmp_path / "old")
 
 
 def _exact_resume(rank: int, world_size: int, out_dir: str, stage: int, accum: int) -> bool:

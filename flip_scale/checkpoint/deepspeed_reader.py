@@ -122,8 +122,9 @@ class DeepSpeedFiles:
         self.ds_config = model.get("ds_config") or {}
         self.dp_world_size = int(model["dp_world_size"])
         offload = ((self.ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {})
-        # ZeRO-Infinity keeps the optimizer state in swap files (deepspeed/offloaded_tensors/), which
-        # this reader does not read yet: DeepSpeed's own loader resumes such a run in its layout.
+        # ZeRO-Infinity keeps the optimizer state in swap files; flip_scale's save writes the swapped
+        # partitions into the optimizer files as any others (engine/deepspeed_state.py), read here
+        # the same way. One written by DeepSpeed alone holds empty partitions there (_layout says so).
         self.nvme_optimizer = (isinstance(offload, dict) and offload.get("device") == "nvme") \
             or (self.directory / "offloaded_tensors").is_dir()
         # ZeRO-3 writes model states per rank, ZeRO-1/2 one file; the config says which of 1 and 2.
@@ -302,9 +303,12 @@ class DeepSpeedFiles:
                 offset += part
             for rank, view in enumerate(views):
                 if view["fp32"].numel != offset:
+                    nvme = (" (the optimizer was offloaded to NVMe and its swapped partitions are not in the files: "
+                            "written by DeepSpeed's own save, whose swap-folder copy flip_scale does not read)"
+                            if self.nvme_optimizer and view["fp32"].numel < offset else "")
                     raise CheckpointError(
                         f"{self._optim_files[rank]}: {view['fp32'].numel} fp32 elements, the parameter shapes need "
-                        f"{offset} per rank (sum of ceil(numel / {self.dp_world_size}))")
+                        f"{offset} per rank (sum of ceil(numel / {self.dp_world_size})){nvme}")
         else:
             paddings = views[0]["paddings"]
             for rank, view in enumerate(views):
@@ -416,12 +420,6 @@ class DeepSpeedFiles:
         unknown = [state for state in states if state not in STATES]
         if unknown:
             raise ValueError(f"states {unknown}: valid are {', '.join(STATES)}")
-        if self.nvme_optimizer:
-            raise CheckpointError(
-                f"{self.directory}: the optimizer state of this run was offloaded to NVMe (parallel.offload_optimizer="
-                f"nvme); its weights and moments are in DeepSpeed's swap files, which flip_scale does not read yet. "
-                f"Resume it with the same ZeRO stage and data-parallel size (DeepSpeed's own loader), or save it once "
-                f"from a run with parallel.offload_optimizer=cpu to convert or re-shard it")
         for name in self.trainable:
             aliases = [alias for alias, source in self.shared.items() if source == name]
             if names is not None and name not in names and not names.intersection(aliases):

@@ -148,9 +148,6 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
             self._set_full_state(self._initial_values(), None, "the initial weights")
         self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
         self.steps_taken = 0  # optimizer steps, skipped ones included: the lr schedule's position
-        if cfg.parallel.offload_optimizer == "nvme":
-            log.warning("parallel.offload_optimizer=nvme: this run trains and checkpoints, but its checkpoints "
-                        "cannot be resumed or converted yet (use offload_optimizer=cpu for a run that must resume)")
         self._set_lr()
 
     # -- building ----------------------------------------------------------------------------

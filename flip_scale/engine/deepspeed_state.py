@@ -1,5 +1,6 @@
 """Whole-parameter values in and out of the DeepSpeed engine's ZeRO shards: its checkpoint files
-(save, resume, re-shard into another stage or data-parallel size) and --init-from. A mixin of
+(save, resume, re-shard into another stage or data-parallel size; with the optimizer on NVMe, its
+swapped sub-groups written into and read back from those files) and --init-from. A mixin of
 `DeepSpeedEngine` (engine/deepspeed.py), which provides `engine`, `optimizer`, `module`, `stage`,
 `dims`, `device`, `rank`, `cfg`, `steps_taken`, `_set_model_param` and `_base_optimizer`.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import contextlib
 import logging
 
 import torch
@@ -26,6 +28,48 @@ def full_shape(param) -> torch.Size:
 
 
 
+class _OpenSubGroups:
+    """ZeRO-3 loading: one optimizer sub-group open (in memory: swapped in where it lives on NVMe)
+    at a time. Closing one copies its fp32 partition into the model's own partitions and swaps it
+    out; opening one the first time with moments gives it zeroed Adam state and the step count."""
+
+    def __init__(self, engine, adam_step: Optional[int]):
+        self.engine, self.zero, self.adam_step = engine, engine.optimizer, adam_step
+        self.current: Optional[int] = None
+        self.done: set = set()  # sub-groups whose model partitions were updated
+        self._with_moments: set = set()
+
+    def open(self, group: int, with_moments: bool) -> None:
+        zero = self.zero
+        if group != self.current:
+            self.close()
+            if zero._swappable_optimizer_subgroup(group):
+                zero._optimizer_states_and_gradient_swap_in(group)
+            self.current = group
+        if with_moments and group not in self._with_moments:
+            self._with_moments.add(group)
+            flat = zero.fp32_partitioned_groups_flat[group]
+            state = zero.optimizer.state[flat]
+            state["step"] = self.engine._adam_step_value(self.adam_step or 0, flat)
+            for key in ("exp_avg", "exp_avg_sq"):
+                # A moment swapped in with its partition is filled in place: the swapper writes
+                # that tensor back at swap-out, not a new one in its place.
+                if torch.is_tensor(state.get(key)) and state[key].numel() == flat.numel():
+                    state[key].zero_()
+                else:
+                    state[key] = torch.zeros_like(flat)
+
+    def close(self) -> None:
+        group, self.current = self.current, None
+        if group is None:
+            return
+        zero = self.zero
+        zero._reassign_or_swap_out_partitioned_parameters(group)
+        self.done.add(group)
+        if zero._swappable_optimizer_subgroup(group):
+            zero._optimizer_states_and_gradient_swap_out(group)
+
+
 class ZeroStateMixin:
     def save_files(self, step_dir) -> None:
         """DeepSpeed's files into step_dir/deepspeed/ (collective)."""
@@ -34,8 +78,9 @@ class ZeroStateMixin:
         from ..checkpoint.deepspeed_files import DS_TAG
 
         step_dir = Path(step_dir)
-        self.engine.save_checkpoint(str(step_dir), tag=DS_TAG, client_state={"flip_scale_steps_taken": self.steps_taken},
-                                    save_latest=False)
+        with self._swapped_state_in_the_files():
+            self.engine.save_checkpoint(str(step_dir), tag=DS_TAG,
+                                        client_state={"flip_scale_steps_taken": self.steps_taken}, save_latest=False)
         if self.rank == 0:
             for name in _RECOVERY_SCRIPTS:
                 (step_dir / name).unlink(missing_ok=True)
@@ -53,47 +98,100 @@ class ZeroStateMixin:
 
         step_dir = Path(step_dir)
         files = DeepSpeedFiles(step_dir)
-        if files.nvme_optimizer:
-            # DeepSpeed 0.19's loader restores the swap files but not the model's own partitions from
-            # them (the resumed weights were the initial ones in our test): refused rather than wrong.
-            raise CheckpointError(
-                f"{step_dir}: its optimizer state was offloaded to NVMe (parallel.offload_optimizer=nvme), and "
-                f"resuming such a checkpoint is not supported yet (DeepSpeed's loader would resume with wrong "
-                f"weights); use parallel.offload_optimizer=cpu for runs that must resume")
-        if files.zero_stage == self.stage and files.dp_world_size == self.dims.dp_size:
+        # With the optimizer on NVMe (in the files or in this engine), DeepSpeed's loader does not read
+        # the optimizer files: it copies its swap-folder snapshot back and refreshes the model from
+        # it, which restores neither a sub-group kept in memory (under 1 MiB) nor the Adam moments
+        # and step of a swapped one. Those checkpoints load through the files, as a re-shard does.
+        nvme = files.nvme_optimizer or self._swaps_optimizer()
+        if files.zero_stage == self.stage and files.dp_world_size == self.dims.dp_size and not nvme:
             with refusing_unsafe_loads():
                 path, _ = self.engine.load_checkpoint(str(step_dir), tag=DS_TAG, load_module_strict=True,
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
             if path is None:
                 raise CheckpointError(f"{step_dir / DS_TAG}: DeepSpeed found no checkpoint to load there")
             return
-        log.info("re-sharding %s: ZeRO-%d over %d ranks -> ZeRO-%d over %d ranks", step_dir / DS_TAG,
-                 files.zero_stage, files.dp_world_size, self.stage, self.dims.dp_size)
+        log.info("%s %s: ZeRO-%d over %d ranks -> ZeRO-%d over %d ranks", "loading (NVMe optimizer offload)" if nvme
+                 else "re-sharding", step_dir / DS_TAG, files.zero_stage, files.dp_world_size, self.stage,
+                 self.dims.dp_size)
         self._set_full_state(files.parameters(("fp32", "exp_avg", "exp_avg_sq")), files.adam_step, str(step_dir))
 
     def _set_full_hp(self, param, value: torch.Tensor, state: Optional[str] = None) -> None:
         """This rank's part of `param`'s fp32 master weights (or of its Adam state `state`) := its
         part of the whole `value`. ZeRO-1/2: DeepSpeed's safe_set_full_* (fragment mapped). ZeRO-3:
-        the same slice DeepSpeed's own setter takes, with the last rank's short (padded) partition
-        allowed, which DeepSpeed 0.19's setter refuses for a parameter that does not divide evenly."""
+        `_set_partition`, its sub-group swapped in and out around it where it lives on NVMe."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        value = value.to(self.device)
         if self.stage != 3:
+            value = value.to(self.device)
             if state is None:
                 safe_set_full_fp32_param(param, value)
             else:
                 safe_set_full_optimizer_state(param, value, state)
             return
         zero = self.optimizer
-        partition, group = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=state)
-        size = partition.numel()
-        start = size * zero._get_param_partition_rank(param)
-        piece = value.flatten()[start:start + size]
+        group = self._sub_group(param)
+        swapped = zero._swappable_optimizer_subgroup(group)
+        if swapped:
+            zero._optimizer_states_and_gradient_swap_in(group)
+        self._set_partition(param, value, state)
+        if swapped:
+            zero._optimizer_states_and_gradient_swap_out(group)
+
+    def _sub_group(self, param) -> int:
+        """ZeRO-3: the optimizer sub-group (one flat fp32 partition) that holds `param`'s part."""
+        return self.optimizer.grad_position[self.optimizer.get_param_id(param)][0]
+
+    def _set_partition(self, param, value: torch.Tensor, state: Optional[str] = None) -> None:
+        """ZeRO-3, `param`'s sub-group in memory (swapped in where it lives on NVMe): this rank's
+        slice of the whole `value` into its fp32 partition (or Adam state `state`), the slice
+        DeepSpeed's own setter takes, with the last rank's short (padded) partition allowed, which
+        DeepSpeed 0.19's setter refuses for a parameter that does not divide evenly."""
+        zero = self.optimizer
+        group, offset, numel = zero.grad_position[zero.get_param_id(param)]
+        flat = zero.fp32_partitioned_groups_flat[group]
+        partition = (flat if state is None else zero.optimizer.state[flat][state]).narrow(0, offset, numel)
+        start = numel * zero._get_param_partition_rank(param)
+        piece = value.to(partition.device).flatten()[start:start + numel]
         partition.data.zero_()
         partition.data[:piece.numel()].copy_(piece)
-        if zero._swappable_optimizer_subgroup(group):  # NVMe offload: written back, as DeepSpeed's setter does
-            zero._optimizer_states_and_gradient_swap_out(group)
+
+    def _swaps_optimizer(self) -> bool:
+        """Whether this engine keeps (some of) its optimizer state in NVMe swap files."""
+        return self.stage == 3 and bool(getattr(self.optimizer, "swap_optimizer", False))
+
+    @contextlib.contextmanager
+    def _swapped_state_in_the_files(self):
+        """While DeepSpeed saves: the fp32 partition and Adam moments of every sub-group that lives
+        in NVMe swap files held in host memory, so its optimizer files hold them as they hold any
+        other sub-group's (DeepSpeed would write empty tensors there, and copy its whole swap folder
+        beside them instead, which its loader does not restore from: see load_files). Costs this
+        rank's swapped partitions in host memory (12 bytes per parameter / data-parallel size, fp32
+        Adam) for the length of the save; DeepSpeed's swap-folder copy is not made."""
+        if not self._swaps_optimizer():
+            yield
+            return
+        zero = self.optimizer
+        held = []  # (tensor, its released storage) for each swapped tensor given a copy
+        for group in range(len(zero.fp16_groups)):
+            if not zero._swappable_optimizer_subgroup(group):
+                continue
+            zero._optimizer_states_and_gradient_swap_in(group)
+            flat = zero.fp32_partitioned_groups_flat[group]
+            tensors = [flat] + [value for value in zero.optimizer.state.get(flat, {}).values()
+                                if torch.is_tensor(value) and value.numel() == flat.numel()]
+            copies = [tensor.detach().clone() for tensor in tensors]
+            zero._release_swap_buffers(group)  # nothing written: the swap files are unchanged
+            for tensor, copy in zip(tensors, copies):
+                held.append((tensor, tensor.data))
+                tensor.data = copy
+        # DeepSpeed's copy of the swap folder into the checkpoint: the optimizer files hold it all.
+        self.engine.zero_nvme_offload_optimizer = lambda: False
+        try:
+            yield
+        finally:
+            del self.engine.zero_nvme_offload_optimizer
+            for tensor, released in held:
+                tensor.data = released
 
     def _adam_step_value(self, step: int, flat: torch.Tensor):
         """Adam's step count as the base optimizer keeps it: PyTorch's AdamW a float tensor (on the
@@ -125,33 +223,42 @@ class ZeroStateMixin:
             # Every parameter partitioned first (as DeepSpeed's loader does): no gathered copy, and
             # no ZeRO++ secondary partition, outlives the new values.
             zero.checkpoint_event_prologue()
+        groups = _OpenSubGroups(self, adam_step) if self.stage == 3 else None
         for name, values in named_values:
             if name not in params:
                 raise CheckpointError(f"{where}: holds parameter {name!r}, which this model does not have")
             param = params[name]
             if "exp_avg" in values and not with_moments:
                 # Adam's state exists after a first step only: made on each flat partition (the
-                # files' step count), and ZeRO-1/2's parameters linked to it again.
+                # files' step count; ZeRO-3: as each sub-group is opened), and ZeRO-1/2's
+                # parameters linked to it again.
                 with_moments = True
-                for flat in self._flat_partitions():
-                    zero.optimizer.state[flat] = {"step": self._adam_step_value(adam_step or 0, flat),
-                                                  "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
                 if self.stage < 3:
+                    for flat in self._flat_partitions():
+                        zero.optimizer.state[flat] = {"step": self._adam_step_value(adam_step or 0, flat),
+                                                      "exp_avg": torch.zeros_like(flat),
+                                                      "exp_avg_sq": torch.zeros_like(flat)}
                     zero._hp_optimizer_states_linked = False
                     zero._lazy_init_hp_params_optimizer_state()
             seen.add(name)
             shape = full_shape(param)  # the temperature: () in the files, (1,) here
-            self._set_full_hp(param, values["fp32"].float().reshape(shape))
+            if groups is not None:
+                groups.open(self._sub_group(param), with_moments)
+            setter = self._set_partition if groups is not None else self._set_full_hp
+            setter(param, values["fp32"].float().reshape(shape))
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in values:
-                    self._set_full_hp(param, values[key].float().reshape(shape), key)
+                    setter(param, values[key].float().reshape(shape), key)
+        if groups is not None:
+            groups.close()  # the last one: its model partitions updated, swapped out
         missing = sorted(set(params) - seen)
         if missing:
             raise CheckpointError(f"{where}: lacks {len(missing)} parameters of this model: {', '.join(missing[:8])}")
         # The model's own weights follow the fp32 ones only at the next step: copied now.
         if self.stage == 3:
             for sub_group in range(len(zero.fp16_groups)):
-                zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+                if sub_group not in groups.done:
+                    zero._reassign_or_swap_out_partitioned_parameters(sub_group)
             zero.checkpoint_event_epilogue()
         else:
             zero.update_lp_params()
