@@ -33,7 +33,7 @@ from .metrics import MetricsWriter, StepMetrics, format_duration
 from .models import build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
 from .preflight import check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
-from .runtime import on_rank0_for_all, setup_logging
+from .runtime import configure_determinism, on_rank0_for_all, setup_logging
 from .train_state import DataPosition, TrainerRecord, TrainState
 
 log = logging.getLogger("flip_scale")
@@ -328,13 +328,13 @@ class Trainer:
 
 
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
+    # Before the process group and the first CUDA call (cuBLAS reads its workspace setting once).
+    configure_determinism(cfg.train.deterministic, cfg.train.device)
     proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
     setup_logging(proc.rank)
     preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     trainer = None
     try:
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
         trainer = Trainer(cfg, run_dir, proc)
         trainer.describe()
         # Rank 0 picks the checkpoint and every rank takes its choice (ranks looking at a shared

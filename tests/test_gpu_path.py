@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flip_scale import loss as loss_module
+from flip_scale import runtime
 
 
 def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
@@ -31,3 +32,33 @@ def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
     exact = loss_module.contrastive_loss_rows(image.double(), text.double(), image.double(), text.double(),
                                               scale.double(), 0)
     assert abs(value.item() - exact.item()) < 1e-5
+
+
+def _deterministic_off():
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_setup_without_cuda_sets_no_variable(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = {}
+    try:
+        assert runtime.configure_determinism(True, "auto", env) == {}
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        _deterministic_off()
+    assert env == {}
+    assert runtime.configure_determinism(False, "auto", env) == {} and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_setup_with_cuda_sets_the_cublas_workspace(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # nothing below touches the device
+    try:
+        env = {}
+        assert runtime.configure_determinism(True, "auto", env) == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+        assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+        env = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}  # the user's value is kept
+        assert runtime.configure_determinism(True, "cuda", env) == {} and env["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        env = {}
+        assert runtime.configure_determinism(True, "cpu", env) == {} and env == {}  # train.device=cpu
+    finally:
+        _deterministic_off()
