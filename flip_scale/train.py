@@ -27,7 +27,7 @@ import torch
 from . import preemption
 from .checkpoint import CheckpointManager, resolve_resume
 from .config import Config, ConfigError, effective_lr, load_config
-from .distributed import ProcessInfo, barrier, init_distributed, shutdown
+from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
 from .engine import build_engine
 from .metrics import MetricsWriter, StepMetrics, format_duration
 from .models import build_model, count_parameters, masking_noise
@@ -330,7 +330,7 @@ class Trainer:
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
     # Before the process group and the first CUDA call (cuBLAS reads its workspace setting once).
     configure_determinism(cfg.train.deterministic, cfg.train.device)
-    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
+    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes, needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank)
     preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     trainer = None

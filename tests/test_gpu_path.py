@@ -3,8 +3,11 @@ deterministic mode's environment, the process-group backend that takes offloaded
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+from dist_utils import run_distributed
 
 from flip_scale import loss as loss_module
 from flip_scale import runtime
@@ -62,3 +65,56 @@ def test_deterministic_setup_with_cuda_sets_the_cublas_workspace(monkeypatch):
         assert runtime.configure_determinism(True, "cpu", env) == {} and env == {}  # train.device=cpu
     finally:
         _deterministic_off()
+
+
+# ----------------------------------------------------------------------------- offloaded gradient norms
+
+
+def test_process_group_backend_takes_cpu_tensors_beside_nccl():
+    from flip_scale.config import ParallelConfig
+    from flip_scale.distributed import needs_cpu_collectives, process_group_backend
+
+    assert process_group_backend("cuda", cpu_collectives=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("cuda") == "nccl" and process_group_backend("cpu", True) == "gloo"
+    assert needs_cpu_collectives(ParallelConfig(cpu_offload=True))
+    assert not needs_cpu_collectives(ParallelConfig()) and not needs_cpu_collectives(ParallelConfig(engine="deepspeed"))
+
+
+def _offloaded_and_plain_norms(rank: int, world_size: int) -> dict:
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from flip_scale.loss import ContrastiveLoss
+    from flip_scale.models.registry import arch_from_config
+    from flip_scale.parallel import ParallelDims, build_model_parts, total_grad_norm
+    from flip_scale.step import forward_backward
+    from test_parallel import GLOBAL_BATCH, global_batch, tiny_config
+
+    norms, backends, devices = {}, set(), set()
+    for offload in (False, True):
+        cfg = tiny_config(dp_shard=world_size, cpu_offload=offload)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum_steps=2))
+        dims = ParallelDims.from_config(cfg.parallel, world_size, arch_from_config(cfg.model), GLOBAL_BATCH, 2)
+        dims.build_mesh("cpu")
+        backends |= {str(dist.get_backend(dims.dp_group)), str(dist.get_backend(dims.mesh.get_group("dp_shard")))}
+        (model,), _ = build_model_parts(cfg, dims, torch.device("cpu"))
+        images, tokens, noise = global_batch(0, cfg.model)
+        rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+        forward_backward(model, ContrastiveLoss(dims.dp_group), images[rows], tokens[rows], noise[rows], microbatches=2)
+        norms[offload] = total_grad_norm(list(model.parameters()), dims).item()
+        if offload:
+            devices |= {p.grad.to_local().device.type for p in model.parameters() if hasattr(p.grad, "to_local")}
+    return dict(norms=norms, backends=backends, devices=devices)
+
+
+@pytest.mark.slow
+def test_offloaded_gradient_norm_under_a_cpu_gloo_group_equals_the_plain_one():
+    # The process group as `init_distributed` makes it for CPU offload on CUDA, with its CPU half only
+    # (this machine has no GPU): each mesh axis must inherit it and the offloaded norm must reduce on it.
+    results = run_distributed(_offloaded_and_plain_norms, 2, timeout=120, backend="cpu:gloo")
+    for result in results:
+        assert all("gloo" in backend for backend in result["backends"]), result["backends"]
+        assert result["devices"] == {"cpu"}
+        assert result["norms"][True] == pytest.approx(result["norms"][False], rel=1e-6), result["norms"]
+    assert results[0]["norms"] == results[1]["norms"]
