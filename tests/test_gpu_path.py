@@ -91,7 +91,7 @@ def _offloaded_and_plain_norms(rank: int, world_size: int) -> dict:
     from flip_scale.step import forward_backward
     from test_parallel import GLOBAL_BATCH, global_batch, tiny_config
 
-    norms, backends, devices = {}, set(), set()
+    norms, backends, devices, prefetch = {}, set(), set(), False
     for offload in (False, True):
         cfg = tiny_config(dp_shard=world_size, cpu_offload=offload)
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum_steps=2))
@@ -103,9 +103,12 @@ def _offloaded_and_plain_norms(rank: int, world_size: int) -> dict:
         rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
         forward_backward(model, ContrastiveLoss(dims.dp_group), images[rows], tokens[rows], noise[rows], microbatches=2)
         norms[offload] = total_grad_norm(list(model.parameters()), dims).item()
+        blocks = list(model.visual.blocks.values())
+        prefetch = (blocks[0]._get_fsdp_state()._states_to_forward_prefetch == [blocks[1]._get_fsdp_state()]
+                    and blocks[1]._get_fsdp_state()._states_to_backward_prefetch == [blocks[0]._get_fsdp_state()])
         if offload:
             devices |= {p.grad.to_local().device.type for p in model.parameters() if hasattr(p.grad, "to_local")}
-    return dict(norms=norms, backends=backends, devices=devices)
+    return dict(norms=norms, backends=backends, devices=devices, prefetch=prefetch)
 
 
 @pytest.mark.slow
@@ -116,5 +119,6 @@ def test_offloaded_gradient_norm_under_a_cpu_gloo_group_equals_the_plain_one():
     for result in results:
         assert all("gloo" in backend for backend in result["backends"]), result["backends"]
         assert result["devices"] == {"cpu"}
+        assert result["prefetch"]  # explicit FSDP2 prefetch along the block sequence (parallel/fsdp.py)
         assert result["norms"][True] == pytest.approx(result["norms"][False], rel=1e-6), result["norms"]
     assert results[0]["norms"] == results[1]["norms"]
