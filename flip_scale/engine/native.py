@@ -20,6 +20,7 @@ from ..loss import build_loss
 from ..models import clamp_logit_scale_
 from ..optim import OptimizerGroup, nvidia_apex_available
 from ..parallel import build_model_parts, clip_grad_norm_, total_grad_norm
+from ..parallel.memory import reduce_every_microbatch
 from ..parallel.pipeline import PipelineEvalModel, pipeline_forward_backward
 from ..runtime import resolve_precision
 from ..step import forward_backward
@@ -40,6 +41,8 @@ class NativeEngine(Engine):
         self.model = None if self.pipe is not None else self.model_parts[0]
         self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
         self.optimizers = OptimizerGroup(self.model_parts, cfg, self.device)
+        params = sum(p.numel() for p in self.parameters())  # this rank's stage, whole tensors
+        self.reduce_every_microbatch, self._reduce_why = reduce_every_microbatch(cfg, self.dims, params)
 
     # -- one step --------------------------------------------------------------------------
     def train(self) -> None:
@@ -55,6 +58,7 @@ class NativeEngine(Engine):
             microbatches=self.cfg.optim.grad_accum_steps,
             exact=self.cfg.loss.microbatch_contrast == "exact",
             autocast=self.autocast,
+            reduce_every_microbatch=self.reduce_every_microbatch,
         )
 
     def clip_and_step(self) -> StepResult:
@@ -131,4 +135,6 @@ class NativeEngine(Engine):
     def describe(self) -> list[str]:
         kinds = sorted({getattr(opt, "flip_kind", type(opt).__name__) for opt in self.optimizers.optimizers})
         return [f"engine fsdp (FSDP2 + tensor + pipeline parallel); optimizer {', '.join(kinds)}; LayerNorm: "
-                f"PyTorch's (NVIDIA apex {'importable' if nvidia_apex_available() else 'not importable'})"]
+                f"PyTorch's (NVIDIA apex {'importable' if nvidia_apex_available() else 'not importable'}); gradients "
+                f"reduce-scattered {'every micro-batch' if self.reduce_every_microbatch else 'after the last micro-batch'} "
+                f"({self._reduce_why})"]
