@@ -122,3 +122,76 @@ def test_offloaded_gradient_norm_under_a_cpu_gloo_group_equals_the_plain_one():
         assert result["prefetch"]  # explicit FSDP2 prefetch along the block sequence (parallel/fsdp.py)
         assert result["norms"][True] == pytest.approx(result["norms"][False], rel=1e-6), result["norms"]
     assert results[0]["norms"] == results[1]["norms"]
+
+
+# ----------------------------------------------------------------------------- the skip decided on the device
+
+
+def _engine_cfg(*overrides):
+    from flip_scale.config import load_config
+
+    return load_config(None, ["train.global_batch_size=8", "logging.tensorboard=false", "train.device=cpu",
+                              "train.precision=fp32", "optim.fused=true", "optim.lr=1e-3", *overrides])
+
+
+def test_the_skip_on_the_device_steps_exactly_as_the_host_skip():
+    # PyTorch's fused AdamW runs on the CPU too: the CUDA path (found_inf) is the same code here.
+    from flip_scale.engine import build_engine
+    from flip_scale.preflight import plan_run
+
+    cfg = _engine_cfg()
+    host, device = (build_engine(cfg, plan_run(cfg, 1), "cpu") for _ in range(2))
+    assert not host.skip_on_device  # a CPU run keeps the host decision
+    device.skip_on_device = True
+    generator = torch.Generator().manual_seed(0)
+    for poisoned in (False, True, False, True):
+        grads = [torch.randn(p.shape, generator=generator) for p in host.parameters()]
+        if poisoned:
+            grads[1].view(-1)[0] = float("nan")
+        results = []
+        for engine in (host, device):
+            for param, grad in zip(engine.parameters(), grads):
+                param.grad = grad.clone()
+            results.append(engine.clip_and_step())
+        assert isinstance(results[1].skipped, torch.Tensor) and bool(results[1].skipped) == results[0].skipped == poisoned
+        assert results[0].lr == results[1].lr and host.lr == device.lr
+        for a, b in zip(host.parameters(), device.parameters()):
+            assert torch.equal(a, b)
+    steps = [[float(s["step"]) for s in opt.state.values()] for opt in (host.optimizers.optimizers[0],
+                                                                          device.optimizers.optimizers[0])]
+    assert steps[0] == steps[1] and set(steps[0]) == {2.0}  # two applied steps of four
+
+
+def test_the_trainer_counts_device_skips_at_log_steps(tmp_path):
+    from flip_scale.distributed import ProcessInfo
+    from flip_scale.metrics import StepMetrics
+    from flip_scale.train import Trainer
+
+    cfg = _engine_cfg("optim.max_nonfinite_steps=1", "train.log_every_steps=100", "train.max_steps=100")
+    trainer = Trainer(cfg, tmp_path, ProcessInfo(0, 1, 0, torch.device("cpu")), with_data=False)
+    trainer.engine.skip_on_device = True
+    arch, generator = trainer.arch, torch.Generator().manual_seed(0)
+    metrics = StepMetrics(cfg, trainer.dims, trainer.device, 1, 1.0, "fp32", 0)
+
+    def step(poisoned=False):
+        images = torch.randn(8, 3, arch.image_size, arch.image_size, generator=generator)
+        if poisoned:
+            images[3] = float("nan")
+        tokens = torch.randint(4, arch.vocab_size, (8, arch.context_length), generator=generator)
+        out = trainer.train_step({"images": images, "tokens": tokens})
+        trainer.state.step += 1
+        metrics.add(out["loss"], out["skipped_step"], 0, 0.0)
+        return out
+
+    losses = [step()["loss"], step(poisoned=True)["loss"], step()["loss"]]
+    assert trainer.state.nonfinite_steps == 0  # not read yet
+    values, _ = metrics.collect(3)
+    assert values["loss"] == pytest.approx((float(losses[0]) + float(losses[2])) / 2)  # the skipped one left out
+    trainer.settle_nonfinite()
+    assert trainer.state.nonfinite_steps == 1 and trainer.state.nonfinite_in_a_row == 0
+    step(poisoned=True)
+    step(poisoned=True)
+    with pytest.raises(FloatingPointError, match="non-finite for 2 steps in a row, more than optim.max_nonfinite_steps=1"):
+        trainer.settle_nonfinite()
+    assert trainer.state.nonfinite_steps == 3
+    trainer.close()

@@ -41,6 +41,11 @@ class NativeEngine(Engine):
         self.model = None if self.pipe is not None else self.model_parts[0]
         self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
         self.optimizers = OptimizerGroup(self.model_parts, cfg, self.device)
+        # The skip decided on the device (no host read per step) where every optimizer is PyTorch's
+        # fused AdamW, whose kernel takes a found_inf flag (the grad scaler's): a no-op step that
+        # leaves weights, moments and step counts exactly as a skipped one. Else one host read.
+        self.skip_on_device = self.device.type == "cuda" and all(
+            isinstance(opt, torch.optim.Adam) and opt.defaults.get("fused") for opt in self.optimizers.optimizers)
         params = sum(p.numel() for p in self.parameters())  # this rank's stage, whole tensors
         self.reduce_every_microbatch, self._reduce_why = reduce_every_microbatch(cfg, self.dims, params)
 
@@ -69,6 +74,8 @@ class NativeEngine(Engine):
             grad_norm = total_grad_norm(parameters, self.dims)
         lr = self.optimizers.lr
         # The norm is global (every rank holds the same value), so every rank decides alike.
+        if self.skip_on_device:
+            return self._step_unless_nonfinite(grad_norm, lr)
         if not math.isfinite(float(grad_norm)):
             self.optimizers.skip()
             self.optimizers.zero_grad()
@@ -78,6 +85,22 @@ class NativeEngine(Engine):
         for part in self.model_parts:
             clamp_logit_scale_(part)
         return StepResult(grad_norm, lr)
+
+    def _step_unless_nonfinite(self, grad_norm: torch.Tensor, lr: float) -> StepResult:
+        """The step with the skip decided on the device: `skipped` is a 0-dim bool tensor, read by
+        the trainer at its logging steps only. The lr schedule moves on either way (as `skip`)."""
+        skipped = ~torch.isfinite(grad_norm)
+        for optimizer in self.optimizers.optimizers:
+            optimizer.found_inf = skipped.float()
+        try:
+            self.optimizers.step()
+        finally:
+            for optimizer in self.optimizers.optimizers:
+                del optimizer.found_inf
+        self.optimizers.zero_grad()
+        for part in self.model_parts:  # a skipped step's temperature was clamped already: a no-op
+            clamp_logit_scale_(part)
+        return StepResult(grad_norm, lr, skipped=skipped)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         for part in self.model_parts:
