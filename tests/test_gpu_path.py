@@ -195,3 +195,44 @@ def test_the_trainer_counts_device_skips_at_log_steps(tmp_path):
         trainer.settle_nonfinite()
     assert trainer.state.nonfinite_steps == 3
     trainer.close()
+
+
+def _device_and_host_skip_under_fsdp(rank: int, world_size: int) -> list:
+    import torch.distributed as dist
+
+    from flip_scale.engine import build_engine
+    from flip_scale.preflight import plan_run
+
+    cfg = _engine_cfg(f"parallel.dp_shard={world_size}")
+    host, device = (build_engine(cfg, plan_run(cfg, world_size), "cpu") for _ in range(2))
+    device.skip_on_device = True
+    generator = torch.Generator().manual_seed(rank)
+    skipped, equal = [], []
+    for poisoned in (False, True, False):
+        for engine in (host, device):
+            generator.manual_seed(100 * rank + len(skipped))
+            for param in engine.parameters():
+                local = param.to_local() if hasattr(param, "to_local") else param
+                grad = torch.randn(local.shape, generator=generator)
+                if poisoned and rank == 1 and local.numel():
+                    grad.view(-1)[0] = float("nan")
+                if hasattr(param, "to_local"):
+                    from torch.distributed.tensor import DTensor
+
+                    grad = DTensor.from_local(grad, param.device_mesh, param.placements, run_check=False)
+                else:
+                    dist.broadcast(grad, 0)  # replicated (the temperature): equal on every rank
+                param.grad = grad
+        results = [host.clip_and_step(), device.clip_and_step()]
+        skipped.append((results[0].skipped, bool(results[1].skipped)))
+        equal.append(all(torch.equal(a.to_local(), b.to_local()) if hasattr(a, "to_local") else torch.equal(a, b)
+                         for a, b in zip(host.parameters(), device.parameters())))
+    return [skipped, equal]
+
+
+@pytest.mark.slow
+def test_the_skip_on_the_device_under_fsdp_on_every_rank():
+    # ZeRO-3 over 2 ranks (DTensor parameters, the fused kernel with a plain 0-dim found_inf); the NaN
+    # sits on rank 1 only, and both ranks skip.
+    for skipped, equal in run_distributed(_device_and_host_skip_under_fsdp, 2, timeout=120):
+        assert skipped == [(False, False), (True, True), (False, False)] and all(equal), (skipped, equal)
