@@ -159,9 +159,26 @@ def slurm_launch_env(env: Mapping[str, str],
     return result
 
 
-def init_distributed(device_setting: str = "auto", timeout_minutes: int = 30) -> ProcessInfo:
+def needs_cpu_collectives(parallel_cfg) -> bool:
+    """Whether collectives on CPU tensors happen beside the GPU's: FSDP2's CPU offload keeps the
+    gradient shards in host memory, and their norm is all-reduced where they are."""
+    return getattr(parallel_cfg, "engine", "fsdp") == "fsdp" and bool(getattr(parallel_cfg, "cpu_offload", False))
+
+
+def process_group_backend(device_type: str, cpu_collectives: bool = False) -> str:
+    """gloo on CPU; NCCL on CUDA, with gloo beside it for CPU tensors when `cpu_collectives`
+    (NCCL takes CUDA tensors only). Every group made from the default one (new_group, each axis of
+    the DeviceMesh) inherits both."""
+    if device_type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if cpu_collectives else "nccl"
+
+
+def init_distributed(device_setting: str = "auto", timeout_minutes: int = 30,
+                     cpu_collectives: bool = False) -> ProcessInfo:
     """Join the process group when launched with WORLD_SIZE > 1 (torchrun, or srun one task per
-    GPU: Slurm's variables are translated first); else one process."""
+    GPU: Slurm's variables are translated first); else one process. `cpu_collectives`
+    (`needs_cpu_collectives(cfg.parallel)`): see `process_group_backend`."""
     slurm = slurm_launch_env(os.environ)
     if slurm is not None:
         os.environ.update(slurm)
@@ -175,11 +192,14 @@ def init_distributed(device_setting: str = "auto", timeout_minutes: int = 30) ->
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device.type, cpu_collectives)
+        # A bound device (eager NCCL init) makes the mesh split its groups with ncclCommSplit,
+        # which leaves a gloo half out: with CPU collectives the groups are made by new_group.
+        bind = device.type == "cuda" and backend == "nccl"
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=device if device.type == "cuda" else None,
+            device_id=device if bind else None,
         )
         log.info("rank %d/%d joined the %s process group", rank, world_size, backend)
     return ProcessInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

@@ -60,12 +60,16 @@ def contrastive_loss_rows(
     logit_scale: torch.Tensor,
     row_offset: int,
 ) -> torch.Tensor:
-    """Mean symmetric cross-entropy of the local rows; positives sit at `row_offset + i`."""
-    scale = logit_scale.exp()
-    logits_image = scale * image_local.float() @ text_all.float().t()
-    logits_text = scale * text_local.float() @ image_all.float().t()
-    labels = torch.arange(image_local.shape[0], device=image_local.device) + row_offset
-    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
+    """Mean symmetric cross-entropy of the local rows; positives sit at `row_offset + i`.
+
+    The logits are fp32 whatever the caller's autocast: a matmul under bf16 autocast runs in bf16
+    even on fp32 inputs, and at logit scale 100 a bf16 logit moves in steps of 0.5."""
+    with torch.autocast(device_type=image_local.device.type, enabled=False):
+        scale = logit_scale.float().exp()
+        logits_image = scale * image_local.float() @ text_all.float().t()
+        logits_text = scale * text_local.float() @ image_all.float().t()
+        labels = torch.arange(image_local.shape[0], device=image_local.device) + row_offset
+        return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
 
 class ContrastiveLoss(nn.Module):

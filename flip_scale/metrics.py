@@ -146,7 +146,13 @@ class StepMetrics:
     def add(self, loss, skipped_step: bool, skipped_samples: int, data_wait_s: float) -> None:
         """One step: its loss (a skipped step's is not finite and stays out of the mean), the bad
         samples its batch met, the seconds it waited for the batch."""
-        if not skipped_step:
+        if hasattr(skipped_step, "dtype"):  # decided on the device: summed there, read in `collect`
+            import torch
+
+            kept = ~skipped_step
+            self.loss_sum = torch.where(kept, loss.detach().double(), 0.0) + self.loss_sum
+            self.loss_steps = kept.long() + self.loss_steps
+        elif not skipped_step:
             self.loss_sum += float(loss)
             self.loss_steps += 1
         self.skipped += int(skipped_samples)
@@ -162,6 +168,7 @@ class StepMetrics:
         from .runtime import reduce_float
 
         group, device, batch = self.dims.dp_group, self.device, self.cfg.train.global_batch_size
+        self.loss_sum, self.loss_steps = float(self.loss_sum), int(self.loss_steps)  # the window's one host read
         loss = (reduce_float(self.loss_sum / self.loss_steps, group, device) / self.dims.dp_size
                 if self.loss_steps else float("nan"))
         skipped = int(reduce_float(self.skipped, group, device))
@@ -188,3 +195,34 @@ class StepMetrics:
 
     def line(self, step: int, values: dict) -> str:
         return self.progress.line(step, values)
+
+
+class DeviceSkipCounter:
+    """Skipped steps counted on the device, from `StepResult.skipped` tensors: the trainer adds each
+    step's flag without a host read and `settle`s at logging steps and before a checkpoint (one
+    read): -> (skipped steps in the window, the run of skips in a row now, the longest run in the
+    window), the runs continuing from `in_a_row` (the trainer's count so far)."""
+
+    def __init__(self):
+        self.steps = self.in_a_row = self.longest = None
+
+    def add(self, skipped, in_a_row: int) -> None:
+        import torch
+
+        flag = skipped.long()
+        if self.steps is None:
+            self.steps = torch.zeros_like(flag)
+            self.in_a_row = torch.full_like(flag, in_a_row)
+            self.longest = torch.full_like(flag, in_a_row)
+        self.steps += flag
+        self.in_a_row = (self.in_a_row + flag) * flag
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+
+    def settle(self) -> Optional[tuple]:
+        if self.steps is None:
+            return None
+        import torch
+
+        steps, in_a_row, longest = torch.stack([self.steps, self.in_a_row, self.longest]).tolist()
+        self.steps = self.in_a_row = self.longest = None
+        return steps, in_a_row, longest

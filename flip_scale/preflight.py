@@ -57,6 +57,10 @@ def check_layout_options(cfg: Config, dims: ParallelDims) -> None:
     if dims.pp_enabled and cfg.loss.microbatch_contrast != "exact":
         raise ConfigError("loss.microbatch_contrast=per_microbatch is not available with pipeline parallel "
                           "(parallel.pp > 1); use exact")
+    if cfg.parallel.reduce_every_microbatch == "true" and (dims.pp_enabled or cfg.parallel.engine != "fsdp"):
+        raise ConfigError("parallel.reduce_every_microbatch=true is for parallel.engine=fsdp without pipeline "
+                          "parallel (the pipeline schedule and DeepSpeed accumulate by their own rule); valid here: "
+                          "auto or false")
 
 
 def check_tokenizer_size(cfg: Config, vocab_size: int, arch) -> None:
@@ -147,11 +151,53 @@ def describe_plan(plan: RunPlan) -> str:
            else f"sharded over {shard_over}")
         + (f" (x{dims.dp_replicate} replicas)" if dims.dp_replicate > 1 else ""),
         f"  {tokenizer_note}",
+        *_memory_lines(plan, counts["params_total"]),
         f"  activation checkpointing: {cfg.parallel.activation_checkpointing} "
         f"({cfg.parallel.activation_checkpointing_towers}); compiled blocks: {cfg.parallel.compile}",
         *_engine_lines(plan),
         "  config and layout OK",
     ])
+
+
+def largest_block_parameters(arch) -> int:
+    """Parameters of the widest transformer block (qkv + out projection, the MLP, two norms)."""
+    return max(4 * t.width * t.width + 2 * t.width * t.mlp_dim + 9 * t.width + t.mlp_dim
+               for t in (arch.vision, arch.text))
+
+
+def memory_estimate(plan: RunPlan, params: int) -> dict:
+    """Bytes per rank by kind, README's memory model (`parallel/memory.py`), for the plan's layout."""
+    from .parallel.deepspeed_config import dry_run_precision
+    from .parallel.memory import memory_per_rank
+
+    return memory_per_rank(plan.cfg, plan.dims, plan.arch, params, plan.local_batch, dry_run_precision(plan.cfg),
+                           plan.visible_patches, largest_block_parameters(plan.arch))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _memory_lines(plan: RunPlan, params: int) -> list[str]:
+    from .parallel.deepspeed_config import dry_run_precision
+    from .parallel.memory import accumulation_microbatches, reduce_every_microbatch
+
+    cfg, dims = plan.cfg, plan.dims
+    memory = memory_estimate(plan, params)
+    if memory["unsharded_grads"]:
+        accumulation = (f"unsharded fp32 gradients {_size(memory['unsharded_grads'])} (4 B/param over tp x pp, held "
+                        f"across {accumulation_microbatches(cfg, dims)} micro-batches; "
+                        f"parallel.reduce_every_microbatch=true reduce-scatters each instead)")
+    else:
+        why = reduce_every_microbatch(cfg, dims, params)[1]
+        accumulation = f"no unsharded gradients ({why})"
+    return [
+        f"  memory per rank (README's model, {dry_run_precision(cfg)} compute): total {_size(memory['total'])} = "
+        f"states {_size(memory['states'])} + {accumulation} + gathered blocks {_size(memory['gathered_params'])}",
+        f"    + activations {_size(memory['activations'])} (one micro-batch, checkpointing "
+        f"{cfg.parallel.activation_checkpointing}) + loss logits {_size(memory['loss'])}; allocator slack, "
+        f"communication buffers and the CUDA context come on top",
+    ]
 
 
 def _engine_lines(plan: RunPlan) -> list[str]:

@@ -2,6 +2,7 @@
 
     setup_logging(rank)                       rank 0 logs INFO, the others WARNING
     precision = resolve_precision(cfg, device); with autocast_context(precision, device): ...
+    configure_determinism(enabled, device)    train.deterministic: cuBLAS workspace + deterministic kernels
     value = on_rank0_for_all(compute)         rank 0 computes, every rank gets the result (or the error)
     any_rank(flag) / all_ranks(flag)          one flag agreed by every rank (collective)
     reduce_float(value, group, device, "sum") a data-parallel sum / max of one number
@@ -34,6 +35,39 @@ def setup_logging(rank: int) -> None:
     """INFO on rank 0, WARNING elsewhere (a line any rank logs at WARNING names its rank)."""
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+# cuBLAS is deterministic only with a fixed workspace (CUDA >= 10.2): ":4096:8" or ":16:8";
+# without one, torch.use_deterministic_algorithms(True) raises at the first cuBLAS call.
+CUBLAS_WORKSPACE = ":4096:8"
+CUBLAS_WORKSPACE_VALUES = (":4096:8", ":16:8")
+
+
+def configure_determinism(enabled: bool, device_setting: str = "auto", env=None) -> dict:
+    """train.deterministic: deterministic kernels, and on CUDA the cuBLAS workspace they need.
+
+    Call before anything touches cuBLAS (the variable is read when its handle is created). A
+    CUBLAS_WORKSPACE_CONFIG the user set is kept (a value cuBLAS would not make deterministic is
+    warned about); without a visible CUDA device (or with train.device=cpu) no variable is set.
+    Returns the variables it set."""
+    if not enabled:
+        return {}
+    import torch
+
+    env = os.environ if env is None else env
+    changed = {}
+    if device_setting != "cpu" and torch.cuda.is_available():
+        current = env.get("CUBLAS_WORKSPACE_CONFIG")
+        if not current:
+            env["CUBLAS_WORKSPACE_CONFIG"] = changed["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+        elif current not in CUBLAS_WORKSPACE_VALUES:
+            logging.getLogger("flip_scale").warning(
+                "train.deterministic: CUBLAS_WORKSPACE_CONFIG=%s is kept, but cuBLAS is deterministic only with "
+                "one of %s", current, ", ".join(CUBLAS_WORKSPACE_VALUES))
+    torch.use_deterministic_algorithms(True)
+    return changed
 
 
 # ----------------------------------------------------------------------------- precision

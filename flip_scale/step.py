@@ -50,11 +50,14 @@ def forward_backward(
     microbatches: int = 1,
     exact: bool = True,
     autocast=contextlib.nullcontext,
+    reduce_every_microbatch: bool = False,
 ) -> torch.Tensor:
     """Accumulate the gradients of the loss over (images, tokens) into the model; return the loss.
 
     `loss_fn(image_features, text_features, log_temperature)` must do its own data-parallel gather.
     `exact=False` contrasts each micro-batch alone (cheaper, different math), averaging the losses.
+    `reduce_every_microbatch`: FSDP2 reduce-scatters after every micro-batch's backward instead of
+    holding unsharded gradients until the last (parallel.reduce_every_microbatch).
     """
     batch = images.shape[0]
     if microbatches < 1 or batch % microbatches:
@@ -64,7 +67,7 @@ def forward_backward(
     if microbatches == 1 or not exact:
         total = torch.zeros((), device=images.device)
         for index in range(microbatches):
-            with gradient_sync(model, index == microbatches - 1):
+            with gradient_sync(model, reduce_every_microbatch or index == microbatches - 1):
                 with autocast():
                     image_features, text_features, log_scale = model(image_chunks[index], token_chunks[index], noise_chunks[index])
                     loss = loss_fn(image_features, text_features, log_scale) / microbatches
@@ -91,7 +94,7 @@ def forward_backward(
 
     # Pass 2: re-run each micro-batch with autograd and push its slice of the cached gradients.
     for index in range(microbatches):
-        with gradient_sync(model, index == microbatches - 1):
+        with gradient_sync(model, reduce_every_microbatch or index == microbatches - 1):
             with autocast():
                 image_features, text_features, scale_out = model(image_chunks[index], token_chunks[index], noise_chunks[index])
             outputs = [image_features, text_features]

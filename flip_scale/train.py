@@ -27,13 +27,13 @@ import torch
 from . import preemption
 from .checkpoint import CheckpointManager, resolve_resume
 from .config import Config, ConfigError, effective_lr, load_config
-from .distributed import ProcessInfo, barrier, init_distributed, shutdown
+from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
 from .engine import build_engine
-from .metrics import MetricsWriter, StepMetrics, format_duration
+from .metrics import DeviceSkipCounter, MetricsWriter, StepMetrics, format_duration
 from .models import build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
 from .preflight import check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
-from .runtime import on_rank0_for_all, setup_logging
+from .runtime import configure_determinism, on_rank0_for_all, setup_logging
 from .train_state import DataPosition, TrainerRecord, TrainState
 
 log = logging.getLogger("flip_scale")
@@ -103,6 +103,7 @@ class Trainer:
         self.counts = count_parameters(build_model(cfg.model, device="meta"))
         self.train_flops_per_sample = train_flops_per_sample(cfg.model)
         self.state = TrainState()
+        self.device_skips = DeviceSkipCounter()  # skips decided on the device, settled at log steps and saves
         self.loader = (build_train_loader(cfg.data, self.arch.image_size, self.tokenizer, self.dims.dp_rank,
                                           self.dims.dp_size, self.local_batch, cfg.train.seed)
                        if with_data else None)
@@ -194,6 +195,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are
         written in the background and committed at the next save or at the end of `fit`."""
+        self.settle_nonfinite()  # the counters it stores
         return self.checkpoints.save(self.state.step)
 
     # ------------------------------------------------------------------ one step
@@ -218,11 +220,32 @@ class Trainer:
         self.engine.train()
         loss = self.engine.forward_backward(images, tokens, noise)
         result = self.engine.clip_and_step()
-        if result.skipped:
+        if isinstance(result.skipped, torch.Tensor):  # on the device: counted there, no host read
+            self.device_skips.add(result.skipped, self.state.nonfinite_in_a_row)
+        elif result.skipped:
             self._count_nonfinite(result, loss)
         else:
             self.state.nonfinite_in_a_row = 0
         return {"loss": loss, "grad_norm": result.grad_norm, "lr": result.lr, "skipped_step": result.skipped}
+
+    def settle_nonfinite(self) -> None:
+        """Take the skips counted on the device into the state (one host read); too many in a row
+        within the window stop the run as `_count_nonfinite` would, at this step."""
+        settled = self.device_skips.settle()
+        if settled is None:
+            return
+        steps, in_a_row, longest = settled
+        self.state.nonfinite_steps += steps
+        self.state.nonfinite_in_a_row = in_a_row
+        limit = self.cfg.optim.max_nonfinite_steps
+        if longest > limit:
+            raise FloatingPointError(
+                f"by step {self.state.step}: the gradient norm was non-finite for {longest} steps in a row, more than "
+                f"optim.max_nonfinite_steps={limit}: stopping (no checkpoint of these weights is written); lower "
+                f"optim.lr, check the data, or resume from an earlier checkpoint")
+        if steps:
+            log.warning("steps up to %d: %d skipped for a non-finite gradient norm, the weights kept (%d in a row now, "
+                        "at most optim.max_nonfinite_steps=%d)", self.state.step, steps, in_a_row, limit)
 
     def _count_nonfinite(self, result, loss) -> None:
         """A step with a non-finite gradient norm was skipped: count it; too many in a row stop the run."""
@@ -283,6 +306,7 @@ class Trainer:
     def log_step(self, metrics: StepMetrics, out: dict) -> dict:
         """Reduce the interval's metrics over the data-parallel ranks, write them (rank 0), log a line."""
         step, state = self.state.step, self.state
+        self.settle_nonfinite()
         timing, skipped = metrics.collect(step)
         state.skipped_samples += skipped
         values = {"loss": timing.pop("loss"), "lr": out["lr"], "logit_scale": self.logit_scale(),
@@ -328,13 +352,13 @@ class Trainer:
 
 
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
-    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
+    # Before the process group and the first CUDA call (cuBLAS reads its workspace setting once).
+    configure_determinism(cfg.train.deterministic, cfg.train.device)
+    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes, needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank)
     preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     trainer = None
     try:
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
         trainer = Trainer(cfg, run_dir, proc)
         trainer.describe()
         # Rank 0 picks the checkpoint and every rank takes its choice (ranks looking at a shared

@@ -39,7 +39,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str, collective_timeout: float) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str, collective_timeout: float,
+            backend: str = "gloo") -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
@@ -51,7 +52,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str, colle
 
         torch.set_num_threads(1)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size,
+            backend, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=collective_timeout),
         )
         try:
@@ -70,8 +71,9 @@ class DistributedRunError(RuntimeError):
     pass
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 180.0) -> list:
+def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 180.0, backend: str = "gloo") -> list:
     """fn(rank, world_size, *args) on `world_size` gloo processes -> [result of rank 0, rank 1, ...].
+    `backend`: the process group's backend string ("gloo", or a per-device one such as "cpu:gloo").
 
     Results must be picklable (tensors are fine: they are pickled by value, not shared memory).
     """
@@ -79,7 +81,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 180.
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="flip_dist_") as out_dir:
         procs = [
-            ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, out_dir, timeout), daemon=True)
+            ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, out_dir, timeout, backend), daemon=True)
             for rank in range(world_size)
         ]
         for proc in procs:

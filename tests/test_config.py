@@ -185,7 +185,8 @@ def test_choice_options_are_literal_types():
     assert fields["parallel.engine"] == ("fsdp", "deepspeed")
     assert fields["optim.fused"] == ("auto", "true", "false")
     assert fields["train.device"] == ("auto", "cpu", "cuda")
-    assert len(fields) == 18
+    assert fields["parallel.reduce_every_microbatch"] == ("auto", "true", "false")
+    assert len(fields) == 19
     assert fields["parallel.zero_stage"] == (1, 2, 3)
     assert not hasattr(config_module, "CHOICES")  # the types are the one list of choices
 

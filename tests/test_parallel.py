@@ -20,6 +20,7 @@ from flip_scale.loss import ContrastiveLoss
 from flip_scale.models import build_model, masking_noise
 from flip_scale.models.registry import arch_from_config
 from flip_scale.parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize_model
+from flip_scale.parallel.memory import reduce_every_microbatch
 from flip_scale.parallel.utils import optimizer_state_bytes, parameter_counts_per_rank, shard_bytes
 from flip_scale.step import forward_backward
 
@@ -81,13 +82,18 @@ def train(model, cfg: Config, dims=None, dp_rank: int = 0, dp_size: int = 1, mic
 
     optimizer = make_optimizer(model)
     loss_fn = ContrastiveLoss(dims.dp_group if dims is not None else None)
+    every = False
+    if dims is not None:  # the engine's choice (parallel.reduce_every_microbatch) for this layout
+        with_accum = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum_steps=microbatches))
+        every, _ = reduce_every_microbatch(with_accum, dims, sum(p.numel() for p in model.parameters()))
     local = GLOBAL_BATCH // dp_size
     rows = slice(dp_rank * local, (dp_rank + 1) * local)
     losses, norms = [], []
     for step in range(STEPS):
         images, tokens, noise = global_batch(step, cfg.model)
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(model, loss_fn, images[rows], tokens[rows], noise[rows], microbatches, exact)
+        loss = forward_backward(model, loss_fn, images[rows], tokens[rows], noise[rows], microbatches, exact,
+                                reduce_every_microbatch=every)
         if dims is not None and dims.dp_group is not None:  # each rank's loss is the mean of its rows
             dist.all_reduce(loss, group=dims.dp_group)
             loss = loss / dp_size
@@ -141,7 +147,21 @@ LAYOUTS = {
     "tp=4 (SP, 9 image tokens over 4 ranks)": (dict(dp_shard=1, tp=4), True, 1),
     "dp_replicate=2 x tp=2": (dict(dp_replicate=2, dp_shard=1, tp=2), True, 1),
     "dp_shard=4, 2 exact micro-batches, CPU offload": (dict(dp_shard=4, cpu_offload=True), True, 2),
+    "dp_shard=4, 2 exact micro-batches, reduce-scatter every micro-batch": (
+        dict(dp_shard=4, reduce_every_microbatch="true"), True, 2),
 }
+
+
+def _count_sync_skips(model) -> list:
+    """A list that gets one True per set_requires_gradient_sync(False) call on `model`."""
+    calls, setter = [], model.set_requires_gradient_sync
+
+    def spy(flag, *args, **kwargs):
+        calls.append(not flag)
+        return setter(flag, *args, **kwargs)
+
+    model.set_requires_gradient_sync = spy
+    return calls
 
 
 def _run_layouts(rank: int, world_size: int, layouts: dict) -> dict:
@@ -157,12 +177,14 @@ def _run_layouts(rank: int, world_size: int, layouts: dict) -> dict:
         # Cloned: plain (unsharded) parameters come back as views of the live parameter.
         initial = {k: v.clone() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
         buffers = {k: v.clone() for k, v in model.named_buffers()}
+        syncs_skipped = _count_sync_skips(model)  # accumulation without a reduce-scatter
         losses, norms, optimizer = train(model, cfg, dims, dims.dp_rank, dims.dp_size, microbatches)
         params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         nbytes = shard_bytes(model.parameters()) + optimizer_state_bytes(optimizer)
         counts = parameter_counts_per_rank(model)
         if rank == 0:
             results[label] = dict(initial=initial, buffers=buffers, losses=losses, norms=norms, params=params,
+                                  syncs_skipped=sum(syncs_skipped),
                                   describe=dims.describe(), counts=counts, total=sum(p.numel() for p in model.parameters()))
         results.setdefault("bytes", {})[label] = nbytes
     return results
@@ -182,6 +204,12 @@ def test_layout_matches_one_process(label, layout_results, reference):
     for name, want in reference["buffers"].items():
         assert torch.equal(result["buffers"][name], want), f"{label}: buffer {name} differs"
     assert_matches_reference(result, reference, label)
+
+
+def test_reduce_every_microbatch_skips_no_reduction(layout_results):
+    # Equal to one process (above) both ways; only the default layout holds unsharded gradients.
+    assert layout_results[0]["dp_shard=4, 2 exact micro-batches, CPU offload"]["syncs_skipped"] == STEPS
+    assert layout_results[0]["dp_shard=4, 2 exact micro-batches, reduce-scatter every micro-batch"]["syncs_skipped"] == 0
 
 
 def test_zero3_shards_parameters_and_optimizer_state(layout_results, reference):

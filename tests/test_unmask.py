@@ -95,6 +95,15 @@ def test_memory_rule_raises_accumulation_to_a_divisor_of_the_rank_batch():
     tree["train"]["global_batch_size"] = 20
     plan = plan_tuning(_source(tree, 38_400), world_size=2)
     assert plan.cfg.optim.grad_accum_steps == 5 and plan.cfg.parallel.activation_checkpointing == "full"
+    # ZeRO-3 over 2 ranks: accumulating would hold unsharded gradients, so they are reduced every
+    # micro-batch (auto -> true); an explicit false is kept, with its cost said.
+    assert plan.cfg.parallel.reduce_every_microbatch == "true"
+    assert any("unsharded fp32 gradients per rank" in line for line in plan.lines)
+    tree["parallel"]["reduce_every_microbatch"] = "false"
+    kept = plan_tuning(_source(tree, 38_400), world_size=2)
+    assert kept.cfg.parallel.reduce_every_microbatch == "false" and any("NOTE parallel.reduce_every" in line for line in kept.lines)
+    del tree["parallel"]["reduce_every_microbatch"]
+    assert plan_tuning(_source(tree, 38_400)).cfg.parallel.reduce_every_microbatch == "auto"  # one rank: no term
     # keep: nothing changes; checkpointing when already full: nothing either, and it says why.
     assert "optim.grad_accum_steps" not in plan_tuning(_source(tree, 38_400), memory="keep", world_size=2).changes()
     lines = plan_tuning(_source(tree, 38_400), memory="checkpointing", world_size=2).lines

@@ -140,6 +140,10 @@ class ParallelConfig:
     param_dtype: Literal["bf16", "fp32"] = "bf16"  # FSDP MixedPrecisionPolicy on GPU
     reduce_dtype: Literal["bf16", "fp32"] = "fp32"
     cpu_offload: bool = False  # fsdp: FSDP2's CPUOffloadPolicy (deepspeed: offload_optimizer / offload_params)
+    # fsdp with optim.grad_accum_steps > 1: reduce-scatter the gradients after every micro-batch
+    # (true) or only after the last, holding unsharded fp32 gradients in between (false); auto:
+    # true once those would exceed 1 GiB per rank (parallel/memory.py).
+    reduce_every_microbatch: Literal["auto", "true", "false"] = "auto"
     # --- parallel.engine: deepspeed (refused with the native engine where they would change nothing)
     zero_stage: Literal[1, 2, 3] = 2  # 1: optimizer states, 2: + gradients, 3: + parameters sharded
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"  # ZeRO-Offload / ZeRO-Infinity (DeepSpeed's CPU Adam)

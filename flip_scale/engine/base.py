@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -29,11 +29,12 @@ from ..runtime import autocast_context
 class StepResult:
     """What one optimizer step did: the global gradient norm (over every rank of the layout, before
     clipping), the lr it stepped with, and whether it was skipped (a non-finite norm: the weights
-    are kept, the lr schedule moves on)."""
+    are kept, the lr schedule moves on): a bool, or a 0-dim bool tensor on the device where the
+    engine decided there (the trainer reads it at logging steps only, to spare a host sync)."""
 
     grad_norm: torch.Tensor
     lr: float
-    skipped: bool = False
+    skipped: Union[bool, torch.Tensor] = False
 
 
 class Engine(abc.ABC):

@@ -20,6 +20,7 @@ from ..loss import build_loss
 from ..models import clamp_logit_scale_
 from ..optim import OptimizerGroup, nvidia_apex_available
 from ..parallel import build_model_parts, clip_grad_norm_, total_grad_norm
+from ..parallel.memory import reduce_every_microbatch
 from ..parallel.pipeline import PipelineEvalModel, pipeline_forward_backward
 from ..runtime import resolve_precision
 from ..step import forward_backward
@@ -40,6 +41,13 @@ class NativeEngine(Engine):
         self.model = None if self.pipe is not None else self.model_parts[0]
         self.loss_fn = build_loss(cfg.loss, self.dims.dp_group)
         self.optimizers = OptimizerGroup(self.model_parts, cfg, self.device)
+        # The skip decided on the device (no host read per step) where every optimizer is PyTorch's
+        # fused AdamW, whose kernel takes a found_inf flag (the grad scaler's): a no-op step that
+        # leaves weights, moments and step counts exactly as a skipped one. Else one host read.
+        self.skip_on_device = self.device.type == "cuda" and all(
+            isinstance(opt, torch.optim.Adam) and opt.defaults.get("fused") for opt in self.optimizers.optimizers)
+        params = sum(p.numel() for p in self.parameters())  # this rank's stage, whole tensors
+        self.reduce_every_microbatch, self._reduce_why = reduce_every_microbatch(cfg, self.dims, params)
 
     # -- one step --------------------------------------------------------------------------
     def train(self) -> None:
@@ -55,6 +63,7 @@ class NativeEngine(Engine):
             microbatches=self.cfg.optim.grad_accum_steps,
             exact=self.cfg.loss.microbatch_contrast == "exact",
             autocast=self.autocast,
+            reduce_every_microbatch=self.reduce_every_microbatch,
         )
 
     def clip_and_step(self) -> StepResult:
@@ -65,6 +74,8 @@ class NativeEngine(Engine):
             grad_norm = total_grad_norm(parameters, self.dims)
         lr = self.optimizers.lr
         # The norm is global (every rank holds the same value), so every rank decides alike.
+        if self.skip_on_device:
+            return self._step_unless_nonfinite(grad_norm, lr)
         if not math.isfinite(float(grad_norm)):
             self.optimizers.skip()
             self.optimizers.zero_grad()
@@ -74,6 +85,22 @@ class NativeEngine(Engine):
         for part in self.model_parts:
             clamp_logit_scale_(part)
         return StepResult(grad_norm, lr)
+
+    def _step_unless_nonfinite(self, grad_norm: torch.Tensor, lr: float) -> StepResult:
+        """The step with the skip decided on the device: `skipped` is a 0-dim bool tensor, read by
+        the trainer at its logging steps only. The lr schedule moves on either way (as `skip`)."""
+        skipped = ~torch.isfinite(grad_norm)
+        for optimizer in self.optimizers.optimizers:
+            optimizer.found_inf = skipped.float()
+        try:
+            self.optimizers.step()
+        finally:
+            for optimizer in self.optimizers.optimizers:
+                del optimizer.found_inf
+        self.optimizers.zero_grad()
+        for part in self.model_parts:  # a skipped step's temperature was clamped already: a no-op
+            clamp_logit_scale_(part)
+        return StepResult(grad_norm, lr, skipped=skipped)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         for part in self.model_parts:
@@ -131,4 +158,6 @@ class NativeEngine(Engine):
     def describe(self) -> list[str]:
         kinds = sorted({getattr(opt, "flip_kind", type(opt).__name__) for opt in self.optimizers.optimizers})
         return [f"engine fsdp (FSDP2 + tensor + pipeline parallel); optimizer {', '.join(kinds)}; LayerNorm: "
-                f"PyTorch's (NVIDIA apex {'importable' if nvidia_apex_available() else 'not importable'})"]
+                f"PyTorch's (NVIDIA apex {'importable' if nvidia_apex_available() else 'not importable'}); gradients "
+                f"reduce-scattered {'every micro-batch' if self.reduce_every_microbatch else 'after the last micro-batch'} "
+                f"({self._reduce_why})"]

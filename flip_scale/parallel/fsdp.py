@@ -2,7 +2,8 @@
 
 Units (one all-gather / reduce-scatter each): every transformer block of both towers, then each
 tower's remaining parameters (patch embedding + CLS + ln_post + proj; token + position embedding
-+ ln_final + proj), then the root. With a 2-D mesh (dp_replicate, dp_shard) this is HSDP:
++ ln_final + proj), then the root. Each block prefetches the next one in the forward and the
+previous one in the backward (`set_block_prefetch`). With a 2-D mesh (dp_replicate, dp_shard) this is HSDP:
 sharded within a dp_shard group, replicated across them.
 Under tensor parallelism the mesh must come from the same root mesh as the tp mesh
 (`ParallelDims.dp_mesh`); FSDP then shards the tp-local pieces.
@@ -83,6 +84,18 @@ def register_scalar_grad_averaging(model: nn.Module, dp_mesh=None) -> int:
     return count
 
 
+def set_block_prefetch(blocks: list) -> None:
+    """Explicit prefetch along a tower's block sequence: block i's forward starts the all-gather
+    of block i+1, its backward that of block i-1 (the order the blocks run in; checkpointed blocks
+    recompute in the same order). One block ahead: at most two blocks' gathered parameters live
+    at once, as with FSDP2's implicit backward prefetch; the forward one is not implicit."""
+    for index, block in enumerate(blocks):
+        if index + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch([blocks[index + 1]])
+        if index > 0:
+            block.set_modules_to_backward_prefetch([blocks[index - 1]])
+
+
 def apply_fsdp(
     model: nn.Module,
     dp_mesh,
@@ -112,6 +125,7 @@ def apply_fsdp(
             continue
         for block in tower.blocks.values():
             fully_shard(block, mp_policy=block_policy, **common)
+        set_block_prefetch(list(tower.blocks.values()))
         if getattr(tower, "patch_embed", None) is not None and param_dtype not in (None, torch.float32):
             tower.patch_embed.register_forward_pre_hook(_cast_images_to_weight_dtype)
         if any(not name.startswith("blocks.") for name, _ in tower.named_parameters()):

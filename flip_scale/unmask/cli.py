@@ -28,7 +28,7 @@ import torch
 from .. import preemption
 from ..checkpoint import CheckpointError, find_latest
 from ..config import ConfigError, config_from_dict
-from ..distributed import init_distributed, slurm_launch_env
+from ..distributed import init_distributed, needs_cpu_collectives, slurm_launch_env
 from ..evaluation import evaluate_checkpoint
 from ..checkpoint import CheckpointSource, open_checkpoint
 from ..runtime import setup_logging, write_json_atomic
@@ -103,7 +103,7 @@ def evaluate_source(plan: TuningPlan) -> tuple:
     evaluated unmasked only ("masked": None). Leaves the process group up for the tuning run."""
     cfg = dataclasses.replace(plan.cfg, parallel=dataclasses.replace(plan.cfg.parallel, activation_checkpointing="none",
                                                                      compile=False))
-    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
+    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes, needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank)
     ratio = config_from_dict(plan.source.config_tree).model.mask_ratio
     views = {"masked": ratio, "unmasked": None} if ratio else {"unmasked": None}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -115,6 +116,29 @@ def _accum_choice(cfg: Config, world_size: int, wanted: int) -> tuple[int, str]:
                    f"memory per micro-batch cannot shrink further)")
 
 
+def _unsharded_gradients(cfg: Config, world_size: int, accum: int) -> tuple[dict, str]:
+    """Raising the accumulation to `accum` under ZeRO-3 (dp_shard > 1) would hold the unsharded fp32
+    gradients, 4 P / (tp pp) bytes per rank, between micro-batches: with
+    parallel.reduce_every_microbatch=auto the rule sets it to true (reduce-scatter each micro-batch,
+    so the extra micro-batches add no memory); an explicit false is kept and its cost said."""
+    from ..models import build_model, count_parameters
+    from ..parallel.memory import GIB, keeps_unsharded_grads, unsharded_grad_bytes
+    from ..preflight import plan_run
+
+    probe = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum_steps=accum))
+    dims = plan_run(probe, world_size, training=False).dims
+    params = count_parameters(build_model(cfg.model, device="meta"))["params_total"]
+    if not keeps_unsharded_grads(probe, dims, params):
+        return {}, ""
+    held = unsharded_grad_bytes(params, dims) / GIB
+    if cfg.parallel.reduce_every_microbatch == "auto":
+        return ({"parallel.reduce_every_microbatch": "true"},
+                f"; parallel.reduce_every_microbatch -> true (accumulating without a reduce-scatter each would hold "
+                f"{held:.2f} GiB of unsharded fp32 gradients per rank)")
+    return {}, (f"; NOTE parallel.reduce_every_microbatch=false holds {held:.2f} GiB of unsharded fp32 gradients per "
+                f"rank across the micro-batches")
+
+
 # Full activation checkpointing keeps one input per block instead of about a dozen activations of
 # its size: it pays for up to about this many times the tokens (module docstring).
 FULL_AC_COVERS = 4.0
@@ -149,15 +173,19 @@ def memory_plan(cfg: Config, source_mask_ratio: float, mode: str, world_size: in
                      f"which saves more than the x{growth:.2f} the extra tokens cost); grad_accum_steps kept at {accum}"])
         # Beyond what full checkpointing covers: the rest by accumulation.
         chosen, note = _accum_choice(cfg, world_size, accum * math.ceil(growth / FULL_AC_COVERS))
-        return ({"parallel.activation_checkpointing": "full", "optim.grad_accum_steps": chosen},
+        grads, grads_note = _unsharded_gradients(cfg, world_size, chosen)
+        note += grads_note
+        return ({"parallel.activation_checkpointing": "full", "optim.grad_accum_steps": chosen, **grads},
                 [f"{head}: activation checkpointing {ac} -> full (covers about x{FULL_AC_COVERS:g}) and "
                  f"optim.grad_accum_steps {accum} -> {chosen} (x ceil({growth:.2f} / {FULL_AC_COVERS:g})) for the "
                  f"rest{note}; global batch kept, the feature cache keeps the loss exact"])
     wanted = accum * math.ceil(growth)
     chosen, note = _accum_choice(cfg, world_size, wanted)
+    grads, grads_note = _unsharded_gradients(cfg, world_size, chosen)
+    note += grads_note
     exact = ("the feature cache keeps the global-batch loss exact" if cfg.loss.microbatch_contrast == "exact"
              else "NOTE loss.microbatch_contrast=per_microbatch: more micro-batches change the loss")
-    return ({"optim.grad_accum_steps": chosen},
+    return ({"optim.grad_accum_steps": chosen, **grads},
             [f"{head}: optim.grad_accum_steps {accum} -> {chosen} (x ceil({growth:.2f}) so each micro-batch holds "
              f"no more tokens than in pre-training){note}; global batch kept, {exact}"])
 

@@ -1,0 +1,134 @@
+"""The per-rank memory model of README "Sizing tp / dp / pp" as numbers, and the choice it drives.
+
+    estimate = memory_per_rank(cfg, dims, arch, params, local_batch)   bytes by kind, for one rank
+    reduce_every_microbatch(cfg, dims, params)                         (bool, why): parallel.reduce_every_microbatch
+
+State (bytes per rank): fp32 weights + gradients + AdamW's two moments, 16 P / (dp_shard tp pp),
+plus, when gradients are accumulated over micro-batches without a reduce-scatter each
+(`set_requires_gradient_sync(False)` for all but the last, FSDP2's default way), the unsharded fp32
+gradients of the rank's tensor-parallel piece of its stage, 4 P / (tp pp), held from the first
+micro-batch's backward to the last; plus the gathered (unsharded) parameters of two blocks in the
+compute dtype (the one computing and the one prefetched).
+
+Activations (bytes per rank) of one micro-batch kept for the backward, in the compute dtype
+(2 bytes under bf16, 4 in fp32): per transformer block and sample, s tokens, width h, MLP width m,
+s (8 h + 2 m) elements (two layer-norm inputs and outputs, q, k, v, the attention output, the
+MLP's GELU input and output; fused attention keeps no s x s matrix); a checkpointed block keeps its
+input only (s h) and recomputes one block at a time in the backward; each tower adds its final
+norm's input (s h), the vision tower the image (3 x image_size^2); tensor parallel with sequence
+parallel divides it by tp. The loss adds its fp32 logits and their log-softmax, 4 x local x global
+x 4 bytes. Under pipeline parallel a stage holds its share of the blocks for the micro-batches in
+flight (1F1B: up to pp of them; GPipe: all).
+
+`tests/test_memory_model.py` checks these figures against the peaks torch's MemTracker measures
+on the CPU.
+"""
+
+from __future__ import annotations
+
+GIB = 2**30
+# parallel.reduce_every_microbatch=auto reduce-scatters every micro-batch once the unsharded
+# gradients would take more than this per rank (about L/16 and up at tp 1); below it the saved
+# reduce-scatters are worth more than the memory.
+UNSHARDED_GRAD_LIMIT = 1 * GIB
+
+
+def accumulation_microbatches(cfg, dims) -> int:
+    """Backward passes whose gradients add up before the optimizer step."""
+    steps = cfg.optim.grad_accum_steps
+    return steps * cfg.parallel.microbatches if dims.pp > 1 else steps
+
+
+def unsharded_grad_bytes(params: int, dims) -> int:
+    """fp32 gradients of this rank's tensor-parallel piece of its pipeline stage, unsharded."""
+    return 4 * params // (dims.tp * dims.pp)
+
+
+def reduce_every_microbatch(cfg, dims, params: int) -> tuple[bool, str]:
+    """(reduce-scatter the gradients after every micro-batch?, why) for parallel.reduce_every_microbatch.
+
+    Only the native engine without pipeline parallel accumulates by skipping the reduction (the
+    pipeline schedules decide for themselves), and only with dp_shard > 1 does it cost memory."""
+    setting = str(cfg.parallel.reduce_every_microbatch)
+    if dims.pp > 1 or cfg.parallel.engine != "fsdp":
+        return False, "the pipeline schedule / engine accumulates by its own rule"
+    if cfg.optim.grad_accum_steps <= 1:
+        return False, "one micro-batch per step"
+    if dims.dp_shard <= 1:
+        return False, "gradients are not sharded (dp_shard 1): nothing to save"
+    if setting == "true":
+        return True, "parallel.reduce_every_microbatch=true"
+    if setting == "false":
+        return False, "parallel.reduce_every_microbatch=false"
+    unsharded = unsharded_grad_bytes(params, dims)
+    if unsharded > UNSHARDED_GRAD_LIMIT:
+        return True, (f"auto: the unsharded gradients would take {unsharded / GIB:.2f} GiB per rank "
+                      f"(> {UNSHARDED_GRAD_LIMIT / GIB:g} GiB)")
+    return False, (f"auto: the unsharded gradients take {unsharded / GIB:.2f} GiB per rank "
+                   f"(<= {UNSHARDED_GRAD_LIMIT / GIB:g} GiB)")
+
+
+def keeps_unsharded_grads(cfg, dims, params: int) -> bool:
+    """Whether the layout holds the unsharded fp32 gradients between micro-batches."""
+    if cfg.parallel.engine != "fsdp" or dims.dp_shard <= 1 or accumulation_microbatches(cfg, dims) <= 1:
+        return False
+    return not reduce_every_microbatch(cfg, dims, params)[0]
+
+
+def _checkpointed(pcfg, tower: str, index: int) -> bool:
+    if pcfg.activation_checkpointing == "none" or pcfg.activation_checkpointing_towers not in ("both", tower):
+        return False
+    return pcfg.activation_checkpointing == "full" or (index + 1) % pcfg.activation_checkpointing_every == 0
+
+
+def _block_elements(tokens: int, width: int, mlp: int) -> int:
+    return tokens * (8 * width + 2 * mlp)
+
+
+def activation_elements_per_sample(pcfg, arch, visible: int, blocks_share: float = 1.0) -> tuple[int, int]:
+    """(elements one sample keeps for the backward in the blocks, elements of the one checkpointed
+    block recomputed at a time in the backward) (module docstring)."""
+    kept, recompute = 3.0 * arch.image_size ** 2, 0  # the image, input of the patch embedding
+    towers = (("vision", 1 + visible, arch.vision), ("text", arch.context_length, arch.text))
+    for name, tokens, tower in towers:
+        kept += tokens * tower.width * blocks_share  # the tower's final norm input (the last block's output)
+        full = _block_elements(tokens, tower.width, tower.mlp_dim)
+        for index in range(tower.layers):
+            if _checkpointed(pcfg, name, index):
+                kept += tokens * tower.width * blocks_share
+                recompute = max(recompute, full)
+            else:
+                kept += full * blocks_share
+    return int(kept), recompute
+
+
+def memory_per_rank(cfg, dims, arch, params: int, local_batch: int, precision: str, visible: int,
+                    block_params: int = 0) -> dict:
+    """Bytes one rank holds at its peak, by kind (module docstring): states, unsharded_grads,
+    gathered_params, activations (of which recompute: the checkpointed block being recomputed),
+    loss, total."""
+    pcfg = cfg.parallel
+    compute_bytes = 2 if precision == "bf16" else 4
+    shard_over = dims.dp_shard * dims.tp * dims.pp
+    states = 16 * params / shard_over
+    if pcfg.engine == "deepspeed":  # ZeRO-1 shards the moments, 2 the gradients too, 3 the weights too
+        stage, dp = pcfg.zero_stage, dims.dp_size
+        states = params * (12 / dp + 4 * (1 / dp if stage >= 2 else 1) + 4 * (1 / dp if stage >= 3 else 1))
+    unsharded = unsharded_grad_bytes(params, dims) if keeps_unsharded_grads(cfg, dims, params) else 0
+    gathered = 2 * block_params * compute_bytes / dims.tp if dims.fsdp_enabled and dims.dp_shard > 1 else 0
+    if dims.pp > 1:
+        micro = max(1, local_batch // accumulation_microbatches(cfg, dims))
+        in_flight = accumulation_microbatches(cfg, dims)
+        if pcfg.pp_schedule != "gpipe":
+            in_flight = min(in_flight, dims.pp)
+        samples, share = micro * in_flight, 1.0 / dims.pp
+    else:
+        samples, share = max(1, local_batch // cfg.optim.grad_accum_steps), 1.0
+    kept, recompute = activation_elements_per_sample(pcfg, arch, visible, share)
+    recompute_bytes = samples * recompute * compute_bytes / dims.tp
+    activations = samples * kept * compute_bytes / dims.tp + recompute_bytes
+    loss = 4 * local_batch * local_batch * dims.dp_size * 4
+    total = states + unsharded + gathered + activations + loss
+    return {"states": int(states), "unsharded_grads": int(unsharded), "gathered_params": int(gathered),
+            "activations": int(activations), "recompute": int(recompute_bytes), "loss": int(loss),
+            "total": int(total)}
