@@ -88,8 +88,10 @@ class ZeroStateMixin:
 
     def load_files(self, step_dir) -> None:
         """The weights, the optimizer state and DeepSpeed's counters from step_dir/deepspeed/
-        (collective): DeepSpeed's own loader where stage and data-parallel size are the ones saved,
-        else re-sharded parameter by parameter from the files."""
+        (collective): DeepSpeed's own loader where stage and data-parallel size are the ones saved
+        and no optimizer state lives on NVMe, else parameter by parameter from the files (a re-shard;
+        with NVMe one optimizer sub-group swapped in at a time). A checkpoint saved before any
+        optimizer step (every step so far skipped) has no Adam state: its weights alone are set."""
         from pathlib import Path
 
         from ..checkpoint import CheckpointError
@@ -113,7 +115,8 @@ class ZeroStateMixin:
         log.info("%s %s: ZeRO-%d over %d ranks -> ZeRO-%d over %d ranks", "loading (NVMe optimizer offload)" if nvme
                  else "re-sharding", step_dir / DS_TAG, files.zero_stage, files.dp_world_size, self.stage,
                  self.dims.dp_size)
-        self._set_full_state(files.parameters(("fp32", "exp_avg", "exp_avg_sq")), files.adam_step, str(step_dir))
+        states = ("fp32",) if files.adam_step is None else ("fp32", "exp_avg", "exp_avg_sq")
+        self._set_full_state(files.parameters(states), files.adam_step, str(step_dir))
 
     def _set_full_hp(self, param, value: torch.Tensor, state: Optional[str] = None) -> None:
         """This rank's part of `param`'s fp32 master weights (or of its Adam state `state`) := its
@@ -172,24 +175,26 @@ class ZeroStateMixin:
             return
         zero = self.optimizer
         held = []  # (tensor, its released storage) for each swapped tensor given a copy
-        for group in range(len(zero.fp16_groups)):
-            if not zero._swappable_optimizer_subgroup(group):
-                continue
-            zero._optimizer_states_and_gradient_swap_in(group)
-            flat = zero.fp32_partitioned_groups_flat[group]
-            tensors = [flat] + [value for value in zero.optimizer.state.get(flat, {}).values()
-                                if torch.is_tensor(value) and value.numel() == flat.numel()]
-            copies = [tensor.detach().clone() for tensor in tensors]
-            zero._release_swap_buffers(group)  # nothing written: the swap files are unchanged
-            for tensor, copy in zip(tensors, copies):
-                held.append((tensor, tensor.data))
-                tensor.data = copy
-        # DeepSpeed's copy of the swap folder into the checkpoint: the optimizer files hold it all.
-        self.engine.zero_nvme_offload_optimizer = lambda: False
         try:
+            for group in range(len(zero.fp16_groups)):
+                if not zero._swappable_optimizer_subgroup(group):
+                    continue
+                zero._optimizer_states_and_gradient_swap_in(group)
+                try:
+                    flat = zero.fp32_partitioned_groups_flat[group]
+                    tensors = [flat] + [value for value in zero.optimizer.state.get(flat, {}).values()
+                                        if torch.is_tensor(value) and value.numel() == flat.numel()]
+                    copies = [tensor.detach().clone() for tensor in tensors]
+                finally:
+                    zero._release_swap_buffers(group)  # nothing written: the swap files are unchanged
+                for tensor, copy in zip(tensors, copies):
+                    held.append((tensor, tensor.data))
+                    tensor.data = copy
+            # DeepSpeed's copy of the swap folder into the checkpoint: the optimizer files hold it all.
+            self.engine.zero_nvme_offload_optimizer = lambda: False
             yield
         finally:
-            del self.engine.zero_nvme_offload_optimizer
+            self.engine.__dict__.pop("zero_nvme_offload_optimizer", None)
             for tensor, released in held:
                 tensor.data = released
 
@@ -211,19 +216,46 @@ class ZeroStateMixin:
     @torch.no_grad()
     def _set_full_state(self, named_values, adam_step: Optional[int], where: str) -> None:
         """Every parameter's whole fp32 value (and, where given, its Adam moments) into this engine's
-        shards through DeepSpeed's tensor-fragment API (`safe_set_full_*`), then the model's own
+        shards (ZeRO-1/2: DeepSpeed's tensor-fragment setters `safe_set_full_*`; ZeRO-3: our slice
+        of each sub-group's flat partition, `_set_partition`), then the model's own
         weights from the fp32 ones (collective). `named_values`: (name, {"fp32", ["exp_avg",
         "exp_avg_sq"]}) for every parameter; with moments, `adam_step` is Adam's step count."""
         from ..checkpoint import CheckpointError
 
         zero = self.optimizer
         params = dict(self.module.named_parameters())
-        seen, with_moments = set(), False
+        seen: set = set()
         if self.stage == 3:
             # Every parameter partitioned first (as DeepSpeed's loader does): no gathered copy, and
             # no ZeRO++ secondary partition, outlives the new values.
             zero.checkpoint_event_prologue()
         groups = _OpenSubGroups(self, adam_step) if self.stage == 3 else None
+        try:
+            self._set_each(named_values, params, groups, adam_step, seen, where)
+        except BaseException:
+            if groups is not None and groups.current is not None and zero._swappable_optimizer_subgroup(groups.current):
+                zero._release_swap_buffers(groups.current)  # no half-set sub-group written back
+            raise
+        if groups is not None:
+            groups.close()  # the last one: its model partitions updated, swapped out
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise CheckpointError(f"{where}: lacks {len(missing)} parameters of this model: {', '.join(missing[:8])}")
+        # The model's own weights follow the fp32 ones only at the next step: copied now.
+        if self.stage == 3:
+            for sub_group in range(len(zero.fp16_groups)):
+                if sub_group not in groups.done:
+                    zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+            zero.checkpoint_event_epilogue()
+        else:
+            zero.update_lp_params()
+
+    def _set_each(self, named_values, params: dict, groups, adam_step, seen: set, where: str) -> None:
+        """_set_full_state's loop: each (name, values) set into its shards; `seen` gets the names."""
+        from ..checkpoint import CheckpointError
+
+        zero = self.optimizer
+        with_moments = False
         for name, values in named_values:
             if name not in params:
                 raise CheckpointError(f"{where}: holds parameter {name!r}, which this model does not have")
@@ -249,19 +281,6 @@ class ZeroStateMixin:
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in values:
                     setter(param, values[key].float().reshape(shape), key)
-        if groups is not None:
-            groups.close()  # the last one: its model partitions updated, swapped out
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise CheckpointError(f"{where}: lacks {len(missing)} parameters of this model: {', '.join(missing[:8])}")
-        # The model's own weights follow the fp32 ones only at the next step: copied now.
-        if self.stage == 3:
-            for sub_group in range(len(zero.fp16_groups)):
-                if sub_group not in groups.done:
-                    zero._reassign_or_swap_out_partitioned_parameters(sub_group)
-            zero.checkpoint_event_epilogue()
-        else:
-            zero.update_lp_params()
 
     def load_weights(self, source) -> None:
         """Weights only (the optimizer stays fresh) from any checkpoint source: a consolidated

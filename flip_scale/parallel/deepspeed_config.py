@@ -200,6 +200,11 @@ def deepspeed_config(cfg, dims, precision: str, arch, user: Optional[dict] = Non
         if section in user:
             raise ConfigError(f"parallel.deepspeed_config={where}: the {section!r} section is not taken: {reason}")
     _check_pinned(pinned, user, where)
+    ratio = user.get("zero_optimization", {}).get("offload_optimizer", {}).get("ratio", 1)
+    if ratio != 1:
+        raise ConfigError(f"parallel.deepspeed_config={where}: zero_optimization.offload_optimizer.ratio={ratio} is "
+                          "not taken: the sub-groups it leaves on the device step with a second optimizer whose "
+                          "moments DeepSpeed's checkpoint files do not hold (valid: 1, the default)")
     return _merge(_merge(default_config(cfg, arch), user), pinned)
 
 
