@@ -36,6 +36,7 @@ from .models.flops import train_flops_per_sample
 from .preflight import check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
 from .runtime import on_rank0_for_all, setup_logging
 from .train_state import DataPosition, TrainerRecord, TrainState
+from .spikes import SpikeDetector
 from .watchdog import Watchdog
 
 log = logging.getLogger("flip_scale")
@@ -122,6 +123,8 @@ class Trainer:
             model_arch=self.arch.to_dict(), model_config=asdict(cfg.model),
         )
         self.metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=cfg.logging.tensorboard)
+        self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window, self.run_dir / "spikes.jsonl",
+                                    writes=proc.is_main)
         first_limit, limit = collective_timeouts(cfg)
         self.watchdog = Watchdog(proc.rank, proc.world_size, first_limit_s=first_limit, limit_s=limit)
         self.eval_metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=False, filename="eval.jsonl")
@@ -279,6 +282,7 @@ class Trainer:
             state.step += 1
             state.samples_seen += cfg.train.global_batch_size
             self.watchdog.progress(state.step)
+            self.spikes.check(state.step, out["loss"], batch, self.dims.dp_group, self.device)
             metrics.add(out["loss"], out.get("skipped_step", False), batch.get("skipped", 0), wait)
             step = state.step
             if metrics.due(step):

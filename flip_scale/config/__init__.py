@@ -38,6 +38,11 @@ class TrainConfig:
     # Start-up, the first step (compilation, data workers, a resume's read), checkpoint saves and
     # evaluations skew the ranks more: they get this longer allowance.
     init_timeout_minutes: float = 60
+    # Loss spikes (flip_scale/spikes.py): a step whose loss exceeds spike_factor x the median of the
+    # last spike_window steps is written with the shard and key of every sample to RUN_DIR/spikes.jsonl
+    # (0: off; on, it costs one all-reduce of the loss per step).
+    spike_factor: float = 0.0
+    spike_window: int = 50
 
 
 @dataclass
@@ -345,6 +350,11 @@ def validate(cfg: Config) -> Config:
     for key in ("collective_timeout_minutes", "init_timeout_minutes"):
         if not getattr(cfg.train, key) > 0:
             raise ConfigError(f"train.{key}: must be > 0, got {getattr(cfg.train, key)}")
+    if cfg.train.spike_factor != 0 and not cfg.train.spike_factor > 1:
+        raise ConfigError(f"train.spike_factor: must be 0 (off) or > 1 (a loss that many times the running median), "
+                          f"got {cfg.train.spike_factor}")
+    if cfg.train.spike_window < 1:
+        raise ConfigError(f"train.spike_window: must be >= 1 steps, got {cfg.train.spike_window}")
     if cfg.checkpoint.max_failed_saves < 0:
         raise ConfigError(f"checkpoint.max_failed_saves: must be 0 (stop at the first failed save) or more, got "
                           f"{cfg.checkpoint.max_failed_saves}")
