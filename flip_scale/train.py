@@ -82,6 +82,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo, with_data: bool = True):
         from .data import Tokenizer, build_train_loader, ensure_synthetic_data
+        from .data.shards import expand_shards
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -98,8 +99,16 @@ class Trainer:
             if with_data:
                 ensure_synthetic_data(cfg.data, image_size=self.arch.image_size, vocab_size=self.arch.vocab_size)
         barrier()
-        # Without data (benchmarks feed synthetic tensors) there is no tokenizer either.
-        self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length) if with_data else None
+        # Without data (benchmarks feed synthetic tensors) there is no tokenizer either. Bad data
+        # settings are refused here, before the engine is built (usage errors: exit 2).
+        self.tokenizer = None
+        if with_data:
+            try:
+                expand_shards(cfg.data.train_shards, check_exists=False)
+                self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length)
+            except (ValueError, FileNotFoundError) as error:
+                key = "data.tokenizer" if isinstance(error, FileNotFoundError) else "data.train_shards"
+                raise ConfigError(f"{key}: {error}") from None
         if self.tokenizer is not None:
             check_tokenizer_size(cfg, self.tokenizer.vocab_size, self.arch)
 

@@ -107,6 +107,9 @@ _NEEDS = {
     "rank_blobs": ("state_dict", "load_state_dict", "blob_name", "blob_prefix"),
 }
 DEFAULT_PARTIAL_STATE_KEYS = ("optim",)
+# The layout of a step directory this code writes and reads (trainer_state.json "format_version";
+# checkpoints from before it was recorded are version 1). A newer one is refused before loading.
+FORMAT_VERSION = 1
 
 
 def _rank() -> int:
@@ -196,6 +199,7 @@ class CheckpointManager:
         # "step" before "scheduler", where the checkpoints before the manager had it.
         state = {k: v for k, v in own.items() if k != "scheduler"}
         state["step"] = step
+        state["format_version"] = FORMAT_VERSION
         if "scheduler" in own:
             state["scheduler"] = own["scheduler"]
         if "sharded" not in self.kinds.values():
@@ -357,6 +361,11 @@ class CheckpointManager:
         problem = checkpoint_problem(path)
         if problem is not None:
             raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
+        written = json.loads((path / "trainer_state.json").read_text()).get("format_version", 1)
+        if not isinstance(written, int) or written > FORMAT_VERSION:
+            raise CheckpointError(f"{path} has checkpoint format_version {written!r} (trainer_state.json), newer than "
+                                  f"the {FORMAT_VERSION} this flip_scale reads: resume it with the flip_scale that wrote "
+                                  f"it, or start from its weights with that version's tools/convert_ckpt.py consolidate")
         if self.model_arch is not None:
             check_architecture(path, self.model_arch, self.model_config)
         for component in self._of_kind("sharded"):
