@@ -31,7 +31,8 @@ def tiny_overrides(data_dir: Path, steps: int, every: int, *extra: str) -> list[
 class Ranks:
     """`world` rank processes of one flip-train run; their output goes to run_dir/rank<r>.log."""
 
-    def __init__(self, run_dir: Path, args: list[str], world: int = 2, env: dict | None = None):
+    def __init__(self, run_dir: Path, args: list[str], world: int = 2, env: dict | None = None,
+                 entry: list[str] | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -42,7 +43,7 @@ class Ranks:
                             MASTER_PORT=str(port), **(env or {}))
             log = open(self.run_dir / f"rank{rank}.log", "ab")
             self.logs.append(log)
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "flip_scale.train", "--run-dir",
+            self.procs.append(subprocess.Popen([sys.executable, *(entry or ["-m", "flip_scale.train"]), "--run-dir",
                                                 str(self.run_dir), *args], cwd=self.run_dir.parent, env=rank_env,
                                                stdout=log, stderr=subprocess.STDOUT))
 
