@@ -41,6 +41,7 @@ log = logging.getLogger("flip_scale.watchdog")
 
 EXIT_CODE = 1  # a failure: the Slurm templates requeue it (they never requeue 2, the usage errors)
 TICK_S = 1.0
+EXIT_MARGIN_S = 2.0  # the failing rank's report, traceback and process-group teardown
 _KEY = "flip_scale/heartbeat/"
 
 
@@ -109,9 +110,9 @@ class Watchdog:
             self.first_done = True
             if self.world_size == 1:
                 return
-            count = shorten_collective_timeouts(self.limit_s)
-            log.info("first step done: collective timeout now %.0f s (%d process groups), watchdog limit %.0f s",
-                     self.limit_s, count, self.limit_s)
+            count = shorten_collective_timeouts(self.collective_timeout_s)
+            log.info("first step done: collective timeout now %.1f s (%d process groups), watchdog limit %.1f s",
+                     self.collective_timeout_s, count, self.limit_s)
 
     @contextlib.contextmanager
     def long_phase(self, what: str):
@@ -126,6 +127,13 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """The process groups' timeout after the first step: the limit less what naming the stopped
+        peer and exiting take (the probe, ~2 s), so that the job is gone within the configured
+        time; at least half of it."""
+        return max(self.limit_s / 2, self.limit_s - 1.5 * self.tick_s - EXIT_MARGIN_S)
 
     @property
     def current_limit_s(self) -> float:
@@ -175,15 +183,15 @@ class Watchdog:
         while not self._stop.wait(self.tick_s):
             self._beat()
             idle = time.monotonic() - self._last
-            limit = self.current_limit_s
+            limit = self.current_limit_s if self.phase or not self.first_done else self.collective_timeout_s
             if idle > limit and self._fired.acquire(blocking=False):
                 self._fire(idle, limit)
                 return
 
     def _fire(self, idle: float, limit: float) -> None:
         peers = self.stopped_peers()
-        message = (f"flip_scale watchdog: {self.where()}: no progress for {idle:.0f} s, more than the limit of "
-                   f"{limit:.0f} s (train.collective_timeout_*, train.init_timeout_minutes before the first step): "
+        message = (f"flip_scale watchdog: {self.where()}: no progress for {idle:.1f} s, more than the limit of "
+                   f"{limit:.1f} s (train.collective_timeout_*, train.init_timeout_minutes before the first step): "
                    f"{peers or 'a rank is dead or hung'}; exiting with code {EXIT_CODE} so that the job can be "
                    f"requeued and resumed from its last checkpoint")
         log.error("%s", message)

@@ -86,10 +86,10 @@ def test_killed_five_times_the_run_ends_as_if_never_killed(tmp_path, synthetic_d
         ranks = Ranks(run_dir, ["--resume", "auto", *_args(shards, synthetic_dir)], env=env, entry=RECORD)
         try:
             if what == "mid-save":
-                wait_for(lambda: "pausing 30 s at mid_save" in log0.read_text(errors="replace")[offset:], 180,
-                         "a save", ranks)
+                wait_for(lambda log0=log0, offset=offset: "pausing 30 s at mid_save" in
+                         log0.read_text(errors="replace")[offset:], 180, "a save", ranks)
             else:
-                wait_for(lambda: logged_steps(run_dir) >= logged + more, 180, f"{more} more steps", ranks)
+                wait_for(lambda target=logged + more: logged_steps(run_dir) >= target, 180, f"{more} more steps", ranks)
         finally:
             for proc in ranks.procs:
                 proc.send_signal(signal.SIGKILL)

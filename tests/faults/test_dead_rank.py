@@ -43,7 +43,8 @@ def test_a_dead_or_hung_rank_stops_the_other_which_resumes_to_the_same_losses(tm
     output = ranks.output(0)
     print(f"{fault} of rank 1 -> rank 0 exited {code} after {seconds:.1f} s (timeout {TIMEOUT_S} s)")
     assert code != 0, output
-    # Within the timeout, plus the 1.5 s it takes to see which peer stopped reporting.
+    # The process groups wait ~2 s less than the configured timeout, leaving that time for the
+    # report and the exit; on a loaded 2-core machine the teardown can take a few seconds more.
     assert seconds < TIMEOUT_S + 4, output
     stopped_at = re.search(r"rank 0 at step (\d+)", output)
     assert stopped_at is not None and int(stopped_at.group(1)) >= 4, output[-3000:]
