@@ -392,7 +392,7 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
         try:
             result = trainer.fit()
         except Exception as error:
-            if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError)):
+            if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError, CheckpointSaveError)):
                 # Name the step and the rank that stopped (a peer's death surfaces here as a failed collective).
                 log.error("flip_scale: %s", trainer.watchdog.report(error))
             raise
