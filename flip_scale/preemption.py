@@ -244,6 +244,43 @@ def run_finished(run_dir: Path) -> Optional[bool]:
     return step is not None and step >= max_steps
 
 
+def slurm_seconds(text: str) -> Optional[int]:
+    """Seconds of a Slurm time such as scontrol's TimeLimit: `[D-]HH:MM:SS`, `MM:SS`, `MM`, `D-HH`,
+    `D-HH:MM`; None for UNLIMITED, NONE, INVALID or empty."""
+    text = (text or "").strip()
+    if not text or not text[0].isdigit():
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        parts = (parts + [0, 0])[:3]
+        hours, minutes, seconds = parts
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    elif len(parts) == 2:
+        hours, (minutes, seconds) = 0, parts
+    else:
+        hours, minutes, seconds = 0, parts[0], 0
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def signal_plan(time_limit: str, lead: int) -> tuple[Optional[int], str]:
+    """(seconds after the start at which the batch shell signals itself, message) when the job's
+    time limit is at or under the signal lead (`--signal=B:USR1@lead`): Slurm would signal at once
+    and the job would preempt itself requeue after requeue. The lead becomes half the limit.
+    (None, "") when the limit is longer or unknown."""
+    limit = slurm_seconds(time_limit)
+    if limit is None or limit > lead:
+        return None, ""
+    new_lead = limit // 2
+    at = limit - new_lead
+    return at, (f"flip_scale: the time limit {time_limit} ({limit} s) is at or under the preemption signal's lead "
+                f"of {lead} s (--signal=B:USR1@{lead}): Slurm signals at once, and the job would stop to checkpoint "
+                f"requeue after requeue. This job ignores that signal and signals itself {at} s after its start "
+                f"instead (a lead of {new_lead} s, half the limit); submit with a longer --time or a shorter "
+                f"--signal lead (FLIP_SIGNAL_LEAD) to choose")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flip_scale.preemption",
@@ -270,7 +307,18 @@ def main(argv=None) -> int:
                                                 "not, 2 if unknown (no config.yaml)")
     finished.add_argument("--run-dir", required=True)
     sub.add_parser("exit-code", help=f"print the preemption exit code ({EXIT_CODE})")
+    plan = sub.add_parser("signal-plan", help="print the seconds after the start at which the batch shell signals "
+                                              "itself when the time limit is at or under the signal lead (the "
+                                              "reason on stderr); print nothing otherwise")
+    plan.add_argument("--time-limit", default="", help="scontrol's TimeLimit, e.g. 00:10:00 or 1-00:00:00")
+    plan.add_argument("--lead", type=int, required=True, help="the seconds of #SBATCH --signal=B:USR1@SECS")
     args = parser.parse_args(argv)
+    if args.command == "signal-plan":
+        at, message = signal_plan(args.time_limit, args.lead)
+        if at is not None:
+            print(message, file=sys.stderr)
+            print(at)
+        return 0
     if args.command == "exit-code":
         print(EXIT_CODE)
         return 0

@@ -139,7 +139,8 @@ def describe_plan(plan: RunPlan) -> str:
         f"{cfg.model.mask_ratio:g} ({plan.visible_patches} of {arch.num_patches} patches visible)",
         f"  layout: {dims.describe()}",
         f"  batch: {cfg.train.global_batch_size} = {dims.dp_size} data-parallel ranks x {plan.local_batch} "
-        f"(grad accumulation {cfg.optim.grad_accum_steps}, pipeline micro-batches {cfg.parallel.microbatches})",
+        f"(grad accumulation {cfg.optim.grad_accum_steps}, pipeline micro-batches {cfg.parallel.microbatches}"
+        f"{' = 2 x parallel.pp: parallel.microbatches not set' if getattr(cfg.parallel, 'microbatches_from_default', False) else ''})",
         f"  data: {shards}; {plan.streams} sample streams ({plan.streams // dims.dp_size} per data-parallel rank, "
         f"{plan.local_batch * dims.dp_size // plan.streams} samples each per step)",
         f"  schedule: {cfg.train.max_steps} steps = {samples / 1e6:.2f}M samples, peak lr {effective_lr(cfg):.3e}, "

@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 
 from . import preemption
-from .checkpoint import CheckpointManager, resolve_resume
-from .config import Config, ConfigError, effective_lr, load_config
+from .checkpoint import CheckpointManager, CheckpointSaveError, resolve_resume
+from .checkpoint.space import NotEnoughSpace, check_free_space
+from .config import Config, ConfigError, collective_timeouts, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
 from .engine import build_engine
 from .metrics import DeviceSkipCounter, MetricsWriter, StepMetrics, format_duration
@@ -35,6 +36,8 @@ from .models.flops import train_flops_per_sample
 from .preflight import check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
 from .runtime import configure_determinism, on_rank0_for_all, setup_logging
 from .train_state import DataPosition, TrainerRecord, TrainState
+from .spikes import SpikeDetector
+from .watchdog import Watchdog
 
 log = logging.getLogger("flip_scale")
 
@@ -44,6 +47,8 @@ EPILOG = """examples:
   flip-train --resume auto --run-dir runs/tiny    continue from the last complete checkpoint
   torchrun --nproc_per_node 4 -m flip_scale.train parallel.dp_shard=4
   flip-train --config configs/flip_g14.yaml --dry-run --world-size 256 parallel.tp=2   check before sbatch
+  flip-train checkpoint.every_steps=0             no periodic checkpoints: only the final one and preemption saves
+  flip-train parallel.pp=2                        pipeline micro-batches default to 2 x parallel.pp (logged)
 """
 
 
@@ -77,6 +82,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo, with_data: bool = True):
         from .data import Tokenizer, build_train_loader, ensure_synthetic_data
+        from .data.shards import expand_shards
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -93,14 +99,25 @@ class Trainer:
             if with_data:
                 ensure_synthetic_data(cfg.data, image_size=self.arch.image_size, vocab_size=self.arch.vocab_size)
         barrier()
-        # Without data (benchmarks feed synthetic tensors) there is no tokenizer either.
-        self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length) if with_data else None
+        # Without data (benchmarks feed synthetic tensors) there is no tokenizer either. Bad data
+        # settings are refused here, before the engine is built (usage errors: exit 2).
+        self.tokenizer = None
+        if with_data:
+            try:
+                expand_shards(cfg.data.train_shards, check_exists=False)
+                self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length)
+            except (ValueError, FileNotFoundError) as error:
+                key = "data.tokenizer" if isinstance(error, FileNotFoundError) else "data.train_shards"
+                raise ConfigError(f"{key}: {error}") from None
         if self.tokenizer is not None:
             check_tokenizer_size(cfg, self.tokenizer.vocab_size, self.arch)
 
+        self.counts = count_parameters(build_model(cfg.model, device="meta"))
+        # Before anything heavy: a run directory that cannot hold one checkpoint is refused.
+        on_rank0_for_all(lambda: check_free_space(self.run_dir, self.counts["params_total"], cfg.checkpoint,
+                                                  cfg.train.max_steps))
         self.engine = build_engine(cfg, self.plan, self.device)
         self.precision = self.engine.precision
-        self.counts = count_parameters(build_model(cfg.model, device="meta"))
         self.train_flops_per_sample = train_flops_per_sample(cfg.model)
         self.state = TrainState()
         self.device_skips = DeviceSkipCounter()  # skips decided on the device, settled at log steps and saves
@@ -116,6 +133,10 @@ class Trainer:
             model_arch=self.arch.to_dict(), model_config=asdict(cfg.model),
         )
         self.metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=cfg.logging.tensorboard)
+        self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window, self.run_dir / "spikes.jsonl",
+                                    writes=proc.is_main)
+        first_limit, limit = collective_timeouts(cfg)
+        self.watchdog = Watchdog(proc.rank, proc.world_size, first_limit_s=first_limit, limit_s=limit)
         self.eval_metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=False, filename="eval.jsonl")
 
     # The engine's parts, for tools and tests that look inside.
@@ -141,6 +162,9 @@ class Trainer:
         log.info("global batch %d = %d data-parallel ranks x %d (grad accumulation %d, %s contrast)",
                  self.cfg.train.global_batch_size, self.dims.dp_size, self.local_batch, self.cfg.optim.grad_accum_steps,
                  self.cfg.loss.microbatch_contrast)
+        if getattr(self.cfg.parallel, "microbatches_from_default", False):
+            log.info("parallel.microbatches not set: %d (2 x parallel.pp=%d)", self.cfg.parallel.microbatches,
+                     self.cfg.parallel.pp)
         log.info("peak lr %.3e, warmup %d, %s schedule, %d steps", effective_lr(self.cfg), self.cfg.schedule.warmup_steps,
                  self.cfg.schedule.name, self.cfg.train.max_steps)
         for line in self.engine.describe():
@@ -192,11 +216,12 @@ class Trainer:
                                                                                              "consolidated directory")
         log.info("initialised weights from %s (fresh optimizer, step 0): a %s", source.path, what)
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are
         written in the background and committed at the next save or at the end of `fit`."""
         self.settle_nonfinite()  # the counters it stores
-        return self.checkpoints.save(self.state.step)
+        with self.watchdog.long_phase("checkpoint save"):
+            return self.checkpoints.save(self.state.step)
 
     # ------------------------------------------------------------------ one step
     def autocast(self):
@@ -267,6 +292,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
+        """The loop, under the watchdog (flip_scale/watchdog.py): a step that makes no progress within
+        train.collective_timeout_* stops this rank with a message naming the step."""
+        self.watchdog.start(self.state.step)
+        try:
+            return self._loop()
+        finally:
+            self.watchdog.stop()
+
+    def _loop(self) -> dict:
         cfg, state = self.cfg, self.state
         batches = iter(self.loader)
         metrics = StepMetrics(cfg, self.dims, self.device, self.proc.world_size, self.train_flops_per_sample,
@@ -279,15 +313,18 @@ class Trainer:
             out = self.train_step(batch)
             state.step += 1
             state.samples_seen += cfg.train.global_batch_size
+            self.watchdog.progress(state.step)
+            self.spikes.check(state.step, out["loss"], batch, self.dims.dp_group, self.device)
             metrics.add(out["loss"], out.get("skipped_step", False), batch.get("skipped", 0), wait)
             step = state.step
             if metrics.due(step):
                 last = self.log_step(metrics, out)
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+            periodic = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
+            if periodic or step == cfg.train.max_steps:
                 self.save()
             # Preemption (flip_scale/preemption.py): all ranks agree, save this step, stop.
             if step < cfg.train.max_steps and preemption.requested(self.device):
-                if step % cfg.checkpoint.every_steps != 0:
+                if not periodic:
                     self.save()
                 log.info("preemption requested: stopped after step %d with its checkpoint; exit code %d",
                          step, preemption.EXIT_CODE)
@@ -295,7 +332,11 @@ class Trainer:
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.train.max_steps:
                 self.evaluate()
         # An asynchronous checkpoint still being written is committed before anything else can fail.
-        self.checkpoints.finalize()
+        with self.watchdog.long_phase("checkpoint commit"):
+            self.checkpoints.finalize()
+        if self.checkpoints.failed_in_a_row:
+            raise CheckpointSaveError(f"the final checkpoint of step {state.step} was not written (the error is logged "
+                                      f"above): the run ends without it; resume from the last one written")
         result = {"step": state.step, **last}
         if cfg.eval.at_end:
             evaluation = self.evaluate()
@@ -329,7 +370,7 @@ class Trainer:
         # all-reduced.
         model = self.engine.eval_model()
         started = time.perf_counter()
-        with self.autocast():
+        with self.autocast(), self.watchdog.long_phase("evaluation"):
             results = run_evaluation(model, self.tokenizer, self.cfg, self.device, EvalGroup.from_dims(self.dims))
         del model
         if not results:
@@ -345,6 +386,7 @@ class Trainer:
         return results
 
     def close(self) -> None:
+        self.watchdog.stop()
         self.checkpoints.close()
         self.metrics.close()
         self.eval_metrics.close()
@@ -354,7 +396,8 @@ class Trainer:
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
     # Before the process group and the first CUDA call (cuBLAS reads its workspace setting once).
     configure_determinism(cfg.train.deterministic, cfg.train.device)
-    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes, needs_cpu_collectives(cfg.parallel))
+    # The long timeout until the first step has finished; the watchdog shortens it then.
+    proc = init_distributed(cfg.train.device, collective_timeouts(cfg)[0] / 60, needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank)
     preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     trainer = None
@@ -370,7 +413,13 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
             log.info("--resume auto: no checkpoint in %s, starting at step 0", run_dir)
         if init_from and checkpoint is None:
             trainer.init_from(init_from)  # a step dir, a run dir or a consolidated dir
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as error:
+            if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError, CheckpointSaveError)):
+                # Name the step and the rank that stopped (a peer's death surfaces here as a failed collective).
+                log.error("flip_scale: %s", trainer.watchdog.report(error))
+            raise
         trainer.close()  # commits an asynchronous save still pending (fit may return before its end)
         return result
     finally:
@@ -416,6 +465,12 @@ def main(argv=None) -> int:
 
     try:
         result = run(cfg, run_dir, resume=args.resume, init_from=args.init_from)
+    except CheckpointSaveError as error:
+        print(f"flip-train: checkpoint error: {error}", file=sys.stderr)
+        return 1
+    except NotEnoughSpace as error:  # the same on every try: like a usage error, never requeued
+        print(f"flip-train: run directory error: {error}", file=sys.stderr)
+        return 2
     except (ConfigError, LayoutError) as error:
         # Found with the world size or the data in hand (layout, data.streams, tokenizer size):
         # as deterministic as a config error, so the same exit status (the Slurm templates never

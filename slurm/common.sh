@@ -19,6 +19,9 @@
 #                      after a preemption stop. Exit code 2 (a config or usage error) is never requeued
 #   FLIP_SRUN_WAIT     seconds srun lets the other ranks run on after the first one exits, then kills
 #                      them (default 120: a rank that crashed does not leave the others hanging)
+#   FLIP_SIGNAL_LEAD   seconds of the preemption signal's lead (default: the template's
+#                      `#SBATCH --signal=B:USR1@SECS`). A time limit at or under it would signal at once:
+#                      the job says so at start, ignores Slurm's signal and signals itself at half the limit
 #   MASTER_ADDR, MASTER_PORT   rendezvous; default: the first node of the job, 15000 + job id % 10000
 #                      (derived by flip_scale.distributed from the Slurm variables of each task)
 #   FLIP_HOME          repository root (read by the templates; default: the submit directory)
@@ -136,12 +139,32 @@ if [ -f "$RUN_DIR/latest" ]; then
   echo "    resuming from $RUN_DIR/$(cat "$RUN_DIR/latest")"
 fi
 
+# ---- a time limit at or under the signal's lead: Slurm would signal at once, and the job would
+# checkpoint and requeue itself forever. Signal at half the limit instead (where the limit is known).
+FLIP_SIGNAL_LEAD=${FLIP_SIGNAL_LEAD:-$(grep -o -m1 '^#SBATCH --signal=B:USR1@[0-9]*' "$0" 2>/dev/null | sed 's/.*@//')}
+FLIP_SIGNAL_AT=
+FLIP_TIMER_PID=
+if [ -n "$FLIP_SIGNAL_LEAD" ]; then
+  flip_time_limit=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'TimeLimit=[^ ]*' | head -n 1 | cut -d= -f2)
+  FLIP_SIGNAL_AT=$("$FLIP_PYTHON" -m flip_scale.preemption signal-plan --time-limit "${flip_time_limit:-}" \
+    --lead "$FLIP_SIGNAL_LEAD") || FLIP_SIGNAL_AT=
+  if [ -n "$FLIP_SIGNAL_AT" ]; then
+    (sleep "$FLIP_SIGNAL_AT" && kill -USR1 $$) &
+    FLIP_TIMER_PID=$!
+    trap 'kill "$FLIP_TIMER_PID" 2>/dev/null' EXIT
+  fi
+fi
+
 FLIP_SRUN_PID=
 FLIP_SIGNAL_SEEN=0
 FLIP_PREEMPT_REQUESTED=0
 FLIP_FORWARDED=0
 flip_forward_signal() {
   FLIP_SIGNAL_SEEN=1
+  if [ -n "$FLIP_SIGNAL_AT" ] && [ "$SECONDS" -lt "$FLIP_SIGNAL_AT" ]; then
+    echo "flip_scale: $(date -u +%FT%TZ) SIGUSR1 at ${SECONDS} s ignored: the time limit is at or under the signal lead; this job signals itself at ${FLIP_SIGNAL_AT} s"
+    return
+  fi
   FLIP_PREEMPT_REQUESTED=1
   echo "flip_scale: $(date -u +%FT%TZ) SIGUSR1 received by the batch shell: forwarding it to the trainers (checkpoint, then exit ${FLIP_PREEMPT_EXIT})"
   if [ -n "$FLIP_SRUN_PID" ]; then
@@ -184,6 +207,17 @@ if [ "$FLIP_RESTART_COUNT" -gt 0 ]; then
   fi
 fi
 
+# flip_step_refused SRUN_STDERR_FILE: whether srun failed before any task started (it could not
+# create the step). tee may still be writing: look for a moment.
+flip_step_refused() {
+  local i
+  for i in 1 2 3 4 5; do
+    grep -qE '^srun: (error: Unable to create step|error: Unable to allocate resources|fatal: )' "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # flip_launch COMMAND...: run COMMAND as NPROC_PER_NODE tasks on every node and act on its exit.
 flip_launch() {
   local rc
@@ -192,9 +226,12 @@ flip_launch() {
   fi
   # --kill-on-bad-exit=0: the first rank to exit 42 must not get the others killed (they would
   # report 143 instead of 42); --wait kills the survivors of a crashed rank after FLIP_SRUN_WAIT s.
+  # srun's stderr is also kept, to tell "srun could not create the step" from a trainer's failure.
+  local srun_log
+  srun_log=$(mktemp "${TMPDIR:-/tmp}/flip_srun.XXXXXX")
   srun --nodes="$NNODES" --ntasks="$NTASKS" --ntasks-per-node="$NPROC_PER_NODE" \
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --wait="$FLIP_SRUN_WAIT" --label \
-    "$@" &
+    "$@" 2> >(tee "$srun_log" >&2) &
   FLIP_SRUN_PID=$!
   # A signal that came between the check above and this line found no srun to forward to.
   if [ "$FLIP_PREEMPT_REQUESTED" = 1 ] && [ "$FLIP_FORWARDED" = 0 ]; then
@@ -211,6 +248,16 @@ flip_launch() {
   done
   FLIP_SRUN_PID=
   echo "=== flip_scale job ${SLURM_JOB_ID}: trainer exit code ${rc} at $(date -u +%FT%TZ)"
+  if [ "$rc" != 0 ] && [ "$rc" != "$FLIP_PREEMPT_EXIT" ] && flip_step_refused "$srun_log"; then
+    # The allocation cannot run the step (more tasks or CPUs than it has, a bad option): the same
+    # on every try, so a usage error, never requeued.
+    echo "flip_scale: srun could not create the job step; this is a usage error of the allocation (exit code 2, not requeued: a retry fails the same way). srun said:" >&2
+    grep '^srun: ' "$srun_log" | sed 's/^/    /' >&2
+    echo "    the step asks for ${NTASKS} tasks (${NNODES} nodes x NPROC_PER_NODE=${NPROC_PER_NODE}) of ${SLURM_CPUS_PER_TASK:-1} CPUs; give sbatch matching --nodes / --ntasks-per-node / --cpus-per-task (or set NPROC_PER_NODE) and resubmit" >&2
+    rm -f "$srun_log"
+    exit 2
+  fi
+  rm -f "$srun_log"
   case "$rc" in
     0)
       # A command that stops early on SIGUSR1 but exits 0 (not 42) is still a preemption: requeue

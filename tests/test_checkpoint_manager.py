@@ -150,7 +150,8 @@ def test_every_component_kind_is_written_and_loaded_back(tmp_path):
         ".metadata", "__0_0.distcp", "config.yaml", "data_rank0.json", "notes.txt", "rng_rank0.pt",
         "trainer_state.json",
     ]
-    assert json.loads((path / "trainer_state.json").read_text()) == {"world_size": 1, "samples_seen": 40, "step": 2}
+    assert json.loads((path / "trainer_state.json").read_text()) == {"world_size": 1, "samples_seen": 40, "step": 2,
+                                                                     "format_version": 1}
     assert json.loads((path / "data_rank0.json").read_text()) == blob
     assert (path / "config.yaml").read_text() == "model:\n  name: tiny\n"
     saved = engine.full_state()
@@ -162,7 +163,8 @@ def test_every_component_kind_is_written_and_loaded_back(tmp_path):
     torch.manual_seed(123)
     trainer_state = CheckpointManager(tmp_path, _Cfg(), states, config_yaml="").load(path)
     assert torch.equal(torch.rand(3), expected_rand)  # this rank's RNG restored last
-    assert trainer_state == states["trainer"].loaded == {"world_size": 1, "samples_seen": 40, "step": 2}
+    assert trainer_state == states["trainer"].loaded == {"world_size": 1, "samples_seen": 40, "step": 2,
+                                                         "format_version": 1}
     assert states["data"].loaded == [blob]
     assert states["notes"].text == "hello"
     _assert_same(fresh.full_state(), saved)

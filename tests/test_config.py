@@ -276,8 +276,15 @@ def test_other_range_checks():
         load_config(None, ["data.streams=-2"])
     with pytest.raises(ConfigError, match="logging.peak_tflops: must be 0"):
         load_config(None, ["logging.peak_tflops=-1"])
-    with pytest.raises(ConfigError, match="train.collective_timeout_minutes: must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="train.collective_timeout_minutes: must be > 0, got 0"):
         load_config(None, ["train.collective_timeout_minutes=0"])
+    with pytest.raises(ConfigError, match="train.collective_timeout_seconds: must be 0 .* or > 0, got -1"):
+        load_config(None, ["train.collective_timeout_seconds=-1"])
+    from flip_scale.config import collective_timeouts
+
+    # Seconds win over minutes; the start-up allowance is never shorter than the steady one.
+    assert collective_timeouts(load_config(None, ["train.collective_timeout_seconds=4"])) == (3600.0, 4.0)
+    assert collective_timeouts(load_config(None, ["train.collective_timeout_minutes=90"])) == (5400.0, 5400.0)
     with pytest.raises(ConfigError, match="optim.max_nonfinite_steps: must be 0"):
         load_config(None, ["optim.max_nonfinite_steps=-1"])
 

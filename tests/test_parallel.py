@@ -34,6 +34,7 @@ GRAD_CLIP = 0.5  # below the norms of this model, so clipping really scales the 
 # fp32 on CPU; layouts differ from one process only in the order of additions.
 LOSS_TOL = 1e-5
 NORM_RTOL = 1e-4
+GRAD_RTOL = 1e-5  # of each parameter's largest gradient entry
 PARAM_ATOL = 3e-6  # after 3 AdamW steps of lr 1e-3 (each step moves a weight by up to ~1e-3)
 
 
@@ -76,8 +77,16 @@ def make_optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=True)
 
 
-def train(model, cfg: Config, dims=None, dp_rank: int = 0, dp_size: int = 1, microbatches: int = 1, exact: bool = True):
-    """STEPS optimizer steps on this rank's slice; -> (losses of the global batch, grad norms, optimizer)."""
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def train(model, cfg: Config, dims=None, dp_rank: int = 0, dp_size: int = 1, microbatches: int = 1, exact: bool = True,
+          grads: dict | None = None):
+    """STEPS optimizer steps on this rank's slice; -> (losses of the global batch, grad norms, optimizer).
+    `grads`: filled with every parameter's full gradient of step 1, before clipping."""
     import torch.distributed as dist
 
     optimizer = make_optimizer(model)
@@ -94,6 +103,8 @@ def train(model, cfg: Config, dims=None, dp_rank: int = 0, dp_size: int = 1, mic
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(model, loss_fn, images[rows], tokens[rows], noise[rows], microbatches, exact,
                                 reduce_every_microbatch=every)
+        if step == 0 and grads is not None:
+            grads.update({name: _full(param.grad) for name, param in model.named_parameters()})
         if dims is not None and dims.dp_group is not None:  # each rank's loss is the mean of its rows
             dist.all_reduce(loss, group=dims.dp_group)
             loss = loss / dp_size
@@ -116,9 +127,10 @@ def reference():
     cfg = tiny_config()
     model = reference_model(cfg.model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    losses, norms, optimizer = train(model, cfg)
+    grads = {}
+    losses, norms, optimizer = train(model, cfg, grads=grads)
     nbytes = shard_bytes(model.parameters()) + optimizer_state_bytes(optimizer)
-    return dict(initial=initial, losses=losses, norms=norms, params=model.state_dict(), bytes=nbytes,
+    return dict(initial=initial, losses=losses, norms=norms, params=model.state_dict(), bytes=nbytes, grads=grads,
                 buffers={k: v.clone() for k, v in model.named_buffers()})
 
 
@@ -128,6 +140,14 @@ def assert_matches_reference(result: dict, reference: dict, label: str) -> None:
     for got, want in zip(result["norms"], reference["norms"]):
         assert abs(got - want) <= NORM_RTOL * want, (label, result["norms"], reference["norms"])
     assert set(result["params"]) == set(reference["params"]), label
+    if "grads" in result:
+        # Per parameter, before clipping: a wrong scale of one tensor (a gradient averaged twice, or
+        # summed where it should be averaged) hides in the total norm but not here.
+        assert set(result["grads"]) == set(reference["grads"]), label
+        for name, want in reference["grads"].items():
+            error = (result["grads"][name] - want).abs().max().item()
+            assert error <= GRAD_RTOL * want.abs().max().item() + 1e-8, (
+                f"{label}: the step-1 gradient of {name} differs by {error:.3g} (largest entry {want.abs().max():.3g})")
     for name, want in reference["params"].items():
         got = result["params"][name]
         assert got.shape == want.shape, (label, name)
@@ -178,13 +198,14 @@ def _run_layouts(rank: int, world_size: int, layouts: dict) -> dict:
         initial = {k: v.clone() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         syncs_skipped = _count_sync_skips(model)  # accumulation without a reduce-scatter
-        losses, norms, optimizer = train(model, cfg, dims, dims.dp_rank, dims.dp_size, microbatches)
+        grads = {}
+        losses, norms, optimizer = train(model, cfg, dims, dims.dp_rank, dims.dp_size, microbatches, grads=grads)
         params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         nbytes = shard_bytes(model.parameters()) + optimizer_state_bytes(optimizer)
         counts = parameter_counts_per_rank(model)
         if rank == 0:
             results[label] = dict(initial=initial, buffers=buffers, losses=losses, norms=norms, params=params,
-                                  syncs_skipped=sum(syncs_skipped),
+                                  grads=grads, syncs_skipped=sum(syncs_skipped),
                                   describe=dims.describe(), counts=counts, total=sum(p.numel() for p in model.parameters()))
         results.setdefault("bytes", {})[label] = nbytes
     return results

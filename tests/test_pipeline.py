@@ -336,3 +336,89 @@ def test_pipeline_with_fsdp_and_tp_matches_one_process():
     ]
     report = _check_against_reference(layouts, world_size=4, timeout=170)
     assert len(report) == len(layouts)  # every layout was compared (each comparison asserts above)
+
+
+# ----------------------------------------------------------------------------- the trainer's own build
+
+
+def _engine_config(parallel: dict):
+    from flip_scale.config import Config, OptimConfig, ParallelConfig, ScheduleConfig, TrainConfig
+
+    # Adam's eps well above float noise (see make_optimizer); a constant lr, clipping active.
+    return Config(
+        train=TrainConfig(global_batch_size=GLOBAL_BATCH, seed=SEED, precision="fp32", device="cpu"),
+        model=tiny_cfg(), optim=OptimConfig(lr=1e-3, grad_clip=GRAD_CLIP, weight_decay=0.1, eps=1e-6),
+        schedule=ScheduleConfig(name="constant"), parallel=ParallelConfig(**parallel),
+    )
+
+
+def _train_engine(parallel: dict, world_size: int) -> dict:
+    """The trainer's path: preflight's plan, `build_engine` (parallelize_pipeline: TP, FSDP2 under
+    tp, the stage split, the schedule; weights initialised by (seed, name)), its forward_backward and
+    clip_and_step, on this rank's data-parallel rows of each global batch."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from flip_scale.engine import build_engine
+    from flip_scale.preflight import plan_run
+
+    cfg = _engine_config(parallel)
+    plan = plan_run(cfg, world_size, training=False)
+    engine = build_engine(cfg, plan, torch.device("cpu"))
+    dims = engine.dims
+    local = GLOBAL_BATCH // dims.dp_size
+    rows = slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
+    losses, norms, grads = [], [], {}
+    for step in range(STEPS):
+        images, tokens, noise = (t[rows] for t in global_batch(step))
+        engine.train()
+        loss = engine.forward_backward(images, tokens, noise).detach().clone()
+        if step == 0:
+            grads = {name: _full(param.grad) for part in engine.model_parts for name, param in part.named_parameters()}
+        norms.append(float(engine.clip_and_step().grad_norm))
+        if dims.dp_group is not None:
+            dist.all_reduce(loss, group=dims.dp_group)
+            loss /= dims.dp_size
+        losses.append(loss.item())
+    params = {}
+    for part in engine.model_parts:
+        full = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        params.update({k: v.detach().clone() for k, v in full.items()})
+    keep = dims.dp_rank == 0 and dims.tp_rank == 0
+    engine.close()
+    return {"losses": losses, "norms": norms, "params": params if keep else {}, "grads": grads if keep else {}}
+
+
+def _train_engines(rank: int, world_size: int, layouts: list) -> list:
+    return [_train_engine(parallel, world_size) for parallel in layouts]
+
+
+def test_trainer_pipeline_layouts_match_one_process():
+    """pp=2 x tp=2 and pp=2 x dp_shard=2 as the trainer builds them (the engine seam), against the
+    same engine on one process: per-parameter gradients of step 1, losses and norms of every step,
+    every parameter after 3 steps."""
+    from dist_utils import run_distributed
+
+    reference = _train_engine({}, 1)
+    layouts = [dict(pp=2, tp=2, dp_shard=1, microbatches=4), dict(pp=2, dp_shard=2, microbatches=4)]
+    results = run_distributed(_train_engines, 4, args=(layouts,), timeout=200)
+    report = []
+    for index, layout in enumerate(layouts):
+        per_rank = [results[rank][index] for rank in range(4)]
+        params, grads = {}, {}
+        for result in per_rank:
+            params.update(result["params"])
+            grads.update(result["grads"])
+        assert set(params) == set(reference["params"]) and set(grads) == set(reference["grads"]), layout
+        grad_diff = {k: (grads[k] - g).abs().max().item() / g.abs().max().item() for k, g in reference["grads"].items()
+                     if g.abs().max() > 0}
+        worst = max(grad_diff, key=grad_diff.get)
+        param_diff = max((params[k] - v).abs().max().item() for k, v in reference["params"].items())
+        loss_diff = max(abs(a - b) for result in per_rank for a, b in zip(result["losses"], reference["losses"]))
+        norm_diff = max(abs(a - b) / b for result in per_rank for a, b in zip(result["norms"], reference["norms"]))
+        report.append(f"{layout}: loss {loss_diff:.1e}, grad (relative, worst {worst}) {grad_diff[worst]:.1e}, "
+                      f"norm {norm_diff:.1e}, params after {STEPS} steps {param_diff:.1e}")
+        assert grad_diff[worst] < GRAD_TOLERANCE and param_diff < PARAM_TOLERANCE, report[-1]
+        assert loss_diff < LOSS_TOLERANCE and norm_diff < NORM_TOLERANCE, report[-1]
+    assert min(reference["norms"]) > GRAD_CLIP  # clipping was active
+    print("\n".join(report))

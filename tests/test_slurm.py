@@ -118,6 +118,7 @@ def test_signal_handler_only_sets_a_flag():
 # ============================================================================ common.sh, stand-ins
 FAKE_SRUN = """#!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_LOG/srun_args"
+[ -n "$FAKE_SRUN_STDERR" ] && echo "$FAKE_SRUN_STDERR" >&2
 trap 'echo USR1 >> "$FAKE_LOG/srun_signals"' USR1
 if [ -n "$FAKE_SIGNAL_BATCH_SHELL" ]; then
   kill -USR1 "$PPID"  # as --signal=B:USR1 does; the batch shell should forward it here
@@ -126,6 +127,10 @@ fi
 exit "${FAKE_RC:-0}"
 """
 FAKE_SCONTROL = """#!/bin/bash
+if [ "$1" = show ]; then  # the job's record: only its time limit matters to the templates
+  [ -n "$FAKE_TIME_LIMIT" ] && echo "JobId=4242 JobName=fake TimeLimit=$FAKE_TIME_LIMIT TimeMin=N/A"
+  exit 0
+fi
 echo "$*" >> "$FAKE_LOG/scontrol_calls"
 """
 
@@ -326,6 +331,32 @@ def test_template_failure_is_requeued_by_default_until_the_limit_but_never_exit_
     assert not (tmp_path / "scontrol_calls").exists()
     proc = _run_template(tmp_path, "flip_b16", rc=preemption.EXIT_CODE, extra_env={"FLIP_REQUEUE_ON_FAILURE": "0"})
     assert proc.returncode == 0 and (tmp_path / "scontrol_calls").read_text() == "requeue 4242\n"
+
+
+def test_a_step_srun_cannot_create_is_a_usage_error_never_requeued(tmp_path):
+    _fake_checkpoint(tmp_path / "run", 12)
+    said = "srun: error: Unable to create step for job 4242: More processors requested than permitted"
+    proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env={"FAKE_SRUN_STDERR": said})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "srun could not create the job step; this is a usage error" in proc.stderr
+    assert f"    {said}" in proc.stderr and "NPROC_PER_NODE=2" in proc.stderr
+    assert not (tmp_path / "scontrol_calls").exists()  # not requeued
+
+
+def test_a_time_limit_under_the_signal_lead_is_reported_and_the_signal_moved(tmp_path):
+    assert preemption.slurm_seconds("00:10:00") == 600 and preemption.slurm_seconds("1-00:00:00") == 86400
+    assert preemption.slurm_seconds("10") == 600 and preemption.slurm_seconds("5:30") == 330
+    assert preemption.slurm_seconds("2-12") == 216000 and preemption.slurm_seconds("UNLIMITED") is None
+    assert preemption.signal_plan("00:10:00", 600)[0] == 300  # at the lead: half the limit
+    assert preemption.signal_plan("00:10:01", 600) == (None, "") and preemption.signal_plan("", 600) == (None, "")
+    # --time=2 with flip_b16.sh's --signal=B:USR1@300: Slurm's signal at once is ignored, said at start.
+    proc = _run_template(tmp_path, "flip_b16", rc=0, extra_env={"FAKE_TIME_LIMIT": "00:02:00",
+                                                                 "FAKE_SIGNAL_BATCH_SHELL": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the time limit 00:02:00 (120 s) is at or under the preemption signal's lead of 300 s" in proc.stderr
+    assert "signals itself 60 s after its start instead (a lead of 60 s, half the limit)" in proc.stderr
+    assert "SIGUSR1 at 0 s ignored" in proc.stdout or "SIGUSR1 at 1 s ignored" in proc.stdout, proc.stdout
+    assert not (tmp_path / "srun_signals").exists() and not (tmp_path / "scontrol_calls").exists()
 
 
 def test_template_refuses_bad_settings_with_what_is_valid(tmp_path):
@@ -780,6 +811,22 @@ def test_sbatch_g14_template_runs_the_tiny_cpu_config(slurm_cluster, uninterrupt
     assert f"=== flip_scale job {job}: trainer exit code 0" in text
     # The job is the reference run under Slurm: step for step the same numbers.
     assert _exact(records) == _exact(uninterrupted)
+
+
+@pytest.mark.slow
+def test_sbatch_whose_step_cannot_start_exits_2_at_once_and_is_not_requeued(slurm_cluster, synthetic_dir, tmp_path):
+    """More tasks than the allocation has (NPROC_PER_NODE=4 on 2): srun refuses the step. With
+    --time=1 (under the template's 600 s signal lead) the start says so too."""
+    cpu_job = [arg for arg in CPU_JOB if not arg.startswith("--time")] + ["--time=1"]
+    job = slurm_cluster.sbatch([*cpu_job, "--job-name=flip-tiny-usage", str(REPO / "slurm" / "flip_g14.sh")],
+                               _job_env(synthetic_dir, STEPS, NPROC_PER_NODE="4"), cwd=tmp_path)
+    log = tmp_path / f"flip-tiny-usage-{job}.out"
+    info = slurm_cluster.wait_for(job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                                  60, "the end", log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", text[-3000:]
+    assert "srun could not create the job step; this is a usage error" in text and "    srun: error:" in text
+    assert "the time limit 00:01:00 (60 s) is at or under the preemption signal's lead of 600 s" in text
 
 
 @pytest.mark.slow

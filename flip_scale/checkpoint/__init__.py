@@ -22,7 +22,8 @@ would pick.
   deepspeed_files.py  the DeepSpeed engine's files: completeness, safe loading, the full fp32 weights
                    and Adam moments assembled from the ZeRO-1/2/3 partitions one parameter at a time
   safety.py        loading files without running code (restricted unpickler, weights_only loads)
-  errors.py        CheckpointError
+  space.py         the free-space check at start (expected checkpoint size x checkpoints kept)
+  errors.py        CheckpointError, CheckpointSaveError (a failed save that stops the run)
 
 Dependencies point one way. This package imports config, runtime, distributed and models (the
 architecture of a consolidated config), never the entry points, the data pipeline (the data blobs
@@ -37,6 +38,7 @@ from .dcp import (
     AsyncWriter, ModelOptimizerState, SafeLoadPlanner, load_state, model_state, optimizer_state, rng_state, save_state,
     set_rng_state,
 )
+from .errors import CheckpointSaveError
 from .manager import CheckpointManager
 from .plain import load_checkpoint, save_checkpoint
 from .consolidated import CONFIG_FILE, MODEL_FILE, load_consolidated
@@ -53,7 +55,7 @@ from .store import (
 
 __all__ = [
     "CONFIG_FILE", "DS_TAG", "FUNCTIONAL_KEYS", "MODEL_FILE", "STEP_DIR",
-    "AsyncWriter", "CheckpointError", "CheckpointManager", "CheckpointSource", "DeepSpeedFiles", "ModelOptimizerState",
+    "AsyncWriter", "CheckpointError", "CheckpointSaveError", "CheckpointManager", "CheckpointSource", "DeepSpeedFiles", "ModelOptimizerState",
     "SafeLoadPlanner",
     "check_architecture", "check_source_architecture", "checkpoint_kind", "checkpoint_problem", "compare_architecture",
     "deepspeed_files_problem",

@@ -8,3 +8,8 @@ where it always was (`flip_scale.checkpoint.store.CheckpointError`).
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointSaveError(CheckpointError):
+    """A failed save that stops the run: checkpoint.required, more than checkpoint.max_failed_saves
+    failures in a row, or the final checkpoint."""

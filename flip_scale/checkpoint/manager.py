@@ -51,12 +51,50 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import barrier
-from ..runtime import distributed, write_json_atomic
+from ..runtime import any_rank, distributed, write_json_atomic
 from .compat import check_architecture
+from .errors import CheckpointSaveError
 from .dcp import AsyncWriter, load_state, rng_state, save_state, set_rng_state
 from .store import (
-    CheckpointError, checkpoint_problem, commit_step_dir, prune_checkpoints, read_rank_blobs, step_dir_name,
+    CheckpointError, checkpoint_problem, commit_step_dir, find_latest, prune_checkpoints, read_rank_blobs,
+    step_dir_name,
 )
+
+try:  # what DCP raises when a rank's write fails (it wraps the OSError)
+    from torch.distributed.checkpoint.api import CheckpointException as _DCPWriteError
+except ImportError:  # pragma: no cover - older torch
+    _DCPWriteError = OSError
+_WRITE_ERRORS = (OSError, CheckpointError, _DCPWriteError)
+
+
+class _SaveFailed(CheckpointError):
+    """One phase of a save failed on some rank (raised on every rank alike). `error`: this rank's
+    own error, None where another rank failed."""
+
+    def __init__(self, phase: str, error: Optional[BaseException]):
+        self.phase, self.error = phase, error
+        super().__init__(f"{phase} failed {_describe(error) if error is not None else 'on another rank'}")
+
+
+def _describe(error: BaseException) -> str:
+    """One line per error; DCP's wrapper names the rank and the error below it (not its traceback)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"on rank {rank}: {type(pair[0]).__name__}: {pair[0]}" for rank, pair in failures.items())
+    return f"{type(error).__name__}: {error}"
+
+
+def _agreed(phase: str, action) -> Any:
+    """Run `action()` on this rank; if it failed with a write error on any rank, every rank raises
+    _SaveFailed (collective: ranks never go on into the next collective alone)."""
+    error, result = None, None
+    try:
+        result = action()
+    except _WRITE_ERRORS as caught:
+        error = caught
+    if any_rank(error is not None):
+        raise _SaveFailed(phase, error)
+    return result
 
 log = logging.getLogger("flip_scale.checkpoint")
 
@@ -69,6 +107,9 @@ _NEEDS = {
     "rank_blobs": ("state_dict", "load_state_dict", "blob_name", "blob_prefix"),
 }
 DEFAULT_PARTIAL_STATE_KEYS = ("optim",)
+# The layout of a step directory this code writes and reads (trainer_state.json "format_version";
+# checkpoints from before it was recorded are version 1). A newer one is refused before loading.
+FORMAT_VERSION = 1
 
 
 def _rank() -> int:
@@ -133,6 +174,7 @@ class CheckpointManager:
                                      f"blob_prefix {component.blob_prefix!r} followed by an index: a load would not "
                                      f"find it")
         self._writer = writer if writer is not None else AsyncWriter()
+        self.failed_in_a_row = 0  # saves that failed since the last one that was written
 
     def _of_kind(self, kind: str) -> list:
         return [self.states[key] for key, k in self.kinds.items() if k == kind]
@@ -157,6 +199,7 @@ class CheckpointManager:
         # "step" before "scheduler", where the checkpoints before the manager had it.
         state = {k: v for k, v in own.items() if k != "scheduler"}
         state["step"] = step
+        state["format_version"] = FORMAT_VERSION
         if "scheduler" in own:
             state["scheduler"] = own["scheduler"]
         if "sharded" not in self.kinds.values():
@@ -192,38 +235,62 @@ class CheckpointManager:
                 merged[entry] = value
         return merged
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Optional[Path]:
         """Write `run_dir/step_XXXXXXXX/` collectively (every rank calls this), update `latest`,
         prune; with cfg.async_save the sharded state is still being written when this returns
-        (the returned path exists once it is committed)."""
+        (the returned path exists once it is committed).
+
+        A save that fails on any rank (no space, permission, I/O error) is logged with the path and
+        the error on every rank that saw it, its `.tmp` directory removed, `latest` left naming the
+        previous checkpoint, and None returned: training goes on, the next save tries again.
+        checkpoint.required, or more than checkpoint.max_failed_saves failures in a row, raise
+        CheckpointSaveError instead."""
         self.finalize()
         final = self.run_dir / step_dir_name(step)
         tmp = self.run_dir / (step_dir_name(step) + ".tmp")
+        try:
+            path = self._write(step, tmp, final)
+        except _SaveFailed as failure:
+            self._failed(final, tmp, failure)
+            return None
+        if not self.cfg.async_save:
+            self.failed_in_a_row = 0
+        return path
+
+    def _write(self, step: int, tmp: Path, final: Path) -> Path:
         rank = _rank()
         trainer_state, blobs = self._trainer_state(step), self._rank_blobs()
-        if rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        barrier()
+
+        def make_dir():
+            if rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+
+        _agreed(f"creating {tmp}", make_dir)
         sharded = self._sharded_state()
-        # The small files first: they hold the state of this moment (the RNG moves on during an async write).
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-        for name, blob in blobs.items():
-            write_json_atomic(tmp / f"{name}.json", blob)
-        if rank == 0:
-            write_json_atomic(tmp / "trainer_state.json", trainer_state)
-            (tmp / "config.yaml").write_text(self.config_yaml)
+
+        def small_files():
+            # The small files first: they hold the state of this moment (the RNG moves on during an async write).
+            torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+            for name, blob in blobs.items():
+                write_json_atomic(tmp / f"{name}.json", blob)
+            if rank == 0:
+                write_json_atomic(tmp / "trainer_state.json", trainer_state)
+                (tmp / "config.yaml").write_text(self.config_yaml)
+
+        _agreed(f"writing the state files into {tmp}", small_files)
         for component in self._of_kind("files"):
-            component.save_files(tmp)
+            _agreed(f"writing the engine's files into {tmp}", functools.partial(component.save_files, tmp))
         commit = functools.partial(self._commit, tmp, final, step, self.cfg.keep_last, self.cfg.keep_every,
                                    time.perf_counter())
         if sharded and self.cfg.async_save:
-            self._writer.start(sharded, tmp, final, commit)
+            _agreed(f"starting the background write of {tmp}",
+                    functools.partial(self._writer.start, sharded, tmp, final, commit))
             log.info("checkpoint %s: writing in the background", final)
             return final
         if sharded:
-            save_state(sharded, tmp)
+            _agreed(f"writing the model and optimizer shards into {tmp}", functools.partial(save_state, sharded, tmp))
         commit()
         return final
 
@@ -231,16 +298,50 @@ class CheckpointManager:
         """Every rank has written its part of `tmp`: rename it, update `latest`, prune."""
         _pause_for_tests("mid_save", step)
         barrier()
+
+        def rename():
+            if _rank() == 0:
+                commit_step_dir(tmp, final)
+
+        _agreed(f"renaming {tmp} to {final.name} and pointing latest at it", rename)
         if _rank() == 0:
-            commit_step_dir(tmp, final)
-            prune_checkpoints(self.run_dir, keep_last, keep_every, step)
+            try:
+                prune_checkpoints(self.run_dir, keep_last, keep_every, step)
+            except OSError as error:  # the new checkpoint is in place: an old one left behind is no failure
+                log.warning("checkpoint %s written, but pruning older ones failed: %s", final, error)
             log.info("checkpoint written: %s (%.1f s)", final, time.perf_counter() - started)
         barrier()
 
+    def _failed(self, final: Path, tmp: Path, failure: _SaveFailed) -> None:
+        """Log a failed save loudly, clean up, and stop the run if the policy says so."""
+        self.failed_in_a_row += 1
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = find_latest(self.run_dir)
+        kept = f"{self.run_dir / 'latest'} still names {latest}" if latest else "there is no earlier checkpoint"
+        message = f"checkpoint {final} was NOT written: {failure} (rank {_rank()}); {kept}"
+        limit = int(getattr(self.cfg, "max_failed_saves", 3))
+        if getattr(self.cfg, "required", False):
+            raise CheckpointSaveError(f"{message}; checkpoint.required=true: stopping the run")
+        if self.failed_in_a_row > limit:
+            raise CheckpointSaveError(f"{message}; {self.failed_in_a_row} saves in a row failed, more than "
+                                      f"checkpoint.max_failed_saves={limit}: stopping the run")
+        if failure.error is not None or _rank() == 0:
+            log.error("CHECKPOINT SAVE FAILED: %s; training goes on and the next save tries again (%d in a row, "
+                      "the run stops after checkpoint.max_failed_saves=%d)", message, self.failed_in_a_row, limit)
+
     def finalize(self) -> None:
         """Wait for the pending background save on every rank and commit it (collective; a no-op
-        when none is pending)."""
-        self._writer.finalize()
+        when none is pending). A failed one is handled as `save` handles a failure."""
+        final = self._writer.pending
+        try:
+            committed = self._writer.finalize()
+        except CheckpointError as error:
+            failure = error if isinstance(error, _SaveFailed) else _SaveFailed("the background write", error)
+            self._failed(final, final.with_name(final.name + ".tmp"), failure)
+            return
+        if committed is not None:
+            self.failed_in_a_row = 0
 
     def abandon(self) -> None:
         """After a failure: let this rank's background write finish, but do not commit it (the
@@ -260,6 +361,11 @@ class CheckpointManager:
         problem = checkpoint_problem(path)
         if problem is not None:
             raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
+        written = json.loads((path / "trainer_state.json").read_text()).get("format_version", 1)
+        if not isinstance(written, int) or written > FORMAT_VERSION:
+            raise CheckpointError(f"{path} has checkpoint format_version {written!r} (trainer_state.json), newer than "
+                                  f"the {FORMAT_VERSION} this flip_scale reads: resume it with the flip_scale that wrote "
+                                  f"it, or start from its weights with that version's tools/convert_ckpt.py consolidate")
         if self.model_arch is not None:
             check_architecture(path, self.model_arch, self.model_config)
         for component in self._of_kind("sharded"):

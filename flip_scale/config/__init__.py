@@ -30,9 +30,19 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
     log_every_steps: int = 10
     deterministic: bool = False
-    # How long a collective may wait before the process group reports a hang (NCCL watchdog):
-    # long enough for a G/14 checkpoint write or an evaluation on other ranks.
-    collective_timeout_minutes: int = 30
+    # How long a collective may wait, after the first step, before the process group reports a hang
+    # (and how long the per-rank watchdog lets a step take): long enough for the ranks' skew in a
+    # checkpoint write. A dead or hung rank makes the others exit within it (flip_scale/watchdog.py).
+    collective_timeout_minutes: float = 30
+    collective_timeout_seconds: float = 0.0  # > 0: this many seconds instead of the minutes (tests)
+    # Start-up, the first step (compilation, data workers, a resume's read), checkpoint saves and
+    # evaluations skew the ranks more: they get this longer allowance.
+    init_timeout_minutes: float = 60
+    # Loss spikes (flip_scale/spikes.py): a step whose loss exceeds spike_factor x the median of the
+    # last spike_window steps is written with the shard and key of every sample to RUN_DIR/spikes.jsonl
+    # (0: off; on, it costs one all-reduce of the loss per step).
+    spike_factor: float = 0.0
+    spike_window: int = 50
 
 
 @dataclass
@@ -130,7 +140,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
-    microbatches: int = 1
+    # Pipeline micro-batches per step; 0 (not set): 2 x parallel.pp under pipeline parallel (logged), else 1.
+    microbatches: int = 0
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     activation_checkpointing_every: int = 2  # selective: every k-th block
     activation_checkpointing_towers: Literal["both", "vision", "text"] = "both"  # the towers it applies to
@@ -161,6 +172,11 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every M-th step (0: none)
     async_save: bool = False
+    # A save that fails (no space, permission, I/O error) is logged, `latest` keeps naming the
+    # previous checkpoint, training goes on and the next save tries again; required: stop instead
+    # (exit 1). More than max_failed_saves failures in a row stop the run too.
+    required: bool = False
+    max_failed_saves: int = 3
 
 
 @dataclass
@@ -318,16 +334,37 @@ def validate(cfg: Config) -> Config:
         "train.global_batch_size": cfg.train.global_batch_size,
         "model.context_length": cfg.model.context_length,
         "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
-        "parallel.microbatches": cfg.parallel.microbatches,
         "parallel.tp": cfg.parallel.tp,
         "parallel.pp": cfg.parallel.pp,
         "parallel.dp_replicate": cfg.parallel.dp_replicate,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "train.collective_timeout_minutes": cfg.train.collective_timeout_minutes,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in (("parallel.microbatches", cfg.parallel.microbatches),
+                       ("checkpoint.every_steps", cfg.checkpoint.every_steps)):
+        if value < 0:
+            meaning = ("0 (2 x parallel.pp under pipeline parallel, else 1)" if key == "parallel.microbatches"
+                       else "0 (no periodic checkpoints: the final one and preemption saves only)")
+            raise ConfigError(f"{key}: must be {meaning} or >= 1, got {value}")
+    if cfg.parallel.microbatches == 0:
+        # Resolved here, so that every part (and the saved config.yaml) sees the number that runs.
+        cfg.parallel.microbatches = 2 * cfg.parallel.pp if cfg.parallel.pp > 1 else 1
+        cfg.parallel.microbatches_from_default = cfg.parallel.pp > 1
+    for key in ("collective_timeout_minutes", "init_timeout_minutes"):
+        if not getattr(cfg.train, key) > 0:
+            raise ConfigError(f"train.{key}: must be > 0, got {getattr(cfg.train, key)}")
+    if cfg.train.spike_factor != 0 and not cfg.train.spike_factor > 1:
+        raise ConfigError(f"train.spike_factor: must be 0 (off) or > 1 (a loss that many times the running median), "
+                          f"got {cfg.train.spike_factor}")
+    if cfg.train.spike_window < 1:
+        raise ConfigError(f"train.spike_window: must be >= 1 steps, got {cfg.train.spike_window}")
+    if cfg.checkpoint.max_failed_saves < 0:
+        raise ConfigError(f"checkpoint.max_failed_saves: must be 0 (stop at the first failed save) or more, got "
+                          f"{cfg.checkpoint.max_failed_saves}")
+    if cfg.train.collective_timeout_seconds < 0:
+        raise ConfigError(f"train.collective_timeout_seconds: must be 0 (use train.collective_timeout_minutes) or "
+                          f"> 0, got {cfg.train.collective_timeout_seconds}")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard: must be -1 (fill the world) or >= 1, got {cfg.parallel.dp_shard}")
     if cfg.optim.max_nonfinite_steps < 0:
@@ -369,6 +406,14 @@ def load_config(path: Union[str, Path, None] = None, overrides=None) -> Config:
     tree = load_yaml_tree(path if path is not None else CONFIG_DIR / "tiny.yaml")
     tree = apply_overrides(tree, overrides)
     return config_from_dict(tree)
+
+
+def collective_timeouts(cfg: Config) -> tuple[float, float]:
+    """(seconds before the first step has finished and during saves / evaluations, seconds after):
+    train.init_timeout_minutes (at least the short one) and train.collective_timeout_seconds, else
+    train.collective_timeout_minutes."""
+    short = cfg.train.collective_timeout_seconds or cfg.train.collective_timeout_minutes * 60
+    return max(cfg.train.init_timeout_minutes * 60, short), short
 
 
 def effective_lr(cfg: Config) -> float:

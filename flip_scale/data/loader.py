@@ -198,6 +198,7 @@ class TrainStream(IterableDataset):
         images: list[torch.Tensor] = []
         captions: list[str] = []
         keys: list[str] = []
+        shards: list[str] = []  # each sample's shard, beside its key (a loss spike names both)
         epoch = start_epoch
         position = (epoch, skip)
 
@@ -208,12 +209,14 @@ class TrainStream(IterableDataset):
                 "skipped": tracker.take_skipped(),
                 "samples": len(images),
                 "keys": list(keys),
+                "shards": list(shards),
                 "_stream": stream,
                 "_position": position,
             }
             images.clear()
             captions.clear()
             keys.clear()
+            shards.clear()
             return chunk
 
         while self.epochs is None or epoch < self.epochs:
@@ -238,6 +241,7 @@ class TrainStream(IterableDataset):
                 images.append(image)
                 captions.append(caption_text(sample))
                 keys.append(sample.key)
+                shards.append(sample.shard)
                 if len(images) == self.chunk_size:
                     position = (epoch, drawn)
                     yield make_chunk()
@@ -264,7 +268,7 @@ class TrainLoader:
 
     Each `iter()` continues from the current position; a fresh loader starts at the beginning.
     Batch dict: images FloatTensor [B,3,H,W], tokens LongTensor [B,T], skipped (bad samples met
-    since the previous batch), samples (B), keys (sample keys, for inspection), sample_index
+    since the previous batch), samples (B), keys (sample keys, for inspection), shards (each sample's shard), sample_index
     LongTensor [B] (each sample's row in the global batch: dp_rank * B + i).
     """
 
@@ -341,6 +345,7 @@ class TrainLoader:
             "skipped": sum(chunk["skipped"] for chunk in chunks),
             "samples": samples,
             "keys": [key for chunk in chunks for key in chunk["keys"]],
+            "shards": [shard for chunk in chunks for shard in chunk["shards"]],
             # Each sample's row in the global batch: its mask noise is drawn from it (and the step),
             # so a sample is masked alike under every layout.
             "sample_index": torch.arange(first, first + samples),

@@ -118,7 +118,7 @@ def parallelize_pipeline(model: nn.Module, dims: ParallelDims, cfg, device):
     specs = split_stages(model.arch, cfg.model.mask_ratio, num_stages(dims.pp, pcfg.pp_schedule))
     modules = build_stage_modules(model, specs, dims.pp_rank, dims.pp, pcfg.pp_schedule)
     modules = [parallelize_model(module, dims, cfg, device) for module in modules]
-    microbatches = pcfg.microbatches * cfg.optim.grad_accum_steps
+    microbatches = (pcfg.microbatches or 2 * dims.pp) * cfg.optim.grad_accum_steps  # 0: not set, 2 x pp
     pipe = build_pipeline(modules, dims.pp_mesh, pcfg.pp_schedule, microbatches, device)
     return modules, pipe
 

@@ -166,7 +166,8 @@ class ParallelDims:
                     f"{blocks} stages"
                 )
 
-        microbatches = getattr(cfg, "microbatches", 1)
+        # 0: not set (config validation resolves it; a config built in code may not have met it).
+        microbatches = getattr(cfg, "microbatches", 1) or (2 * dims.pp if dims.pp > 1 else 1)
         if dims.pp > 1:
             from .pipeline import check_microbatches  # the schedules' own rules (>= pp, interleaving rounds)
 

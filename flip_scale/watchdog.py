@@ -1,0 +1,202 @@
+"""A dead or hung rank stops the whole job, fast, with a message that names the step and the rank.
+
+    watchdog = Watchdog(rank, world_size, first_limit_s=3600, limit_s=300)
+    watchdog.start()
+    ... watchdog.progress(step) after every step; with watchdog.long_phase("checkpoint save"): ...
+    watchdog.step_done(1) -> shorten_collective_timeouts(300): the long start-up allowance ends
+    watchdog.stop()
+
+Two guards, one per way a peer can be lost:
+
+- **The collective timeout.** A peer killed outright closes its connections: the others' next
+  collective fails at once. A peer that hangs (stopped, deadlocked, stuck in a file system) keeps
+  them open: the others wait in a collective until the process group's timeout. Start-up, the
+  first step (compilation, the data workers, a resume's checkpoint read) and evaluations skew the
+  ranks by minutes; a training step does not. So the process group starts with the long timeout
+  (`train.init_timeout_minutes`) and every group known after the first step gets the short one
+  (`train.collective_timeout_minutes` / `_seconds`), as torchtitan does.
+- **The watchdog thread.** A rank that waits outside any collective (a data worker that never
+  answers, a hung write) would wait forever. The loop reports progress after every step; a thread
+  checks it and, when no step has finished within the limit (the long one during start-up, a
+  checkpoint save and an evaluation), logs what it knows and exits the process with EXIT_CODE.
+
+Which rank: each rank's thread bumps a counter in the process group's key-value store every
+second. On a failure the counters are read twice; the ranks whose counter did not move have
+stopped (a killed rank 0 takes the store with it: then the store itself is unreachable, which
+names rank 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+log = logging.getLogger("flip_scale.watchdog")
+
+EXIT_CODE = 1  # a failure: the Slurm templates requeue it (they never requeue 2, the usage errors)
+TICK_S = 1.0
+EXIT_MARGIN_S = 2.0  # the failing rank's report, traceback and process-group teardown
+_KEY = "flip_scale/heartbeat/"
+
+
+def shorten_collective_timeouts(seconds: float) -> int:
+    """Give every process group of this rank the timeout `seconds`; returns how many were set.
+    Groups created later (the asynchronous checkpoint writer's own) keep their own timeout."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    groups = list(getattr(dist.distributed_c10d._world, "pg_map", {}) or [dist.group.WORLD])
+    timeout = datetime.timedelta(seconds=seconds)
+    done = 0
+    for group in groups:
+        try:
+            dist.set_timeout(timeout, group)
+            done += 1
+        except (ValueError, RuntimeError, AssertionError) as error:  # not a member, or a backend without timeouts
+            log.debug("collective timeout of a group left as it was: %s", error)
+    return done
+
+
+def _default_store():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+class Watchdog:
+    """Per-rank progress guard (module docstring). `limit_s`: the most a step may take after the
+    first; `first_limit_s`: before the first step has finished, and during long phases."""
+
+    def __init__(self, rank: int, world_size: int, first_limit_s: float, limit_s: float, store=None,
+                 tick_s: float = TICK_S):
+        self.rank, self.world_size = rank, world_size
+        self.first_limit_s, self.limit_s = float(first_limit_s), float(limit_s)
+        self.tick_s = min(tick_s, max(0.05, self.limit_s / 10))
+        self.store = store if store is not None else (_default_store() if world_size > 1 else None)
+        self.step = 0  # the last finished step
+        self.first_done = False
+        self.phase: Optional[str] = None
+        self._last = time.monotonic()
+        self._beats = 0
+        self._stop = threading.Event()
+        self._fired = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ the loop's side
+    def start(self, step: int = 0) -> "Watchdog":
+        self.step, self._last = step, time.monotonic()
+        self._stop.clear()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="flip-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def progress(self, step: int) -> None:
+        """Step `step` has finished on this rank."""
+        self.step, self._last = step, time.monotonic()
+        if not self.first_done:
+            self.first_done = True
+            if self.world_size == 1:
+                return
+            count = shorten_collective_timeouts(self.collective_timeout_s)
+            log.info("first step done: collective timeout now %.1f s (%d process groups), watchdog limit %.1f s",
+                     self.collective_timeout_s, count, self.limit_s)
+
+    @contextlib.contextmanager
+    def long_phase(self, what: str):
+        """A phase that may take longer than a step (a checkpoint save, an evaluation): the start-up
+        limit applies while it runs."""
+        previous, self.phase = self.phase, what
+        self._last = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phase, self._last = previous, time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """The process groups' timeout after the first step: the limit less what naming the stopped
+        peer and exiting take (the probe, ~2 s), so that the job is gone within the configured
+        time; at least half of it."""
+        return max(self.limit_s / 2, self.limit_s - 1.5 * self.tick_s - EXIT_MARGIN_S)
+
+    @property
+    def current_limit_s(self) -> float:
+        return self.first_limit_s if (not self.first_done or self.phase) else self.limit_s
+
+    # ------------------------------------------------------------------ reports
+    def where(self) -> str:
+        doing = f"in the {self.phase}, " if self.phase else ""
+        return f"rank {self.rank} at step {self.step + 1} ({doing}step {self.step} was the last finished)"
+
+    def stopped_peers(self, wait_s: Optional[float] = None) -> str:
+        """Which ranks stopped reporting, as a sentence ('' with one rank or without a store)."""
+        if self.store is None or self.world_size < 2:
+            return ""
+        keys = [f"{_KEY}{r}" for r in range(self.world_size) if r != self.rank]
+        try:
+            first = [self.store.get(key) for key in keys]
+            time.sleep(wait_s if wait_s is not None else 1.5 * self.tick_s)
+            second = [self.store.get(key) for key in keys]
+        except Exception as error:  # noqa: BLE001 - a store that is gone is an answer too
+            return f"the process group's store (on rank 0) does not answer ({error}): rank 0 is gone"
+        still = [r for r, a, b in zip((r for r in range(self.world_size) if r != self.rank), first, second) if a == b]
+        if not still:
+            return "every other rank still reports (the fault is on this rank or in the network)"
+        return "rank(s) " + ", ".join(map(str, still)) + " stopped reporting (dead or hung)"
+
+    def report(self, error: Optional[BaseException] = None) -> str:
+        """The sentence a failing rank logs: where it was, what failed, which peer stopped."""
+        self.stop()
+        if not self._fired.acquire(blocking=False):
+            time.sleep(60)  # the thread is reporting and exiting the process
+        what = f"a collective or the step failed: {error}" if error is not None else "no progress"
+        peers = self.stopped_peers()
+        return f"{self.where()}: {what}" + (f"; {peers}" if peers else "")
+
+    # ------------------------------------------------------------------ the thread
+    def _beat(self) -> None:
+        if self.store is None:
+            return
+        self._beats += 1
+        try:
+            self.store.set(f"{_KEY}{self.rank}", f"{self._beats} {self.step}")
+        except Exception:  # noqa: BLE001 - a store that is gone: the loop's collectives will say so
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            self._beat()
+            idle = time.monotonic() - self._last
+            limit = self.current_limit_s if self.phase or not self.first_done else self.collective_timeout_s
+            if idle > limit and self._fired.acquire(blocking=False):
+                self._fire(idle, limit)
+                return
+
+    def _fire(self, idle: float, limit: float) -> None:
+        peers = self.stopped_peers()
+        message = (f"flip_scale watchdog: {self.where()}: no progress for {idle:.1f} s, more than the limit of "
+                   f"{limit:.1f} s (train.collective_timeout_*, train.init_timeout_minutes before the first step): "
+                   f"{peers or 'a rank is dead or hung'}; exiting with code {EXIT_CODE} so that the job can be "
+                   f"requeued and resumed from its last checkpoint")
+        log.error("%s", message)
+        print(message, file=sys.stderr, flush=True)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(EXIT_CODE)

@@ -1,0 +1,32 @@
+"""The watchdog thread alone: a rank that makes no progress outside any collective exits non-zero
+within the limit, naming its step; a long phase gets the long allowance."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+_STUCK = """
+import time
+from flip_scale.watchdog import Watchdog
+dog = Watchdog(rank=3, world_size=1, first_limit_s=30, limit_s=0.5).start(step=6)
+dog.progress(7)          # the first step after start: the short limit from now on
+with dog.long_phase("checkpoint save"):
+    time.sleep(1.0)      # longer than the short limit: allowed in a long phase
+dog.progress(8)
+print("after the save", flush=True)
+time.sleep(30)           # stuck outside any collective
+"""
+
+
+def test_a_rank_stuck_outside_collectives_exits_within_the_limit_naming_its_step():
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _STUCK], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    seconds = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "after the save" in proc.stdout
+    assert "rank 3 at step 9 (step 8 was the last finished): no progress" in proc.stderr, proc.stderr
+    assert seconds < 10, seconds
