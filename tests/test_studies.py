@@ -183,7 +183,11 @@ def test_slurm_sweep_submits_one_array_whose_tasks_finish(slurm_cluster, synthet
         log = runs / f"slurm_grid-{job}_{task}.out"
         info = slurm_cluster.wait_for(f"{job}_{task}", lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
                                                                                          "TIMEOUT"), 240, "the end", log)
-        assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED", text[-3000:]
+        # The template ran it (its banner, the run's directory and the sweep's recipe), flip-train to the end.
+        assert "(slurm_grid) start" in text and f"recipe {REPO / 'configs' / 'tiny.yaml'}, run dir {runs}/" in text
+        assert re.search(r"^0: .*step 3/3", text, re.M) and "trainer exit code 0" in text
     for name in ("mask_ratio0_max_steps3", "mask_ratio0.75_max_steps3"):
         assert (runs / name / "latest").read_text().strip() == "step_00000003"
         run = load_run(runs / name)
@@ -234,6 +238,16 @@ def test_plot_runs_draws_one_labelled_curve_per_run_up_to_a_truncated_line(sweep
     assert runs[2].series("loss", "flops")[0][-1] < 0.5 * runs[1].series("loss", "flops")[0][2]
     seconds = runs[1].series("loss", "time")[0]
     assert all(b > a for a, b in zip(seconds, seconds[1:]))
+
+    # --final-by: each run's last accuracy as a point, the runs of one mask ratio joined (FLIP's figure).
+    out = tmp_path / "finals.png"
+    assert plot_tool.main([*(str(sweep_dir / n) for n in NAMES), "--final-by", "model.mask_ratio", "--x", "samples",
+                           "--y", "zero_shot_top1", "--out", str(out)]) == 0
+    from flip_scale.studies.plots import plot_finals
+
+    axis = plot_finals([load_run(sweep_dir / n) for n in NAMES], "samples", ["zero_shot_top1"], "model.mask_ratio").axes[0]
+    assert [line.get_label() for line in axis.lines] == ["model.mask_ratio=0", "model.mask_ratio=0.75"]
+    assert [list(line.get_xdata()) for line in axis.lines] == [[48, 80], [48, 80]]
 
 
 # ----------------------------------------------------------------------------------- scaling_fit.py

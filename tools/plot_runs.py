@@ -7,6 +7,8 @@ per run, labelled by the config keys that differ between the runs (read from the
     python tools/plot_runs.py runs/sweeps/flip_effect/* --x time --y zero_shot_top1 --out top1_time.png
     python tools/plot_runs.py runs/a runs/b --x flops --y loss,zero_shot_top1 --smooth 0.6 --svg --out cmp.png
     python tools/plot_runs.py runs/a runs/b --out cmp.png --table cmp.html --size 1200x500
+    python tools/plot_runs.py runs/sweeps/flip_effect/* --final-by model.mask_ratio --x time --y zero_shot_top1 \
+        --out flip_effect_time.png        # each run's final accuracy, one curve per mask ratio
 
 --y takes metric names of metrics.jsonl (loss, lr, logit_scale, grad_norm, ...) or eval.jsonl
 (zero_shot_top1, zero_shot_top5, retrieval_i2t_r1, retrieval_t2i_r1, ...), comma-separated: one
@@ -26,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flip_scale.studies.plots import plot_runs, save_figure, summary_text, write_summary  # noqa: E402
+from flip_scale.studies.plots import plot_finals, plot_runs, save_figure, summary_text, write_summary  # noqa: E402
 from flip_scale.studies.runs import AXES, RunDirError, load_run, run_labels  # noqa: E402
 
 
@@ -50,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dpi", type=int, default=100)
     parser.add_argument("--log-x", action="store_true", help="logarithmic x axis (the default for --x flops)")
     parser.add_argument("--svg", action="store_true", help="write an SVG beside the PNG")
+    parser.add_argument("--final-by", metavar="KEY", help="plot each run's final value as one point and join the "
+                                                          "runs of one value of KEY (e.g. model.mask_ratio)")
     parser.add_argument("--table", help="summary table (.html or .png; default: FIG_summary.html)")
     args = parser.parse_args(argv)
     if not args.out.endswith(".png"):
@@ -71,8 +75,16 @@ def main(argv=None) -> int:
     metrics = [m.strip() for m in args.y.split(",") if m.strip()]
     size = args.size or (500 * len(metrics), 400)
     labels = run_labels(runs)
-    fig = plot_runs(runs, args.x, metrics, size=size, dpi=args.dpi, smoothing=args.smooth,
-                    log_x=True if args.log_x else None, labels=labels)
+    log_x = True if args.log_x else None
+    if args.final_by:
+        try:
+            fig = plot_finals(runs, args.x, metrics, args.final_by, size=size, dpi=args.dpi, log_x=log_x)
+        except ValueError as error:
+            print(f"plot_runs: --final-by: {error}", file=sys.stderr)
+            return 2
+    else:
+        fig = plot_runs(runs, args.x, metrics, size=size, dpi=args.dpi, smoothing=args.smooth, log_x=log_x,
+                        labels=labels)
     files = save_figure(fig, args.out, svg=args.svg, dpi=args.dpi)
     table = write_summary(runs, args.table or str(Path(args.out).with_suffix("")) + "_summary.html", labels)
     print(summary_text(runs, labels))

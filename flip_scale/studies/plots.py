@@ -68,6 +68,45 @@ def plot_runs(runs: list[Run], x: str, metrics: list[str], size=(1000, 400), dpi
     return fig
 
 
+def final_points(runs: list[Run], x: str, metric: str, group_key: str) -> dict:
+    """{group value: ([x of each run's last `metric`], [that value], [run names])}, each group in
+    increasing x: the runs of one value of `group_key` (e.g. one mask ratio at several lengths)."""
+    from ..config import flatten_tree
+
+    groups: dict = {}
+    for run in runs:
+        xs, ys = run.series(metric, x)
+        if not xs:
+            continue
+        flat = flatten_tree(run.config)
+        if group_key not in flat:
+            raise ValueError(f"{run.name}: {group_key} is not one of its config keys")
+        groups.setdefault(format_value(flat[group_key]), []).append((xs[-1], ys[-1], run.name))
+    return {k: tuple(map(list, zip(*sorted(v)))) for k, v in groups.items()}
+
+
+def plot_finals(runs: list[Run], x: str, metrics: list[str], group_key: str, size=(1000, 400), dpi: int = 100,
+                log_x: Optional[bool] = None):
+    """One panel per metric: each run's final value as a point at its x (its whole training), the
+    runs of one value of `group_key` joined into a curve labelled `group_key=value` (FLIP's figure:
+    accuracy of each schedule length against its time or compute, one curve per mask ratio)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
+    log_x = x in ("flops",) if log_x is None else log_x
+    for ax, metric in zip(axes[0], metrics):
+        for value, (xs, ys, _names) in final_points(runs, x, metric, group_key).items():
+            ax.plot(xs, ys, marker="o", markersize=4, label=f"{group_key}={value}")
+        ax.set_xlabel(AXIS_LABELS[x] + (" of the run" if x != "step" else ""))
+        ax.set_ylabel(f"final {METRIC_LABELS.get(metric, metric)}")
+        if log_x:
+            ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, out, svg: bool = False, dpi: int = 100) -> list[Path]:
     """Write the figure as PNG at its own size in pixels (and SVG beside it); -> the files."""
     out = Path(out)
