@@ -33,7 +33,7 @@ from flip_scale.config import flatten_tree  # noqa: E402
 from flip_scale.studies.fit import FitError, fit_power_law, frontier, interpolated_compute_for  # noqa: E402
 from flip_scale.studies.grid import format_flops  # noqa: E402
 from flip_scale.studies.plots import METRIC_LABELS, plot_fit, save_figure  # noqa: E402
-from flip_scale.studies.runs import RunDirError, format_value, load_run  # noqa: E402
+from flip_scale.studies.runs import RunDirError, format_value, group_order, load_run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
             print(f"scaling_fit: --group-by {args.group_by}: not a config key of {run.name}", file=sys.stderr)
             return 2
         groups.setdefault(format_value(flat[args.group_by]), []).append((*point, run.name))
+    groups = {k: groups[k] for k in sorted(groups, key=group_order)}
     if not groups:
         print(f"scaling_fit: no run has {args.metric}", file=sys.stderr)
         return 2

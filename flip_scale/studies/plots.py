@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from .runs import AXIS_LABELS, Run, format_value, run_labels
+from .runs import AXIS_LABELS, Run, format_value, group_order, run_labels
 
 METRIC_LABELS = {"loss": "training loss", "zero_shot_top1": "zero-shot top-1", "zero_shot_top5": "zero-shot top-5",
                  "retrieval_i2t_r1": "image->text R@1", "retrieval_t2i_r1": "text->image R@1"}
@@ -82,7 +82,7 @@ def final_points(runs: list[Run], x: str, metric: str, group_key: str) -> dict:
         if group_key not in flat:
             raise ValueError(f"{run.name}: {group_key} is not one of its config keys")
         groups.setdefault(format_value(flat[group_key]), []).append((xs[-1], ys[-1], run.name))
-    return {k: tuple(map(list, zip(*sorted(v)))) for k, v in groups.items()}
+    return {k: tuple(map(list, zip(*sorted(groups[k])))) for k in sorted(groups, key=group_order)}
 
 
 def plot_finals(runs: list[Run], x: str, metrics: list[str], group_key: str, size=(1000, 400), dpi: int = 100,

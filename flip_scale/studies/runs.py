@@ -238,3 +238,11 @@ def format_value(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def group_order(value: str):
+    """Sort key of group values: numbers by value (0, 0.5, 0.75), then the rest by name."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
