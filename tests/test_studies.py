@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +320,6 @@ def test_read_jsonl_tolerant_keeps_the_complete_lines(tmp_path):
     records, note = read_jsonl_tolerant(path)
     assert [r["step"] for r in records] == [1, 2] and note == "metrics.jsonl: last line incomplete, read up to step 2"
     assert read_jsonl_tolerant(tmp_path / "none.jsonl") == ([], "none.jsonl missing")
-    start = time.perf_counter()
-    path.write_text('{"step": 1}\n')
-    assert read_jsonl_tolerant(path) == ([{"step": 1}], None) and time.perf_counter() - start < 1
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # a broken line in the middle is left out, said so
+    records, note = read_jsonl_tolerant(path)
+    assert [r["step"] for r in records] == [1, 3] and note == "metrics.jsonl: line(s) 2 incomplete, read up to step 3"
