@@ -23,6 +23,14 @@ def pyplot():
     return plt
 
 
+def _log_x(ax) -> None:
+    """A logarithmic x axis with labels at the decades only (minor labels overlap on narrow panels)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def smooth(values: list[float], weight: float) -> list[float]:
     """Exponential moving average with bias correction (tensorboard's smoothing); 0 keeps the values."""
     if not 0.0 <= weight < 1.0:
@@ -55,7 +63,7 @@ def plot_runs(runs: list[Run], x: str, metrics: list[str], size=(1000, 400), dpi
         ax.set_xlabel(AXIS_LABELS[x])
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         if log_x:
-            ax.set_xscale("log")
+            _log_x(ax)
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
@@ -99,7 +107,7 @@ def plot_finals(runs: list[Run], x: str, metrics: list[str], group_key: str, siz
         ax.set_xlabel(AXIS_LABELS[x] + (" of the run" if x != "step" else ""))
         ax.set_ylabel(f"final {METRIC_LABELS.get(metric, metric)}")
         if log_x:
-            ax.set_xscale("log")
+            _log_x(ax)
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
@@ -190,7 +198,7 @@ def plot_fit(groups: dict, fits: dict, frontier_points: list[tuple[float, float]
         ax.plot(fx, fy, "k--", linewidth=1, label="frontier")
     if target is not None and math.isfinite(target):
         ax.axhline(target, color="grey", linewidth=0.8, linestyle=":", label=f"target {format_value(target)}")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel(AXIS_LABELS["flops"])
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
