@@ -22,6 +22,7 @@ setup(
         "numpy",
         "safetensors",
         "braceexpand",
+        "matplotlib",  # tools/plot_runs.py, tools/scaling_fit.py (headless: the Agg backend)
     ],
     extras_require={"dev": ["pytest", "pytest-timeout", "open-clip-torch", "ruff", "import-linter"]},
     entry_points={
