@@ -88,6 +88,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples is unreadable
     bad_check_after: int = 200  # ... judged only after this many samples
+    # A remote shard (pipe:, http(s)://) that fails while read is opened again this many times,
+    # then counted as a bad shard and skipped.
+    shard_retries: int = 2
     crop_scale_min: float = 0.5
     crop_scale_max: float = 1.0
     hflip: bool = True

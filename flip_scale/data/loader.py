@@ -144,6 +144,7 @@ class TrainStream(IterableDataset):
         self.shuffle_size = data_cfg.shuffle_buffer
         self.max_bad_fraction = data_cfg.max_bad_fraction
         self.bad_check_after = data_cfg.bad_check_after
+        self.shard_retries = int(data_cfg.shard_retries)
         # Decode JPEGs at reduced scale only while a crop of the smallest area still has full resolution.
         self.decode_min_size = 2 * transform.image_size
 
@@ -170,7 +171,7 @@ class TrainStream(IterableDataset):
         for task in tasks:
             # While replaying to a resume point (tracker.quiet) images are only located, not read.
             for sample in read_tar_samples(task.shard, task.select if task.stride > 1 else None,
-                                           lazy_images=lambda: tracker.quiet):
+                                           lazy_images=lambda: tracker.quiet, retries=self.shard_retries):
                 if isinstance(sample, BadSample):
                     tracker.add_bad(sample)
                     continue
