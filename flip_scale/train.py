@@ -194,7 +194,14 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are
         written in the background and committed at the next save or at the end of `fit`."""
+        self.flush_skipped()  # the checkpoint holds every sample skipped up to its step
         return self.checkpoints.save(self.state.step)
+
+    def flush_skipped(self) -> None:
+        """Every data-parallel rank's skipped samples since the last flush into the counters (collective)."""
+        from .data.fields import SKIP_KINDS
+
+        self.state.flush_skipped(SKIP_KINDS, self.dims.dp_group, self.device)
 
     # ------------------------------------------------------------------ one step
     def autocast(self):
@@ -257,6 +264,7 @@ class Trainer:
             state.step += 1
             state.samples_seen += cfg.train.global_batch_size
             metrics.add(out["loss"], out.get("skipped_step", False), batch.get("skipped", 0), wait)
+            state.note_skipped(batch.get("skipped_kinds", {}))
             step = state.step
             if metrics.due(step):
                 last = self.log_step(metrics, out)
@@ -283,11 +291,14 @@ class Trainer:
     def log_step(self, metrics: StepMetrics, out: dict) -> dict:
         """Reduce the interval's metrics over the data-parallel ranks, write them (rank 0), log a line."""
         step, state = self.state.step, self.state
-        timing, skipped = metrics.collect(step)
-        state.skipped_samples += skipped
+        from .data.fields import SKIP_KINDS
+
+        timing, _ = metrics.collect(step)  # the skipped samples are counted per kind (flush_skipped)
+        self.flush_skipped()
         values = {"loss": timing.pop("loss"), "lr": out["lr"], "logit_scale": self.logit_scale(),
                   "grad_norm": float(out["grad_norm"]), **timing, "samples_seen": state.samples_seen,
                   "mask_ratio": self.cfg.model.mask_ratio, "skipped_samples": state.skipped_samples,
+                  **{f"skipped_{kind}": state.skipped_by_kind.get(kind, 0) for kind in SKIP_KINDS},
                   "nonfinite_steps": state.nonfinite_steps}
         if "mfu" in values:  # after the counters, as before
             values["mfu"] = values.pop("mfu")

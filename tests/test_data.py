@@ -548,7 +548,8 @@ def test_another_shard_list_of_the_same_length_is_not_continued(tmp_path, tokeni
 
 
 def test_lazy_images_are_located_then_read_when_needed(tmp_path):
-    from flip_scale.data.shards import MemberRef, image_bytes, read_tar_samples
+    from flip_scale.data.fields import image_bytes
+    from flip_scale.data.shards import MemberRef, read_tar_samples
 
     shard = write_shard(tmp_path / "l-000000.tar", [good_sample(f"k{i}", i) for i in range(3)])
     eager = list(read_tar_samples(shard))

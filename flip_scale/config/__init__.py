@@ -91,6 +91,11 @@ class DataConfig:
     # A remote shard (pipe:, http(s)://) that fails while read is opened again this many times,
     # then counted as a bad shard and skipped.
     shard_retries: int = 2
+    # Sample fields (tar member suffixes): images tried in this order; the caption is a field's
+    # text ("txt") or a JSON member and a path in it ("json:caption", as img2dataset writes).
+    image_keys: str = "jpg;jpeg;png;webp"
+    caption_key: str = "txt"
+    min_image_size: int = 0  # images with a side below this many pixels are skipped (counted)
     crop_scale_min: float = 0.5
     crop_scale_max: float = 1.0
     hflip: bool = True

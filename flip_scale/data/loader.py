@@ -39,17 +39,15 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .fields import SMALL_IMAGE, UNDECODABLE_IMAGE, SampleFormat, caption_text, check_train_sample, image_bytes
 from .shards import (
     BadSample,
     BadSampleTracker,
     DataError,
     RawSample,
     assign_shards,
-    caption_text,
-    check_train_sample,
     derive_seed,
     expand_shards,
-    image_bytes,
     read_tar_samples,
     warn_if_few_shards,
 )
@@ -145,6 +143,8 @@ class TrainStream(IterableDataset):
         self.max_bad_fraction = data_cfg.max_bad_fraction
         self.bad_check_after = data_cfg.bad_check_after
         self.shard_retries = int(data_cfg.shard_retries)
+        self.format = SampleFormat.from_config(data_cfg)
+        self.min_image_size = int(data_cfg.min_image_size)
         # Decode JPEGs at reduced scale only while a crop of the smallest area still has full resolution.
         self.decode_min_size = 2 * transform.image_size
 
@@ -171,21 +171,27 @@ class TrainStream(IterableDataset):
         for task in tasks:
             # While replaying to a resume point (tracker.quiet) images are only located, not read.
             for sample in read_tar_samples(task.shard, task.select if task.stride > 1 else None,
-                                           lazy_images=lambda: tracker.quiet, retries=self.shard_retries):
+                                           lazy_images=lambda: tracker.quiet, retries=self.shard_retries,
+                                           image_keys=self.format.image_keys):
                 if isinstance(sample, BadSample):
                     tracker.add_bad(sample)
                     continue
-                problem = check_train_sample(sample)
+                problem = check_train_sample(sample, self.format)
                 if problem is not None:
-                    tracker.add_bad(BadSample(sample.shard, sample.key, problem))
+                    tracker.add_bad(BadSample(sample.shard, sample.key, problem[1], problem[0]))
                     continue
                 yield sample
 
     def _load(self, sample: RawSample, epoch: int, tracker: BadSampleTracker) -> Optional[torch.Tensor]:
         try:
-            image = decode_image(image_bytes(sample), self.decode_min_size)
+            image, size = decode_image(image_bytes(sample, self.format), self.decode_min_size, with_size=True)
         except Exception as error:  # PIL raises many types for corrupt data; none may stop training
-            tracker.add_bad(BadSample(sample.shard, sample.key, f"undecodable image ({type(error).__name__}: {error})"))
+            tracker.add_bad(BadSample(sample.shard, sample.key, f"undecodable image ({type(error).__name__}: {error})",
+                                      UNDECODABLE_IMAGE))
+            return None
+        if min(size) < self.min_image_size:
+            tracker.add_bad(BadSample(sample.shard, sample.key, f"image {size[0]}x{size[1]} is below "
+                                      f"data.min_image_size={self.min_image_size}", SMALL_IMAGE))
             return None
         # Per-sample seed: the same sample in the same epoch gets the same crop whatever the layout.
         rng = random.Random(derive_seed(self.seed, "augment", epoch, sample.shard.rsplit("/", 1)[-1], sample.key))
@@ -207,6 +213,7 @@ class TrainStream(IterableDataset):
                 "images": torch.stack(images),
                 "tokens": self.tokenizer(captions),
                 "skipped": tracker.take_skipped(),
+                "skipped_kinds": tracker.take_skipped_kinds(),
                 "samples": len(images),
                 "keys": list(keys),
                 "_stream": stream,
@@ -237,7 +244,7 @@ class TrainStream(IterableDataset):
                 decoded += 1
                 tracker.add_good()
                 images.append(image)
-                captions.append(caption_text(sample))
+                captions.append(caption_text(sample, self.format))
                 keys.append(sample.key)
                 if len(images) == self.chunk_size:
                     position = (epoch, drawn)
@@ -259,13 +266,21 @@ class TrainStream(IterableDataset):
             yield make_chunk()
 
 
+def _sum_kinds(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for kind, n in count.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
 class TrainLoader:
     """Iterable of this data-parallel rank's training batch dicts, with a resumable position
     (`state_dict` / `load_state_dict`, layout-free: per sample stream).
 
     Each `iter()` continues from the current position; a fresh loader starts at the beginning.
     Batch dict: images FloatTensor [B,3,H,W], tokens LongTensor [B,T], skipped (bad samples met
-    since the previous batch), samples (B), keys (sample keys, for inspection), sample_index
+    since the previous batch), skipped_kinds (the same per kind, flip_scale.data.fields), samples (B), keys (sample keys, for inspection), sample_index
     LongTensor [B] (each sample's row in the global batch: dp_rank * B + i).
     """
 
@@ -340,6 +355,7 @@ class TrainLoader:
             "images": torch.cat([chunk["images"] for chunk in chunks]),
             "tokens": torch.cat([chunk["tokens"] for chunk in chunks]),
             "skipped": sum(chunk["skipped"] for chunk in chunks),
+            "skipped_kinds": _sum_kinds(chunk["skipped_kinds"] for chunk in chunks),
             "samples": samples,
             "keys": [key for chunk in chunks for key in chunk["keys"]],
             # Each sample's row in the global batch: its mask noise is drawn from it (and the step),

@@ -27,7 +27,6 @@ from .urls import check_scheme, describe, expand_user, local_path, open_shard
 log = logging.getLogger("flip_scale.data")
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-CAPTION_FIELD = "txt"
 CLASS_FIELD = "cls"
 
 
@@ -102,6 +101,7 @@ class BadSample:
     shard: str
     key: str
     reason: str
+    kind: str = "bad_shard"  # one of flip_scale.data.fields.SKIP_KINDS
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -122,7 +122,7 @@ class _ShardFailure(Exception):
 
 def read_tar_samples(
     shard: str, select: Optional[Callable[[int], bool]] = None, lazy_images: Optional[Callable[[], bool]] = None,
-    retries: int = 2,
+    retries: int = 2, image_keys: Sequence[str] = IMAGE_FIELDS,
 ) -> Iterator[Union[RawSample, BadSample]]:
     """Samples of one tar shard in file order; a read error ends the shard with one `BadSample`.
 
@@ -143,7 +143,7 @@ def read_tar_samples(
     done = -1  # index of the last sample given out: a retry goes on after it
     for attempt in range(retries + 1 if remote else 1):
         try:
-            for index, sample in _read_tar(shard, select, lazy_images if not remote else None, done):
+            for index, sample in _read_tar(shard, select, lazy_images if not remote else None, done, image_keys):
                 done = index
                 yield sample
             return
@@ -163,7 +163,7 @@ RETRY_DELAY_S = 0.5  # before the n-th retry of a remote shard: n times this
 
 
 def _read_tar(shard: str, select: Optional[Callable[[int], bool]], lazy_images: Optional[Callable[[], bool]],
-              done: int) -> Iterator[tuple]:
+              done: int, image_keys: Sequence[str] = IMAGE_FIELDS) -> Iterator[tuple]:
     """(index, sample) of one shard after index `done`; a read error raises `_ShardFailure`."""
     def chosen(index: int) -> bool:
         return index > done and (select is None or select(index))
@@ -215,7 +215,7 @@ def _read_tar(shard: str, select: Optional[Callable[[int], bool]], lazy_images: 
             if not selected:
                 continue
             try:
-                if suffix in IMAGE_FIELDS and lazy_images is not None and lazy_images():
+                if suffix in image_keys and lazy_images is not None and lazy_images():
                     current.fields[suffix] = MemberRef(member.offset_data, member.size)
                 else:
                     current.fields[suffix] = tar.extractfile(member).read()
@@ -256,59 +256,6 @@ def _archive_ending(tar: tarfile.TarFile) -> str:
     return "cut"
 
 
-def check_train_sample(sample: RawSample) -> Optional[str]:
-    """Why a training sample cannot be used (None when it can): it needs an image and a caption."""
-    if not any(name in sample.fields for name in IMAGE_FIELDS):
-        return f"no image (fields: {', '.join(sorted(sample.fields)) or 'none'})"
-    if CAPTION_FIELD not in sample.fields:
-        return f"no caption (fields: {', '.join(sorted(sample.fields))})"
-    caption = caption_text(sample)
-    if caption is None:
-        return "caption is not UTF-8"
-    if not caption:
-        return "empty caption"
-    return None
-
-
-def check_eval_sample(sample: RawSample) -> Optional[str]:
-    """Why an evaluation sample cannot be used: it needs an image and an integer class."""
-    if not any(name in sample.fields for name in IMAGE_FIELDS):
-        return f"no image (fields: {', '.join(sorted(sample.fields)) or 'none'})"
-    if class_index(sample) is None:
-        return f"no integer class in '{CLASS_FIELD}'"
-    return None
-
-
-def caption_text(sample: RawSample) -> Optional[str]:
-    try:
-        return " ".join(sample.fields[CAPTION_FIELD].decode("utf-8").split())
-    except UnicodeDecodeError:
-        return None
-
-
-def class_index(sample: RawSample) -> Optional[int]:
-    try:
-        return int(sample.fields[CLASS_FIELD].decode("utf-8").strip())
-    except (KeyError, UnicodeDecodeError, ValueError):
-        return None
-
-
-def image_bytes(sample: RawSample) -> bytes:
-    for name in IMAGE_FIELDS:
-        if name in sample.fields:
-            value = sample.fields[name]
-            if isinstance(value, MemberRef):  # read lazily: now it is needed
-                with open(local_path(sample.shard), "rb") as file:
-                    file.seek(value.offset)
-                    data = file.read(value.size)
-                if len(data) != value.size:
-                    raise EOFError(f"{sample.shard} ends inside the image of {sample.key!r} "
-                                   f"({len(data)} of {value.size} bytes)")
-                return data
-            return value
-    raise KeyError(f"sample {sample.key} of {sample.shard} has no image field ({', '.join(IMAGE_FIELDS)})")
-
-
 # ----------------------------------------------------------------------------- bad-sample accounting
 
 
@@ -330,6 +277,7 @@ class BadSampleTracker:
         self.good = 0
         self.bad = 0
         self.skipped_since_batch = 0
+        self.kinds_since_batch: dict[str, int] = {}  # kind -> bad samples since the previous batch
         self.quiet = False  # while fast-forwarding: these samples were already counted before the resume
 
     @property
@@ -352,6 +300,7 @@ class BadSampleTracker:
             return
         self.bad += 1
         self.skipped_since_batch += 1
+        self.kinds_since_batch[bad.kind] = self.kinds_since_batch.get(bad.kind, 0) + 1
         if self.bad <= self.log_first or self.bad % self.log_every == 0:
             more = " (further bad samples are logged every %d)" % self.log_every if self.bad == self.log_first else ""
             log.warning("skipped a bad sample%s: %s key=%r: %s [%d bad of %d seen]%s", self.where, bad.shard,
@@ -363,8 +312,14 @@ class BadSampleTracker:
         skipped, self.skipped_since_batch = self.skipped_since_batch, 0
         return skipped
 
+    def take_skipped_kinds(self) -> dict[str, int]:
+        """Bad samples per kind since the previous call (one call per batch)."""
+        kinds, self.kinds_since_batch = self.kinds_since_batch, {}
+        return kinds
+
     def reset(self) -> None:
         self.good = self.bad = self.skipped_since_batch = 0
+        self.kinds_since_batch = {}
 
     def _check(self) -> None:
         seen = self.seen
