@@ -77,6 +77,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo, with_data: bool = True):
         from .data import Tokenizer, build_train_loader, ensure_synthetic_data
+        from .data.loader import pin_memory_for
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -104,7 +105,8 @@ class Trainer:
         self.train_flops_per_sample = train_flops_per_sample(cfg.model)
         self.state = TrainState()
         self.loader = (build_train_loader(cfg.data, self.arch.image_size, self.tokenizer, self.dims.dp_rank,
-                                          self.dims.dp_size, self.local_batch, cfg.train.seed)
+                                          self.dims.dp_size, self.local_batch, cfg.train.seed,
+                                          pin_memory=pin_memory_for(self.device))
                        if with_data else None)
         self.data_position = DataPosition(self.loader, self.dims.dp_rank,
                                           writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0)

@@ -80,10 +80,11 @@ class DataConfig:
     synthetic_train_samples: int = 4096
     synthetic_eval_samples: int = 512
     num_workers: int = 2
-    # Sample streams the global batch is drawn from, the same under every layout (0: data-parallel
-    # size x max(1, num_workers) of the first run; a resumed run keeps its checkpoint's). A run
-    # resumes sample for sample under any layout whose data-parallel size divides it: choose one
-    # with many divisors (e.g. 256) for runs that may change size.
+    # Sample streams the global batch is drawn from, the same under every layout (0: chosen from the
+    # data: a divisor of the global batch with many divisors, at most the shard count and 64, so a
+    # fresh run under every data-parallel size dividing it draws the same batches; a resumed run
+    # keeps its checkpoint's). A run resumes sample for sample under any layout whose
+    # data-parallel size divides it: give one with many divisors (e.g. 256) for runs that may grow.
     streams: int = 0
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples is unreadable

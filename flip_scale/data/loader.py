@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from typing import Iterator, Optional, Sequence, Union
 
@@ -85,13 +86,53 @@ def shards_digest(shards: Sequence[str]) -> str:
     return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
-def default_streams(dp_size: int, num_workers: int, local_batch_size: int = 0) -> int:
-    """`data.streams: 0`: one stream per data-parallel rank and loader worker of the first run (fewer
-    per rank where the rank's batch does not divide by the worker count)."""
+# Each stream keeps its own shuffle buffer (data.shuffle_buffer samples): at most this many by default.
+DEFAULT_STREAMS_CAP = 256
+
+
+def data_streams(num_shards: int, global_batch_size: int, cap: int = DEFAULT_STREAMS_CAP) -> int:
+    """The stream count the data suggests: a divisor of the global batch, at most the shard count
+    (each stream then reads whole shards) and `cap`, with the most divisors (then the largest), so
+    that many data-parallel sizes split it."""
+    limit = max(1, min(cap, num_shards, global_batch_size))
+    candidates = [d for d in range(1, limit + 1) if global_batch_size % d == 0]
+    return max(candidates, key=lambda d: (sum(1 for k in range(1, d + 1) if d % k == 0), d))
+
+
+def default_streams(dp_size: int, num_workers: int, local_batch_size: int = 0, num_shards: int = 0) -> int:
+    """`data.streams: 0`: chosen from the data (`data_streams`: the shard count and the global batch)
+    so that a fresh run under every data-parallel size dividing it draws the same batches. A layout
+    whose size does not divide it takes the least multiple of both that divides the batch, else
+    one stream per data-parallel rank and loader worker (its batches then differ; `stream_note`)."""
+    global_batch = local_batch_size * dp_size
+    if num_shards > 0 and local_batch_size > 0:
+        streams = data_streams(num_shards, global_batch)
+        if streams % dp_size == 0:
+            return streams
+        both = math.lcm(streams, dp_size)
+        if global_batch % both == 0:
+            return both
     per_rank = max(1, num_workers)
     if local_batch_size > 0:
         per_rank = max(w for w in range(1, per_rank + 1) if local_batch_size % w == 0)
     return dp_size * per_rank
+
+
+def stream_note(streams: int, num_shards: int, global_batch_size: int, auto: bool) -> str:
+    """Which data-parallel sizes draw the batches of this stream count, for the start-up log and --dry-run."""
+    sizes = ", ".join(str(d) for d in range(1, streams + 1) if streams % d == 0)
+    if not auto:
+        return (f"{streams} sample streams (data.streams): runs under data-parallel sizes {sizes} with this "
+                f"data.streams draw the same batches and resume each other's checkpoints sample for sample")
+    chosen = data_streams(num_shards, global_batch_size)
+    how = f"chosen from the {num_shards} shards and the batch of {global_batch_size}"
+    if streams == chosen:
+        return (f"{streams} sample streams ({how}): a fresh run under data-parallel sizes {sizes} draws these same "
+                f"batches, and resumes this run's checkpoints sample for sample; other sizes draw other batches "
+                f"(set data.streams to a multiple of their size and of {streams} to share one stream)")
+    return (f"{streams} sample streams: the data gives {chosen} ({how}), which this data-parallel size does not "
+            f"divide, so this run draws other batches than a fresh default run under sizes dividing {chosen}; "
+            f"runs under sizes {sizes} given data.streams={streams} draw these batches")
 
 
 def check_streams(streams: int, dp_size: int, global_batch_size: int) -> None:
@@ -299,7 +340,10 @@ class TrainLoader:
         self.requested_workers = int(data_cfg.num_workers)
         self.streams_auto = not streams
         self.batches = 0
-        self._set_streams(streams or default_streams(dp_size, self.requested_workers, batch_size))
+        self._set_streams(streams or default_streams(dp_size, self.requested_workers, batch_size, len(self.shards)))
+        if dp_rank == 0:
+            log.info("data: %s", stream_note(self.total_streams, len(self.shards), batch_size * dp_size,
+                                             self.streams_auto))
 
     def _set_streams(self, streams: int) -> None:
         check_streams(streams, self.dp_size, self.batch_size * self.dp_size)
@@ -405,6 +449,12 @@ class TrainLoader:
         self.batches = int(state.get("batches", 0))
 
 
+def pin_memory_for(device) -> bool:
+    """Batches go to page-locked host memory when the model is on a CUDA device (the copy to it can
+    then overlap the step: the trainer moves them with non_blocking=True); never on a CPU run."""
+    return torch.device(device).type == "cuda"
+
+
 def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, str], dp_rank: int, dp_size: int,
                        local_batch_size: int, seed: int, *, epochs: Optional[int] = None,
                        pin_memory: bool = False) -> TrainLoader:
@@ -412,7 +462,7 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
 
     `epochs=None` is the endless stream used for training; a number gives that many passes
     ending with partial batches, for inspection and tests. The stream count is `data.streams`
-    (0: dp_size x max(1, data.num_workers)).
+    (0: chosen from the shard count and the batch, `default_streams`).
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
