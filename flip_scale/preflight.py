@@ -84,7 +84,9 @@ def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
     check_layout_options(cfg, dims)
     local = cfg.train.global_batch_size // dims.dp_size
     try:  # the pattern's count (the files may not be visible here)
-        num_shards = len(expand_shards(cfg.data.train_shards, check_exists=False)) if cfg.data.train_shards else 0
+        patterns = [source.get("shards", "") for source in cfg.data.sources if isinstance(source, dict)] \
+            if cfg.data.sources else [cfg.data.train_shards]
+        num_shards = sum(len(expand_shards(p, check_exists=False)) for p in patterns if p)
     except ValueError:
         num_shards = 0
     streams = cfg.data.streams or default_streams(dims.dp_size, cfg.data.num_workers, local, num_shards)

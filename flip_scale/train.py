@@ -203,7 +203,8 @@ class Trainer:
         """Every data-parallel rank's skipped samples since the last flush into the counters (collective)."""
         from .data.fields import SKIP_KINDS
 
-        self.state.flush_skipped(SKIP_KINDS, self.dims.dp_group, self.device)
+        sources = tuple(str(source.get("name", f"source{i}")) for i, source in enumerate(self.cfg.data.sources or []))
+        self.state.flush_skipped(SKIP_KINDS, self.dims.dp_group, self.device, sources)
 
     # ------------------------------------------------------------------ one step
     def autocast(self):
@@ -267,6 +268,7 @@ class Trainer:
             state.samples_seen += cfg.train.global_batch_size
             metrics.add(out["loss"], out.get("skipped_step", False), batch.get("skipped", 0), wait)
             state.note_skipped(batch.get("skipped_kinds", {}))
+            state.note_sources(batch.get("source_samples", {}), batch.get("source_skipped", {}))
             step = state.step
             if metrics.due(step):
                 last = self.log_step(metrics, out)
@@ -301,6 +303,7 @@ class Trainer:
                   "grad_norm": float(out["grad_norm"]), **timing, "samples_seen": state.samples_seen,
                   "mask_ratio": self.cfg.model.mask_ratio, "skipped_samples": state.skipped_samples,
                   **{f"skipped_{kind}": state.skipped_by_kind.get(kind, 0) for kind in SKIP_KINDS},
+                  **state.source_counts,  # a mixture's source_<name>_samples, source_<name>_skipped
                   "nonfinite_steps": state.nonfinite_steps}
         if "mfu" in values:  # after the counters, as before
             values["mfu"] = values.pop("mfu")

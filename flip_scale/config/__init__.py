@@ -74,6 +74,9 @@ class LossConfig:
 @dataclass
 class DataConfig:
     train_shards: Union[str, list] = "data/synthetic/train-{000000..000007}.tar"
+    # A weighted mixture instead of train_shards: [{shards: PATTERN, weight: W, name: N}, ...]
+    # (flip_scale/data/mixture.py); each row of a batch is drawn from a source with the weights.
+    sources: list = field(default_factory=list)
     tokenizer: str = "data/synthetic/tokenizer.model"
     synthetic: bool = False  # write synthetic shards + tokenizer if `train_shards` do not exist
     synthetic_dir: str = "data/synthetic"

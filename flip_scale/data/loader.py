@@ -39,6 +39,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .mixture import iter_mixture, parse_sources
 from .fields import SMALL_IMAGE, UNDECODABLE_IMAGE, SampleFormat, caption_text, check_train_sample, image_bytes
 from .streams import (  # noqa: F401  (check_streams, default_streams, stream_note: also used from here)
     DEFAULT_STREAMS_CAP,
@@ -103,8 +104,12 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, streams: Sequence[int],
                  total_streams: int, chunk_size: int, seed: int, num_workers: int, epochs: Optional[int] = None,
-                 start: Optional[dict] = None):
+                 start: Optional[dict] = None, sources: Optional[list] = None):
         self.shards = list(shards)
+        self.data_cfg = data_cfg
+        self.sources = sources  # a mixture (flip_scale/data/mixture.py): [(name, weight, shards)]
+        self.mix_start = dict(start or {}) if sources else {}
+        start = None if sources else start
         self.transform = transform
         self.tokenizer = tokenizer
         self.streams = list(streams)
@@ -174,6 +179,9 @@ class TrainStream(IterableDataset):
 
     def iter_stream(self, stream: int) -> Iterator[dict]:
         """The chunks of stream `stream`: dicts of `chunk_size` samples (a finite pass ends with fewer)."""
+        if self.sources:
+            yield from iter_mixture(TrainStream, self, stream)
+            return
         where = f" (stream {stream} of {self.total_streams})"
         tracker = BadSampleTracker(self.max_bad_fraction, self.bad_check_after, where)
         start_epoch, skip = self.start.get(stream, (0, 0))
@@ -261,8 +269,13 @@ class TrainLoader:
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, dp_rank: int,
                  dp_size: int, batch_size: int, seed: int, epochs: Optional[int] = None, pin_memory: bool = False,
-                 streams: int = 0):
+                 streams: int = 0, sources: Optional[list] = None):
         self.shards = list(shards)
+        self.sources = sources
+        if sources and epochs is not None:
+            raise ValueError("a mixture of data.sources is an endless stream: epochs must be None")
+        # The digest covers the mixture too: other weights or names are another stream.
+        self.digest_names = self.shards + [f"{n}:{w!r}:{len(s)}" for n, w, s in (sources or [])]
         self.data_cfg = data_cfg
         self.transform = transform
         self.tokenizer = tokenizer
@@ -292,13 +305,19 @@ class TrainLoader:
             report("data: %d loader workers per rank instead of data.num_workers=%d: workers share a rank's %d "
                    "streams evenly (worker counts that fit: %s; or choose data.streams as dp size x workers)",
                    self.num_workers, self.requested_workers, per_rank, fits)
-        self.positions = {stream: (0, 0) for stream in self.rank_streams}
+        self.positions = {stream: self._fresh_position() for stream in self.rank_streams}
         warn_if_few_shards(len(self.shards), streams)
+
+    def _fresh_position(self):
+        if self.sources:
+            return {"batch": 0, "sources": {name: [0, 0] for name, _, _ in self.sources}}
+        return (0, 0)
 
     def _dataset(self) -> TrainStream:
         return TrainStream(
             self.shards, self.data_cfg, self.transform, self.tokenizer, self.rank_streams, self.total_streams,
             self.chunk_size, self.seed, self.num_workers, epochs=self.epochs, start=self.positions,
+            sources=self.sources,
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -325,7 +344,9 @@ class TrainLoader:
         if self.epochs is None and streams != self.rank_streams:
             raise RuntimeError(f"data loader: a batch's chunks came from streams {streams}, expected {self.rank_streams}")
         for chunk in chunks:
-            self.positions[chunk["_stream"]] = (int(chunk["_position"][0]), int(chunk["_position"][1]))
+            position = chunk["_position"]
+            self.positions[chunk["_stream"]] = (position if isinstance(position, dict)
+                                                else (int(position[0]), int(position[1])))
         self.batches += 1
         samples = sum(chunk["samples"] for chunk in chunks)
         first = self.dp_rank * self.batch_size  # this rank's rows of the global batch (module docstring)
@@ -334,6 +355,9 @@ class TrainLoader:
             "tokens": torch.cat([chunk["tokens"] for chunk in chunks]),
             "skipped": sum(chunk["skipped"] for chunk in chunks),
             "skipped_kinds": _sum_kinds(chunk["skipped_kinds"] for chunk in chunks),
+            # A mixture's samples and bad samples per source (empty for one source).
+            "source_samples": _sum_kinds(chunk.get("source_samples", {}) for chunk in chunks),
+            "source_skipped": _sum_kinds(chunk.get("source_skipped", {}) for chunk in chunks),
             "samples": samples,
             "keys": [key for chunk in chunks for key in chunk["keys"]],
             # Each sample's row in the global batch: its mask noise is drawn from it (and the step),
@@ -346,11 +370,12 @@ class TrainLoader:
             "version": STATE_VERSION,
             "streams": self.total_streams,
             "streams_auto": self.streams_auto,
-            "positions": {str(stream): list(position) for stream, position in self.positions.items()},
+            "positions": {str(stream): position if isinstance(position, dict) else list(position)
+                          for stream, position in self.positions.items()},
             "batches": self.batches,
             "seed": self.seed,
             "num_shards": len(self.shards),
-            "shards_digest": shards_digest(self.shards),
+            "shards_digest": shards_digest(self.digest_names),
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
             "batch_size": self.batch_size,
@@ -363,7 +388,7 @@ class TrainLoader:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
                              f"stream of an older checkpoint cannot be continued sample for sample")
         differ = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)),
-                                                     ("shards_digest", shards_digest(self.shards)))
+                                                     ("shards_digest", shards_digest(self.digest_names)))
                   if state.get(k) != v}
         if differ:
             text = ", ".join(f"{k}: saved {old} now {new}" for k, (old, new) in differ.items())
@@ -375,7 +400,8 @@ class TrainLoader:
                 raise ValueError(f"cannot resume the data stream: the checkpoint has data.streams={streams}, this run "
                                  f"asks for {self.total_streams}")
             self._set_streams(streams)  # data.streams: 0 keeps the checkpoint's
-        saved = {int(s): tuple(int(x) for x in p) for s, p in state["positions"].items()}
+        saved = {int(s): (p if isinstance(p, dict) else tuple(int(x) for x in p))
+                 for s, p in state["positions"].items()}
         missing = [s for s in self.rank_streams if s not in saved]
         if missing:
             raise ValueError(f"data loader state has no position for streams {missing[:8]} of this rank")
@@ -406,7 +432,9 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
         raise ValueError(f"data.num_workers must be >= 0 (0: load in the training process), got {data_cfg.num_workers}")
     if isinstance(tokenizer, str):
         tokenizer = Tokenizer(tokenizer)
-    shards = expand_shards(data_cfg.train_shards)
+    sources = parse_sources(data_cfg.sources) if getattr(data_cfg, "sources", None) else None
+    shards = [s for _, _, part in sources for s in part] if sources else expand_shards(data_cfg.train_shards)
     transform = build_train_transform(data_cfg, image_size)
     return TrainLoader(shards, data_cfg, transform, tokenizer, dp_rank, dp_size, local_batch_size, seed,
-                       epochs=epochs, pin_memory=pin_memory, streams=int(getattr(data_cfg, "streams", 0)))
+                       epochs=epochs, pin_memory=pin_memory, streams=int(getattr(data_cfg, "streams", 0)),
+                       sources=sources)
