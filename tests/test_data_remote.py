@@ -73,7 +73,7 @@ def test_failing_command_and_http_404_are_counted_bad_shards_after_retries(tmp_p
     flaky = f"pipe:if [ -e {marker} ]; then cat {good}; else touch {marker}; head -c 300000 {good}; exit 1; fi"
     shards = f"{good}::pipe:false::{http_root}/no-such-shard.tar::{flaky}"
     cfg = DataConfig(train_shards=shards, tokenizer=f"{synthetic_dir}/tokenizer.model", num_workers=0,
-                     shuffle_buffer=0, max_bad_fraction=1.0, bad_check_after=0, shard_retries=2)
+                     shuffle_buffer=0, max_bad_fraction=1.0, bad_check_after=0, shard_retries=2, streams=1)
     loader = build_train_loader(cfg, 32, Tokenizer(cfg.tokenizer), 0, 1, 64, seed=0, epochs=1)
     with caplog.at_level(logging.WARNING, logger="flip_scale.data"):
         batches = list(loader)  # the run goes on
