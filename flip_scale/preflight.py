@@ -45,6 +45,7 @@ class RunPlan:
     # parallel.deepspeed_config) for the precision a GPU run resolves to; the engine regenerates
     # it for the device in hand.
     engine_config: Optional[dict] = None
+    num_shards: int = 0  # training shards the pattern names (it chooses the default stream count)
 
     @property
     def visible_patches(self) -> int:
@@ -76,6 +77,7 @@ def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
     """The plan of `cfg` on `world_size` ranks, or ConfigError / LayoutError saying what is wrong and
     what would be valid. `tokenizer_vocab`: the tokenizer's size, checked against the model's."""
     from .data.loader import check_streams, default_streams
+    from .data.shards import expand_shards
 
     arch = arch_from_config(cfg.model)
     if not training:
@@ -85,7 +87,13 @@ def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
                                     grad_accum_steps=cfg.optim.grad_accum_steps)
     check_layout_options(cfg, dims)
     local = cfg.train.global_batch_size // dims.dp_size
-    streams = cfg.data.streams or default_streams(dims.dp_size, cfg.data.num_workers, local)
+    try:  # the pattern's count (the files may not be visible here)
+        patterns = [source.get("shards", "") for source in cfg.data.sources if isinstance(source, dict)] \
+            if cfg.data.sources else [cfg.data.train_shards]
+        num_shards = sum(len(expand_shards(p, check_exists=False)) for p in patterns if p)
+    except ValueError:
+        num_shards = 0
+    streams = cfg.data.streams or default_streams(dims.dp_size, cfg.data.num_workers, local, num_shards)
     try:
         check_streams(streams, dims.dp_size, cfg.train.global_batch_size)
     except ValueError as error:
@@ -97,7 +105,7 @@ def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
         from .parallel.deepspeed_config import deepspeed_config, dry_run_precision
 
         engine_config = deepspeed_config(cfg, dims, dry_run_precision(cfg), arch)
-    return RunPlan(cfg, world_size, arch, dims, local, streams, tokenizer_vocab, engine_config)
+    return RunPlan(cfg, world_size, arch, dims, local, streams, tokenizer_vocab, engine_config, num_shards)
 
 
 def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
@@ -112,6 +120,7 @@ def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
 def describe_plan(plan: RunPlan) -> str:
     """What `flip-train` would run: the layout, the batch split, the data streams, the schedule and
     the model's size and cost (the model is counted on the meta device)."""
+    from .data.loader import stream_note
     from .models import build_model, count_parameters
     from .models.flops import flops_for_config
 
@@ -143,6 +152,7 @@ def describe_plan(plan: RunPlan) -> str:
         f"{' = 2 x parallel.pp: parallel.microbatches not set' if getattr(cfg.parallel, 'microbatches_from_default', False) else ''})",
         f"  data: {shards}; {plan.streams} sample streams ({plan.streams // dims.dp_size} per data-parallel rank, "
         f"{plan.local_batch * dims.dp_size // plan.streams} samples each per step)",
+        f"  data streams: {stream_note(plan.streams, plan.num_shards, cfg.train.global_batch_size, not cfg.data.streams)}",
         f"  schedule: {cfg.train.max_steps} steps = {samples / 1e6:.2f}M samples, peak lr {effective_lr(cfg):.3e}, "
         f"warmup {cfg.schedule.warmup_steps}, {cfg.schedule.name}",
         f"  compute: {flops / 1e9:.1f} GFLOPs per training sample, {flops * samples / 1e18:.2f} EFLOP in all",

@@ -82,6 +82,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo, with_data: bool = True):
         from .data import Tokenizer, build_train_loader, ensure_synthetic_data
+        from .data.loader import pin_memory_for
+        from .data.mixture import parse_sources
         from .data.shards import expand_shards
 
         self.cfg = cfg
@@ -104,7 +106,13 @@ class Trainer:
         self.tokenizer = None
         if with_data:
             try:
-                expand_shards(cfg.data.train_shards, check_exists=False)
+                if cfg.data.sources:
+                    parse_sources(cfg.data.sources)
+                else:
+                    expand_shards(cfg.data.train_shards, check_exists=False)
+            except (ValueError, FileNotFoundError) as error:
+                raise ConfigError(f"{'data.sources' if cfg.data.sources else 'data.train_shards'}: {error}") from None
+            try:
                 self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length)
             except (ValueError, FileNotFoundError) as error:
                 key = "data.tokenizer" if isinstance(error, FileNotFoundError) else "data.train_shards"
@@ -122,7 +130,8 @@ class Trainer:
         self.state = TrainState()
         self.device_skips = DeviceSkipCounter()  # skips decided on the device, settled at log steps and saves
         self.loader = (build_train_loader(cfg.data, self.arch.image_size, self.tokenizer, self.dims.dp_rank,
-                                          self.dims.dp_size, self.local_batch, cfg.train.seed)
+                                          self.dims.dp_size, self.local_batch, cfg.train.seed,
+                                          pin_memory=pin_memory_for(self.device))
                        if with_data else None)
         self.data_position = DataPosition(self.loader, self.dims.dp_rank,
                                           writes=self.dims.tp_rank == 0 and self.dims.pp_rank == 0)
@@ -220,8 +229,16 @@ class Trainer:
         """Checkpoint at the current step (collective). With checkpoint.async_save the shards are
         written in the background and committed at the next save or at the end of `fit`."""
         self.settle_nonfinite()  # the counters it stores
+        self.flush_skipped()  # the checkpoint holds every sample skipped up to its step
         with self.watchdog.long_phase("checkpoint save"):
             return self.checkpoints.save(self.state.step)
+
+    def flush_skipped(self) -> None:
+        """Every data-parallel rank's skipped samples since the last flush into the counters (collective)."""
+        from .data.fields import SKIP_KINDS
+
+        sources = tuple(str(source.get("name", f"source{i}")) for i, source in enumerate(self.cfg.data.sources or []))
+        self.state.flush_skipped(SKIP_KINDS, self.dims.dp_group, self.device, sources)
 
     # ------------------------------------------------------------------ one step
     def autocast(self):
@@ -316,6 +333,8 @@ class Trainer:
             self.watchdog.progress(state.step)
             self.spikes.check(state.step, out["loss"], batch, self.dims.dp_group, self.device)
             metrics.add(out["loss"], out.get("skipped_step", False), batch.get("skipped", 0), wait)
+            state.note_skipped(batch.get("skipped_kinds", {}))
+            state.note_sources(batch.get("source_samples", {}), batch.get("source_skipped", {}))
             step = state.step
             if metrics.due(step):
                 last = self.log_step(metrics, out)
@@ -347,12 +366,16 @@ class Trainer:
     def log_step(self, metrics: StepMetrics, out: dict) -> dict:
         """Reduce the interval's metrics over the data-parallel ranks, write them (rank 0), log a line."""
         step, state = self.state.step, self.state
+        from .data.fields import SKIP_KINDS
+
         self.settle_nonfinite()
-        timing, skipped = metrics.collect(step)
-        state.skipped_samples += skipped
+        timing, _ = metrics.collect(step)  # the skipped samples are counted per kind (flush_skipped)
+        self.flush_skipped()
         values = {"loss": timing.pop("loss"), "lr": out["lr"], "logit_scale": self.logit_scale(),
                   "grad_norm": float(out["grad_norm"]), **timing, "samples_seen": state.samples_seen,
                   "mask_ratio": self.cfg.model.mask_ratio, "skipped_samples": state.skipped_samples,
+                  **{f"skipped_{kind}": state.skipped_by_kind.get(kind, 0) for kind in SKIP_KINDS},
+                  **state.source_counts,  # a mixture's source_<name>_samples, source_<name>_skipped
                   "nonfinite_steps": state.nonfinite_steps}
         if "mfu" in values:  # after the counters, as before
             values["mfu"] = values.pop("mfu")

@@ -512,7 +512,7 @@ def _assert_same_state(got: dict, want: dict, what: str) -> None:
 def test_resume_into_other_layouts(tmp_path, synthetic_dir):
     """A checkpoint written under dp_shard=4 (4 ranks) resumes under other layouts.
 
-    The global batch is drawn from data.streams sample streams (here 4: dp 4 x 1 reader), the same
+    The global batch is drawn from data.streams sample streams (here 8, chosen from the 8 shards), the same
     under every layout, and their positions are saved per stream; so every target layout continues
     with the losses of the uninterrupted dp_shard=4 run, to float tolerance (the reduction order
     differs): dp_replicate=2 x dp_shard=2, dp_shard=2 x tp=2, pp=2 x dp_shard=2

@@ -371,7 +371,8 @@ def test_flip_train_dry_run_checks_a_large_job_without_building_it(tmp_path, cap
     assert main(["--config", str(CONFIG_DIR / "flip_g14.yaml"), "--dry-run", "--world-size", "256", "parallel.tp=2"]) == 0
     out = capsys.readouterr().out
     assert "G/14, 2516.8M parameters" in out and "dp_shard 128 x tp 2" in out
-    assert "1024 sample streams (8 per data-parallel rank" in out and "config and layout OK" in out
+    assert "256 sample streams (2 per data-parallel rank" in out and "config and layout OK" in out
+    assert "sizes 1, 2, 4, 8, 16, 32, 64, 128, 256 draws these same batches" in out  # the data's default
     assert not list(tmp_path.iterdir())
     assert main(["--config", str(CONFIG_DIR / "flip_g14.yaml"), "--dry-run", "--world-size", "100", "parallel.tp=2"]) == 2
     assert "not divisible by the data-parallel size 50" in capsys.readouterr().err

@@ -312,12 +312,12 @@ def test_rank_streams_are_disjoint_cover_the_epoch_and_reproduce(tmp_path, token
 
 def test_fewer_shards_than_streams_share_shards_disjointly(tmp_path, tokenizer, caplog):
     shards = write_good_shards(tmp_path, 2, 10)
-    cfg = data_cfg(shards, num_workers=2)
+    cfg = data_cfg(shards, num_workers=2, streams=4)
     transform = TrainTransform(IMAGE)
     seen = []
     shards_module._warned_few_shards.clear()  # the warning is logged once per process
     with caplog.at_level(logging.WARNING, logger="flip_scale.data"):
-        build_train_loader(cfg, IMAGE, tokenizer, 0, 2, 4, seed=0)  # 2 ranks x 2 workers: 4 streams
+        build_train_loader(cfg, IMAGE, tokenizer, 0, 2, 4, seed=0)  # 2 ranks, 4 streams
     assert "only 2 shards for data.streams=4 sample streams" in caplog.text
     for stream_id in range(4):
         stream = TrainStream(shards, cfg, transform, tokenizer, [stream_id], 4, 4, seed=0, num_workers=0, epochs=1)
@@ -548,7 +548,8 @@ def test_another_shard_list_of_the_same_length_is_not_continued(tmp_path, tokeni
 
 
 def test_lazy_images_are_located_then_read_when_needed(tmp_path):
-    from flip_scale.data.shards import MemberRef, image_bytes, read_tar_samples
+    from flip_scale.data.fields import image_bytes
+    from flip_scale.data.shards import MemberRef, read_tar_samples
 
     shard = write_shard(tmp_path / "l-000000.tar", [good_sample(f"k{i}", i) for i in range(3)])
     eager = list(read_tar_samples(shard))
@@ -575,3 +576,26 @@ def test_compressed_shards_are_read_whole_even_when_lazy(tmp_path):
     lazy = list(read_tar_samples(str(packed), lazy_images=lambda: True))
     assert lazy and not any(isinstance(s.fields["png"], MemberRef) for s in lazy)
     assert [s.fields["png"] for s in lazy] == [s.fields["png"] for s in read_tar_samples(plain)]
+
+
+def test_batches_are_pinned_for_a_cuda_device_only(tmp_path, tokenizer, monkeypatch):
+    """The trainer asks for page-locked batches (`pin_memory_for(its device)`) on CUDA, not on CPU;
+    the loader hands the choice to torch's DataLoader (checked here without a GPU)."""
+    from flip_scale.data import loader as loader_module
+    from flip_scale.data.loader import pin_memory_for
+
+    assert pin_memory_for("cuda") and pin_memory_for(torch.device("cuda", 1)) and not pin_memory_for("cpu")
+    shards = write_good_shards(tmp_path, 2, 4)
+    asked = []
+    real = loader_module.DataLoader
+
+    def recording(*args, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return real(*args, pin_memory=False, **kwargs)  # no CUDA here to pin for
+
+    monkeypatch.setattr(loader_module, "DataLoader", recording)
+    for device in ("cpu", "cuda:0"):
+        loader = build_train_loader(data_cfg(shards), IMAGE, tokenizer, 0, 1, 2, seed=0,
+                                    pin_memory=pin_memory_for(device))
+        next(iter(loader))
+    assert asked == [False, True]

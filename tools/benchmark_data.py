@@ -7,10 +7,17 @@ decoding works and the file sizes are real), then measures
   - a resume: the time to the first batch after `load_state_dict` at a position near the end of
     an epoch, and the bytes this process read for it (/proc/self/io rchar), with images read
     lazily while replaying (the default) and eagerly (as before), to show what replay costs.
+With --sources instead: JPEG shards of about 500x400 images (LAION-like), then
+  - the decode of a 224-pixel training crop: Pillow (with `draft`, as the loader does) against
+    torchvision.io.decode_jpeg (libjpeg-turbo) + torchvision's resized crop, per image;
+  - images/s per loader worker (one worker) of our loader over local tar, `pipe:cat` and HTTP from
+    a server on loopback, next to webdataset's own pipeline over the same shards
+    (`wds.WebDataset(...).decode("pil").map(...)` with the same transform and tokenizer).
 A script that prints numbers, never a test; record results in BENCHMARKS.md.
 
 examples:
   python tools/benchmark_data.py
+  python tools/benchmark_data.py --sources --shards 4 --per-shard 250
   python tools/benchmark_data.py --shards 16 --per-shard 500 --image-kib 100 --workers 2 --batch 64
 """
 
@@ -60,6 +67,146 @@ def write_shards(out: Path, shards: int, per_shard: int, image_kib: int) -> list
     return paths
 
 
+def write_jpeg_shards(out: Path, shards: int, per_shard: int) -> list[str]:
+    """Shards of ~500x400 JPEGs (smooth colour fields with fine noise, quality 90: tens of KiB,
+    like web images), jpg + txt members."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for s in range(shards):
+        path = out / f"jpeg-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                coarse = Image.fromarray(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)).resize((500, 400),
+                                                                                                  Image.BICUBIC)
+                pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (400, 500, 3))
+                buffer = io.BytesIO()
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+                for suffix, data in (("jpg", buffer.getvalue()), ("txt", f"a colourful field number {i}".encode())):
+                    info = tarfile.TarInfo(f"{s:05d}{i:04d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(str(path))
+    return paths
+
+
+def bench_decode(shard: str, count: int = 200, size: int = 224) -> dict:
+    """ms per image: bytes -> normalised 224-pixel random crop, Pillow vs torchvision.io.decode_jpeg."""
+    import random
+
+    import torch
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    from flip_scale.data.shards import read_tar_samples
+    from flip_scale.data.transforms import TrainTransform, decode_image, random_resized_crop_box
+
+    images = [s.fields["jpg"] for s in read_tar_samples(shard)][:count]
+    transform = TrainTransform(size)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def pillow(data, rng):
+        return transform(decode_image(data, 2 * size), rng)
+
+    def turbo(data, rng):
+        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        left, top, right, bottom = random_resized_crop_box(image.shape[2], image.shape[1], (0.5, 1.0),
+                                                           (3 / 4, 4 / 3), rng)
+        crop = F.resized_crop(image, int(top), int(left), int(bottom - top), int(right - left), [size, size],
+                              interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        if rng.random() < 0.5:
+            crop = crop.flip(-1)
+        return (crop.float() / 255 - mean) / std
+
+    results = {}
+    for name, fn in (("pillow", pillow), ("decode_jpeg", turbo)):
+        rng = random.Random(0)
+        fn(images[0], rng)
+        started = time.perf_counter()
+        for data in images:
+            fn(data, rng)
+        results[name] = 1000 * (time.perf_counter() - started) / len(images)
+    sizes = [decode_image(d).size for d in images[:5]]
+    print(f"decode + {size}px crop of {len(images)} JPEGs ({sizes[0][0]}x{sizes[0][1]}, "
+          f"{sum(map(len, images)) / len(images) / 1024:.0f} KiB each): Pillow {results['pillow']:.2f} ms/image, "
+          f"torchvision.io.decode_jpeg {results['decode_jpeg']:.2f} ms/image", flush=True)
+    return results
+
+
+def bench_sources(args) -> int:
+    import functools
+    import http.server
+    import random
+    import threading
+
+    import torch
+    import webdataset as wds
+
+    from flip_scale.config import DataConfig
+    from flip_scale.data import Tokenizer, build_train_loader
+    from flip_scale.data.tokenizer import train_tokenizer
+    from flip_scale.data.transforms import TrainTransform
+
+    with tempfile.TemporaryDirectory(prefix="flip_data_bench_") as work:
+        work = Path(work)
+        shards = write_jpeg_shards(work, args.shards, args.per_shard)
+        size = sum(Path(p).stat().st_size for p in shards)
+        print(f"{args.shards} shards x {args.per_shard} JPEG samples, {size / 2**20:.0f} MiB", flush=True)
+        bench_decode(shards[0])
+        tokenizer_path = train_tokenizer((f"a colourful field number {i}" for i in range(200)), work / "tok",
+                                         vocab_size=64)
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(work)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        names = [Path(p).name for p in shards]
+        forms = {"local tar": shards, "pipe:cat": [f"pipe:cat {p}" for p in shards],
+                 "http (loopback)": [f"http://127.0.0.1:{server.server_address[1]}/{n}" for n in names]}
+        total = args.batches * args.batch
+
+        def timed(iterator) -> float:
+            next(iterator)  # worker started, buffers filled
+            started = time.perf_counter()
+            for _ in range(args.batches):
+                next(iterator)
+            return total / (time.perf_counter() - started)
+
+        transform, tokenizer = TrainTransform(224), Tokenizer(str(tokenizer_path))
+
+        def sample(item):
+            return transform(item["jpg"], random.Random(item["__key__"])), item["txt"]
+
+        def collate(items):
+            return torch.stack([i for i, _ in items]), tokenizer([t for _, t in items])
+
+        def ours(urls):
+            cfg = DataConfig(train_shards=urls, tokenizer=str(tokenizer_path), num_workers=1, shuffle_buffer=256)
+            return iter(build_train_loader(cfg, 224, str(tokenizer_path), 0, 1, args.batch, seed=0))
+
+        def theirs(urls):
+            dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256).decode("pil")
+                       .map(sample).batched(args.batch, collation_fn=collate))
+            return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1))
+
+        # Alternating, best of --repeats: a shared machine's load varies from one minute to the next.
+        best: dict = {}
+        for _ in range(args.repeats):
+            for name, urls in forms.items():
+                for pipeline, make in (("ours", ours), ("webdataset pipeline", theirs)):
+                    key = (pipeline, name)
+                    best[key] = max(best.get(key, 0.0), timed(make(urls)))
+        for (pipeline, name), rate in best.items():
+            print(f"{pipeline}, {name}: {rate:.0f} images/s per worker (1 worker, 224 px, best of {args.repeats})")
+        server.shutdown()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=__doc__.split("examples:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +217,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batches", type=int, default=20, help="batches timed for the throughput")
+    parser.add_argument("--sources", action="store_true",
+                        help="JPEG decode (Pillow vs decode_jpeg) and local / pipe:cat / HTTP against webdataset")
+    parser.add_argument("--repeats", type=int, default=3, help="--sources: alternating rounds, best kept")
     args = parser.parse_args(argv)
+    if args.sources:
+        return bench_sources(args)
 
     import flip_scale.data.loader as loader_module
     from flip_scale.config import DataConfig
@@ -116,7 +268,8 @@ def main(argv=None) -> int:
         original = loader_module.read_tar_samples
         for mode in ("lazy", "eager"):
             if mode == "eager":  # as before lazy replay: every image read while fast-forwarding
-                loader_module.read_tar_samples = lambda shard, select=None, lazy_images=None: original(shard, select)
+                loader_module.read_tar_samples = (lambda shard, select=None, lazy_images=None, **kw:
+                                                  original(shard, select, **kw))
             try:
                 resumed = build()
                 resumed.load_state_dict(state)

@@ -84,20 +84,32 @@ class LossConfig:
 @dataclass
 class DataConfig:
     train_shards: Union[str, list] = "data/synthetic/train-{000000..000007}.tar"
+    # A weighted mixture instead of train_shards: [{shards: PATTERN, weight: W, name: N}, ...]
+    # (flip_scale/data/mixture.py); each row of a batch is drawn from a source with the weights.
+    sources: list = field(default_factory=list)
     tokenizer: str = "data/synthetic/tokenizer.model"
     synthetic: bool = False  # write synthetic shards + tokenizer if `train_shards` do not exist
     synthetic_dir: str = "data/synthetic"
     synthetic_train_samples: int = 4096
     synthetic_eval_samples: int = 512
     num_workers: int = 2
-    # Sample streams the global batch is drawn from, the same under every layout (0: data-parallel
-    # size x max(1, num_workers) of the first run; a resumed run keeps its checkpoint's). A run
-    # resumes sample for sample under any layout whose data-parallel size divides it: choose one
-    # with many divisors (e.g. 256) for runs that may change size.
+    # Sample streams the global batch is drawn from, the same under every layout (0: chosen from the
+    # data: a divisor of the global batch with many divisors, at most the shard count and 64, so a
+    # fresh run under every data-parallel size dividing it draws the same batches; a resumed run
+    # keeps its checkpoint's). A run resumes sample for sample under any layout whose
+    # data-parallel size divides it: give one with many divisors (e.g. 256) for runs that may grow.
     streams: int = 0
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples is unreadable
     bad_check_after: int = 200  # ... judged only after this many samples
+    # A remote shard (pipe:, http(s)://) that fails while read is opened again this many times,
+    # then counted as a bad shard and skipped.
+    shard_retries: int = 2
+    # Sample fields (tar member suffixes): images tried in this order; the caption is a field's
+    # text ("txt") or a JSON member and a path in it ("json:caption", as img2dataset writes).
+    image_keys: str = "jpg;jpeg;png;webp"
+    caption_key: str = "txt"
+    min_image_size: int = 0  # images with a side below this many pixels are skipped (counted)
     crop_scale_min: float = 0.5
     crop_scale_max: float = 1.0
     hflip: bool = True

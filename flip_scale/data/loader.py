@@ -39,17 +39,24 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .mixture import iter_mixture, parse_sources
+from .fields import SMALL_IMAGE, UNDECODABLE_IMAGE, SampleFormat, caption_text, check_train_sample, image_bytes
+from .streams import (  # noqa: F401  (check_streams, default_streams, stream_note: also used from here)
+    DEFAULT_STREAMS_CAP,
+    check_streams,
+    data_streams,
+    default_streams,
+    loader_workers,
+    stream_note,
+)
 from .shards import (
     BadSample,
     BadSampleTracker,
     DataError,
     RawSample,
     assign_shards,
-    caption_text,
-    check_train_sample,
     derive_seed,
     expand_shards,
-    image_bytes,
     read_tar_samples,
     warn_if_few_shards,
 )
@@ -87,39 +94,6 @@ def shards_digest(shards: Sequence[str]) -> str:
     return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
-def default_streams(dp_size: int, num_workers: int, local_batch_size: int = 0) -> int:
-    """`data.streams: 0`: one stream per data-parallel rank and loader worker of the first run (fewer
-    per rank where the rank's batch does not divide by the worker count)."""
-    per_rank = max(1, num_workers)
-    if local_batch_size > 0:
-        per_rank = max(w for w in range(1, per_rank + 1) if local_batch_size % w == 0)
-    return dp_size * per_rank
-
-
-def check_streams(streams: int, dp_size: int, global_batch_size: int) -> None:
-    """Refuse a stream count the layout or the batch cannot use, naming what would be valid."""
-    if streams < 1:
-        raise ValueError(f"data.streams={streams}: must be >= 1 (0 in the config: one per data-parallel rank x worker)")
-    if streams % dp_size:
-        valid = [d for d in range(1, streams + 1) if streams % d == 0]
-        raise ValueError(
-            f"data.streams={streams} is not divisible by the data-parallel size {dp_size}: each rank reads S / dp "
-            f"whole streams. Data-parallel sizes that fit: {valid}; or choose data.streams as a multiple of {dp_size}"
-        )
-    if global_batch_size % streams:
-        raise ValueError(
-            f"train.global_batch_size={global_batch_size} is not divisible by data.streams={streams}: every stream "
-            f"gives B / S samples to each batch"
-        )
-
-
-def loader_workers(streams_per_rank: int, num_workers: int) -> int:
-    """Workers that share a rank's streams evenly: the largest divisor of the count <= num_workers."""
-    if num_workers <= 0:
-        return 0
-    return max(w for w in range(1, min(num_workers, streams_per_rank) + 1) if streams_per_rank % w == 0)
-
-
 class TrainStream(IterableDataset):
     """The chunks of one data-parallel rank's sample streams (see the module docstring).
 
@@ -130,8 +104,12 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, streams: Sequence[int],
                  total_streams: int, chunk_size: int, seed: int, num_workers: int, epochs: Optional[int] = None,
-                 start: Optional[dict] = None):
+                 start: Optional[dict] = None, sources: Optional[list] = None):
         self.shards = list(shards)
+        self.data_cfg = data_cfg
+        self.sources = sources  # a mixture (flip_scale/data/mixture.py): [(name, weight, shards)]
+        self.mix_start = dict(start or {}) if sources else {}
+        start = None if sources else start
         self.transform = transform
         self.tokenizer = tokenizer
         self.streams = list(streams)
@@ -144,6 +122,9 @@ class TrainStream(IterableDataset):
         self.shuffle_size = data_cfg.shuffle_buffer
         self.max_bad_fraction = data_cfg.max_bad_fraction
         self.bad_check_after = data_cfg.bad_check_after
+        self.shard_retries = int(data_cfg.shard_retries)
+        self.format = SampleFormat.from_config(data_cfg)
+        self.min_image_size = int(data_cfg.min_image_size)
         # Decode JPEGs at reduced scale only while a crop of the smallest area still has full resolution.
         self.decode_min_size = 2 * transform.image_size
 
@@ -170,21 +151,27 @@ class TrainStream(IterableDataset):
         for task in tasks:
             # While replaying to a resume point (tracker.quiet) images are only located, not read.
             for sample in read_tar_samples(task.shard, task.select if task.stride > 1 else None,
-                                           lazy_images=lambda: tracker.quiet):
+                                           lazy_images=lambda: tracker.quiet, retries=self.shard_retries,
+                                           image_keys=self.format.image_keys):
                 if isinstance(sample, BadSample):
                     tracker.add_bad(sample)
                     continue
-                problem = check_train_sample(sample)
+                problem = check_train_sample(sample, self.format)
                 if problem is not None:
-                    tracker.add_bad(BadSample(sample.shard, sample.key, problem))
+                    tracker.add_bad(BadSample(sample.shard, sample.key, problem[1], problem[0]))
                     continue
                 yield sample
 
     def _load(self, sample: RawSample, epoch: int, tracker: BadSampleTracker) -> Optional[torch.Tensor]:
         try:
-            image = decode_image(image_bytes(sample), self.decode_min_size)
+            image, size = decode_image(image_bytes(sample, self.format), self.decode_min_size, with_size=True)
         except Exception as error:  # PIL raises many types for corrupt data; none may stop training
-            tracker.add_bad(BadSample(sample.shard, sample.key, f"undecodable image ({type(error).__name__}: {error})"))
+            tracker.add_bad(BadSample(sample.shard, sample.key, f"undecodable image ({type(error).__name__}: {error})",
+                                      UNDECODABLE_IMAGE))
+            return None
+        if min(size) < self.min_image_size:
+            tracker.add_bad(BadSample(sample.shard, sample.key, f"image {size[0]}x{size[1]} is below "
+                                      f"data.min_image_size={self.min_image_size}", SMALL_IMAGE))
             return None
         # Per-sample seed: the same sample in the same epoch gets the same crop whatever the layout.
         rng = random.Random(derive_seed(self.seed, "augment", epoch, sample.shard.rsplit("/", 1)[-1], sample.key))
@@ -192,6 +179,9 @@ class TrainStream(IterableDataset):
 
     def iter_stream(self, stream: int) -> Iterator[dict]:
         """The chunks of stream `stream`: dicts of `chunk_size` samples (a finite pass ends with fewer)."""
+        if self.sources:
+            yield from iter_mixture(TrainStream, self, stream)
+            return
         where = f" (stream {stream} of {self.total_streams})"
         tracker = BadSampleTracker(self.max_bad_fraction, self.bad_check_after, where)
         start_epoch, skip = self.start.get(stream, (0, 0))
@@ -207,6 +197,7 @@ class TrainStream(IterableDataset):
                 "images": torch.stack(images),
                 "tokens": self.tokenizer(captions),
                 "skipped": tracker.take_skipped(),
+                "skipped_kinds": tracker.take_skipped_kinds(),
                 "samples": len(images),
                 "keys": list(keys),
                 "shards": list(shards),
@@ -239,7 +230,7 @@ class TrainStream(IterableDataset):
                 decoded += 1
                 tracker.add_good()
                 images.append(image)
-                captions.append(caption_text(sample))
+                captions.append(caption_text(sample, self.format))
                 keys.append(sample.key)
                 shards.append(sample.shard)
                 if len(images) == self.chunk_size:
@@ -262,20 +253,34 @@ class TrainStream(IterableDataset):
             yield make_chunk()
 
 
+def _sum_kinds(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for kind, n in count.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
 class TrainLoader:
     """Iterable of this data-parallel rank's training batch dicts, with a resumable position
     (`state_dict` / `load_state_dict`, layout-free: per sample stream).
 
     Each `iter()` continues from the current position; a fresh loader starts at the beginning.
     Batch dict: images FloatTensor [B,3,H,W], tokens LongTensor [B,T], skipped (bad samples met
-    since the previous batch), samples (B), keys (sample keys, for inspection), shards (each sample's shard), sample_index
-    LongTensor [B] (each sample's row in the global batch: dp_rank * B + i).
+    since the previous batch), skipped_kinds (the same per kind, flip_scale.data.fields), samples (B),
+    keys (sample keys, for inspection), shards (each sample's shard), sample_index LongTensor [B] (each
+    sample's row in the global batch: dp_rank * B + i).
     """
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, dp_rank: int,
                  dp_size: int, batch_size: int, seed: int, epochs: Optional[int] = None, pin_memory: bool = False,
-                 streams: int = 0):
+                 streams: int = 0, sources: Optional[list] = None):
         self.shards = list(shards)
+        self.sources = sources
+        if sources and epochs is not None:
+            raise ValueError("a mixture of data.sources is an endless stream: epochs must be None")
+        # The digest covers the mixture too: other weights or names are another stream.
+        self.digest_names = self.shards + [f"{n}:{w!r}:{len(s)}" for n, w, s in (sources or [])]
         self.data_cfg = data_cfg
         self.transform = transform
         self.tokenizer = tokenizer
@@ -287,7 +292,10 @@ class TrainLoader:
         self.requested_workers = int(data_cfg.num_workers)
         self.streams_auto = not streams
         self.batches = 0
-        self._set_streams(streams or default_streams(dp_size, self.requested_workers, batch_size))
+        self._set_streams(streams or default_streams(dp_size, self.requested_workers, batch_size, len(self.shards)))
+        if dp_rank == 0:
+            log.info("data: %s", stream_note(self.total_streams, len(self.shards), batch_size * dp_size,
+                                             self.streams_auto))
 
     def _set_streams(self, streams: int) -> None:
         check_streams(streams, self.dp_size, self.batch_size * self.dp_size)
@@ -302,13 +310,19 @@ class TrainLoader:
             report("data: %d loader workers per rank instead of data.num_workers=%d: workers share a rank's %d "
                    "streams evenly (worker counts that fit: %s; or choose data.streams as dp size x workers)",
                    self.num_workers, self.requested_workers, per_rank, fits)
-        self.positions = {stream: (0, 0) for stream in self.rank_streams}
+        self.positions = {stream: self._fresh_position() for stream in self.rank_streams}
         warn_if_few_shards(len(self.shards), streams)
+
+    def _fresh_position(self):
+        if self.sources:
+            return {"batch": 0, "sources": {name: [0, 0] for name, _, _ in self.sources}}
+        return (0, 0)
 
     def _dataset(self) -> TrainStream:
         return TrainStream(
             self.shards, self.data_cfg, self.transform, self.tokenizer, self.rank_streams, self.total_streams,
             self.chunk_size, self.seed, self.num_workers, epochs=self.epochs, start=self.positions,
+            sources=self.sources,
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -335,7 +349,9 @@ class TrainLoader:
         if self.epochs is None and streams != self.rank_streams:
             raise RuntimeError(f"data loader: a batch's chunks came from streams {streams}, expected {self.rank_streams}")
         for chunk in chunks:
-            self.positions[chunk["_stream"]] = (int(chunk["_position"][0]), int(chunk["_position"][1]))
+            position = chunk["_position"]
+            self.positions[chunk["_stream"]] = (position if isinstance(position, dict)
+                                                else (int(position[0]), int(position[1])))
         self.batches += 1
         samples = sum(chunk["samples"] for chunk in chunks)
         first = self.dp_rank * self.batch_size  # this rank's rows of the global batch (module docstring)
@@ -343,6 +359,10 @@ class TrainLoader:
             "images": torch.cat([chunk["images"] for chunk in chunks]),
             "tokens": torch.cat([chunk["tokens"] for chunk in chunks]),
             "skipped": sum(chunk["skipped"] for chunk in chunks),
+            "skipped_kinds": _sum_kinds(chunk["skipped_kinds"] for chunk in chunks),
+            # A mixture's samples and bad samples per source (empty for one source).
+            "source_samples": _sum_kinds(chunk.get("source_samples", {}) for chunk in chunks),
+            "source_skipped": _sum_kinds(chunk.get("source_skipped", {}) for chunk in chunks),
             "samples": samples,
             "keys": [key for chunk in chunks for key in chunk["keys"]],
             "shards": [shard for chunk in chunks for shard in chunk["shards"]],
@@ -356,11 +376,12 @@ class TrainLoader:
             "version": STATE_VERSION,
             "streams": self.total_streams,
             "streams_auto": self.streams_auto,
-            "positions": {str(stream): list(position) for stream, position in self.positions.items()},
+            "positions": {str(stream): position if isinstance(position, dict) else list(position)
+                          for stream, position in self.positions.items()},
             "batches": self.batches,
             "seed": self.seed,
             "num_shards": len(self.shards),
-            "shards_digest": shards_digest(self.shards),
+            "shards_digest": shards_digest(self.digest_names),
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
             "batch_size": self.batch_size,
@@ -373,7 +394,7 @@ class TrainLoader:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
                              f"stream of an older checkpoint cannot be continued sample for sample")
         differ = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)),
-                                                     ("shards_digest", shards_digest(self.shards)))
+                                                     ("shards_digest", shards_digest(self.digest_names)))
                   if state.get(k) != v}
         if differ:
             text = ", ".join(f"{k}: saved {old} now {new}" for k, (old, new) in differ.items())
@@ -385,12 +406,19 @@ class TrainLoader:
                 raise ValueError(f"cannot resume the data stream: the checkpoint has data.streams={streams}, this run "
                                  f"asks for {self.total_streams}")
             self._set_streams(streams)  # data.streams: 0 keeps the checkpoint's
-        saved = {int(s): tuple(int(x) for x in p) for s, p in state["positions"].items()}
+        saved = {int(s): (p if isinstance(p, dict) else tuple(int(x) for x in p))
+                 for s, p in state["positions"].items()}
         missing = [s for s in self.rank_streams if s not in saved]
         if missing:
             raise ValueError(f"data loader state has no position for streams {missing[:8]} of this rank")
         self.positions = {s: saved[s] for s in self.rank_streams}
         self.batches = int(state.get("batches", 0))
+
+
+def pin_memory_for(device) -> bool:
+    """Batches go to page-locked host memory when the model is on a CUDA device (the copy to it can
+    then overlap the step: the trainer moves them with non_blocking=True); never on a CPU run."""
+    return torch.device(device).type == "cuda"
 
 
 def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, str], dp_rank: int, dp_size: int,
@@ -400,7 +428,7 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
 
     `epochs=None` is the endless stream used for training; a number gives that many passes
     ending with partial batches, for inspection and tests. The stream count is `data.streams`
-    (0: dp_size x max(1, data.num_workers)).
+    (0: chosen from the shard count and the batch, `default_streams`).
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
@@ -410,7 +438,9 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
         raise ValueError(f"data.num_workers must be >= 0 (0: load in the training process), got {data_cfg.num_workers}")
     if isinstance(tokenizer, str):
         tokenizer = Tokenizer(tokenizer)
-    shards = expand_shards(data_cfg.train_shards)
+    sources = parse_sources(data_cfg.sources) if getattr(data_cfg, "sources", None) else None
+    shards = [s for _, _, part in sources for s in part] if sources else expand_shards(data_cfg.train_shards)
     transform = build_train_transform(data_cfg, image_size)
     return TrainLoader(shards, data_cfg, transform, tokenizer, dp_rank, dp_size, local_batch_size, seed,
-                       epochs=epochs, pin_memory=pin_memory, streams=int(getattr(data_cfg, "streams", 0)))
+                       epochs=epochs, pin_memory=pin_memory, streams=int(getattr(data_cfg, "streams", 0)),
+                       sources=sources)

@@ -37,7 +37,11 @@ def _restart_epoch(blobs: list[dict]) -> int:
         saved = blob["positions"]
         return list(saved.values()) if isinstance(saved, dict) else list(saved)
 
-    return max((epoch + 1 if drawn > 0 else epoch) for blob in blobs for epoch, drawn in positions(blob))
+    def pairs(position) -> list:  # a mixture's position holds one (epoch, drawn) per source
+        return list(position["sources"].values()) if isinstance(position, dict) else [position]
+
+    return max((epoch + 1 if drawn > 0 else epoch) for blob in blobs for position in positions(blob)
+               for epoch, drawn in pairs(position))
 
 
 def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict], Optional[str]]:
@@ -71,7 +75,12 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
             return dict(first, positions=merged), None
 
     epoch = _restart_epoch(blobs)
-    state = dict(fresh, positions={stream: [epoch, 0] for stream in fresh["positions"]}, batches=0)
+    def restart(position):
+        if isinstance(position, dict):
+            return {"batch": 0, "sources": {name: [epoch, 0] for name in position["sources"]}}
+        return [epoch, 0]
+
+    state = dict(fresh, positions={stream: restart(p) for stream, p in fresh["positions"].items()}, batches=0)
     reason = (
         f"the checkpoint's data stream cannot continue sample for sample in this run ({'; '.join(problems)}); "
         f"it restarts at epoch {epoch}, the first no stream had begun. To keep the stream across layouts, "

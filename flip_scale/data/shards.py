@@ -18,13 +18,15 @@ import math
 import os
 import random
 import tarfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
+
+from .urls import check_scheme, describe, expand_user, local_path, open_shard
 
 log = logging.getLogger("flip_scale.data")
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-CAPTION_FIELD = "txt"
 CLASS_FIELD = "cls"
 
 
@@ -36,8 +38,10 @@ class DataError(ValueError):
 
 
 def expand_shards(shards: Union[str, Sequence[str]], check_exists: bool = True) -> list[str]:
-    """Shard paths from a brace pattern (`train-{000000..000007}.tar`), a `::`-separated list of
-    patterns, or a list of patterns. With `check_exists`, missing files are an error that names them."""
+    """Shards from a brace pattern (`train-{000000..000007}.tar`), a `::`-separated list of
+    patterns, or a list of patterns; each a local path, a `file:` URL, `pipe:CMD` or an
+    `http(s)://` URL (flip_scale/data/urls.py). With `check_exists`, missing local files are an
+    error that names them (a remote shard is only known to fail when it is read)."""
     import braceexpand
 
     if isinstance(shards, (str, os.PathLike)):
@@ -46,11 +50,13 @@ def expand_shards(shards: Union[str, Sequence[str]], check_exists: bool = True) 
         patterns = [str(p) for p in shards]
     paths: list[str] = []
     for pattern in patterns:
-        paths.extend(os.path.expanduser(p) for p in braceexpand.braceexpand(pattern.strip()))
+        paths.extend(expand_user(p) for p in braceexpand.braceexpand(pattern.strip()))
     if not paths:
         raise ValueError(f"shard pattern {shards!r} names no files (expected e.g. 'data/train-{{000000..000007}}.tar')")
+    for path in paths:
+        check_scheme(path)
     if check_exists:
-        missing = [p for p in paths if not os.path.isfile(p)]
+        missing = [p for p in paths if local_path(p) is not None and not os.path.isfile(local_path(p))]
         if missing:
             shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
             raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards of {shards!r} are missing: {shown}")
@@ -95,6 +101,7 @@ class BadSample:
     shard: str
     key: str
     reason: str
+    kind: str = "bad_shard"  # one of flip_scale.data.fields.SKIP_KINDS
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -105,8 +112,17 @@ def _split_name(name: str) -> tuple[str, str]:
     return key, suffix.lower() if dot else ""
 
 
+class _ShardFailure(Exception):
+    """A shard's data stopped being readable (inside `_read_tar`): `key` is the sample being read."""
+
+    def __init__(self, key: str, reason: str, selected: bool):
+        super().__init__(reason)
+        self.key, self.reason, self.selected = key, reason, selected
+
+
 def read_tar_samples(
     shard: str, select: Optional[Callable[[int], bool]] = None, lazy_images: Optional[Callable[[], bool]] = None,
+    retries: int = 2, image_keys: Sequence[str] = IMAGE_FIELDS,
 ) -> Iterator[Union[RawSample, BadSample]]:
     """Samples of one tar shard in file order; a read error ends the shard with one `BadSample`.
 
@@ -114,19 +130,51 @@ def read_tar_samples(
     so that several readers can share one shard without overlap; unselected samples' data is not
     read. A tar cut short reports one bad sample: the sample being read when the data ran out (or,
     when the cut falls between members, the last sample, which may be missing a field).
-    While `lazy_images()` is true, image fields hold a `MemberRef` instead of their bytes (the tar
-    reader seeks past them); `image_bytes` reads them when asked. Replaying a stream to a resume
-    point reads headers and captions only.
-    """
-    def chosen(index: int) -> bool:
-        return select is None or select(index)
+    While `lazy_images()` is true, image fields of a local uncompressed shard hold a `MemberRef`
+    instead of their bytes (the tar reader seeks past them); `image_bytes` reads them when asked.
+    Replaying a stream to a resume point reads headers and captions only.
 
+    A remote shard (`pipe:`, `http(s)://`, flip_scale/data/urls.py) is a stream read once, in order.
+    When it fails (the command exits non-zero, the connection drops, the data ends early) it is
+    opened again up to `retries` times and read on after the samples already given; then it is a
+    bad shard (one `BadSample` naming the tries) and the reader goes on with the next.
+    """
+    remote = local_path(shard) is None
+    done = -1  # index of the last sample given out: a retry goes on after it
+    for attempt in range(retries + 1 if remote else 1):
+        try:
+            for index, sample in _read_tar(shard, select, lazy_images if not remote else None, done, image_keys):
+                done = index
+                yield sample
+            return
+        except _ShardFailure as failure:
+            if attempt < (retries if remote else 0):
+                log.warning("shard %s failed (%s); retrying (%d of data.shard_retries=%d)", describe(shard),
+                            failure.reason, attempt + 1, retries)
+                time.sleep(RETRY_DELAY_S * (attempt + 1))
+                continue
+            if failure.selected:
+                tries = f" after {attempt + 1} tries" if remote else ""
+                yield BadSample(shard, failure.key, failure.reason + tries)
+            return
+
+
+RETRY_DELAY_S = 0.5  # before the n-th retry of a remote shard: n times this
+
+
+def _read_tar(shard: str, select: Optional[Callable[[int], bool]], lazy_images: Optional[Callable[[], bool]],
+              done: int, image_keys: Sequence[str] = IMAGE_FIELDS) -> Iterator[tuple]:
+    """(index, sample) of one shard after index `done`; a read error raises `_ShardFailure`."""
+    def chosen(index: int) -> bool:
+        return index > done and (select is None or select(index))
+
+    remote = local_path(shard) is None
     try:
-        tar = tarfile.open(shard, mode="r:*")
-    except Exception as error:  # missing, empty, not a tar, unreadable compression
-        if chosen(0):  # a shard shared by several readers is reported once
-            yield BadSample(shard, "", f"cannot open shard ({type(error).__name__}: {error})")
-        return
+        stream = open_shard(shard)
+        tar = tarfile.open(fileobj=stream, mode="r|*" if remote else "r:*")
+    except Exception as error:  # missing, empty, not a tar, unreadable compression, a command that failed
+        # A shard shared by several readers is reported once.
+        raise _ShardFailure("", f"cannot open shard ({type(error).__name__}: {error})", chosen(0)) from None
     index = -1
     current: Optional[RawSample] = None
     selected = False
@@ -134,23 +182,22 @@ def read_tar_samples(
     # (.tar.gz and the like, which "r:*" opens too) is always read.
     if lazy_images is not None and not isinstance(tar.fileobj, (io.BufferedReader, io.FileIO)):
         lazy_images = None
-    with tar:
+    try:
         while True:
             try:
                 member = tar.next()
             except Exception as error:  # a truncated member is detected when the reader moves past it
-                if current is not None and selected:
-                    yield BadSample(shard, current.key, f"truncated shard ({type(error).__name__}: {error})")
-                elif current is None and chosen(0):
-                    yield BadSample(shard, "", f"unreadable shard ({type(error).__name__}: {error})")
-                return
+                if current is not None:
+                    raise _ShardFailure(current.key, f"truncated shard ({type(error).__name__}: {error})",
+                                        selected) from None
+                raise _ShardFailure("", f"unreadable shard ({type(error).__name__}: {error})", chosen(0)) from None
             if member is None:
-                ending = _archive_ending(tar)
+                ending = "complete" if remote else _archive_ending(tar)
                 if ending == "cut":
                     # tarfile stops quietly at a cut header. The member it described is unknown, so
                     # the last sample may be missing a field: it is reported as the one sample lost.
-                    if current is not None and selected:
-                        yield BadSample(shard, current.key, "truncated shard (ends inside a member header)")
+                    if current is not None:
+                        raise _ShardFailure(current.key, "truncated shard (ends inside a member header)", selected)
                     return
                 if ending == "marker cut":
                     log.warning("shard %s ends inside its end-of-archive marker (truncated); its samples are whole",
@@ -161,22 +208,38 @@ def read_tar_samples(
             key, suffix = _split_name(member.name)
             if current is None or key != current.key:
                 if current is not None and selected:
-                    yield current
+                    yield index, current
                 index += 1
                 current = RawSample(shard, key)
-                selected = select is None or select(index)
+                selected = chosen(index)
             if not selected:
                 continue
             try:
-                if suffix in IMAGE_FIELDS and lazy_images is not None and lazy_images():
+                if suffix in image_keys and lazy_images is not None and lazy_images():
                     current.fields[suffix] = MemberRef(member.offset_data, member.size)
                 else:
                     current.fields[suffix] = tar.extractfile(member).read()
             except Exception as error:
-                yield BadSample(shard, key, f"truncated shard ({type(error).__name__}: {error})")
-                return
-    if current is not None and selected:
-        yield current
+                raise _ShardFailure(key, f"truncated shard ({type(error).__name__}: {error})", True) from None
+        if remote:
+            _close_stream(tar, stream, current.key if current is not None else "", selected or chosen(0))
+        if current is not None and selected:
+            yield index, current
+    finally:
+        tar.close()
+        try:
+            stream.close()
+        except Exception:
+            pass
+
+
+def _close_stream(tar, stream, key: str, selected: bool) -> None:
+    """A stream read to its end: the command behind it must have ended well too (a failed `pipe:`
+    command can still have written a whole-looking tar prefix)."""
+    try:
+        stream.close()
+    except Exception as error:
+        raise _ShardFailure(key, f"shard stream failed ({type(error).__name__}: {error})", selected) from None
 
 
 def _archive_ending(tar: tarfile.TarFile) -> str:
@@ -191,59 +254,6 @@ def _archive_ending(tar: tarfile.TarFile) -> str:
     if rest and not any(rest):
         return "complete" if len(rest) == 2 * tarfile.BLOCKSIZE else "marker cut"
     return "cut"
-
-
-def check_train_sample(sample: RawSample) -> Optional[str]:
-    """Why a training sample cannot be used (None when it can): it needs an image and a caption."""
-    if not any(name in sample.fields for name in IMAGE_FIELDS):
-        return f"no image (fields: {', '.join(sorted(sample.fields)) or 'none'})"
-    if CAPTION_FIELD not in sample.fields:
-        return f"no caption (fields: {', '.join(sorted(sample.fields))})"
-    caption = caption_text(sample)
-    if caption is None:
-        return "caption is not UTF-8"
-    if not caption:
-        return "empty caption"
-    return None
-
-
-def check_eval_sample(sample: RawSample) -> Optional[str]:
-    """Why an evaluation sample cannot be used: it needs an image and an integer class."""
-    if not any(name in sample.fields for name in IMAGE_FIELDS):
-        return f"no image (fields: {', '.join(sorted(sample.fields)) or 'none'})"
-    if class_index(sample) is None:
-        return f"no integer class in '{CLASS_FIELD}'"
-    return None
-
-
-def caption_text(sample: RawSample) -> Optional[str]:
-    try:
-        return " ".join(sample.fields[CAPTION_FIELD].decode("utf-8").split())
-    except UnicodeDecodeError:
-        return None
-
-
-def class_index(sample: RawSample) -> Optional[int]:
-    try:
-        return int(sample.fields[CLASS_FIELD].decode("utf-8").strip())
-    except (KeyError, UnicodeDecodeError, ValueError):
-        return None
-
-
-def image_bytes(sample: RawSample) -> bytes:
-    for name in IMAGE_FIELDS:
-        if name in sample.fields:
-            value = sample.fields[name]
-            if isinstance(value, MemberRef):  # read lazily: now it is needed
-                with open(sample.shard, "rb") as file:
-                    file.seek(value.offset)
-                    data = file.read(value.size)
-                if len(data) != value.size:
-                    raise EOFError(f"{sample.shard} ends inside the image of {sample.key!r} "
-                                   f"({len(data)} of {value.size} bytes)")
-                return data
-            return value
-    raise KeyError(f"sample {sample.key} of {sample.shard} has no image field ({', '.join(IMAGE_FIELDS)})")
 
 
 # ----------------------------------------------------------------------------- bad-sample accounting
@@ -267,6 +277,7 @@ class BadSampleTracker:
         self.good = 0
         self.bad = 0
         self.skipped_since_batch = 0
+        self.kinds_since_batch: dict[str, int] = {}  # kind -> bad samples since the previous batch
         self.quiet = False  # while fast-forwarding: these samples were already counted before the resume
 
     @property
@@ -289,6 +300,7 @@ class BadSampleTracker:
             return
         self.bad += 1
         self.skipped_since_batch += 1
+        self.kinds_since_batch[bad.kind] = self.kinds_since_batch.get(bad.kind, 0) + 1
         if self.bad <= self.log_first or self.bad % self.log_every == 0:
             more = " (further bad samples are logged every %d)" % self.log_every if self.bad == self.log_first else ""
             log.warning("skipped a bad sample%s: %s key=%r: %s [%d bad of %d seen]%s", self.where, bad.shard,
@@ -300,8 +312,14 @@ class BadSampleTracker:
         skipped, self.skipped_since_batch = self.skipped_since_batch, 0
         return skipped
 
+    def take_skipped_kinds(self) -> dict[str, int]:
+        """Bad samples per kind since the previous call (one call per batch)."""
+        kinds, self.kinds_since_batch = self.kinds_since_batch, {}
+        return kinds
+
     def reset(self) -> None:
         self.good = self.bad = self.skipped_since_batch = 0
+        self.kinds_since_batch = {}
 
     def _check(self) -> None:
         seen = self.seen

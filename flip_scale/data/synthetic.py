@@ -18,6 +18,7 @@ Files written to `out_dir`:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import fcntl
 import io
 import json
@@ -93,8 +94,11 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
-def make_sample(rng: random.Random, image_size: int) -> tuple[bytes, str, dict]:
-    """One random (PNG bytes, caption, parameters) triple."""
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def make_sample(rng: random.Random, image_size: int, image_format: str = "png") -> tuple[bytes, str, dict]:
+    """One random (image bytes, caption, parameters) triple; PNG (lossless) unless `image_format`."""
     colour = rng.choice(list(COLOURS))
     shape = rng.choice(SHAPES)
     background = rng.choice(list(BACKGROUNDS))
@@ -104,7 +108,10 @@ def make_sample(rng: random.Random, image_size: int) -> tuple[bytes, str, dict]:
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
     draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, COLOURS[colour])
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # lossless: colours stay exact; level 1 is fast
+    if image_format == "png":
+        image.save(buffer, format="PNG", compress_level=1)  # lossless: colours stay exact; level 1 is fast
+    else:
+        image.save(buffer, format=IMAGE_FORMATS[image_format], quality=90)
     caption = rng.choice(CAPTIONS).format(colour=colour, shape=shape, background=background)
     params = {
         "colour": colour, "shape": shape, "background": background, "center": [cx, cy], "radius": r,
@@ -122,7 +129,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_split(out_dir: Path, split: str, count: int, num_shards: int, image_size: int, seed: int,
-                 with_class: bool) -> tuple[list[str], list[str]]:
+                 with_class: bool, layout: str = "shapes", image_format: str = "png") -> tuple[list[str], list[str]]:
     paths, captions = [], []
     per_shard = math.ceil(count / num_shards) if count else 0
     index = 0
@@ -131,11 +138,19 @@ def _write_split(out_dir: Path, split: str, count: int, num_shards: int, image_s
         with tarfile.open(path, "w") as tar:
             for _ in range(min(per_shard, count - index)):
                 # One seed per sample: any sample can be regenerated alone.
-                image, caption, params = make_sample(random.Random(derive_seed(seed, split, index)), image_size)
-                key = f"{split}{index:07d}"
-                _add_member(tar, f"{key}.png", image)
+                image, caption, params = make_sample(random.Random(derive_seed(seed, split, index)), image_size,
+                                                     image_format)
+                if layout == "laion":  # img2dataset: <shard><index in shard>.jpg/.txt/.json
+                    key = f"{shard_index:05d}{index - shard_index * per_shard:04d}"
+                    meta = {"url": f"https://example.invalid/{split}/{index}.{image_format}", "caption": caption,
+                            "key": key, "status": "success", "error_message": None, "width": image_size,
+                            "height": image_size, "original_width": image_size, "original_height": image_size,
+                            "exif": None, "sha256": hashlib.sha256(image).hexdigest()}
+                else:
+                    key, meta = f"{split}{index:07d}", params
+                _add_member(tar, f"{key}.{image_format}", image)
                 _add_member(tar, f"{key}.txt", caption.encode())
-                _add_member(tar, f"{key}.json", json.dumps(params).encode())
+                _add_member(tar, f"{key}.json", json.dumps(meta).encode())
                 if with_class:
                     _add_member(tar, f"{key}.cls", str(params["class"]).encode())
                 captions.append(caption)
@@ -146,8 +161,13 @@ def _write_split(out_dir: Path, split: str, count: int, num_shards: int, image_s
 
 def write_synthetic_dataset(out_dir: Union[str, os.PathLike], train_samples: int, eval_samples: int,
                             image_size: int = 64, seed: int = 0, samples_per_shard: Optional[int] = None,
-                            train_shards: int = DEFAULT_TRAIN_SHARDS) -> dict:
+                            train_shards: int = DEFAULT_TRAIN_SHARDS, layout: str = "shapes",
+                            image_format: Optional[str] = None) -> dict:
     """Write the synthetic dataset (module docstring) into `out_dir`; returns the paths written.
+
+    `layout="laion"` writes the members as img2dataset does for LAION / DataComp (`<key>.jpg`,
+    `<key>.txt`, `<key>.json` with url, caption, key, status, sizes; 9-digit keys), in
+    `image_format` (default png for "shapes", jpg for "laion"; webp too).
 
     Training samples are split over `train_shards` shards (8, as configs/tiny.yaml expects), or over
     as many as `samples_per_shard` needs; the evaluation samples go into one shard unless
@@ -161,6 +181,11 @@ def write_synthetic_dataset(out_dir: Union[str, os.PathLike], train_samples: int
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if train_shards < 1:
         raise ValueError(f"train_shards must be >= 1, got {train_shards}")
+    if layout not in ("shapes", "laion"):
+        raise ValueError(f"layout must be 'shapes' or 'laion', got {layout!r}")
+    image_format = image_format or ("jpg" if layout == "laion" else "png")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if samples_per_shard is not None:
@@ -169,8 +194,9 @@ def write_synthetic_dataset(out_dir: Union[str, os.PathLike], train_samples: int
     else:
         eval_shards = 1
     started = time.perf_counter()
-    train_paths, captions = _write_split(out, "train", train_samples, train_shards, image_size, seed, False)
-    eval_paths, _ = _write_split(out, "eval", eval_samples, eval_shards, image_size, seed, True)
+    train_paths, captions = _write_split(out, "train", train_samples, train_shards, image_size, seed, False, layout,
+                                         image_format)
+    eval_paths, _ = _write_split(out, "eval", eval_samples, eval_shards, image_size, seed, True, layout, image_format)
     (out / "classnames.txt").write_text("\n".join(class_names()) + "\n")
     (out / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     (out / "captions.txt").write_text("\n".join(captions) + "\n")
@@ -275,7 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "examples:\n"
             "  python tools/make_synthetic_shards.py --out data/synthetic --tokenizer-vocab 512\n"
             "  python tools/make_synthetic_shards.py --out /tmp/shapes --train-samples 100000 --samples-per-shard 5000 "
-            "--image-size 224"
+            "--image-size 224\n"
+            "  python tools/make_synthetic_shards.py --out /tmp/laion --format laion --image-size 256  # jpg+txt+json"
         ),
     )
     parser.add_argument("--out", default="data/synthetic", help="output directory (default data/synthetic)")
@@ -287,13 +314,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help=f"number of training shards (default {DEFAULT_TRAIN_SHARDS}, as configs/tiny.yaml expects)")
     parser.add_argument("--samples-per-shard", type=int, default=None,
                         help="samples per shard instead of a fixed shard count (eval is split the same way)")
+    parser.add_argument("--format", choices=("shapes", "laion"), default="shapes",
+                        help="member layout: shapes (png + txt + json drawing parameters, default) or laion (jpg + txt + "
+                             "json metadata with the caption, as img2dataset writes)")
+    parser.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default=None,
+                        help="image encoding (default png for shapes, jpg for laion)")
     parser.add_argument("--tokenizer-vocab", type=int, default=0,
                         help="also train a tokenizer of at most this many tokens to OUT/tokenizer.model (0: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     written = write_synthetic_dataset(args.out, args.train_samples, args.eval_samples, image_size=args.image_size,
                                       seed=args.seed, samples_per_shard=args.samples_per_shard,
-                                      train_shards=args.train_shards)
+                                      train_shards=args.train_shards, layout=args.format,
+                                      image_format=args.image_format)
     if args.tokenizer_vocab:
         from .tokenizer import iter_captions, train_tokenizer
 

@@ -22,16 +22,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_image(data: bytes, min_size: int = 0) -> Image.Image:
+def decode_image(data: bytes, min_size: int = 0, with_size: bool = False):
     """Bytes -> RGB PIL image; raises on undecodable data (the pipeline counts that as a bad sample).
 
     For JPEG, `draft` lets the decoder downscale by a power of two while keeping both sides at least
     `min_size`, which saves most of the decode time on images much larger than the model's input.
+    `with_size`: (image, (width, height) as stored, before any downscaling).
     """
     image = Image.open(io.BytesIO(data))
+    size = image.size
     if min_size > 0 and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))
-    return image.convert("RGB")
+    image = image.convert("RGB")
+    return (image, size) if with_size else image
 
 
 class Normalize:

@@ -22,10 +22,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..data.shards import (
-    BadSample, BadSampleTracker, RawSample, caption_text, check_eval_sample, check_train_sample, class_index,
-    expand_shards, image_bytes, read_tar_samples,
-)
+from ..data.fields import caption_text, check_eval_sample, check_train_sample, class_index, image_bytes
+from ..data.shards import BadSample, BadSampleTracker, RawSample, expand_shards, read_tar_samples
 from ..data.transforms import EvalTransform, build_eval_transform, decode_image
 from .scoring import caption_key
 from .templates import load_classnames
@@ -42,9 +40,12 @@ def rank_samples(shards, check, rank: int, size: int, tracker: BadSampleTracker)
     usable = 0
     for shard in shards:
         for sample in read_tar_samples(shard):
-            problem = sample.reason if isinstance(sample, BadSample) else check(sample)
+            if isinstance(sample, BadSample):
+                tracker.add_bad(sample)
+                continue
+            problem = check(sample)
             if problem is not None:
-                tracker.add_bad(BadSample(sample.shard, sample.key, problem))
+                tracker.add_bad(BadSample(sample.shard, sample.key, problem[1], problem[0]))
                 continue
             usable += 1
             if (usable - 1) % size == rank:

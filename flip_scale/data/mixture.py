@@ -1,0 +1,95 @@
+"""Weighted mixtures of shard sources (`data.sources: [{shards, weight, name}, ...]`).
+
+Each sample stream s (flip_scale/data/loader.py) keeps one sub-stream per source: source j's
+shards read as stream s of S, exactly as a single-source stream reads its shards (its own shuffle,
+its own epochs, bad samples counted per source). Row i of global batch k (the step, from 0) comes
+from the source drawn from (seed, k, i) with the sources' weights; stream s owns the rows
+s*B/S .. (s+1)*B/S - 1 and takes each row's sample from that source's sub-stream. So the mixture,
+row for row, is the same under every layout, and the state of stream s (the batch index and each
+sub-stream's position) resumes it sample for sample under any layout whose data-parallel size
+divides S. Each source runs through its own epochs (an epoch of a small source ends sooner and
+it starts its next one): samples are drawn without replacement within a source's epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from typing import Iterator
+
+import torch
+
+from .shards import derive_seed, expand_shards
+
+
+def parse_sources(sources) -> list[tuple[str, float, list[str]]]:
+    """[(name, weight, shards)] from `data.sources`, refusing what cannot be a mixture."""
+    parsed, names = [], set()
+    for i, source in enumerate(sources):
+        if not isinstance(source, dict) or "shards" not in source:
+            raise ValueError(f"data.sources[{i}]={source!r}: each source is {{shards: PATTERN, weight: W, name: N}}")
+        unknown = set(source) - {"shards", "weight", "name"}
+        if unknown:
+            raise ValueError(f"data.sources[{i}]: unknown keys {sorted(unknown)} (valid: shards, weight, name)")
+        name = str(source.get("name", f"source{i}"))
+        weight = float(source.get("weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"data.sources[{i}] ({name}): weight must be > 0, got {weight}")
+        if name in names or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"data.sources[{i}]: name {name!r} must be unique and made of letters, digits, - and _")
+        names.add(name)
+        parsed.append((name, weight, expand_shards(source["shards"])))
+    if not parsed:
+        raise ValueError("data.sources is empty: give at least one {shards, weight, name}, or use data.train_shards")
+    return parsed
+
+
+def source_of_row(seed: int, batch: int, row: int, cumulative: list[float]) -> int:
+    """The source of row `row` of global batch `batch`: drawn with the weights (`cumulative`: their
+    running sums, normalised to end at 1)."""
+    u = random.Random(derive_seed(seed, "mixture", batch, row)).random()
+    return min(bisect.bisect_right(cumulative, u), len(cumulative) - 1)
+
+
+def iter_mixture(stream_cls, owner, stream: int) -> Iterator[dict]:
+    """The chunks of stream `stream` of a mixture (`owner`: the TrainStream holding the sources)."""
+    start = owner.mix_start.get(stream) or {"batch": 0, "sources": {}}
+    batch = int(start["batch"])
+    positions = {name: tuple(start["sources"].get(name, (0, 0))) for name, _, _ in owner.sources}
+    total = sum(weight for _, weight, _ in owner.sources)
+    cumulative, running = [], 0.0
+    for _, weight, _ in owner.sources:
+        running += weight / total
+        cumulative.append(running)
+    subs = []
+    for name, _, shards in owner.sources:
+        sub = stream_cls(shards, owner.data_cfg, owner.transform, owner.tokenizer, [stream], owner.total_streams, 1,
+                         owner.seed, 0, start={stream: positions[name]})
+        subs.append(sub.iter_stream(stream))
+    names = [name for name, _, _ in owner.sources]
+    while True:
+        parts, counts, skipped = [], dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        for i in range(owner.chunk_size):
+            j = source_of_row(owner.seed, batch, stream * owner.chunk_size + i, cumulative)
+            part = next(subs[j])
+            positions[names[j]] = tuple(part["_position"])
+            counts[names[j]] += 1
+            skipped[names[j]] += part["skipped"]
+            parts.append(part)
+        batch += 1
+        kinds: dict = {}
+        for part in parts:
+            for kind, n in part["skipped_kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        yield {
+            "images": torch.cat([p["images"] for p in parts]),
+            "tokens": torch.cat([p["tokens"] for p in parts]),
+            "skipped": sum(p["skipped"] for p in parts),
+            "skipped_kinds": kinds,
+            "samples": len(parts),
+            "keys": [k for p in parts for k in p["keys"]],
+            "source_samples": counts,
+            "source_skipped": skipped,
+            "_stream": stream,
+            "_position": {"batch": batch, "sources": {name: list(p) for name, p in positions.items()}},
+        }
