@@ -99,7 +99,8 @@ def test_nvidia_apex_fused_adam_only_on_cuda_with_plain_parameters(monkeypatch):
     model = nn.Linear(3, 3)
     # CPU: PyTorch's AdamW whatever apex offers.
     assert not optim.apex_fused_adam_usable(model, torch.device("cpu"))
-    assert optim.build_optimizer(model, _cfg(), torch.device("cpu")).flip_kind == "PyTorch AdamW (foreach)"
+    assert optim.build_optimizer(model, _cfg(), torch.device("cpu")).flip_kind == "PyTorch AdamW (fused)"
+    assert optim.build_optimizer(model, _cfg("optim.fused=false"), torch.device("cpu")).flip_kind == "PyTorch AdamW (foreach)"
     # A CUDA device with plain tensors: apex's FusedAdam in AdamW mode, the two groups kept.
     opt = optim.build_optimizer(model, _cfg("optim.weight_decay=0.2"), torch.device("cuda"))
     assert made == [opt] and opt.flip_kind.startswith("apex FusedAdam")
@@ -107,6 +108,25 @@ def test_nvidia_apex_fused_adam_only_on_cuda_with_plain_parameters(monkeypatch):
     # optim.fused=false asks for no fused kernel at all.
     opt = optim.build_optimizer(model, _cfg("optim.fused=false"), torch.device("cuda"))
     assert type(opt) is torch.optim.AdamW and len(made) == 1
+
+
+def test_fused_adamw_on_cpu_steps_as_the_foreach_one():
+    """The CPU default (PyTorch's fused kernel) against optim.fused=false (foreach): the same weights
+    after a few steps with both groups, up to float rounding."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [optim.build_optimizer(m, _cfg("optim.weight_decay=0.1", f"optim.fused={f}"), torch.device("cpu"))
+            for m, f in zip(models, ("auto", "false"))]
+    assert [o.flip_kind for o in opts] == ["PyTorch AdamW (fused)", "PyTorch AdamW (foreach)"]
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for model, opt in zip(models, opts):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_bf16_autocast_step_on_cpu(tmp_path: Path):

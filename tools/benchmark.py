@@ -5,11 +5,23 @@ Runs the real training step (`flip_scale.train.Trainer.train_step`: forward/back
 exact feature cache, clipping, AdamW) on random tensors, so data loading is not measured.
 A script that prints numbers, never a test. Record results in BENCHMARKS.md.
 
+Two modes. The layout sweep (--model/--layouts) runs each layout in its own processes and prints a
+table. `--config FILE [key=value ...]` (a recipe and overrides, as flip-train takes them) measures
+that run in this process (or in each rank, under torchrun): images/s, the median step and its
+spread, TFLOP/s per rank and MFU, peak memory, and a split of one extra step into forward /
+backward / optimizer / communication; `--json` makes the last line one JSON object of those.
+`--compare-openclip` also builds the same architecture in OpenCLIP (its PatchDropout at the same
+mask ratio, ClipLoss, AdamW) and steps both on the same batches, in turn, in this process.
+
 examples:
   python tools/benchmark.py                                   # tiny model, a sweep of CPU layouts
   python tools/benchmark.py --model B/16 --layouts 1 dp_shard=2 tp=2 --batch 8 --steps 3
   python tools/benchmark.py --model B/16 --device cuda --batch 256 --precision bf16 --layouts 1
   torchrun --nproc_per_node 8 tools/benchmark.py --model G/14 --layouts tp=2,dp_shard=4 --worker
+  python tools/benchmark.py --config configs/flip_b16.yaml train.global_batch_size=16 model.mask_ratio=0.75 \
+      train.precision=fp32 --threads 2 --steps 5 --warmup 1 --compare-openclip --json
+  python tools/benchmark.py --config configs/flip_h14.yaml train.global_batch_size=64 parallel.compile=true \
+      --compile-openclip --compare-openclip --json          # each at its best: compiled blocks / torch.compile
 """
 
 from __future__ import annotations
@@ -25,9 +37,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from benchmark_openclip import (  # noqa: E402
+    OpenClipStepper, interleave, peak_memory_bytes, peak_tflops, refuse_for_openclip, summary, sync)
 
 DEFAULT_LAYOUTS = ["1", "dp_shard=2", "dp_shard=4", "tp=2", "dp_shard=2,tp=2", "dp_replicate=2,dp_shard=2",
                    "pp=2", "pp=2,dp_shard=2"]
@@ -57,10 +73,12 @@ class CommCounter(TorchDispatchMode):
 
     NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional", "_dtensor")
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
         super().__init__()
         self.bytes = 0
         self.calls = 0
+        self.seconds = 0.0  # time inside the collectives' calls and waits (synchronised on CUDA)
+        self.device = device
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,6 +91,12 @@ class CommCounter(TorchDispatchMode):
                             largest = max(largest, item.numel() * item.element_size())
             self.bytes += largest
             self.calls += 1
+            sync(self.device)
+            started = time.perf_counter()
+            out = func(*args, **kwargs)
+            sync(self.device)
+            self.seconds += time.perf_counter() - started
+            return out
         return func(*args, **kwargs)
 
 
@@ -200,6 +224,138 @@ def summarize(layout: str, results: list[dict]) -> str:
             f"{state:>11.1f} | {comm:>11.1f} | {tflops:>8.4f}")
 
 
+def split_step(trainer, batch: dict) -> dict:
+    """One more step, cut into forward (the model parts' forward calls), backward (the rest of
+    forward + backward: loss and gradients), optimizer (clipping, AdamW) and communication (time in
+    collectives, which overlaps the others), each synchronised on CUDA. Slower than a plain step."""
+    device, engine = trainer.device, trainer.engine
+    spent = {"forward": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
+    starts = []
+
+    def pre(module, args):
+        sync(device)
+        starts.append(time.perf_counter())
+
+    def post(module, args, output):
+        sync(device)
+        spent["forward"] += time.perf_counter() - starts.pop()
+
+    def clocked(name, fn):
+        def wrapper(*a, **k):
+            sync(device)
+            started = time.perf_counter()
+            out = fn(*a, **k)
+            sync(device)
+            spent[name] += time.perf_counter() - started
+            return out
+        return wrapper
+
+    handles = [h for part in trainer.model_parts
+               for h in (part.register_forward_pre_hook(pre), part.register_forward_hook(post))]
+    engine.forward_backward = clocked("forward_backward", engine.forward_backward)
+    engine.clip_and_step = clocked("optimizer", engine.clip_and_step)
+    try:
+        with CommCounter(device) as comm:
+            trainer.train_step(batch)
+            trainer.state.step += 1
+    finally:
+        del engine.forward_backward, engine.clip_and_step  # the instance attributes: back to the methods
+        for handle in handles:
+            handle.remove()
+    return {"forward_s": spent["forward"], "backward_s": max(0.0, spent["forward_backward"] - spent["forward"]),
+            "optimizer_s": spent["optimizer"], "communication_s": comm.seconds, "comm_bytes": comm.bytes}
+
+
+def run_config(args) -> dict:
+    """--config mode: measure the configured run in this process (each rank under torchrun)."""
+    from flip_scale.config import load_config
+    from flip_scale.distributed import init_distributed, shutdown
+    from flip_scale.runtime import setup_logging
+    from flip_scale.train import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides) + ["logging.tensorboard=false"]
+    cfg = load_config(args.config, overrides)
+    if cfg.train.max_steps < args.steps + args.warmup + 1:
+        cfg = load_config(args.config, overrides + [f"train.max_steps={args.steps + args.warmup + 1}"])
+    proc = init_distributed(cfg.train.device)
+    setup_logging(proc.rank if args.verbose else 1)
+    try:
+        if args.compare_openclip:
+            refuse_for_openclip(cfg, proc.world_size)
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = Trainer(cfg, Path(run_dir), proc, with_data=False)
+            arch, device, local = trainer.arch, trainer.device, trainer.local_batch
+            generator = torch.Generator().manual_seed(proc.rank)
+            batches = [{"images": torch.randn(local, 3, arch.image_size, arch.image_size, generator=generator),
+                        "tokens": torch.randint(4, arch.vocab_size, (local, arch.context_length), generator=generator)}
+                       for _ in range(args.steps)]
+
+            def ours(batch):
+                trainer.train_step(batch)
+                trainer.state.step += 1
+
+            for index in range(args.warmup):
+                ours(batches[index % len(batches)])
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            split = split_step(trainer, batches[0])
+            steppers = {"ours": ours}
+            result_peak = peak_memory_bytes(device)  # before OpenCLIP's model exists
+            if args.compare_openclip:
+                openclip = OpenClipStepper(cfg, device, trainer.precision, compile_model=args.compile_openclip)
+                for index in range(args.warmup):
+                    openclip.step(batches[index % len(batches)])
+                steppers["openclip"] = openclip.step
+            times = interleave(steppers, batches, device)
+            peak, source = peak_tflops(args.peak_tflops, device, trainer.precision)
+            mine = summary(times["ours"], cfg.train.global_batch_size)
+            tflops = trainer.train_flops_per_sample * mine["images_per_s"] / proc.world_size / 1e12
+            result = {
+                "config": args.config, "model": cfg.model.name, "mask_ratio": cfg.model.mask_ratio,
+                "global_batch": cfg.train.global_batch_size, "device": device.type, "precision": trainer.precision,
+                "world_size": proc.world_size, "threads": torch.get_num_threads(),
+                "compiled_blocks": bool(cfg.parallel.compile), "steps": args.steps, "warmup": args.warmup,
+                **mine, "tflops_per_s_per_rank": tflops, "peak_tflops": peak, "peak_tflops_source": source,
+                "mfu": tflops / peak, "peak_mem_bytes": result_peak,
+                "peak_mem_kind": "cuda allocated" if device.type == "cuda" else "process peak RSS",
+                **split,
+            }
+            if args.compare_openclip:
+                theirs = summary(times["openclip"], cfg.train.global_batch_size)
+                result.update({"openclip_images_per_s": theirs["images_per_s"], "openclip_step_s": theirs["step_s"],
+                               "openclip_step_s_min": theirs["step_s_min"], "openclip_step_s_max": theirs["step_s_max"],
+                               "openclip_compiled": bool(args.compile_openclip),
+                               "ratio": mine["images_per_s"] / theirs["images_per_s"]})
+            if proc.world_size > 1:  # every rank's peak and the slowest rank's step
+                import torch.distributed as dist
+
+                results = [None] * proc.world_size
+                dist.all_gather_object(results, result)
+                result["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in results)
+            if proc.rank == 0:
+                print_result(result, args.json)
+            return result
+    finally:
+        shutdown()
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    line = (f"{result['model']} mask {result['mask_ratio']} batch {result['global_batch']} {result['device']}/"
+            f"{result['precision']} x{result['world_size']}: {result['images_per_s']:.2f} images/s (step "
+            f"{result['step_s']:.3f} s, {result['step_s_min']:.3f}..{result['step_s_max']:.3f}), "
+            f"{result['tflops_per_s_per_rank']:.4f} TFLOP/s/rank, MFU {100 * result['mfu']:.1f}% of "
+            f"{result['peak_tflops']:.1f} ({result['peak_tflops_source']}), peak {result['peak_mem_bytes'] / 2**30:.2f} GiB; "
+            f"split forward {result['forward_s']:.3f} s, backward {result['backward_s']:.3f} s, optimizer "
+            f"{result['optimizer_s']:.3f} s, communication {result['communication_s']:.3f} s")
+    if "ratio" in result:
+        line += f"\nOpenCLIP: {result['openclip_images_per_s']:.2f} images/s; ours / OpenCLIP = {result['ratio']:.3f}x"
+    print(line, flush=True)
+    if as_json:
+        print(json.dumps(result), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=__doc__.split("examples:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,7 +374,27 @@ def main(argv=None) -> int:
     parser.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (default: 2 x pp)")
     parser.add_argument("--worker", action="store_true", help="run one rank (under torchrun) instead of the sweep")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--config", default=None, help="a recipe: measure it in this process (overrides follow)")
+    parser.add_argument("overrides", nargs="*", help="with --config: key.sub=value overrides, as flip-train takes them")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="with --config: the last line is one JSON object")
+    parser.add_argument("--compare-openclip", action="store_true",
+                        help="with --config: the same architecture in OpenCLIP, stepped in turn on the same batches")
+    parser.add_argument("--compile-openclip", action="store_true", help="with --compare-openclip: torch.compile OpenCLIP")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's peak for MFU (default: known GPUs' bf16 peak, else a measured matmul)")
     args = parser.parse_args(argv)
+    if args.config is None and (args.overrides or args.json or args.compare_openclip):
+        parser.error("overrides, --json and --compare-openclip go with --config FILE")
+    if args.config is not None:
+        if args.steps < 1 or args.warmup < 0:
+            parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+        try:
+            run_config(args)
+        except ValueError as error:
+            print(f"benchmark: {error}", file=sys.stderr)
+            return 2
+        return 0
     if args.layout is not None and args.layouts:
         parser.error("give --layout or --layouts, not both")
     layouts = [args.layout] if args.layout is not None else (args.layouts or DEFAULT_LAYOUTS)

@@ -4,10 +4,10 @@ Conventions (those of `torch.utils.flop_counter`): a multiply-add is 2 FLOPs and
 products are counted (convolution, linear layers, the two attention matmuls). LayerNorm, GELU,
 softmax, bias additions and pooling are left out; they are a fraction of a percent at every size.
 
-The image tower embeds ALL patches (the convolution runs before masking), then only
-`1 + visible` tokens (CLS + kept patches) enter the blocks; that is where the paper's 0.52x (50%
-mask) and 0.28x (75% mask) of the unmasked forward FLOPs for ViT-L/16 come from. The text tower
-always sees `context_length` tokens.
+The image tower embeds only the visible patches (their pixels are gathered before the patch
+projection), and only `1 + visible` tokens (CLS + kept patches) enter the blocks; that is where the
+paper's 0.52x (50% mask) and 0.28x (75% mask) of the unmasked forward FLOPs for ViT-L/16 come from.
+The text tower always sees `context_length` tokens.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def flops_per_sample(arch: FlipArch, mask_ratio: float, training: bool = False) 
     visible = visible_count(num_patches, mask_ratio)
     width = arch.vision.width
 
-    patch_embed = 2 * num_patches * width * 3 * arch.patch_size**2
+    patch_embed = 2 * visible * width * 3 * arch.patch_size**2
     vision = (
         patch_embed
         + arch.vision.layers * _block_flops(arch.vision, 1 + visible)

@@ -48,18 +48,26 @@ class RandomMasking(torch.nn.Module):
         super().__init__()
         self.mask_ratio = mask_ratio
 
-    def forward(self, patches: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """patches [B, L, D] -> visible patches [B, int(L(1-r)), D] (identity in eval or at r=0)."""
+    def keep_indices(self, batch: int, length: int, noise: Optional[torch.Tensor] = None,
+                     device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+        """[B, int(L(1-r))] indices of the patches each sample keeps (the first of the noise's stable
+        argsort), or None where every patch is kept (eval, or r=0). The image tower gathers the
+        pixels of these patches before embedding them, so only visible patches are projected."""
         if not self.training or self.mask_ratio <= 0:
-            return patches
-        batch, length, dim = patches.shape
+            return None
         if noise is None:
-            noise = torch.rand(batch, length, device=patches.device)
+            noise = torch.rand(batch, length, device=device)
         if noise.shape != (batch, length):
             raise ValueError(f"mask noise has shape {tuple(noise.shape)}, expected {(batch, length)}")
         keep = visible_count(length, self.mask_ratio)
-        ids_keep = noise.to(patches.device).argsort(dim=1, stable=True)[:, :keep]
-        return torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        return noise.to(device).argsort(dim=1, stable=True)[:, :keep]
+
+    def forward(self, patches: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """patches [B, L, D] -> visible patches [B, int(L(1-r)), D] (identity in eval or at r=0)."""
+        ids_keep = self.keep_indices(patches.shape[0], patches.shape[1], noise, patches.device)
+        if ids_keep is None:
+            return patches
+        return torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[2]))
 
 
 MASKING = {"random": RandomMasking}

@@ -1,8 +1,11 @@
 """FLIP's image tower: a ViT whose removed patches never enter the encoder.
 
-patchify -> + fixed 2-D sin-cos position embedding -> keep a random (1 - mask_ratio) of the
-patches of each sample -> prepend CLS (no position embedding) -> blocks on the visible tokens ->
-final LayerNorm -> pool -> bias-free projection. No LayerNorm right after the patch embedding.
+keep a random (1 - mask_ratio) of the patches of each sample -> embed those patches (a linear map
+of their pixels, the weight of a stride-p convolution) + their fixed 2-D sin-cos position embedding
+-> prepend CLS (no position embedding) -> blocks on the visible tokens -> final LayerNorm -> pool ->
+bias-free projection. No LayerNorm right after the patch embedding. The pixels of the removed
+patches are dropped before the projection, so at mask 0.75 the projection and its gradient run on a
+quarter of the patches; the result is that of convolving every patch and then dropping tokens.
 
 A pipeline stage may hold only some of the blocks: the parts it does not hold (`patch_embed`
 before the blocks, `ln_post`/`proj` after them) are set to None and skipped.
@@ -14,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .masking import build_masking
@@ -38,6 +42,31 @@ def sincos_2d_position_embedding(width: int, grid_size: int) -> np.ndarray:
     return np.concatenate([one_dim(width // 2, grid[0]), one_dim(width // 2, grid[1])], axis=1)
 
 
+class PatchEmbed(nn.Module):
+    """The patch projection: `weight` [width, 3, p, p] (a stride-p, bias-free convolution's weight,
+    the same tensor and name in checkpoints), applied as one matrix product to the pixels of the
+    patches a sample keeps. A module, so that sharding wrappers (FSDP2, ZeRO-3) gather its weight."""
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.weight = nn.Parameter(torch.empty(width, 3, patch_size, patch_size))
+
+    def forward(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images [B, 3, H, W] -> [B, L or len(ids_keep[0]), width], patches in row-major order."""
+        batch, channels, height, width = images.shape
+        p = self.patch_size
+        if channels != 3 or height % p or width % p:
+            raise ValueError(f"images of shape {tuple(images.shape)}: expected [B, 3, H, W] with H and W multiples "
+                             f"of the patch size {p}")
+        # [B, 3, gh, p, gw, p] -> [B, gh, gw, 3, p, p] -> [B, L, 3 p p]: the layout of weight's rows.
+        patches = images.reshape(batch, 3, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch, (height // p) * (width // p), 3 * p * p)
+        if ids_keep is not None:
+            patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[2]))
+        return F.linear(patches, self.weight.reshape(self.weight.shape[0], -1))
+
+
 class VisionTower(nn.Module):
     def __init__(
         self,
@@ -52,7 +81,7 @@ class VisionTower(nn.Module):
         self.arch = arch
         self.pool = pool
         self.patch_size = arch.patch_size
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=arch.patch_size, stride=arch.patch_size, bias=False)
+        self.patch_embed = PatchEmbed(width, arch.patch_size)
         # Fixed, so a buffer: recomputed by init_weights, never trained, not in checkpoints.
         self.register_buffer("pos_embed", torch.zeros(arch.num_patches, width), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(width))
@@ -78,14 +107,19 @@ class VisionTower(nn.Module):
 
     def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images [B, 3, H, W] -> tokens [B, 1 + visible, width] (CLS first)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, L, width]
-        if x.shape[1] != self.pos_embed.shape[0]:
+        length = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
+        if length != self.pos_embed.shape[0] or images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ValueError(
-                f"image of {tuple(images.shape[-2:])} px gives {x.shape[1]} patches; the model is built for "
-                f"{self.arch.image_size} px ({self.pos_embed.shape[0]} patches)"
+                f"image of {tuple(images.shape[-2:])} px does not give the model's patches; the model is built for "
+                f"{self.arch.image_size} px ({self.pos_embed.shape[0]} patches of {self.patch_size} px)"
             )
-        x = x + self.pos_embed.to(x.dtype)
-        x = self.masking(x, mask_noise)
+        ids_keep = self.masking.keep_indices(images.shape[0], length, mask_noise, images.device)
+        x = self.patch_embed(images, ids_keep)  # [B, visible, width]
+        pos = self.pos_embed.to(x.dtype)
+        if ids_keep is None:
+            x = x + pos
+        else:
+            x = x + pos[ids_keep]
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1)
 

@@ -1,0 +1,48 @@
+"""tools/benchmark.py --config: the JSON line users and BENCHMARKS.md read, with and without OpenCLIP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NUMBERS = ("images_per_s", "step_s", "step_s_min", "step_s_max", "tflops_per_s_per_rank", "mfu", "peak_tflops",
+           "peak_mem_bytes", "forward_s", "backward_s", "optimizer_s", "communication_s", "comm_bytes")
+OPENCLIP_NUMBERS = ("openclip_images_per_s", "openclip_step_s", "ratio")
+
+
+def _benchmark(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["ours", "compare-openclip"])
+def test_benchmark_json_has_every_field_as_a_number(compare):
+    args = ["--config", "configs/tiny.yaml", "--steps", "1", "--warmup", "1", "--json"]
+    proc = _benchmark(*args, *(["--compare-openclip"] if compare else []))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in NUMBERS + (OPENCLIP_NUMBERS if compare else ()):
+        value = result[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), (key, value)
+    assert result["images_per_s"] > 0 and result["peak_mem_bytes"] > 0 and 0 < result["mfu"] < 1
+    assert result["forward_s"] > 0 and result["backward_s"] > 0 and result["optimizer_s"] > 0
+    assert result["model"] == "tiny" and result["world_size"] == 1
+    if compare:
+        assert result["ratio"] == pytest.approx(result["images_per_s"] / result["openclip_images_per_s"])
+    else:
+        assert "ratio" not in result
+
+
+def test_a_config_openclip_cannot_express_is_refused_by_name():
+    proc = _benchmark("--config", "configs/tiny.yaml", "model.text_pad_mask=true", "--compare-openclip", "--json")
+    assert proc.returncode == 2
+    assert "model.text_pad_mask=true has no OpenCLIP equivalent" in proc.stderr
+    assert "Traceback" not in proc.stderr
