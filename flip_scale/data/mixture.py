@@ -88,6 +88,7 @@ def iter_mixture(stream_cls, owner, stream: int) -> Iterator[dict]:
             "skipped_kinds": kinds,
             "samples": len(parts),
             "keys": [k for p in parts for k in p["keys"]],
+            "shards": [s for p in parts for s in p["shards"]],
             "source_samples": counts,
             "source_skipped": skipped,
             "_stream": stream,
