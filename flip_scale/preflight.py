@@ -181,14 +181,16 @@ def _size(nbytes: float) -> str:
 
 def _memory_lines(plan: RunPlan, params: int) -> list[str]:
     from .parallel.deepspeed_config import dry_run_precision
-    from .parallel.memory import accumulation_microbatches, reduce_every_microbatch
+    from .parallel.memory import accumulation_microbatches, can_reduce_every_microbatch, reduce_every_microbatch
 
     cfg, dims = plan.cfg, plan.dims
     memory = memory_estimate(plan, params)
     if memory["unsharded_grads"]:
+        instead = ("parallel.reduce_every_microbatch=true reduce-scatters each instead"
+                   if can_reduce_every_microbatch(cfg, dims) else
+                   "the pipeline schedule holds them; parallel.reduce_every_microbatch does not apply under pp")
         accumulation = (f"unsharded fp32 gradients {_size(memory['unsharded_grads'])} (4 B/param over tp x pp, held "
-                        f"across {accumulation_microbatches(cfg, dims)} micro-batches; "
-                        f"parallel.reduce_every_microbatch=true reduce-scatters each instead)")
+                        f"across {accumulation_microbatches(cfg, dims)} micro-batches; {instead})")
     else:
         why = reduce_every_microbatch(cfg, dims, params)[1]
         accumulation = f"no unsharded gradients ({why})"

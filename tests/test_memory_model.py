@@ -167,3 +167,8 @@ def test_dry_run_prints_the_per_rank_memory():
     every = dry_run(_config("configs/tiny.yaml", ["train.global_batch_size=8", "optim.grad_accum_steps=2",
                                                   "parallel.reduce_every_microbatch=true"]), 2)
     assert "no unsharded gradients (parallel.reduce_every_microbatch=true)" in every
+    piped = dry_run(_config("configs/tiny.yaml", ["train.global_batch_size=8", "parallel.pp=2",
+                                                  "parallel.microbatches=2"]), 4)
+    line = next(line for line in piped.splitlines() if "memory per rank" in line)
+    assert "the pipeline schedule holds them; parallel.reduce_every_microbatch does not apply under pp" in line
+    assert "reduce-scatters each instead" not in line

@@ -2,6 +2,7 @@
 
     estimate = memory_per_rank(cfg, dims, arch, params, local_batch)   bytes by kind, for one rank
     reduce_every_microbatch(cfg, dims, params)                         (bool, why): parallel.reduce_every_microbatch
+    can_reduce_every_microbatch(cfg, dims)                             whether that option applies to the layout
 
 State (bytes per rank): fp32 weights + gradients + AdamW's two moments, 16 P / (dp_shard tp pp),
 plus, when gradients are accumulated over micro-batches without a reduce-scatter each
@@ -44,13 +45,20 @@ def unsharded_grad_bytes(params: int, dims) -> int:
     return 4 * params // (dims.tp * dims.pp)
 
 
+def can_reduce_every_microbatch(cfg, dims) -> bool:
+    """Whether parallel.reduce_every_microbatch=true applies: the native engine without pipeline
+    parallel (under pp the schedule holds a stage's gradients across its micro-batches by its own
+    rule, and DeepSpeed accumulates by its own), so only there can the unsharded term be avoided."""
+    return cfg.parallel.engine == "fsdp" and dims.pp <= 1
+
+
 def reduce_every_microbatch(cfg, dims, params: int) -> tuple[bool, str]:
     """(reduce-scatter the gradients after every micro-batch?, why) for parallel.reduce_every_microbatch.
 
     Only the native engine without pipeline parallel accumulates by skipping the reduction (the
     pipeline schedules decide for themselves), and only with dp_shard > 1 does it cost memory."""
     setting = str(cfg.parallel.reduce_every_microbatch)
-    if dims.pp > 1 or cfg.parallel.engine != "fsdp":
+    if not can_reduce_every_microbatch(cfg, dims):
         return False, "the pipeline schedule / engine accumulates by its own rule"
     if cfg.optim.grad_accum_steps <= 1:
         return False, "one micro-batch per step"
