@@ -4,7 +4,8 @@
     precision = resolve_precision(cfg, device); with autocast_context(precision, device): ...
     configure_determinism(enabled, device)    train.deterministic: cuBLAS workspace + deterministic kernels
     value = on_rank0_for_all(compute)         rank 0 computes, every rank gets the result (or the error)
-    any_rank(flag) / all_ranks(flag)          one flag agreed by every rank (collective)
+    any_rank(flag) / all_ranks(flag)          one flag agreed by every rank (collective, over the host group)
+    set_host_group(group)                     the CPU-tensor group those agree over (init_distributed sets it)
     reduce_float(value, group, device, "sum") a data-parallel sum / max of one number
     write_json_atomic(path, value)            a reader never sees half a file
 
@@ -154,13 +155,40 @@ def on_rank0_for_all(compute: Callable[[], T]) -> T:
     return value
 
 
+# The group the default-group agreements (any_rank / all_ranks without a group) run over: one that
+# takes CPU tensors (gloo), so a flag agreed every step (the preemption check) syncs the hosts and
+# never drains the GPU's queue, as a flag tensor all-reduced over NCCL and read back would.
+_HOST = {"group": None, "world": None}
+
+
+def set_host_group(group) -> None:
+    """Agree over `group` (CPU tensors) when any_rank / all_ranks get no group; None: the default
+    group on `collective_device()`. Tied to the current default group: a new one forgets it."""
+    import torch.distributed as dist
+
+    _HOST.update(group=group, world=dist.group.WORLD if distributed() else None)
+
+
+def host_group():
+    """The group set by `set_host_group` while its default group lives, else None."""
+    import torch.distributed as dist
+
+    if _HOST["group"] is None or not distributed() or _HOST["world"] is not dist.group.WORLD:
+        return None
+    return _HOST["group"]
+
+
 def _agree(flag: bool, op: str, group=None) -> bool:
     if _world_size(group) == 1:
         return bool(flag)
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
+    if group is None and host_group() is not None:
+        group, device = host_group(), torch.device("cpu")
+    else:
+        device = collective_device()
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN, group=group)
     return bool(value.item())
 
