@@ -20,6 +20,7 @@ batch does not constrain how it is evaluated.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,8 +53,19 @@ class RunPlan:
         return visible_count(self.arch.num_patches, self.cfg.model.mask_ratio)
 
 
+def check_determinism(cfg: Config, env=None) -> None:
+    """train.deterministic on a GPU with a CUBLAS_WORKSPACE_CONFIG cuBLAS would not make
+    deterministic: refused here, not at the first matrix product."""
+    from .runtime import CUBLAS_WORKSPACE_VALUES, cublas_workspace_error
+
+    value = (os.environ if env is None else env).get("CUBLAS_WORKSPACE_CONFIG")
+    if cfg.train.deterministic and cfg.train.device != "cpu" and value and value not in CUBLAS_WORKSPACE_VALUES:
+        raise ConfigError(cublas_workspace_error(value))
+
+
 def check_layout_options(cfg: Config, dims: ParallelDims) -> None:
-    """Options the layout rules out."""
+    """Options the layout rules out (and the deterministic mode's cuBLAS setting)."""
+    check_determinism(cfg)
     if dims.pp_enabled and cfg.loss.microbatch_contrast != "exact":
         raise ConfigError("loss.microbatch_contrast=per_microbatch is not available with pipeline parallel "
                           "(parallel.pp > 1); use exact")

@@ -46,13 +46,20 @@ CUBLAS_WORKSPACE = ":4096:8"
 CUBLAS_WORKSPACE_VALUES = (":4096:8", ":16:8")
 
 
+def cublas_workspace_error(value: str) -> str:
+    return (f"train.deterministic=true with CUBLAS_WORKSPACE_CONFIG={value}: cuBLAS is deterministic only with "
+            f"{' or '.join(CUBLAS_WORKSPACE_VALUES)} (the first matrix product would fail); set one of those, or "
+            f"unset the variable (then {CUBLAS_WORKSPACE} is set), or train.deterministic=false")
+
+
 def configure_determinism(enabled: bool, device_setting: str = "auto", env=None) -> dict:
     """train.deterministic: deterministic kernels, and on CUDA the cuBLAS workspace they need.
 
-    Call before anything touches cuBLAS (the variable is read when its handle is created). A
-    CUBLAS_WORKSPACE_CONFIG the user set is kept (a value cuBLAS would not make deterministic is
-    warned about); without a visible CUDA device (or with train.device=cpu) no variable is set.
-    Returns the variables it set."""
+    Call before anything touches cuBLAS (the variable is read when its handle is created); calling
+    it again is harmless. A CUBLAS_WORKSPACE_CONFIG the user set is kept; one cuBLAS would not make
+    deterministic is a ValueError here (it would raise at the first matrix product instead:
+    `preflight.check_determinism` refuses it as a config error first); without a visible CUDA
+    device (or with train.device=cpu) no variable is set. Returns the variables it set."""
     if not enabled:
         return {}
     import torch
@@ -64,9 +71,7 @@ def configure_determinism(enabled: bool, device_setting: str = "auto", env=None)
         if not current:
             env["CUBLAS_WORKSPACE_CONFIG"] = changed["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
         elif current not in CUBLAS_WORKSPACE_VALUES:
-            logging.getLogger("flip_scale").warning(
-                "train.deterministic: CUBLAS_WORKSPACE_CONFIG=%s is kept, but cuBLAS is deterministic only with "
-                "one of %s", current, ", ".join(CUBLAS_WORKSPACE_VALUES))
+            raise ValueError(cublas_workspace_error(current))
     torch.use_deterministic_algorithms(True)
     return changed
 

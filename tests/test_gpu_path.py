@@ -63,8 +63,23 @@ def test_deterministic_setup_with_cuda_sets_the_cublas_workspace(monkeypatch):
         assert runtime.configure_determinism(True, "cuda", env) == {} and env["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
         env = {}
         assert runtime.configure_determinism(True, "cpu", env) == {} and env == {}  # train.device=cpu
+        with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG=:0:0: cuBLAS is deterministic only with"):
+            runtime.configure_determinism(True, "cuda", {"CUBLAS_WORKSPACE_CONFIG": ":0:0"})
     finally:
         _deterministic_off()
+
+
+def test_a_workspace_cublas_would_not_make_deterministic_is_a_config_error():
+    from flip_scale.config import ConfigError
+    from flip_scale.preflight import check_determinism
+
+    cfg = _engine_cfg("train.deterministic=true", "train.device=auto")
+    with pytest.raises(ConfigError, match=r"CUBLAS_WORKSPACE_CONFIG=:1:1: .* :4096:8 or :16:8"):
+        check_determinism(cfg, {"CUBLAS_WORKSPACE_CONFIG": ":1:1"})
+    for env in ({}, {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}):
+        check_determinism(cfg, env)
+    check_determinism(_engine_cfg("train.deterministic=false"), {"CUBLAS_WORKSPACE_CONFIG": ":1:1"})
+    check_determinism(_engine_cfg("train.deterministic=true"), {"CUBLAS_WORKSPACE_CONFIG": ":1:1"})  # train.device=cpu
 
 
 # ----------------------------------------------------------------------------- offloaded gradient norms
