@@ -17,12 +17,16 @@ s (8 h + 2 m) elements (two layer-norm inputs and outputs, q, k, v, the attentio
 MLP's GELU input and output; fused attention keeps no s x s matrix); a checkpointed block keeps its
 input only (s h) and recomputes one block at a time in the backward; each tower adds its final
 norm's input (s h), the vision tower the image (3 x image_size^2); tensor parallel with sequence
-parallel divides it by tp. The loss adds its fp32 logits and their log-softmax, 4 x local x global
-x 4 bytes. Under pipeline parallel a stage holds its share of the blocks for the micro-batches in
-flight (1F1B: up to pp of them; GPipe: all).
+parallel divides the blocks' part by tp, except the inputs of the two column-parallel projections
+(qkv and the MLP's first, 2 s h), which keep the gathered sequence on every rank. The loss adds
+its fp32 logits and their log-softmax, 4 x local x global x 4 bytes. Under pipeline parallel a
+stage holds its share of the blocks for the micro-batches in flight (1F1B: up to pp of them;
+GPipe: all).
 
-`tests/test_memory_model.py` checks these figures against the peaks torch's MemTracker measures
-on the CPU.
+`tests/test_memory_model.py` checks these figures on the CPU: the states against the bytes of the
+parameters, gradients and moments after a step, the activations against the bytes autograd saves
+(`torch.autograd.graph.saved_tensors_hooks`), in one process and per rank under dp_shard 2 and tp 2,
+the unsharded term against the gradients FSDP2 holds between micro-batches.
 """
 
 from __future__ import annotations
@@ -93,21 +97,27 @@ def _block_elements(tokens: int, width: int, mlp: int) -> int:
     return tokens * (8 * width + 2 * mlp)
 
 
-def activation_elements_per_sample(pcfg, arch, visible: int, blocks_share: float = 1.0) -> tuple[int, int]:
-    """(elements one sample keeps for the backward in the blocks, elements of the one checkpointed
-    block recomputed at a time in the backward) (module docstring)."""
+def activation_elements_per_sample(pcfg, arch, visible: int, blocks_share: float = 1.0,
+                                   tp: int = 1) -> tuple[float, int]:
+    """(elements one sample keeps for the backward on one rank, elements of the one checkpointed
+    block recomputed at a time in the backward, on one rank) (module docstring). Under tensor +
+    sequence parallel the blocks' activations split over the tp ranks but for the inputs of the two
+    column-parallel projections (qkv, the MLP's first), which keep the gathered sequence; the image
+    and each tower's final norm input are whole on every rank."""
     kept, recompute = 3.0 * arch.image_size ** 2, 0  # the image, input of the patch embedding
     towers = (("vision", 1 + visible, arch.vision), ("text", arch.context_length, arch.text))
     for name, tokens, tower in towers:
         kept += tokens * tower.width * blocks_share  # the tower's final norm input (the last block's output)
         full = _block_elements(tokens, tower.width, tower.mlp_dim)
+        gathered = 2 * tokens * tower.width  # the column-parallel projections' inputs
+        split = (full - gathered) / tp + gathered if tp > 1 else full
         for index in range(tower.layers):
             if _checkpointed(pcfg, name, index):
-                kept += tokens * tower.width * blocks_share
-                recompute = max(recompute, full)
+                kept += tokens * tower.width * blocks_share / tp
+                recompute = max(recompute, split)
             else:
-                kept += full * blocks_share
-    return int(kept), recompute
+                kept += split * blocks_share
+    return kept, int(recompute)
 
 
 def memory_per_rank(cfg, dims, arch, params: int, local_batch: int, precision: str, visible: int,
@@ -132,9 +142,9 @@ def memory_per_rank(cfg, dims, arch, params: int, local_batch: int, precision: s
         samples, share = micro * in_flight, 1.0 / dims.pp
     else:
         samples, share = max(1, local_batch // cfg.optim.grad_accum_steps), 1.0
-    kept, recompute = activation_elements_per_sample(pcfg, arch, visible, share)
-    recompute_bytes = samples * recompute * compute_bytes / dims.tp
-    activations = samples * kept * compute_bytes / dims.tp + recompute_bytes
+    kept, recompute = activation_elements_per_sample(pcfg, arch, visible, share, dims.tp)
+    recompute_bytes = samples * recompute * compute_bytes
+    activations = samples * kept * compute_bytes + recompute_bytes
     loss = 4 * local_batch * local_batch * dims.dp_size * 4
     total = states + unsharded + gathered + activations + loss
     return {"states": int(states), "unsharded_grads": int(unsharded), "gathered_params": int(gathered),
