@@ -184,7 +184,16 @@ def memory_estimate(plan: RunPlan, params: int) -> dict:
     from .parallel.memory import memory_per_rank
 
     return memory_per_rank(plan.cfg, plan.dims, plan.arch, params, plan.local_batch, dry_run_precision(plan.cfg),
-                           plan.visible_patches, largest_block_parameters(plan.arch))
+                           plan.visible_patches, largest_block_parameters(plan.arch), tower_unit_parameters(plan.cfg))
+
+
+def tower_unit_parameters(cfg: Config) -> int:
+    """Parameters of the larger tower's own FSDP unit: all but its blocks (embeddings, norms, projection)."""
+    from .models import build_model
+
+    model = build_model(cfg.model, device="meta")
+    return max(sum(p.numel() for name, p in tower.named_parameters() if not name.startswith("blocks."))
+               for tower in (model.visual, model.text))
 
 
 def _size(nbytes: float) -> str:
@@ -208,7 +217,7 @@ def _memory_lines(plan: RunPlan, params: int) -> list[str]:
         accumulation = f"no unsharded gradients ({why})"
     return [
         f"  memory per rank (README's model, {dry_run_precision(cfg)} compute): total {_size(memory['total'])} = "
-        f"states {_size(memory['states'])} + {accumulation} + gathered blocks {_size(memory['gathered_params'])}",
+        f"states {_size(memory['states'])} + {accumulation} + gathered parameters {_size(memory['gathered_params'])}",
         f"    + activations {_size(memory['activations'])} (one micro-batch, checkpointing "
         f"{cfg.parallel.activation_checkpointing}) + loss logits {_size(memory['loss'])}; allocator slack, "
         f"communication buffers and the CUDA context come on top",

@@ -216,3 +216,15 @@ def test_dry_run_prints_the_per_rank_memory():
     line = next(line for line in piped.splitlines() if "memory per rank" in line)
     assert "the pipeline schedule holds them; parallel.reduce_every_microbatch does not apply under pp" in line
     assert "reduce-scatters each instead" not in line
+
+
+def test_gathered_parameters_two_blocks_and_the_tower_unit_or_the_whole_stage():
+    from flip_scale.preflight import largest_block_parameters, tower_unit_parameters
+
+    cfg = _config("configs/tiny.yaml", ["train.global_batch_size=8"])
+    plan, params = plan_run(cfg, 2), count_parameters(build_model(cfg.model, device="meta"))["params_total"]
+    blocks, unit = largest_block_parameters(plan.arch), tower_unit_parameters(cfg)
+    assert unit > 0 and _estimate(plan)["gathered_params"] == (2 * blocks + unit) * 4  # fp32, dp_shard 2
+    piped = plan_run(_config("configs/tiny.yaml", ["train.global_batch_size=8", "parallel.pp=2",
+                                                   "parallel.microbatches=2"]), 4)
+    assert _estimate(piped)["gathered_params"] == int(params * 4 / 2)  # the stage's half, gathered

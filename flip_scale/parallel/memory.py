@@ -8,8 +8,10 @@ State (bytes per rank): fp32 weights + gradients + AdamW's two moments, 16 P / (
 plus, when gradients are accumulated over micro-batches without a reduce-scatter each
 (`set_requires_gradient_sync(False)` for all but the last, FSDP2's default way), the unsharded fp32
 gradients of the rank's tensor-parallel piece of its stage, 4 P / (tp pp), held from the first
-micro-batch's backward to the last; plus the gathered (unsharded) parameters of two blocks in the
-compute dtype (the one computing and the one prefetched).
+micro-batch's backward to the last; plus the gathered (unsharded) parameters in the compute dtype:
+two blocks (the one computing and the one prefetched, over tp) and the larger tower's own unit
+(its embeddings, norms and projection, gathered during all its blocks); under pipeline parallel
+the whole stage (P / (tp pp)), which its schedule keeps gathered from forward to backward.
 
 Activations (bytes per rank) of one micro-batch kept for the backward, in the compute dtype
 (2 bytes under bf16, 4 in fp32): per transformer block and sample, s tokens, width h, MLP width m,
@@ -121,7 +123,7 @@ def activation_elements_per_sample(pcfg, arch, visible: int, blocks_share: float
 
 
 def memory_per_rank(cfg, dims, arch, params: int, local_batch: int, precision: str, visible: int,
-                    block_params: int = 0) -> dict:
+                    block_params: int = 0, root_params: int = 0) -> dict:
     """Bytes one rank holds at its peak, by kind (module docstring): states, unsharded_grads,
     gathered_params, activations (of which recompute: the checkpointed block being recomputed),
     loss, total."""
@@ -133,7 +135,12 @@ def memory_per_rank(cfg, dims, arch, params: int, local_batch: int, precision: s
         stage, dp = pcfg.zero_stage, dims.dp_size
         states = params * (12 / dp + 4 * (1 / dp if stage >= 2 else 1) + 4 * (1 / dp if stage >= 3 else 1))
     unsharded = unsharded_grad_bytes(params, dims) if keeps_unsharded_grads(cfg, dims, params) else 0
-    gathered = 2 * block_params * compute_bytes / dims.tp if dims.fsdp_enabled and dims.dp_shard > 1 else 0
+    gathered = 0
+    if dims.fsdp_enabled and dims.dp_shard > 1:
+        if dims.pp > 1:  # a stage keeps all its parameters gathered from its forward to its backward
+            gathered = params * compute_bytes / (dims.tp * dims.pp)
+        else:  # two blocks, and the tower's own unit (embeddings, norms, projection) during its blocks
+            gathered = (2 * block_params / dims.tp + root_params) * compute_bytes
     if dims.pp > 1:
         micro = max(1, local_batch // accumulation_microbatches(cfg, dims))
         in_flight = accumulation_microbatches(cfg, dims)
