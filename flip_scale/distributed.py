@@ -16,6 +16,8 @@ from typing import Callable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from .runtime import set_host_group
+
 log = logging.getLogger("flip_scale.distributed")
 
 
@@ -193,14 +195,16 @@ def init_distributed(device_setting: str = "auto", timeout_minutes: int = 30,
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = process_group_backend(device.type, cpu_collectives)
-        # A bound device (eager NCCL init) makes the mesh split its groups with ncclCommSplit,
-        # which leaves a gloo half out: with CPU collectives the groups are made by new_group.
+        # The device is bound (eager NCCL init, the mesh's groups split from it) only for plain NCCL;
+        # with a gloo half beside it the groups are made by new_group, as a precaution that every
+        # group keeps both halves (split_group in 2.14 inherits them, but nothing here relies on it).
         bind = device.type == "cuda" and backend == "nccl"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=device if bind else None,
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if bind else None)
+        # Host-side agreements (runtime.any_rank: the preemption check after every step) run on CPU
+        # tensors: over a gloo group of all ranks beside plain NCCL, else over the default group's
+        # own gloo half. They sync the hosts, not the GPU's queue.
+        set_host_group(dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD)
         log.info("rank %d/%d joined the %s process group", rank, world_size, backend)
     return ProcessInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
@@ -212,4 +216,5 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        set_host_group(None)
         dist.destroy_process_group()

@@ -103,7 +103,8 @@ def requested_locally() -> bool:
 def requested(device=None) -> bool:
     """Whether any rank has been asked to stop. Collective: every rank of the default process group
     must call it at the same point (the trainer calls it once after every step). `device` is kept
-    for callers that pass one; the flag travels on the process group's own device."""
+    for callers that pass one; the flag travels on a CPU tensor over the host group
+    (`runtime.set_host_group`), so the check syncs the hosts and never waits for the GPU."""
     return any_rank(requested_locally())
 
 

@@ -20,6 +20,7 @@ batch does not constrain how it is evaluated.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -53,8 +54,19 @@ class RunPlan:
         return visible_count(self.arch.num_patches, self.cfg.model.mask_ratio)
 
 
+def check_determinism(cfg: Config, env=None) -> None:
+    """train.deterministic on a GPU with a CUBLAS_WORKSPACE_CONFIG cuBLAS would not make
+    deterministic: refused here, not at the first matrix product."""
+    from .runtime import CUBLAS_WORKSPACE_VALUES, cublas_workspace_error
+
+    value = (os.environ if env is None else env).get("CUBLAS_WORKSPACE_CONFIG")
+    if cfg.train.deterministic and cfg.train.device != "cpu" and value and value not in CUBLAS_WORKSPACE_VALUES:
+        raise ConfigError(cublas_workspace_error(value))
+
+
 def check_layout_options(cfg: Config, dims: ParallelDims) -> None:
-    """Options the layout rules out."""
+    """Options the layout rules out (and the deterministic mode's cuBLAS setting)."""
+    check_determinism(cfg)
     if dims.pp_enabled and cfg.loss.microbatch_contrast != "exact":
         raise ConfigError("loss.microbatch_contrast=per_microbatch is not available with pipeline parallel "
                           "(parallel.pp > 1); use exact")
@@ -182,7 +194,16 @@ def memory_estimate(plan: RunPlan, params: int) -> dict:
     from .parallel.memory import memory_per_rank
 
     return memory_per_rank(plan.cfg, plan.dims, plan.arch, params, plan.local_batch, dry_run_precision(plan.cfg),
-                           plan.visible_patches, largest_block_parameters(plan.arch))
+                           plan.visible_patches, largest_block_parameters(plan.arch), tower_unit_parameters(plan.cfg))
+
+
+def tower_unit_parameters(cfg: Config) -> int:
+    """Parameters of the larger tower's own FSDP unit: all but its blocks (embeddings, norms, projection)."""
+    from .models import build_model
+
+    model = build_model(cfg.model, device="meta")
+    return max(sum(p.numel() for name, p in tower.named_parameters() if not name.startswith("blocks."))
+               for tower in (model.visual, model.text))
 
 
 def _size(nbytes: float) -> str:
@@ -191,20 +212,22 @@ def _size(nbytes: float) -> str:
 
 def _memory_lines(plan: RunPlan, params: int) -> list[str]:
     from .parallel.deepspeed_config import dry_run_precision
-    from .parallel.memory import accumulation_microbatches, reduce_every_microbatch
+    from .parallel.memory import accumulation_microbatches, can_reduce_every_microbatch, reduce_every_microbatch
 
     cfg, dims = plan.cfg, plan.dims
     memory = memory_estimate(plan, params)
     if memory["unsharded_grads"]:
+        instead = ("parallel.reduce_every_microbatch=true reduce-scatters each instead"
+                   if can_reduce_every_microbatch(cfg, dims) else
+                   "the pipeline schedule holds them; parallel.reduce_every_microbatch does not apply under pp")
         accumulation = (f"unsharded fp32 gradients {_size(memory['unsharded_grads'])} (4 B/param over tp x pp, held "
-                        f"across {accumulation_microbatches(cfg, dims)} micro-batches; "
-                        f"parallel.reduce_every_microbatch=true reduce-scatters each instead)")
+                        f"across {accumulation_microbatches(cfg, dims)} micro-batches; {instead})")
     else:
         why = reduce_every_microbatch(cfg, dims, params)[1]
         accumulation = f"no unsharded gradients ({why})"
     return [
         f"  memory per rank (README's model, {dry_run_precision(cfg)} compute): total {_size(memory['total'])} = "
-        f"states {_size(memory['states'])} + {accumulation} + gathered blocks {_size(memory['gathered_params'])}",
+        f"states {_size(memory['states'])} + {accumulation} + gathered parameters {_size(memory['gathered_params'])}",
         f"    + activations {_size(memory['activations'])} (one micro-batch, checkpointing "
         f"{cfg.parallel.activation_checkpointing}) + loss logits {_size(memory['loss'])}; allocator slack, "
         f"communication buffers and the CUDA context come on top",

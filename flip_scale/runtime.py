@@ -4,7 +4,8 @@
     precision = resolve_precision(cfg, device); with autocast_context(precision, device): ...
     configure_determinism(enabled, device)    train.deterministic: cuBLAS workspace + deterministic kernels
     value = on_rank0_for_all(compute)         rank 0 computes, every rank gets the result (or the error)
-    any_rank(flag) / all_ranks(flag)          one flag agreed by every rank (collective)
+    any_rank(flag) / all_ranks(flag)          one flag agreed by every rank (collective, over the host group)
+    set_host_group(group)                     the CPU-tensor group those agree over (init_distributed sets it)
     reduce_float(value, group, device, "sum") a data-parallel sum / max of one number
     write_json_atomic(path, value)            a reader never sees half a file
 
@@ -45,13 +46,20 @@ CUBLAS_WORKSPACE = ":4096:8"
 CUBLAS_WORKSPACE_VALUES = (":4096:8", ":16:8")
 
 
+def cublas_workspace_error(value: str) -> str:
+    return (f"train.deterministic=true with CUBLAS_WORKSPACE_CONFIG={value}: cuBLAS is deterministic only with "
+            f"{' or '.join(CUBLAS_WORKSPACE_VALUES)} (the first matrix product would fail); set one of those, or "
+            f"unset the variable (then {CUBLAS_WORKSPACE} is set), or train.deterministic=false")
+
+
 def configure_determinism(enabled: bool, device_setting: str = "auto", env=None) -> dict:
     """train.deterministic: deterministic kernels, and on CUDA the cuBLAS workspace they need.
 
-    Call before anything touches cuBLAS (the variable is read when its handle is created). A
-    CUBLAS_WORKSPACE_CONFIG the user set is kept (a value cuBLAS would not make deterministic is
-    warned about); without a visible CUDA device (or with train.device=cpu) no variable is set.
-    Returns the variables it set."""
+    Call before anything touches cuBLAS (the variable is read when its handle is created); calling
+    it again is harmless. A CUBLAS_WORKSPACE_CONFIG the user set is kept; one cuBLAS would not make
+    deterministic is a ValueError here (it would raise at the first matrix product instead:
+    `preflight.check_determinism` refuses it as a config error first); without a visible CUDA
+    device (or with train.device=cpu) no variable is set. Returns the variables it set."""
     if not enabled:
         return {}
     import torch
@@ -63,9 +71,7 @@ def configure_determinism(enabled: bool, device_setting: str = "auto", env=None)
         if not current:
             env["CUBLAS_WORKSPACE_CONFIG"] = changed["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
         elif current not in CUBLAS_WORKSPACE_VALUES:
-            logging.getLogger("flip_scale").warning(
-                "train.deterministic: CUBLAS_WORKSPACE_CONFIG=%s is kept, but cuBLAS is deterministic only with "
-                "one of %s", current, ", ".join(CUBLAS_WORKSPACE_VALUES))
+            raise ValueError(cublas_workspace_error(current))
     torch.use_deterministic_algorithms(True)
     return changed
 
@@ -154,13 +160,40 @@ def on_rank0_for_all(compute: Callable[[], T]) -> T:
     return value
 
 
+# The group the default-group agreements (any_rank / all_ranks without a group) run over: one that
+# takes CPU tensors (gloo), so a flag agreed every step (the preemption check) syncs the hosts and
+# never drains the GPU's queue, as a flag tensor all-reduced over NCCL and read back would.
+_HOST = {"group": None, "world": None}
+
+
+def set_host_group(group) -> None:
+    """Agree over `group` (CPU tensors) when any_rank / all_ranks get no group; None: the default
+    group on `collective_device()`. Tied to the current default group: a new one forgets it."""
+    import torch.distributed as dist
+
+    _HOST.update(group=group, world=dist.group.WORLD if distributed() else None)
+
+
+def host_group():
+    """The group set by `set_host_group` while its default group lives, else None."""
+    import torch.distributed as dist
+
+    if _HOST["group"] is None or not distributed() or _HOST["world"] is not dist.group.WORLD:
+        return None
+    return _HOST["group"]
+
+
 def _agree(flag: bool, op: str, group=None) -> bool:
     if _world_size(group) == 1:
         return bool(flag)
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
+    if group is None and host_group() is not None:
+        group, device = host_group(), torch.device("cpu")
+    else:
+        device = collective_device()
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN, group=group)
     return bool(value.item())
 

@@ -33,7 +33,7 @@ from .engine import build_engine
 from .metrics import DeviceSkipCounter, MetricsWriter, StepMetrics, format_duration
 from .models import build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
-from .preflight import check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
+from .preflight import check_determinism, check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
 from .runtime import configure_determinism, on_rank0_for_all, setup_logging
 from .train_state import DataPosition, TrainerRecord, TrainState
 from .spikes import SpikeDetector
@@ -418,6 +418,7 @@ class Trainer:
 
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
     # Before the process group and the first CUDA call (cuBLAS reads its workspace setting once).
+    check_determinism(cfg)
     configure_determinism(cfg.train.deterministic, cfg.train.device)
     # The long timeout until the first step has finished; the watchdog shortens it then.
     proc = init_distributed(cfg.train.device, collective_timeouts(cfg)[0] / 60, needs_cpu_collectives(cfg.parallel))

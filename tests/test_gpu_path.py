@@ -63,8 +63,23 @@ def test_deterministic_setup_with_cuda_sets_the_cublas_workspace(monkeypatch):
         assert runtime.configure_determinism(True, "cuda", env) == {} and env["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
         env = {}
         assert runtime.configure_determinism(True, "cpu", env) == {} and env == {}  # train.device=cpu
+        with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG=:0:0: cuBLAS is deterministic only with"):
+            runtime.configure_determinism(True, "cuda", {"CUBLAS_WORKSPACE_CONFIG": ":0:0"})
     finally:
         _deterministic_off()
+
+
+def test_a_workspace_cublas_would_not_make_deterministic_is_a_config_error():
+    from flip_scale.config import ConfigError
+    from flip_scale.preflight import check_determinism
+
+    cfg = _engine_cfg("train.deterministic=true", "train.device=auto")
+    with pytest.raises(ConfigError, match=r"CUBLAS_WORKSPACE_CONFIG=:1:1: .* :4096:8 or :16:8"):
+        check_determinism(cfg, {"CUBLAS_WORKSPACE_CONFIG": ":1:1"})
+    for env in ({}, {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}):
+        check_determinism(cfg, env)
+    check_determinism(_engine_cfg("train.deterministic=false"), {"CUBLAS_WORKSPACE_CONFIG": ":1:1"})
+    check_determinism(_engine_cfg("train.deterministic=true"), {"CUBLAS_WORKSPACE_CONFIG": ":1:1"})  # train.device=cpu
 
 
 # ----------------------------------------------------------------------------- offloaded gradient norms
@@ -236,3 +251,93 @@ def test_the_skip_on_the_device_under_fsdp_on_every_rank():
     # sits on rank 1 only, and both ranks skip.
     for skipped, equal in run_distributed(_device_and_host_skip_under_fsdp, 2, timeout=120):
         assert skipped == [(False, False), (True, True), (False, False)] and all(equal), (skipped, equal)
+
+
+def test_host_agreements_run_on_cpu_tensors_over_the_host_group(monkeypatch):
+    # Under NCCL the preemption flag goes over the gloo host group on a CPU tensor: the hosts sync,
+    # the GPU's queue is not drained (a CUDA flag tensor read back by .item() would drain it).
+    import torch.distributed as dist
+
+    seen = []
+    monkeypatch.setattr(runtime, "_world_size", lambda group=None: 2)
+    # Where NCCL would want the tensor (CUDA): asked for only when no host group takes it.
+    monkeypatch.setattr(runtime, "collective_device", lambda: seen.append("collective_device") or torch.device("cpu"))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: seen.append((tensor.device, group)))
+    monkeypatch.setattr(runtime, "host_group", lambda: "host")
+    runtime.any_rank(True)
+    assert seen == [(torch.device("cpu"), "host")]
+    runtime.all_ranks(False, group="dp")  # a named group keeps the default group's device
+    assert seen[1:] == ["collective_device", (torch.device("cpu"), "dp")]
+
+
+def test_init_distributed_makes_a_gloo_host_group_beside_plain_nccl(monkeypatch):
+    from flip_scale import distributed
+
+    made, host = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "slurm_launch_env", lambda env: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: made.append(("init", kw["backend"])))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: made.append(("new_group", kw["backend"])) or "gloo")
+    monkeypatch.setattr(distributed, "set_host_group", host.append)
+    for offload in (False, True):
+        monkeypatch.setattr(distributed, "pick_device", lambda setting, local: torch.device("cuda", 0))
+        monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: None)
+        distributed.init_distributed("cuda", 1, cpu_collectives=offload)
+    assert made == [("init", "nccl"), ("new_group", "gloo"), ("init", "cpu:gloo,cuda:nccl")]
+    assert host[0] == "gloo" and host[1] is distributed.dist.group.WORLD  # the default group's gloo half
+
+
+def test_the_loop_reads_nothing_back_from_the_device_between_log_steps(tmp_path, monkeypatch):
+    # From step 1's log to step 5's (5 saves): no host read of a tensor in flip_scale's code but the
+    # preemption agreement's after steps 1-4 (a CPU tensor over the host group, checked above); the
+    # world is faked at 2 ranks so that agreement runs.
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from flip_scale.distributed import ProcessInfo
+    from flip_scale.train import Trainer
+
+    package = str(Path(runtime.__file__).parent)
+    cfg = _engine_cfg("train.log_every_steps=100", "train.max_steps=5", "checkpoint.every_steps=0",
+                      "eval.at_end=false", "eval.every_steps=0")
+    trainer = Trainer(cfg, tmp_path, ProcessInfo(0, 1, 0, torch.device("cpu")), with_data=False)
+    trainer.engine.skip_on_device = True
+    arch, generator = trainer.arch, torch.Generator().manual_seed(0)
+    trainer.loader = [{"images": torch.randn(8, 3, arch.image_size, arch.image_size, generator=generator),
+                       "tokens": torch.randint(4, arch.vocab_size, (8, arch.context_length), generator=generator)}
+                      for _ in range(5)]
+    armed, reads = [False], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            caller = sys._getframe(1).f_code
+            if armed[0] and caller.co_filename.startswith(package):
+                reads.append((_name, caller.co_name, Path(caller.co_filename).name))
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    log_step, save = trainer.log_step, trainer.save
+
+    def logged(*args, **kwargs):
+        armed[0] = False
+        result = log_step(*args, **kwargs)
+        armed[0] = True
+        return result
+
+    def saved(*args, **kwargs):
+        armed[0] = False
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "log_step", logged)
+    monkeypatch.setattr(trainer, "save", saved)
+    monkeypatch.setattr(runtime, "_world_size", lambda group=None: 2)
+    monkeypatch.setattr(runtime, "host_group", lambda: "host")
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: None)
+    assert trainer.fit()["step"] == 5
+    assert reads == [("item", "_agree", "runtime.py")] * 4, reads
+    trainer.close()

@@ -7,7 +7,9 @@ What is measured (stable: a count of tensor bytes, not of the process's pages):
     `torch.autograd.graph.saved_tensors_hooks`;
   - states: the bytes of the rank's parameters, gradients and AdamW moments after one step;
   - the unsharded-accumulation term: the bytes of the unsharded gradients FSDP2 holds between the
-    micro-batches of one step (dp_shard 2, two micro-batches).
+    micro-batches of one step (dp_shard 2, two micro-batches);
+  - per rank, in the same 2-rank launch: the activations under dp_shard 2 (FSDP2's gathered
+    parameters left out) and under tp 2 with sequence parallel.
 The estimate's checkpointed-block recompute is transient (inside the backward) and left out of the
 activation comparison. Margins: states within 1% (the temperature and norms are a few elements);
 activations within ACTIVATION_MARGIN (the model counts the blocks; the stem, the pooling and the
@@ -52,13 +54,20 @@ def _estimate(plan) -> dict:
 
 
 def _saved_bytes(model, run) -> int:
-    """Bytes autograd saves while `run()` builds its graph (each storage once, no parameters)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes autograd saves while `run()` builds its graph (each storage once, no parameters: under
+    FSDP2 neither the gathered ones, under tensor parallel this rank's local pieces)."""
+    def local(tensor):
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    params = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    fsdp_params = _fsdp_params(model)
     storages: dict = {}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params and storage.nbytes():
+        gathered = {local(p._unsharded_param).untyped_storage().data_ptr() for p in fsdp_params
+                    if getattr(p, "_unsharded_param", None) is not None}
+        storage = local(tensor).untyped_storage()
+        if storage.data_ptr() not in params | gathered and storage.nbytes():
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
@@ -107,6 +116,12 @@ def test_memory_model_matches_one_step_on_cpu(label):
     assert abs(activations - modelled) <= ACTIVATION_MARGIN * activations, (activations, modelled)
 
 
+def _fsdp_params(model) -> list:
+    return [p for module in model.modules() if hasattr(module, "_get_fsdp_state")
+            for group in [module._get_fsdp_state()._fsdp_param_group] if group is not None
+            for p in group.fsdp_params]
+
+
 def _held_gradient_bytes(fsdp_param) -> int:
     """Unsharded gradient bytes FSDP2 holds for one parameter between micro-batches (its own
     attributes: the upcast accumulator under mixed precision, else the unsharded parameter's grad)."""
@@ -122,9 +137,7 @@ def _unsharded_gradient_bytes(rank: int, world_size: int, every: str) -> dict:
     plan = plan_run(cfg, world_size)
     plan.dims.build_mesh("cpu")
     model = parallelize_model(build_model(cfg.model, device="meta"), plan.dims, cfg, "cpu")
-    fsdp_params = [p for module in model.modules() if hasattr(module, "_get_fsdp_state")
-                   for group in [module._get_fsdp_state()._fsdp_param_group] if group is not None
-                   for p in group.fsdp_params]
+    fsdp_params = _fsdp_params(model)
     held = []
     images, tokens, noise = _batch(plan)
     rows = slice(rank * 4, rank * 4 + 4)
@@ -140,13 +153,44 @@ def _unsharded_gradient_bytes(rank: int, world_size: int, every: str) -> dict:
     return dict(held=max(held), estimate=_estimate(dataclasses.replace(plan))["unsharded_grads"])
 
 
+def _layout_activation_bytes(rank: int, world_size: int, layout: str) -> dict:
+    """Per-rank saved bytes of one forward of tiny under `layout` (2 ranks), and the model's figure."""
+    cfg = _config("configs/tiny.yaml", ["train.global_batch_size=8", "model.mask_ratio=0.5", layout])
+    plan = plan_run(cfg, world_size)
+    plan.dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    model = parallelize_model(build_model(cfg.model, device="meta"), plan.dims, cfg, "cpu")
+    images, tokens, noise = _batch(plan)
+    rows = slice(rank * plan.local_batch, (rank + 1) * plan.local_batch) if plan.dims.dp_size > 1 else slice(None)
+    loss_fn, holder = ContrastiveLoss(plan.dims.dp_group), {}
+
+    def forward():
+        image_features, text_features, scale = model(images[rows], tokens[rows], noise[rows])
+        holder["loss"] = loss_fn(image_features, text_features, scale)
+
+    measured = _saved_bytes(model, forward)
+    holder.pop("loss").backward()
+    estimate = _estimate(plan)
+    return dict(measured=measured, modelled=estimate["activations"] - estimate["recompute"] + estimate["loss"])
+
+
 def _both_settings(rank: int, world_size: int) -> dict:
-    return {every: _unsharded_gradient_bytes(rank, world_size, every) for every in ("false", "true")}
+    results = {every: _unsharded_gradient_bytes(rank, world_size, every) for every in ("false", "true")}
+    for layout in ("parallel.dp_shard=2", "parallel.tp=2"):  # ZeRO-3 over 2; tensor + sequence parallel
+        results[layout] = _layout_activation_bytes(rank, world_size, layout)
+    return results
 
 
 @pytest.mark.slow
-def test_unsharded_accumulation_term_matches_fsdp():
-    for results in run_distributed(_both_settings, 2, timeout=120):
+def test_unsharded_accumulation_term_and_per_rank_activations_match_two_ranks():
+    # One 2-rank launch: the unsharded-accumulation term, and the per-rank activations under
+    # ZeRO-3 (dp_shard 2: half the batch per rank) and tp 2 with sequence parallel (the blocks'
+    # activations split over the ranks), against the model within ACTIVATION_MARGIN.
+    for results in run_distributed(_both_settings, 2, timeout=180):
+        for layout in ("parallel.dp_shard=2", "parallel.tp=2"):
+            measured, modelled = results.pop(layout).values()
+            print(f"{layout}: activations measured {measured / 2**20:.3f} MiB, modelled {modelled / 2**20:.3f} MiB")
+            assert abs(measured - modelled) <= ACTIVATION_MARGIN * measured, (layout, measured, modelled)
         for every, result in results.items():
             print(f"reduce_every_microbatch={every}: held {result['held']} B, modelled {result['estimate']} B")
         held, modelled = results["false"]["held"], results["false"]["estimate"]
@@ -167,3 +211,20 @@ def test_dry_run_prints_the_per_rank_memory():
     every = dry_run(_config("configs/tiny.yaml", ["train.global_batch_size=8", "optim.grad_accum_steps=2",
                                                   "parallel.reduce_every_microbatch=true"]), 2)
     assert "no unsharded gradients (parallel.reduce_every_microbatch=true)" in every
+    piped = dry_run(_config("configs/tiny.yaml", ["train.global_batch_size=8", "parallel.pp=2",
+                                                  "parallel.microbatches=2"]), 4)
+    line = next(line for line in piped.splitlines() if "memory per rank" in line)
+    assert "the pipeline schedule holds them; parallel.reduce_every_microbatch does not apply under pp" in line
+    assert "reduce-scatters each instead" not in line
+
+
+def test_gathered_parameters_two_blocks_and_the_tower_unit_or_the_whole_stage():
+    from flip_scale.preflight import largest_block_parameters, tower_unit_parameters
+
+    cfg = _config("configs/tiny.yaml", ["train.global_batch_size=8"])
+    plan, params = plan_run(cfg, 2), count_parameters(build_model(cfg.model, device="meta"))["params_total"]
+    blocks, unit = largest_block_parameters(plan.arch), tower_unit_parameters(cfg)
+    assert unit > 0 and _estimate(plan)["gathered_params"] == (2 * blocks + unit) * 4  # fp32, dp_shard 2
+    piped = plan_run(_config("configs/tiny.yaml", ["train.global_batch_size=8", "parallel.pp=2",
+                                                   "parallel.microbatches=2"]), 4)
+    assert _estimate(piped)["gathered_params"] == int(params * 4 / 2)  # the stage's half, gathered

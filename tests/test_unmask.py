@@ -110,6 +110,21 @@ def test_memory_rule_raises_accumulation_to_a_divisor_of_the_rank_batch():
     assert any("already full" in line for line in lines)
 
 
+def test_memory_rule_under_pipeline_parallel_notes_the_gradients_and_sets_no_option():
+    # pp 2 x dp_shard 2: the pipeline schedule holds the unsharded gradients, and
+    # parallel.reduce_every_microbatch=true is refused there: the rule says so and leaves it alone.
+    from flip_scale.preflight import plan_run
+    from flip_scale.unmask.plan import memory_plan
+
+    base = ["model.mask_ratio=0", "parallel.pp=2", "parallel.microbatches=2", "parallel.activation_checkpointing=full"]
+    cfg = load_config(REPO / "configs/tiny.yaml", base)
+    overrides, lines = memory_plan(cfg, 0.75, "auto", 4)
+    assert "parallel.reduce_every_microbatch" not in overrides and overrides["optim.grad_accum_steps"] > 1
+    assert any("the pipeline schedule holds" in line and "does not apply" in line for line in lines), lines
+    tuned = load_config(REPO / "configs/tiny.yaml", base + [f"{key}={value}" for key, value in overrides.items()])
+    plan_run(tuned, 4, training=False)  # accepted as it is
+
+
 def test_the_plan_imports_without_torch():
     """A login node can import the planning (and the package's planning names) without torch."""
     code = ("import sys\n"

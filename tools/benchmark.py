@@ -123,7 +123,7 @@ def state_bytes(engine) -> int:
 def worker(args) -> dict:
     """One rank of one layout (run under torchrun, or alone for a one-process layout)."""
     from flip_scale.config import load_config
-    from flip_scale.distributed import init_distributed, shutdown
+    from flip_scale.distributed import init_distributed, needs_cpu_collectives, shutdown
     from flip_scale.runtime import setup_logging
     from flip_scale.train import Trainer
 
@@ -135,7 +135,7 @@ def worker(args) -> dict:
         *layout_overrides(args.layout),
     ] + [f"parallel.microbatches={microbatches(args)}"] + (["model.vocab_size=512"] if args.model == "tiny" else [])
     cfg = load_config(None, overrides)
-    proc = init_distributed(cfg.train.device)
+    proc = init_distributed(cfg.train.device, cpu_collectives=needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank if args.verbose else 1)
     try:
         with tempfile.TemporaryDirectory() as run_dir:

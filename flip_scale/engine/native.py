@@ -46,6 +46,13 @@ class NativeEngine(Engine):
         # leaves weights, moments and step counts exactly as a skipped one. Else one host read.
         self.skip_on_device = self.device.type == "cuda" and all(
             isinstance(opt, torch.optim.Adam) and opt.defaults.get("fused") for opt in self.optimizers.optimizers)
+        # Under CPU offload the fused kernel of the offloaded shards runs on the host and reads its
+        # found_inf at once: a flag left on the GPU would reach it by the kernel's non-blocking
+        # device-to-host copy, not yet written when read (a race). So the flag is brought to the host
+        # first, blocking (offload waits for its gradients there each step anyway); GPU parameters get
+        # it back by a host-to-device copy, which the stream orders.
+        self._found_inf_on_host = self.device.type == "cuda" and any(
+            p.device.type == "cpu" for p in self.parameters())
         params = sum(p.numel() for p in self.parameters())  # this rank's stage, whole tensors
         self.reduce_every_microbatch, self._reduce_why = reduce_every_microbatch(cfg, self.dims, params)
 
@@ -90,8 +97,9 @@ class NativeEngine(Engine):
         """The step with the skip decided on the device: `skipped` is a 0-dim bool tensor, read by
         the trainer at its logging steps only. The lr schedule moves on either way (as `skip`)."""
         skipped = ~torch.isfinite(grad_norm)
+        found_inf = skipped.float().cpu() if self._found_inf_on_host else skipped.float()
         for optimizer in self.optimizers.optimizers:
-            optimizer.found_inf = skipped.float()
+            optimizer.found_inf = found_inf
         try:
             self.optimizers.step()
         finally:

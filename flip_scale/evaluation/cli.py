@@ -111,8 +111,9 @@ def check_layout(cfg: Config, world_size: int):
 
 
 def main(argv=None) -> int:
-    from ..distributed import init_distributed, shutdown, slurm_launch_env
-    from ..runtime import setup_logging
+    from ..distributed import init_distributed, needs_cpu_collectives, shutdown, slurm_launch_env
+    from ..preflight import check_determinism
+    from ..runtime import configure_determinism, setup_logging
 
     args = parse_args(argv)
     try:
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
         cfg = eval_config(source, args)
         launch = slurm_launch_env(os.environ) or os.environ  # torchrun's variables, or an srun task's
         check_layout(cfg, int(launch.get("WORLD_SIZE", "1")))
+        check_determinism(cfg)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as error:
         print(f"flip-eval: {error}", file=sys.stderr)
         return 2
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
             print(f"flip-eval: --masked needs a mask ratio in (0, 1), got {mask_ratio} (the checkpoint was trained "
                   f"unmasked: pass --mask-ratio)", file=sys.stderr)
             return 2
-    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes)
+    configure_determinism(cfg.train.deterministic, cfg.train.device)  # before the first CUDA matrix product
+    proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes, needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank)
     try:
         started = time.perf_counter()

@@ -31,7 +31,7 @@ from ..config import ConfigError, config_from_dict
 from ..distributed import init_distributed, needs_cpu_collectives, slurm_launch_env
 from ..evaluation import evaluate_checkpoint
 from ..checkpoint import CheckpointSource, open_checkpoint
-from ..runtime import setup_logging, write_json_atomic
+from ..runtime import configure_determinism, setup_logging, write_json_atomic
 from ..train import run
 from .plan import DEFAULT_OVERLAY, MEMORY_MODES, TuningPlan, _samples, format_report, plan_tuning
 
@@ -150,6 +150,9 @@ def main(argv=None) -> int:
         print(plan.describe(), flush=True)
     if args.dry_run:
         return 0
+    # Before the evaluation of the source (its matrix products create the cuBLAS handle, which reads
+    # the workspace setting once); plan_tuning refused a workspace value it would not take.
+    configure_determinism(plan.cfg.train.deterministic, plan.cfg.train.device)
     if args.report:
         # A SIGUSR1 during the evaluation before tuning is a preemption request too (checked right
         # after it; flip_scale/train.run installs the handler afresh for the tuning).

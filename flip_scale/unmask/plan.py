@@ -118,11 +118,13 @@ def _accum_choice(cfg: Config, world_size: int, wanted: int) -> tuple[int, str]:
 
 def _unsharded_gradients(cfg: Config, world_size: int, accum: int) -> tuple[dict, str]:
     """Raising the accumulation to `accum` under ZeRO-3 (dp_shard > 1) would hold the unsharded fp32
-    gradients, 4 P / (tp pp) bytes per rank, between micro-batches: with
-    parallel.reduce_every_microbatch=auto the rule sets it to true (reduce-scatter each micro-batch,
-    so the extra micro-batches add no memory); an explicit false is kept and its cost said."""
+    gradients, 4 P / (tp pp) bytes per rank, between micro-batches: where the layout can avoid them
+    (the native engine without pipeline parallel) and parallel.reduce_every_microbatch=auto, the rule
+    sets it to true (reduce-scatter each micro-batch, so the extra micro-batches add no memory); an
+    explicit false, or a pipeline layout (whose schedule holds them, the option does not apply), is
+    kept and its cost said."""
     from ..models import build_model, count_parameters
-    from ..parallel.memory import GIB, keeps_unsharded_grads, unsharded_grad_bytes
+    from ..parallel.memory import GIB, can_reduce_every_microbatch, keeps_unsharded_grads, unsharded_grad_bytes
     from ..preflight import plan_run
 
     probe = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum_steps=accum))
@@ -131,6 +133,9 @@ def _unsharded_gradients(cfg: Config, world_size: int, accum: int) -> tuple[dict
     if not keeps_unsharded_grads(probe, dims, params):
         return {}, ""
     held = unsharded_grad_bytes(params, dims) / GIB
+    if not can_reduce_every_microbatch(probe, dims):
+        return {}, (f"; NOTE the pipeline schedule holds {held:.2f} GiB of unsharded fp32 gradients per rank across "
+                    f"the micro-batches (parallel.reduce_every_microbatch does not apply under pipeline parallel)")
     if cfg.parallel.reduce_every_microbatch == "auto":
         return ({"parallel.reduce_every_microbatch": "true"},
                 f"; parallel.reduce_every_microbatch -> true (accumulating without a reduce-scatter each would hold "
