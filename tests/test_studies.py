@@ -411,8 +411,13 @@ def test_scaling_fit_marks_a_fit_of_non_convex_points_unreliable(tmp_path, capsy
     assert any("c = " in d and "< 0" in d for d in fit.doubts()) and any("exceeds b" in d for d in fit.doubts())
     assert fit_power_law(np.geomspace(1e6, 1e12, 8), 40 * np.geomspace(1e6, 1e12, 8) ** -0.25 + 1.8).doubts() == []
     dirs = _fake_runs(tmp_path, {"0": lambda compute, index: bent[index], "0.75": _law(3e5)})
-    assert fit_tool.main([*dirs, "--target", "0.6"]) == 0
+    assert fit_tool.main([*dirs, "--target", "0.6", "--out", str(tmp_path / "fit.png")]) == 0
     printed = capsys.readouterr().out
+    from flip_scale.studies.plots import plot_fit
+
+    fit_lines = [line.get_label() for line in plot_fit({"m=0": ([1e9, 2e9], [0.2, 0.8])}, {"m=0": fit}, [],
+                                                        "top-1", accuracy=True).axes[0].lines]
+    assert any(label.endswith("(unreliable)") for label in fit_lines), fit_lines
     assert re.search(r"^fit model.mask_ratio=0: .*; UNRELIABLE \(.*c = \S+ < 0.*\): its compute figures are not "
                      r"printed$", printed, re.M), printed
     assert "UNRELIABLE" not in next(line for line in printed.splitlines() if line.startswith("fit model.mask_ratio=0.75"))
