@@ -166,6 +166,15 @@ def test_a_run_is_finished_only_with_its_final_evaluation(tmp_path):
     sweep = parse_sweep({"base": "configs/tiny.yaml", "grid": {"eval.at_end": [True]},
                          "overrides": ["eval.zero_shot_shards=", "eval.retrieval_shards="]})
     assert [r.evaluates_at_end for r in plan_sweep(sweep, tmp_path)] == [False]  # nothing to evaluate
+    # The config a run ran with decides (FLIP_ARGS of a Slurm job may have turned the evaluation off).
+    planned = plan_sweep(parse_sweep({"base": "configs/tiny.yaml", "grid": {"train.max_steps": [5]}}), tmp_path)[0]
+    (planned.run_dir / "step_00000005").mkdir(parents=True)
+    (planned.run_dir / "latest").write_text("step_00000005\n")
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=5"])
+    cfg.save(planned.run_dir / "config.yaml")
+    assert planned.evaluates_at_end and planned.status() == "partial"
+    load_config("configs/tiny.yaml", ["train.max_steps=5", "eval.at_end=false"]).save(planned.run_dir / "config.yaml")
+    assert planned.status() == "finished"
 
 
 def test_float_grid_values_train_exactly_and_name_runs_short(tmp_path):

@@ -54,7 +54,9 @@ class PlannedRun:
     evaluates_at_end: bool = False  # eval.at_end with an evaluation configured: finished needs its record
 
     def status(self) -> str:
-        return run_status(self.run_dir, self.max_steps, self.evaluates_at_end)
+        """run_status of the run; whether it evaluates at the end is read from the config.yaml it
+        ran with where there is one (FLIP_ARGS of a Slurm job may have changed it), else the plan's."""
+        return run_status(self.run_dir, self.max_steps, _evaluates_at_end(self.run_dir, self.evaluates_at_end))
 
     @property
     def flops(self) -> float:
@@ -186,6 +188,15 @@ def _has_eval_at(run_dir: Path, step: int) -> bool:
         if isinstance(record, dict) and record.get("step") == step:
             return True
     return False
+
+
+def _evaluates_at_end(run_dir: Path, default: bool) -> bool:
+    try:
+        tree = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        evaluation = tree["eval"]
+        return bool(evaluation["at_end"] and (evaluation.get("zero_shot_shards") or evaluation.get("retrieval_shards")))
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return default
 
 
 def run_status(run_dir, max_steps: int, evaluates_at_end: bool = False) -> str:
