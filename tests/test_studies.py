@@ -23,11 +23,14 @@ import yaml
 from flip_scale.config import load_config
 from flip_scale.models.flops import flops_for_config
 from flip_scale.studies import (
+    SweepError,
     differing_keys,
     fit_power_law,
     frontier,
     interpolated_compute_for,
     load_run,
+    parse_sweep,
+    plan_sweep,
     read_jsonl_tolerant,
 )
 
@@ -121,18 +124,91 @@ def test_local_sweep_finishes_every_run_skips_them_again_and_resumes_a_half_one(
     half = sweep_dir / "mask_ratio0.75_max_steps5"
     (half / "latest").write_text("step_00000003\n")
     shutil.rmtree(half / "step_00000005")
+    # A run killed during its final evaluation: the step-3 checkpoint is there, its evaluation not.
+    unevaluated = sweep_dir / NAMES[0]
+    (unevaluated / "eval.jsonl").unlink()
     before = {n: (sweep_dir / n / "metrics.jsonl").read_text() for n in NAMES}
     code = sweep_tool.main([str(_sweep_file(tmp_path)), "--local", "--sweep-dir", str(sweep_dir),
                             *_data_overrides(synthetic_dir)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert out.count("finished, skipped") == 3 and "mask_ratio0.75_max_steps5: resuming" in out
+    assert out.count("finished, skipped") == 2 and "mask_ratio0.75_max_steps5: resuming" in out
+    assert f"{NAMES[0]}: resuming" in out
     for name in NAMES[:3]:
-        assert (sweep_dir / name / "metrics.jsonl").read_text() == before[name]  # not run again
+        assert (sweep_dir / name / "metrics.jsonl").read_text() == before[name]  # no step trained again
+    # Resumed at max_steps, flip-train ran the final evaluation only.
+    assert [r["step"] for r in load_run(unevaluated).evals] == [3]
     steps = [r["step"] for r in read_jsonl_tolerant(half / "metrics.jsonl")[0]]
     assert steps == [1, 2, 3, 4, 5, 4, 5]  # resumed at 3: only steps 4 and 5 ran again
     assert (half / "latest").read_text().strip() == "step_00000005"
     assert "resumed from" in (half / "sweep.log").read_text()
+
+
+def test_a_run_is_finished_only_with_its_final_evaluation(tmp_path):
+    from flip_scale.studies import run_status
+
+    run = tmp_path / "run"
+    assert run_status(run, 5, evaluates_at_end=True) == "new"
+    (run / "step_00000005").mkdir(parents=True)
+    (run / "latest").write_text("step_00000005\n")
+    (run / "config.yaml").write_text("{}\n")
+    assert run_status(run, 5, evaluates_at_end=False) == "finished"  # eval.at_end=false: the checkpoint says it
+    assert run_status(run, 5, evaluates_at_end=True) == "partial"  # stopped in the final evaluation
+    (run / "eval.jsonl").write_text('{"step": 3, "zero_shot_top1": 0.1}\n{"step": 5, "zero_')  # killed mid-line
+    assert run_status(run, 5, evaluates_at_end=True) == "partial"
+    (run / "eval.jsonl").write_text('{"step": 3, "zero_shot_top1": 0.1}\n{"step": 5, "zero_shot_top1": 0.2}\n')
+    assert run_status(run, 5, evaluates_at_end=True) == "finished"
+    assert run_status(run, 8, evaluates_at_end=True) == "partial"
+    # The plan knows which runs evaluate at the end: an evaluation configured and eval.at_end.
+    sweep = parse_sweep({"base": "configs/tiny.yaml", "grid": {"eval.at_end": [True, False]},
+                         "overrides": ["eval.zero_shot_shards=/data/eval-000000.tar"]})
+    assert [r.evaluates_at_end for r in plan_sweep(sweep, tmp_path)] == [True, False]
+    sweep = parse_sweep({"base": "configs/tiny.yaml", "grid": {"eval.at_end": [True]},
+                         "overrides": ["eval.zero_shot_shards=", "eval.retrieval_shards="]})
+    assert [r.evaluates_at_end for r in plan_sweep(sweep, tmp_path)] == [False]  # nothing to evaluate
+    # The config a run ran with decides (FLIP_ARGS of a Slurm job may have turned the evaluation off).
+    planned = plan_sweep(parse_sweep({"base": "configs/tiny.yaml", "grid": {"train.max_steps": [5]}}), tmp_path)[0]
+    (planned.run_dir / "step_00000005").mkdir(parents=True)
+    (planned.run_dir / "latest").write_text("step_00000005\n")
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=5"])
+    cfg.save(planned.run_dir / "config.yaml")
+    assert planned.evaluates_at_end and planned.status() == "partial"
+    load_config("configs/tiny.yaml", ["train.max_steps=5", "eval.at_end=false"]).save(planned.run_dir / "config.yaml")
+    assert planned.status() == "finished"
+
+
+def test_float_grid_values_train_exactly_and_name_runs_short(tmp_path):
+    sweep = parse_sweep({"base": "configs/tiny.yaml", "grid": {"optim.lr": [0.0012345678, 1e-05]}})
+    runs = plan_sweep(sweep, tmp_path)
+    assert [r.name for r in runs] == ["lr0.00123457", "lr1e-05"]
+    assert runs[0].overrides == ["optim.lr=0.0012345678"] and runs[1].overrides == ["optim.lr=1e-05"]
+    assert load_config("configs/tiny.yaml", runs[0].overrides).optim.lr == 0.0012345678
+    with pytest.raises(SweepError, match=r"grid.optim.lr values 0.0012345678 and 0.00123457 both appear as "
+                                         r"'0.00123457' in run names"):
+        parse_sweep({"base": "configs/tiny.yaml", "grid": {"optim.lr": [0.0012345678, 0.00123457]}})
+
+
+def _fake_squeue(tmp_path, monkeypatch, lines: str):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "squeue").write_text(f'#!/bin/bash\necho "$@" >> {bin_dir}/calls\nprintf "{lines}"\n')
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir / "calls"
+
+
+def test_slurm_refuses_while_an_array_of_the_sweep_is_queued(tmp_path, monkeypatch, capsys):
+    calls = _fake_squeue(tmp_path, monkeypatch, "4242_[2-3] PENDING\\n4242_1 RUNNING\\n")
+    argv = [str(_sweep_file(tmp_path)), "--slurm", "slurm/flip_b16.sh", "--dry-run", "--sweep-dir", str(tmp_path / "r")]
+    assert sweep_tool.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "jobs of sweep tiny_grid are still queued or running (4242_[2-3] PENDING, 4242_1 RUNNING)" in err
+    assert "--force" in err and "-h --me -n tiny_grid" in calls.read_text()
+    assert not (tmp_path / "r" / "sweep_array.sh").exists()
+    assert sweep_tool.main([*argv, "--force"]) == 0
+    assert "command: sbatch --parsable --array=0-3" in capsys.readouterr().out
+    _fake_squeue(tmp_path, monkeypatch, "")  # nothing queued: submitted as before
+    assert sweep_tool.main(argv) == 0
 
 
 def test_slurm_dry_run_writes_the_array_script_and_the_sbatch_command(tmp_path, capsys):
@@ -284,22 +360,35 @@ def test_frontier_is_the_lower_envelope_of_a_constructed_example():
     assert interpolated_compute_for(compute, accuracy, 0.9, lower_is_better=False) == math.inf
 
 
+def _fake_runs(tmp_path, errors: dict, steps=(100, 200, 400, 800, 1600)) -> list[str]:
+    """Run directories of tiny runs (config, one metrics and one eval record each) whose zero-shot
+    error is errors[mask](compute, index)."""
+    dirs = []
+    for mask, error_of in errors.items():
+        for index, n in enumerate(steps):
+            run = tmp_path / f"m{mask}_{n}"
+            run.mkdir()
+            cfg = load_config("configs/tiny.yaml", [f"model.mask_ratio={mask}", f"train.max_steps={n}"])
+            cfg.save(run / "config.yaml")
+            compute = n * cfg.train.global_batch_size * flops_for_config(cfg.model, training=True)["total"]
+            (run / "metrics.jsonl").write_text(f'{{"step": {n}, "loss": 1.0, "images_per_s": 100.0, '
+                                               f'"samples_seen": {n * 128}}}\n')
+            (run / "eval.jsonl").write_text(f'{{"step": {n}, "zero_shot_top1": {1 - error_of(compute, index)}}}\n')
+            dirs.append(str(run))
+    return dirs
+
+
+def _law(mult):  # error(C) = 2 (C m)^-0.3 + 0.1
+    return lambda compute, index: 2.0 * (compute / 1e12 * mult) ** -0.3 + 0.1
+
+
+def _needs_line(printed: str, group: str) -> str:
+    return next(line for line in printed.splitlines() if line.startswith(f"  model.mask_ratio={group}: needs"))
+
+
 def test_scaling_fit_tool_fits_groups_and_reports_the_speed_up(tmp_path, capsys):
     """Runs made to lie on known laws: masked runs reach each error with 3x less compute."""
-    law = {"0": 1.0, "0.75": 3.0}  # compute multiplier: error(C) = 2 (C m)^-0.3 + 0.1
-    dirs = []
-    for mask, mult in law.items():
-        for steps in (100, 200, 400, 800, 1600):
-            run = tmp_path / f"m{mask}_{steps}"
-            run.mkdir()
-            cfg = load_config("configs/tiny.yaml", [f"model.mask_ratio={mask}", f"train.max_steps={steps}"])
-            cfg.save(run / "config.yaml")
-            compute = steps * cfg.train.global_batch_size * flops_for_config(cfg.model, training=True)["total"]
-            error = 2.0 * (compute / 1e12 * mult) ** -0.3 + 0.1
-            (run / "metrics.jsonl").write_text(f'{{"step": {steps}, "loss": 1.0, "images_per_s": 100.0, '
-                                               f'"samples_seen": {steps * 128}}}\n')
-            (run / "eval.jsonl").write_text(f'{{"step": {steps}, "zero_shot_top1": {1 - error}}}\n')
-            dirs.append(str(run))
+    dirs = _fake_runs(tmp_path, {"0": _law(1.0), "0.75": _law(3.0)})
     out = tmp_path / "fit.png"
     assert fit_tool.main([*dirs, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -323,3 +412,51 @@ def test_read_jsonl_tolerant_keeps_the_complete_lines(tmp_path):
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # a broken line in the middle is left out, said so
     records, note = read_jsonl_tolerant(path)
     assert [r["step"] for r in records] == [1, 3] and note == "metrics.jsonl: line(s) 2 incomplete, read up to step 3"
+
+
+def test_scaling_fit_marks_a_fit_of_non_convex_points_unreliable(tmp_path, capsys):
+    bent = [0.8, 0.79, 0.78, 0.5, 0.2]  # flat, then falling fast: no a C^-b + c with c >= 0
+    fit = fit_power_law(np.geomspace(1e9, 16e9, 5), bent)
+    assert any("c = " in d and "< 0" in d for d in fit.doubts()) and any("exceeds b" in d for d in fit.doubts())
+    assert fit_power_law(np.geomspace(1e6, 1e12, 8), 40 * np.geomspace(1e6, 1e12, 8) ** -0.25 + 1.8).doubts() == []
+    dirs = _fake_runs(tmp_path, {"0": lambda compute, index: bent[index], "0.75": _law(3e5)})
+    assert fit_tool.main([*dirs, "--target", "0.6", "--out", str(tmp_path / "fit.png")]) == 0
+    printed = capsys.readouterr().out
+    from flip_scale.studies.plots import plot_fit
+
+    fit_lines = [line.get_label() for line in plot_fit({"m=0": ([1e9, 2e9], [0.2, 0.8])}, {"m=0": fit}, [],
+                                                        "top-1", accuracy=True).axes[0].lines]
+    assert any(label.endswith("(unreliable)") for label in fit_lines), fit_lines
+    assert re.search(r"^fit model.mask_ratio=0: .*; UNRELIABLE \(.*c = \S+ < 0.*\): its compute figures are not "
+                     r"printed$", printed, re.M), printed
+    assert "UNRELIABLE" not in next(line for line in printed.splitlines() if line.startswith("fit model.mask_ratio=0.75"))
+    reference = _needs_line(printed, "0")
+    assert re.search(r"needs \S+ \S+ \(runs' frontier\), - \(fit\); .*, - \(fit\)$", reference), reference
+    masked = _needs_line(printed, "0.75")
+    assert re.search(r"\d \S*FLOP \(fit\); .*\d+\.\d+x \(frontier\), - \(fit\)$", masked), masked  # no ratio to an unreliable fit
+
+
+def test_scaling_fit_prints_no_extrapolation_far_past_the_largest_run(tmp_path, capsys):
+    dirs = _fake_runs(tmp_path, {"0": _law(1e5), "0.75": _law(3e5)})
+    assert fit_tool.main([*dirs, "--target", "0.895"]) == 0  # error 0.105: the law reaches it only far away
+    printed = capsys.readouterr().out
+    assert "reaches the target only past 10x its largest run's compute: not printed" in printed
+    for group in ("0", "0.75"):
+        line = _needs_line(printed, group)
+        assert "not reached (runs' frontier), - (fit)" in line and line.endswith("- (frontier), - (fit)"), line
+
+
+def test_scaling_fit_speed_up_is_not_determined_when_the_reference_starts_at_the_target(tmp_path, capsys):
+    dirs = _fake_runs(tmp_path, {"0": _law(1e5), "0.75": _law(1e6)})
+    assert fit_tool.main([*dirs, "--target", "0.1"]) == 0  # every run of both groups reaches it
+    printed = capsys.readouterr().out
+    for group in ("0", "0.75"):
+        line = _needs_line(printed, group)
+        assert "needs at most" in line, line
+        assert ("not determined (the reference's cheapest run already reaches the target) (frontier)" in line), line
+    # Where only the masked group's cheapest run reaches it, the ratio is a lower bound.
+    cheapest = load_run(tmp_path / "m0.75_100").evals[-1]["zero_shot_top1"]
+    assert fit_tool.main([*dirs, "--target", str(cheapest - 1e-9)]) == 0
+    printed = capsys.readouterr().out
+    assert "needs at most" not in _needs_line(printed, "0") and "not determined" not in printed
+    assert re.search(r"needs at most .*: at least \d+\.\d+x \(frontier\)", _needs_line(printed, "0.75")), printed

@@ -15,8 +15,9 @@ per run, labelled by the config keys that differ between the runs (read from the
 panel each. A run whose metrics.jsonl is missing or half written is plotted up to its last complete
 line, and the figure and the table say so. The summary table (--table, .html or .png; default
 FIG_summary.html) lists each run's steps, samples, compute, time and final numbers.
-Wall-clock is training time (each logged interval's samples / images_per_s): start-up, checkpoint
-writes and evaluation are not in it.
+Wall-clock is the time of the logged intervals (each one's samples / images_per_s): the final
+checkpoint and final evaluation (and start-up) left out; periodic saves and evaluations inside the
+run, and the first step, included.
 """
 
 from __future__ import annotations

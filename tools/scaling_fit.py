@@ -17,7 +17,11 @@ squares (a grid over c with a linear fit in log space, then Gauss-Newton; errors
 Per group (default: per model.mask_ratio) it fits the law where the group has enough runs and
 prints the compute the group needs to reach --target (default: the best value of the --reference
 group, i.e. "what the unmasked model reached"), from its fit and from its own frontier interpolated
-in log compute, and the speed-up against the reference group: FLIP's Fig. 1 question.
+in log compute, and the speed-up against the reference group: FLIP's Fig. 1 question. A fit that
+did not converge to a law (b's uncertainty above b, or c < 0) is marked UNRELIABLE and its compute
+figures print as "-", as does a fitted compute more than 10x past the group's largest run. Where
+the reference group's cheapest run already reaches the target, the frontier speed-up is not
+determined (both computes are only upper bounds).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from flip_scale.studies.fit import FitError, fit_power_law, frontier, interpolat
 from flip_scale.studies.grid import format_flops  # noqa: E402
 from flip_scale.studies.plots import METRIC_LABELS, plot_fit, save_figure  # noqa: E402
 from flip_scale.studies.runs import RunDirError, format_value, group_order, load_run  # noqa: E402
+
+# A fit's compute for the target further than this past the group's largest run is not printed.
+EXTRAPOLATION_LIMIT = 10.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,21 +128,32 @@ def main(argv=None) -> int:
             print(f"fit {args.group_by}={name}: {error}")
             continue
         note = " (as many runs as parameters: exact, no uncertainty)" if len(points) == needed else ""
+        doubts = fits[name].doubts()
+        if doubts:
+            note += f"; UNRELIABLE ({'; '.join(doubts)}): its compute figures are not printed"
         print(f"fit {args.group_by}={name}: {fits[name].describe(what)}{note}")
 
     best = (max if accuracy else min)(p[1] for p in groups[reference])
     target = args.target if args.target is not None else best
     print(f"target {args.metric} {target:.4f} ({'given' if args.target is not None else f'best of {args.group_by}={reference}'})")
-    needs = {}
+    needs, far = {}, []
     for name, points in groups.items():
         interpolated = interpolated_compute_for([p[0] for p in points], [p[1] for p in points], target,
                                                 lower_is_better=not accuracy)
-        fitted = fits[name].compute_for(as_fitted(target)) if name in fits else math.nan
+        fitted = math.nan
+        if name in fits and not fits[name].doubts():
+            fitted = fits[name].compute_for(as_fitted(target))
+            if math.isfinite(fitted) and fitted > EXTRAPOLATION_LIMIT * max(p[0] for p in points):
+                fitted = math.nan  # far past the group's largest run: the law says nothing there
+                far.append(name)
         cheapest = min(points)[1]
         already = cheapest >= target if accuracy else cheapest <= target
         needs[name] = (interpolated, fitted, already)
+    if far:
+        print(f"note: the fit of {', '.join(f'{args.group_by}={n}' for n in far)} reaches the target only past "
+              f"{EXTRAPOLATION_LIMIT:g}x its largest run's compute: not printed")
+    ref_interp, ref_fit, ref_already = needs[reference]
     for name, (interpolated, fitted, already) in needs.items():
-        ref_interp, ref_fit, _ = needs[reference]
 
         def ratio(ref, own):
             return f"{ref / own:.2f}x" if math.isfinite(ref) and math.isfinite(own) and own > 0 else "-"
@@ -143,10 +161,15 @@ def main(argv=None) -> int:
         def flops(value):
             return format_flops(value) if math.isfinite(value) else ("not reached" if value == math.inf else "-")
 
-        # Where the group's cheapest run already reaches the target, its compute is an upper bound.
-        bound = "at most " if already and name != reference else ""
+        # Where a group's cheapest run already reaches the target, its compute is an upper bound: the
+        # ratio to the reference is a lower bound, and nothing at all where the reference's is one too.
+        bound = "at most " if already else ""
+        if ref_already:
+            frontier_ratio = "not determined (the reference's cheapest run already reaches the target)"
+        else:
+            frontier_ratio = ("at least " if already else "") + ratio(ref_interp, interpolated)
         print(f"  {args.group_by}={name}: needs {bound}{flops(interpolated)} (runs' frontier), {flops(fitted)} (fit); "
-              f"speed-up over {args.group_by}={reference}: {'at least ' if bound else ''}{ratio(ref_interp, interpolated)} (frontier), "
+              f"speed-up over {args.group_by}={reference}: {frontier_ratio} (frontier), "
               f"{ratio(ref_fit, fitted)} (fit)")
 
     if args.out:

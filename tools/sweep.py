@@ -15,11 +15,15 @@ The sweep file (keys base, grid, name, overrides; flip_scale/studies/grid.py):
     base: configs/tiny.yaml
     grid: {model.mask_ratio: [0, 0.5, 0.75], train.max_steps: [75, 150, 300]}
 
-Resumable: a finished run (its latest checkpoint at train.max_steps) is skipped, a half one is
-continued with `--resume auto`; call it again after an interruption. Under --slurm array task i runs
-the i-th unfinished run: the generated script sets RUN_DIR, FLIP_CONFIG and FLIP_ARGS (your
-FLIP_ARGS from the environment first, the run's values last) and runs the template, which resumes
-from `latest` as any of our Slurm jobs does.
+Resumable: a finished run (its latest checkpoint at train.max_steps and, where it evaluates at the
+end, the evaluation of that step in eval.jsonl) is skipped, a half one is continued with
+`--resume auto` (at max_steps that runs the final evaluation only); call it again after an
+interruption. Under --slurm array task i runs the i-th unfinished run: the generated script sets
+RUN_DIR, FLIP_CONFIG and FLIP_ARGS and runs the template, which resumes from `latest` as any of our
+Slurm jobs does. FLIP_ARGS from the submitting environment is prepended to each run's overrides
+inside the job; the plan and compute printed here do not reflect it (pass such overrides on this
+command line instead to see them in the plan). --slurm refuses to submit while jobs named after the
+sweep are still queued or running (squeue -h -n NAME; --force submits anyway).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +47,6 @@ from flip_scale.studies.grid import (  # noqa: E402
     describe_sweep,
     load_sweep,
     plan_sweep,
-    run_status,
 )
 
 # Template lines the array script sets itself (a name for the sweep, one log per array task).
@@ -62,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                "array script and print the sbatch command) only")
     parser.add_argument("--sweep-dir", help="where the run directories go (default runs/sweeps/<name>)")
     parser.add_argument("--sbatch-args", default="", help="extra sbatch options, e.g. \"-p gpu --time=2:00:00\"")
+    parser.add_argument("--force", action="store_true", help="--slurm: submit even while jobs named after the "
+                                                            "sweep are queued or running (squeue -h -n NAME)")
     parser.add_argument("--max-parallel", type=int, default=0, help="--slurm: at most this many array tasks at "
                                                                     "once (sbatch --array=0-N%%M; 0: no limit)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
@@ -98,7 +104,7 @@ def run_local(base: Path, runs: list[PlannedRun], statuses: list[str]) -> int:
         with open(log, "a") as out:
             code = subprocess.run(train_command(base, run), stdout=out, stderr=subprocess.STDOUT,
                                   env=train_env()).returncode
-        state = run_status(run.run_dir, run.max_steps)
+        state = run.status()
         if code != 0 or state != "finished":
             failed.append(run.name)
             print(f"{prefix}: FAILED (exit code {code}, {state}); the last lines of {log}:\n"
@@ -163,6 +169,18 @@ def sbatch_command(script: Path, count: int, sbatch_args: str, max_parallel: int
     return ["sbatch", "--parsable", f"--array={array}", *shlex.split(sbatch_args), str(script)]
 
 
+def queued_jobs(name: str) -> list[str]:
+    """Ids and states of this user's queued or running jobs named `name` (`squeue -h -n NAME`); []
+    where squeue is not installed (sbatch would say so)."""
+    if shutil.which("squeue") is None:
+        return []
+    proc = subprocess.run(["squeue", "-h", "--me", "-n", name, "-o", "%i %T"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SweepError(f"squeue -h --me -n {name} failed (exit code {proc.returncode}): {proc.stderr.strip()}; "
+                         f"cannot tell whether an earlier array of this sweep is queued (--force submits anyway)")
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
 def run_slurm(sweep, base, template: Path, runs, statuses, sweep_dir: Path, args) -> int:
     if not template.is_file():
         print(f"sweep: --slurm {template}: no such template (the templates are slurm/*.sh)", file=sys.stderr)
@@ -171,6 +189,19 @@ def run_slurm(sweep, base, template: Path, runs, statuses, sweep_dir: Path, args
     if not todo:
         print(f"sweep: all {len(runs)} runs finished; nothing to submit")
         return 0
+    if not args.force:
+        try:
+            queued = queued_jobs(sweep.name)
+        except SweepError as error:
+            if not args.dry_run:
+                raise
+            queued = []
+            print(f"note: {error}")
+        if queued:
+            print(f"sweep: jobs of sweep {sweep.name} are still queued or running ({', '.join(queued)}): a new "
+                  f"array would run their unfinished runs a second time into the same directories. Wait for them "
+                  f"(or scancel them), or submit anyway with --force", file=sys.stderr)
+            return 1
     sweep_dir.mkdir(parents=True, exist_ok=True)
     script = sweep_dir / "sweep_array.sh"
     script.write_text(array_script(sweep, base, template, todo, sweep_dir))
@@ -199,7 +230,7 @@ def main(argv=None) -> int:
     except (SweepError, ConfigError) as error:
         print(f"sweep: {error}", file=sys.stderr)
         return 2
-    statuses = [run_status(run.run_dir, run.max_steps) for run in runs]
+    statuses = [run.status() for run in runs]
     print(describe_sweep(sweep, runs, statuses), flush=True)
     if args.slurm:
         try:

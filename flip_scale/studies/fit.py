@@ -43,6 +43,19 @@ class PowerLawFit:
             return math.inf
         return ((target - self.c) / self.a) ** (-1.0 / self.b)
 
+    def doubts(self) -> list[str]:
+        """Why the fit is not to be trusted (empty where it may be): b no larger than its own
+        uncertainty, or a negative floor c for an error or loss (both signs of a fit that did not
+        converge to a law, e.g. on points that do not bend like one)."""
+        reasons = []
+        if not self.b > 0:
+            reasons.append(f"b = {self.b:.3g} <= 0 (not decreasing)")
+        elif math.isfinite(self.b_err) and self.b_err > self.b:
+            reasons.append(f"b's uncertainty {self.b_err:.2g} exceeds b = {self.b:.3g}")
+        if not self.c_fixed and self.c < 0:
+            reasons.append(f"c = {self.c:.3g} < 0, below any error or loss")
+        return reasons
+
     def describe(self, what: str = "L") -> str:
         c_text = f"c = {self.c:.4g} (fixed)" if self.c_fixed else f"c = {self.c:.4g} +- {self.c_err:.2g}"
         return (f"{what}(C) = a C^-b + c: a = {self.a:.4g} +- {self.a_err:.2g}, b = {self.b:.4g} +- {self.b_err:.2g}, "
@@ -124,7 +137,14 @@ def fit_power_law(compute, values, fixed_c: Optional[float] = None, grid_points:
         cov = np.full((free, free), math.nan)
     # Back to C in the caller's units: a = exp(log a) scale^b; its error by the delta method.
     log_a, b = float(params[0]), float(params[1])
-    a = math.exp(log_a) * scale**b
+    try:
+        a = math.exp(log_a) * scale**b
+    except OverflowError:
+        raise FitError(f"the fit did not converge to a law (b = {b:.3g}, log a = {log_a:.3g} out of range): the "
+                       f"points do not fall like a C^-b + c") from None
+    if not (math.isfinite(a) and math.isfinite(b) and all(map(math.isfinite, params))):
+        raise FitError("the fit did not converge to a law (a parameter is not finite): the points do not fall like "
+                       "a C^-b + c")
     grad = np.array([a, a * math.log(scale)] + ([0.0] if free == 3 else []))  # d a / d (log a, b, c)
     a_err = math.sqrt(max(float(grad @ cov @ grad), 0.0)) if np.all(np.isfinite(cov)) else math.nan
     b_err = math.sqrt(max(float(cov[1, 1]), 0.0)) if math.isfinite(cov[1, 1]) else math.nan

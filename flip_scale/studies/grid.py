@@ -16,6 +16,7 @@ only) x max_steps x global_batch_size.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,12 @@ class PlannedRun:
     max_steps: int
     samples: int
     flops_per_sample: int
+    evaluates_at_end: bool = False  # eval.at_end with an evaluation configured: finished needs its record
+
+    def status(self) -> str:
+        """run_status of the run; whether it evaluates at the end is read from the config.yaml it
+        ran with where there is one (FLIP_ARGS of a Slurm job may have changed it), else the plan's."""
+        return run_status(self.run_dir, self.max_steps, _evaluates_at_end(self.run_dir, self.evaluates_at_end))
 
     @property
     def flops(self) -> float:
@@ -79,6 +86,13 @@ def parse_sweep(tree, where: str = "sweep") -> Sweep:
             raise SweepError(f"{where}: grid.{key} values must be plain values (numbers, strings), got {values!r}")
         if len({repr(v) for v in values}) < len(values):
             raise SweepError(f"{where}: grid.{key} repeats a value: {values!r}")
+        named = {}
+        for value in values:
+            other = named.setdefault(_name_text(value), value)
+            if other is not value:
+                raise SweepError(f"{where}: grid.{key} values {other!r} and {value!r} both appear as "
+                                 f"'{_name_text(value)}' in run names (floats are named to 6 significant digits); "
+                                 f"make them differ there")
     overrides = tree.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
         raise SweepError(f"{where}: 'overrides' must be a list of key=value strings, got {overrides!r}")
@@ -100,14 +114,21 @@ def load_sweep(path) -> Sweep:
 
 
 def _value_text(value) -> str:
-    """A grid value as it goes into a run name and a key=value override."""
+    """A grid value as it goes into a key=value override: exact (repr for floats, so optim.lr
+    0.0012345678 trains at 0.0012345678)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value)
     if value is None:
         return "null"
     return str(value)
+
+
+def _name_text(value) -> str:
+    """A grid value as it goes into a run name: floats short (:g), the characters of a directory name."""
+    text = f"{value:g}" if isinstance(value, float) else _value_text(value)
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
 
 
 def _short_keys(keys: list[str]) -> dict:
@@ -120,7 +141,7 @@ def _short_keys(keys: list[str]) -> dict:
 def run_name(values: dict) -> str:
     """`mask_ratio0.75_max_steps150` for {model.mask_ratio: 0.75, train.max_steps: 200}."""
     short = _short_keys(list(values))
-    parts = [f"{short[k]}{_value_text(v)}" for k, v in values.items()]
+    parts = [f"{short[k]}{_name_text(v)}" for k, v in values.items()]
     return re.sub(r"[^A-Za-z0-9._-]", "-", "_".join(parts))
 
 
@@ -144,17 +165,47 @@ def plan_sweep(sweep: Sweep, sweep_dir) -> list[PlannedRun]:
             raise SweepError(f"run {name} ({' '.join(overrides)}): {error}") from error
         samples = cfg.train.max_steps * cfg.train.global_batch_size
         flops = int(flops_for_config(cfg.model, training=True)["total"])
+        evaluates = bool(cfg.eval.at_end and (cfg.eval.zero_shot_shards or cfg.eval.retrieval_shards))
         runs.append(PlannedRun(name=name, run_dir=sweep_dir / name, overrides=overrides, values=values,
-                               max_steps=cfg.train.max_steps, samples=samples, flops_per_sample=flops))
+                               max_steps=cfg.train.max_steps, samples=samples, flops_per_sample=flops,
+                               evaluates_at_end=evaluates))
     names = [r.name for r in runs]
     if len(set(names)) < len(names):
         raise SweepError(f"sweep {sweep.name}: two runs get the same name ({names}); make the grid values distinct")
     return runs
 
 
-def run_status(run_dir, max_steps: int) -> str:
-    """'finished' (its latest checkpoint is at max_steps), 'partial' (started, resumable with
-    --resume auto) or 'new'."""
+def _has_eval_at(run_dir: Path, step: int) -> bool:
+    """Whether eval.jsonl holds a complete record of `step`."""
+    path = run_dir / "eval.jsonl"
+    if not path.is_file():
+        return False
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step") == step:
+            return True
+    return False
+
+
+def _evaluates_at_end(run_dir: Path, default: bool) -> bool:
+    try:
+        tree = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        evaluation = tree["eval"]
+        return bool(evaluation["at_end"] and (evaluation.get("zero_shot_shards") or evaluation.get("retrieval_shards")))
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return default
+
+
+def run_status(run_dir, max_steps: int, evaluates_at_end: bool = False) -> str:
+    """'finished', 'partial' (started, resumable with --resume auto) or 'new'.
+
+    Finished: its latest checkpoint is at max_steps and, where the run evaluates at the end
+    (eval.at_end with an evaluation configured), eval.jsonl has the record of max_steps. The trainer
+    writes the final checkpoint before that evaluation, so a run stopped during it is partial:
+    `--resume auto` at max_steps trains no step and runs the final evaluation only."""
     run_dir = Path(run_dir)
     latest = run_dir / "latest"
     step: Optional[int] = None
@@ -162,7 +213,7 @@ def run_status(run_dir, max_steps: int) -> str:
         match = re.fullmatch(r"step_(\d+)", latest.read_text().strip())
         if match and (run_dir / match.group(0)).is_dir():
             step = int(match.group(1))
-    if step is not None and step >= max_steps:
+    if step is not None and step >= max_steps and (not evaluates_at_end or _has_eval_at(run_dir, step)):
         return "finished"
     if step is not None or (run_dir / "config.yaml").exists() or (run_dir / "metrics.jsonl").exists():
         return "partial"

@@ -191,8 +191,9 @@ def plot_fit(groups: dict, fits: dict, frontier_points: list[tuple[float, float]
         fit = fits.get(name)
         if fit is not None and len(grid):
             curve = fit(grid)
-            ax.plot(grid, 1 - curve if accuracy else curve, "-", color=points.get_color(), alpha=0.6,
-                    label=f"{name} fit: b={fit.b:.2f}")
+            unreliable = bool(fit.doubts())
+            ax.plot(grid, 1 - curve if accuracy else curve, ":" if unreliable else "-", color=points.get_color(),
+                    alpha=0.6, label=f"{name} fit: b={fit.b:.2f}" + (" (unreliable)" if unreliable else ""))
     if frontier_points:
         fx, fy = zip(*frontier_points)
         ax.plot(fx, fy, "k--", linewidth=1, label="frontier")

@@ -3,9 +3,10 @@ three x axes a scaling study plots against (samples seen, training compute, wall
 
 Compute is the model's own count (`models/flops.py`: forward + backward of the visible tokens only,
 so a 75%-masked step costs what it really costs) times the samples seen. Wall-clock is the
-training time of the logged intervals (each record's samples over its `images_per_s`), without
-start-up, checkpoint writes and evaluation, so runs resumed several times add up as if they had
-run at once.
+time of the logged intervals (each record's samples over its `images_per_s`): start-up, the final
+checkpoint and the final evaluation are left out; periodic saves and evaluations inside the run,
+and the first step (compilation, warm-up), fall inside an interval and are included. Runs resumed
+several times add up their intervals as if they had run at once.
 """
 
 from __future__ import annotations
