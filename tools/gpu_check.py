@@ -75,7 +75,7 @@ def smoke_setup() -> Setup:
     common = ["train.device=cpu", "train.precision=bf16", "train.max_steps=100"]
     tiny = (str(ROOT / "configs/tiny.yaml"), common)
     return Setup(device="cpu", models={"B/16": tiny, "H/14": tiny}, batches={"tiny": 8},
-                 compile_options=(False,), steps=1, warmup=1, small_batch=8, search_start=2, search_bound=8,
+                 compile_options=(False,), steps=1, warmup=1, small_batch=8, search_start=4, search_bound=8,
                  search_step=2, search_tries=3, ds_precision=deepspeed_cpu_precision(),
                  notes=["smoke: the tiny model stands for B/16 and H/14 (measured once, as tiny), on the CPU, bf16 CPU autocast",
                         "smoke: no compiled blocks (inductor's C++ build takes longer than the smoke run)"])
