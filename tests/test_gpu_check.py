@@ -48,3 +48,34 @@ def test_gpu_check_smoke_reports_every_section():
     for result in searched.values():  # no OOM on the CPU: the search stops at its bound
         assert result["largest"] == sections["batch_search"]["bound"] and result["bounded"] is True
     assert all(_number(s["seconds"]) for s in sections.values() if "seconds" in s)
+
+
+def test_batch_search_catches_oom_and_bisects():
+    """The largest batch below a fake memory limit: OOM raised above it is caught, the search doubles
+    then bisects in multiples of its step, and stays within its bound and its number of tries."""
+    import types
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import torch
+
+    from gpu_check_sections import largest_batch
+
+    class FakeTrainer:
+        arch = types.SimpleNamespace(image_size=2, vocab_size=8, context_length=2)
+        def __init__(self):
+            self.tried = []
+
+        def train_step(self, batch):
+            self.tried.append(len(batch["images"]))
+            if len(batch["images"]) > 100:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+
+        def parameters(self):
+            return [torch.nn.Parameter(torch.zeros(1))]
+
+    trainer = FakeTrainer()
+    result = largest_batch(trainer, torch.device("cpu"), start=8, bound=4096, step=4, max_tries=10)
+    assert result == {"largest": 100, "tries": len(trainer.tried), "bounded": False}, (result, trainer.tried)
+    assert trainer.tried[:5] == [8, 16, 32, 64, 128]
+    assert largest_batch(FakeTrainer(), torch.device("cpu"), start=8, bound=64, step=4, max_tries=10)["largest"] == 64
+    assert largest_batch(FakeTrainer(), torch.device("cpu"), start=128, bound=256, step=4, max_tries=10)["largest"] == 0

@@ -52,6 +52,7 @@ def flash_check(setup) -> dict:
     the flash backend (a fallback raises), the profiler's CUDA kernel names checked for flash."""
     if setup.device == "cpu":
         return {"pass": None, "note": "not applicable on CPU (the flash kernel is CUDA's)"}
+    from torch.autograd import DeviceType
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
@@ -65,14 +66,16 @@ def flash_check(setup) -> dict:
                     profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 trainer.train_step(batch)
                 torch.cuda.synchronize()
-            kernels = sorted({event.key for event in prof.key_averages() if "flash" in event.key.lower()})
+            flash = [event for event in prof.key_averages() if "flash" in event.key.lower()]
+            kernels = sorted({e.key for e in flash if e.device_type == DeviceType.CUDA})  # the GPU kernels
+            ops = sorted({e.key for e in flash if e.device_type == DeviceType.CPU})  # the aten ops launching them
         except RuntimeError as failure:  # "No available kernel": some attention call needs another backend
-            error, kernels = str(failure).splitlines()[0], []
+            error, kernels, ops = str(failure).splitlines()[0], [], []
         precision = trainer.precision
         del trainer
     release(torch.device(setup.device))
-    return {"pass": precision == "bf16" and error is None and bool(kernels), "precision": precision,
-            "flash_kernels": kernels[:6], "error": error}
+    return {"pass": precision == "bf16" and error is None and bool(kernels or ops), "precision": precision,
+            "flash_kernels": kernels[:6], "flash_ops": ops[:6], "error": error}
 
 
 def throughput(setup, deadline: float) -> dict:
