@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -440,6 +441,12 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
         try:
             result = trainer.fit()
         except Exception as error:
+            if proc.world_size > 1:
+                # A teardown blocked by a dead or hung peer (an asynchronous checkpoint write waiting
+                # in a collective, the process group's shutdown) must not keep this rank alive.
+                guard = threading.Timer(trainer.watchdog.limit_s, os._exit, (1,))
+                guard.daemon = True
+                guard.start()
             if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError, CheckpointSaveError)):
                 # Name the step and the rank that stopped (a peer's death surfaces here as a failed collective).
                 log.error("flip_scale: %s", trainer.watchdog.report(error))

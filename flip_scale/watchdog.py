@@ -93,6 +93,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._fired = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._beater: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ the loop's side
     def start(self, step: int = 0) -> "Watchdog":
@@ -101,6 +102,10 @@ class Watchdog:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="flip-watchdog", daemon=True)
             self._thread.start()
+        if self.store is not None and (self._beater is None or not self._beater.is_alive()):
+            # Its own thread: a store write blocked by a hung rank 0 must not stall the checks.
+            self._beater = threading.Thread(target=self._beat_loop, name="flip-watchdog-beat", daemon=True)
+            self._beater.start()
         return self
 
     def progress(self, step: int) -> None:
@@ -145,17 +150,30 @@ class Watchdog:
         return f"rank {self.rank} at step {self.step + 1} ({doing}step {self.step} was the last finished)"
 
     def stopped_peers(self, wait_s: Optional[float] = None) -> str:
-        """Which ranks stopped reporting, as a sentence ('' with one rank or without a store)."""
+        """Which ranks stopped reporting, as a sentence ('' with one rank or without a store).
+        The store lives in rank 0's process: a hung rank 0 keeps its socket open and a read would
+        wait for the store's (start-up) timeout, so the probe runs in a daemon thread given about
+        two ticks more than its own wait; one that does not return names rank 0."""
         if self.store is None or self.world_size < 2:
             return ""
-        keys = [f"{_KEY}{r}" for r in range(self.world_size) if r != self.rank]
+        wait_s = wait_s if wait_s is not None else 1.5 * self.tick_s
+        answer: list[str] = []
+        probe = threading.Thread(target=lambda: answer.append(self._probe(wait_s)), name="flip-watchdog-probe",
+                                 daemon=True)
+        probe.start()
+        probe.join(wait_s + 2 * self.tick_s + 1.0)
+        return answer[0] if answer else "rank 0's store does not answer (rank 0 dead or hung)"
+
+    def _probe(self, wait_s: float) -> str:
+        others = [r for r in range(self.world_size) if r != self.rank]
+        keys = [f"{_KEY}{r}" for r in others]
         try:
             first = [self.store.get(key) for key in keys]
-            time.sleep(wait_s if wait_s is not None else 1.5 * self.tick_s)
+            time.sleep(wait_s)
             second = [self.store.get(key) for key in keys]
         except Exception as error:  # noqa: BLE001 - a store that is gone is an answer too
             return f"the process group's store (on rank 0) does not answer ({error}): rank 0 is gone"
-        still = [r for r, a, b in zip((r for r in range(self.world_size) if r != self.rank), first, second) if a == b]
+        still = [r for r, a, b in zip(others, first, second) if a == b]
         if not still:
             return "every other rank still reports (the fault is on this rank or in the network)"
         return "rank(s) " + ", ".join(map(str, still)) + " stopped reporting (dead or hung)"
@@ -179,9 +197,12 @@ class Watchdog:
         except Exception:  # noqa: BLE001 - a store that is gone: the loop's collectives will say so
             pass
 
-    def _run(self) -> None:
+    def _beat_loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             self._beat()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
             idle = time.monotonic() - self._last
             limit = self.current_limit_s if self.phase or not self.first_done else self.collective_timeout_s
             if idle > limit and self._fired.acquire(blocking=False):
