@@ -3,7 +3,7 @@
     watchdog = Watchdog(rank, world_size, first_limit_s=3600, limit_s=300)
     watchdog.start()
     ... watchdog.progress(step) after every step; with watchdog.long_phase("checkpoint save"): ...
-    watchdog.step_done(1) -> shorten_collective_timeouts(300): the long start-up allowance ends
+    watchdog.step_done(1) -> set_collective_timeouts(300): the long start-up allowance ends
     watchdog.stop()
 
 Two guards, one per way a peer can be lost:
@@ -45,21 +45,43 @@ EXIT_MARGIN_S = 2.0  # the failing rank's report, traceback and process-group te
 _KEY = "flip_scale/heartbeat/"
 
 
-def shorten_collective_timeouts(seconds: float) -> int:
+_SETTER_MISSING_LOGGED = []
+
+
+def _timeout_setter():
+    """torch's per-group timeout setter: `dist.set_timeout` in recent torch, the private
+    `_set_pg_timeout` before; None when neither exists."""
+    import torch.distributed as dist
+
+    setter = getattr(dist, "set_timeout", None)
+    if setter is None:
+        setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    return setter
+
+
+def set_collective_timeouts(seconds: float) -> int:
     """Give every process group of this rank the timeout `seconds`; returns how many were set.
     Groups created later (the asynchronous checkpoint writer's own) keep their own timeout."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return 0
+    setter = _timeout_setter()
+    if setter is None:
+        if not _SETTER_MISSING_LOGGED:
+            _SETTER_MISSING_LOGGED.append(True)
+            log.warning("this torch cannot change a process group's timeout: the groups keep their start-up "
+                        "timeout and the watchdog thread is the guard against a hung peer")
+        return 0
     groups = list(getattr(dist.distributed_c10d._world, "pg_map", {}) or [dist.group.WORLD])
     timeout = datetime.timedelta(seconds=seconds)
     done = 0
     for group in groups:
         try:
-            dist.set_timeout(timeout, group)
+            setter(timeout, group)
             done += 1
-        except (ValueError, RuntimeError, AssertionError) as error:  # not a member, or a backend without timeouts
+        except (ValueError, RuntimeError, AssertionError, AttributeError) as error:
+            # not a member, a backend without timeouts, or a torch whose groups lack the setter
             log.debug("collective timeout of a group left as it was: %s", error)
     return done
 
@@ -115,7 +137,7 @@ class Watchdog:
             self.first_done = True
             if self.world_size == 1:
                 return
-            count = shorten_collective_timeouts(self.collective_timeout_s)
+            count = set_collective_timeouts(self.collective_timeout_s)
             log.info("first step done: collective timeout now %.1f s (%d process groups), watchdog limit %.1f s",
                      self.collective_timeout_s, count, self.limit_s)
 

@@ -30,3 +30,34 @@ def test_a_rank_stuck_outside_collectives_exits_within_the_limit_naming_its_step
     assert "after the save" in proc.stdout
     assert "rank 3 at step 9 (step 8 was the last finished): no progress" in proc.stderr, proc.stderr
     assert seconds < 10, seconds
+
+
+def _one_rank_group():
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from dist_utils import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def test_collective_timeouts_are_set_through_whichever_setter_this_torch_has(monkeypatch, caplog):
+    import torch.distributed as dist
+
+    from flip_scale import watchdog
+
+    _one_rank_group()
+    try:
+        seen = []
+        monkeypatch.delattr(dist, "set_timeout", raising=False)
+        monkeypatch.setattr(dist.distributed_c10d, "_set_pg_timeout", lambda timeout, group: seen.append(timeout))
+        assert watchdog.set_collective_timeouts(7) >= 1 and seen[0].total_seconds() == 7  # the older torch's setter
+        monkeypatch.delattr(dist.distributed_c10d, "_set_pg_timeout")
+        monkeypatch.setattr(watchdog, "_SETTER_MISSING_LOGGED", [])
+        with caplog.at_level("WARNING", logger="flip_scale.watchdog"):
+            assert watchdog.set_collective_timeouts(7) == 0
+            assert watchdog.set_collective_timeouts(7) == 0
+        said = [r.message for r in caplog.records if "cannot change a process group's timeout" in r.message]
+        assert len(said) == 1 and "watchdog thread is the guard" in said[0]
+    finally:
+        dist.destroy_process_group()
