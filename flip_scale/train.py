@@ -26,13 +26,13 @@ from typing import Optional
 import torch
 
 from . import preemption
-from .checkpoint import CheckpointManager, CheckpointSaveError, resolve_resume
+from .checkpoint import CheckpointManager, CheckpointSaveError, IncompatibleCheckpoint, check_compatible, resolve_resume
 from .checkpoint.space import NotEnoughSpace, check_free_space
 from .config import Config, ConfigError, collective_timeouts, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
 from .engine import build_engine
 from .metrics import DeviceSkipCounter, MetricsWriter, StepMetrics, format_duration
-from .models import build_model, count_parameters, masking_noise
+from .models import arch_from_config, build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
 from .preflight import check_determinism, check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
 from .runtime import configure_determinism, on_rank0_for_all, setup_logging
@@ -417,6 +417,13 @@ class Trainer:
         self.engine.close()
 
 
+def _resolve_and_check(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    checkpoint = resolve_resume(resume, run_dir)
+    if checkpoint is not None:
+        check_compatible(checkpoint, arch_from_config(cfg.model).to_dict(), asdict(cfg.model))
+    return checkpoint
+
+
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
     # Before the process group and the first CUDA call (cuBLAS reads its workspace setting once).
     check_determinism(cfg)
@@ -427,11 +434,12 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
     preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     trainer = None
     try:
+        # Rank 0 picks the checkpoint and every rank takes its choice (ranks looking at a shared
+        # file system on their own could see different `latest` files); one this run can never
+        # load (a newer format, another architecture) is refused before the engine is built.
+        checkpoint = on_rank0_for_all(lambda: _resolve_and_check(cfg, resume, Path(run_dir)))
         trainer = Trainer(cfg, run_dir, proc)
         trainer.describe()
-        # Rank 0 picks the checkpoint and every rank takes its choice (ranks looking at a shared
-        # file system on their own could see different `latest` files).
-        checkpoint = on_rank0_for_all(lambda: resolve_resume(resume, Path(run_dir)))
         if checkpoint is not None:
             trainer.resume(checkpoint)
         elif resume == "auto":
@@ -499,6 +507,9 @@ def main(argv=None) -> int:
     except CheckpointSaveError as error:
         print(f"flip-train: checkpoint error: {error}", file=sys.stderr)
         return 1
+    except IncompatibleCheckpoint as error:  # the same on every try: a usage error, never requeued
+        print(f"flip-train: checkpoint error: {error}", file=sys.stderr)
+        return 2
     except NotEnoughSpace as error:  # the same on every try: like a usage error, never requeued
         print(f"flip-train: run directory error: {error}", file=sys.stderr)
         return 2

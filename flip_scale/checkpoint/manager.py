@@ -53,7 +53,7 @@ import torch.distributed as dist
 from ..distributed import barrier
 from ..runtime import any_rank, distributed, write_json_atomic
 from .compat import check_architecture
-from .errors import CheckpointSaveError
+from .errors import CheckpointSaveError, IncompatibleCheckpoint
 from .dcp import AsyncWriter, load_state, rng_state, save_state, set_rng_state
 from .store import (
     CheckpointError, checkpoint_problem, commit_step_dir, find_latest, prune_checkpoints, read_rank_blobs,
@@ -107,6 +107,26 @@ _NEEDS = {
     "rank_blobs": ("state_dict", "load_state_dict", "blob_name", "blob_prefix"),
 }
 DEFAULT_PARTIAL_STATE_KEYS = ("optim",)
+def check_compatible(path: Path, model_arch: Optional[dict] = None, model_config: Optional[dict] = None) -> None:
+    """Refuse (IncompatibleCheckpoint) a complete checkpoint this flip_scale cannot load: a newer
+    format_version, or (with `model_arch`) another architecture. Reads only its small files, so
+    the trainer checks it before building the engine."""
+    path = Path(path)
+    written = json.loads((path / "trainer_state.json").read_text()).get("format_version", 1)
+    if not isinstance(written, int) or written > FORMAT_VERSION:
+        raise IncompatibleCheckpoint(
+            f"{path} has checkpoint format_version {written!r} (trainer_state.json), newer than the {FORMAT_VERSION} "
+            f"this flip_scale reads: resume it with the flip_scale that wrote it, or start from its weights with that "
+            f"version's tools/convert_ckpt.py consolidate")
+    if model_arch is not None:
+        try:
+            check_architecture(path, model_arch, model_config)
+        except IncompatibleCheckpoint:
+            raise
+        except CheckpointError as error:
+            raise IncompatibleCheckpoint(str(error)) from None
+
+
 # The layout of a step directory this code writes and reads (trainer_state.json "format_version";
 # checkpoints from before it was recorded are version 1). A newer one is refused before loading.
 FORMAT_VERSION = 1
@@ -361,13 +381,7 @@ class CheckpointManager:
         problem = checkpoint_problem(path)
         if problem is not None:
             raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
-        written = json.loads((path / "trainer_state.json").read_text()).get("format_version", 1)
-        if not isinstance(written, int) or written > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has checkpoint format_version {written!r} (trainer_state.json), newer than "
-                                  f"the {FORMAT_VERSION} this flip_scale reads: resume it with the flip_scale that wrote "
-                                  f"it, or start from its weights with that version's tools/convert_ckpt.py consolidate")
-        if self.model_arch is not None:
-            check_architecture(path, self.model_arch, self.model_config)
+        check_compatible(path, self.model_arch, self.model_config)
         for component in self._of_kind("sharded"):
             template = component.state_dict()
             partial_keys = set(getattr(component, "partial_state_keys", DEFAULT_PARTIAL_STATE_KEYS))
