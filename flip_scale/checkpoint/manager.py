@@ -273,8 +273,6 @@ class CheckpointManager:
         except _SaveFailed as failure:
             self._failed(final, tmp, failure)
             return None
-        if not self.cfg.async_save:
-            self.failed_in_a_row = 0
         return path
 
     def _write(self, step: int, tmp: Path, final: Path) -> Path:
@@ -324,6 +322,7 @@ class CheckpointManager:
                 commit_step_dir(tmp, final)
 
         _agreed(f"renaming {tmp} to {final.name} and pointing latest at it", rename)
+        self.failed_in_a_row = 0  # written and committed: synchronous, background or engine files alike
         if _rank() == 0:
             try:
                 prune_checkpoints(self.run_dir, keep_last, keep_every, step)
@@ -355,13 +354,11 @@ class CheckpointManager:
         when none is pending). A failed one is handled as `save` handles a failure."""
         final = self._writer.pending
         try:
-            committed = self._writer.finalize()
+            self._writer.finalize()
         except CheckpointError as error:
             failure = error if isinstance(error, _SaveFailed) else _SaveFailed("the background write", error)
             self._failed(final, final.with_name(final.name + ".tmp"), failure)
             return
-        if committed is not None:
-            self.failed_in_a_row = 0
 
     def abandon(self) -> None:
         """After a failure: let this rank's background write finish, but do not commit it (the
