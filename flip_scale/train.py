@@ -141,6 +141,7 @@ class Trainer:
             states={"engine": self.engine, "trainer": TrainerRecord(self.state, self.engine, proc.world_size),
                     "data": self.data_position},
             model_arch=self.arch.to_dict(), model_config=asdict(cfg.model),
+            writer_timeout_s=collective_timeouts(cfg)[0],  # the long one: the watchdog never shortens it
         )
         self.metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=cfg.logging.tensorboard)
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window, self.run_dir / "spikes.jsonl",

@@ -59,27 +59,29 @@ def _timeout_setter():
     return setter
 
 
-def set_collective_timeouts(seconds: float) -> int:
-    """Give every process group of this rank the timeout `seconds`; returns how many were set.
-    Groups created later (the asynchronous checkpoint writer's own) keep their own timeout."""
+def set_collective_timeouts(seconds: float, groups: Optional[list] = None) -> list:
+    """Give `groups` (default: every process group of this rank) the timeout `seconds`; returns
+    the groups that were set. Groups created later (the asynchronous checkpoint writer's own,
+    made with the long timeout) keep their own."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return 0
+        return []
     setter = _timeout_setter()
     if setter is None:
         if not _SETTER_MISSING_LOGGED:
             _SETTER_MISSING_LOGGED.append(True)
             log.warning("this torch cannot change a process group's timeout: the groups keep their start-up "
                         "timeout and the watchdog thread is the guard against a hung peer")
-        return 0
-    groups = list(getattr(dist.distributed_c10d._world, "pg_map", {}) or [dist.group.WORLD])
+        return []
+    if groups is None:
+        groups = list(getattr(dist.distributed_c10d._world, "pg_map", {}) or [dist.group.WORLD])
     timeout = datetime.timedelta(seconds=seconds)
-    done = 0
+    done = []
     for group in groups:
         try:
             setter(timeout, group)
-            done += 1
+            done.append(group)
         except (ValueError, RuntimeError, AssertionError, AttributeError) as error:
             # not a member, a backend without timeouts, or a torch whose groups lack the setter
             log.debug("collective timeout of a group left as it was: %s", error)
@@ -116,6 +118,7 @@ class Watchdog:
         self._fired = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._beater: Optional[threading.Thread] = None
+        self._short_groups: list = []  # the process groups the first step gave the short timeout
 
     # ------------------------------------------------------------------ the loop's side
     def start(self, step: int = 0) -> "Watchdog":
@@ -137,19 +140,25 @@ class Watchdog:
             self.first_done = True
             if self.world_size == 1:
                 return
-            count = set_collective_timeouts(self.collective_timeout_s)
+            self._short_groups = set_collective_timeouts(self.collective_timeout_s)
             log.info("first step done: collective timeout now %.1f s (%d process groups), watchdog limit %.1f s",
-                     self.collective_timeout_s, count, self.limit_s)
+                     self.collective_timeout_s, len(self._short_groups), self.limit_s)
 
     @contextlib.contextmanager
     def long_phase(self, what: str):
         """A phase that may take longer than a step (a checkpoint save, an evaluation): the start-up
-        limit applies while it runs."""
+        limit applies while it runs, to the watchdog thread and to the process groups the first
+        step shortened (given the long timeout on entry, the short one back on exit)."""
         previous, self.phase = self.phase, what
         self._last = time.monotonic()
+        lengthen = previous is None and bool(self._short_groups)
+        if lengthen:
+            set_collective_timeouts(self.first_limit_s, self._short_groups)
         try:
             yield
         finally:
+            if lengthen:
+                set_collective_timeouts(self.collective_timeout_s, self._short_groups)
             self.phase, self._last = previous, time.monotonic()
 
     def stop(self) -> None:

@@ -168,10 +168,12 @@ class CheckpointManager:
     (every_steps, keep_last, keep_every, async_save). `model_arch` / `model_config` (the run's
     FlipArch.to_dict() and `model` section): `load` refuses a checkpoint of another architecture,
     or of other options that change what the model computes, before anything is loaded.
-    `writer`: the AsyncWriter background saves go through (default: the manager's own)."""
+    `writer`: the AsyncWriter background saves go through (default: the manager's own, its gloo
+    group with the collective timeout `writer_timeout_s`)."""
 
     def __init__(self, run_dir, cfg, states: dict, *, config_yaml: str, model_arch: Optional[dict] = None,
-                 model_config: Optional[dict] = None, writer: Optional[AsyncWriter] = None):
+                 model_config: Optional[dict] = None, writer: Optional[AsyncWriter] = None,
+                 writer_timeout_s: Optional[float] = None):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.states = dict(states)
@@ -193,7 +195,7 @@ class CheckpointManager:
                     raise ValueError(f"checkpoint component {key!r}: blob_name {component.blob_name!r} is not "
                                      f"blob_prefix {component.blob_prefix!r} followed by an index: a load would not "
                                      f"find it")
-        self._writer = writer if writer is not None else AsyncWriter()
+        self._writer = writer if writer is not None else AsyncWriter(writer_timeout_s)
         self.failed_in_a_row = 0  # saves that failed since the last one that was written
 
     def _of_kind(self, kind: str) -> list:
