@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from collections import deque
 from pathlib import Path
@@ -44,7 +45,8 @@ class SpikeDetector:
         value = reduce_float(float(loss), group, device, "sum") / size
         full = len(self.history) == self.window
         median = statistics.median(self.history) if full else None
-        self.history.append(value)
+        if math.isfinite(value):  # a non-finite step (skipped by the trainer) would poison the median
+            self.history.append(value)
         if median is None or not value > self.factor * median:
             return None
         mine = [{"shard": shard, "key": key}

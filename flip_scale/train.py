@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,13 +26,13 @@ from typing import Optional
 import torch
 
 from . import preemption
-from .checkpoint import CheckpointManager, CheckpointSaveError, resolve_resume
+from .checkpoint import CheckpointManager, CheckpointSaveError, IncompatibleCheckpoint, check_compatible, resolve_resume
 from .checkpoint.space import NotEnoughSpace, check_free_space
 from .config import Config, ConfigError, collective_timeouts, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
 from .engine import build_engine
 from .metrics import DeviceSkipCounter, MetricsWriter, StepMetrics, format_duration
-from .models import build_model, count_parameters, masking_noise
+from .models import arch_from_config, build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
 from .preflight import check_determinism, check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
 from .runtime import configure_determinism, on_rank0_for_all, setup_logging
@@ -140,6 +141,7 @@ class Trainer:
             states={"engine": self.engine, "trainer": TrainerRecord(self.state, self.engine, proc.world_size),
                     "data": self.data_position},
             model_arch=self.arch.to_dict(), model_config=asdict(cfg.model),
+            writer_timeout_s=collective_timeouts(cfg)[0],  # the long one: the watchdog never shortens it
         )
         self.metrics = MetricsWriter(self.run_dir, enabled=proc.is_main, tensorboard=cfg.logging.tensorboard)
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window, self.run_dir / "spikes.jsonl",
@@ -416,6 +418,13 @@ class Trainer:
         self.engine.close()
 
 
+def _resolve_and_check(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    checkpoint = resolve_resume(resume, run_dir)
+    if checkpoint is not None:
+        check_compatible(checkpoint, arch_from_config(cfg.model).to_dict(), asdict(cfg.model))
+    return checkpoint
+
+
 def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Optional[str] = None) -> dict:
     # Before the process group and the first CUDA call (cuBLAS reads its workspace setting once).
     check_determinism(cfg)
@@ -426,11 +435,12 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
     preemption.install()  # SIGUSR1: save at the next step boundary and exit preemption.EXIT_CODE
     trainer = None
     try:
+        # Rank 0 picks the checkpoint and every rank takes its choice (ranks looking at a shared
+        # file system on their own could see different `latest` files); one this run can never
+        # load (a newer format, another architecture) is refused before the engine is built.
+        checkpoint = on_rank0_for_all(lambda: _resolve_and_check(cfg, resume, Path(run_dir)))
         trainer = Trainer(cfg, run_dir, proc)
         trainer.describe()
-        # Rank 0 picks the checkpoint and every rank takes its choice (ranks looking at a shared
-        # file system on their own could see different `latest` files).
-        checkpoint = on_rank0_for_all(lambda: resolve_resume(resume, Path(run_dir)))
         if checkpoint is not None:
             trainer.resume(checkpoint)
         elif resume == "auto":
@@ -440,6 +450,12 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
         try:
             result = trainer.fit()
         except Exception as error:
+            if proc.world_size > 1:
+                # A teardown blocked by a dead or hung peer (an asynchronous checkpoint write waiting
+                # in a collective, the process group's shutdown) must not keep this rank alive.
+                guard = threading.Timer(trainer.watchdog.limit_s, os._exit, (1,))
+                guard.daemon = True
+                guard.start()
             if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError, CheckpointSaveError)):
                 # Name the step and the rank that stopped (a peer's death surfaces here as a failed collective).
                 log.error("flip_scale: %s", trainer.watchdog.report(error))
@@ -492,6 +508,9 @@ def main(argv=None) -> int:
     except CheckpointSaveError as error:
         print(f"flip-train: checkpoint error: {error}", file=sys.stderr)
         return 1
+    except IncompatibleCheckpoint as error:  # the same on every try: a usage error, never requeued
+        print(f"flip-train: checkpoint error: {error}", file=sys.stderr)
+        return 2
     except NotEnoughSpace as error:  # the same on every try: like a usage error, never requeued
         print(f"flip-train: run directory error: {error}", file=sys.stderr)
         return 2

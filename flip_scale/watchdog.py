@@ -3,7 +3,7 @@
     watchdog = Watchdog(rank, world_size, first_limit_s=3600, limit_s=300)
     watchdog.start()
     ... watchdog.progress(step) after every step; with watchdog.long_phase("checkpoint save"): ...
-    watchdog.step_done(1) -> shorten_collective_timeouts(300): the long start-up allowance ends
+    watchdog.step_done(1) -> set_collective_timeouts(300): the long start-up allowance ends
     watchdog.stop()
 
 Two guards, one per way a peer can be lost:
@@ -45,21 +45,45 @@ EXIT_MARGIN_S = 2.0  # the failing rank's report, traceback and process-group te
 _KEY = "flip_scale/heartbeat/"
 
 
-def shorten_collective_timeouts(seconds: float) -> int:
-    """Give every process group of this rank the timeout `seconds`; returns how many were set.
-    Groups created later (the asynchronous checkpoint writer's own) keep their own timeout."""
+_SETTER_MISSING_LOGGED = []
+
+
+def _timeout_setter():
+    """torch's per-group timeout setter: `dist.set_timeout` in recent torch, the private
+    `_set_pg_timeout` before; None when neither exists."""
+    import torch.distributed as dist
+
+    setter = getattr(dist, "set_timeout", None)
+    if setter is None:
+        setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    return setter
+
+
+def set_collective_timeouts(seconds: float, groups: Optional[list] = None) -> list:
+    """Give `groups` (default: every process group of this rank) the timeout `seconds`; returns
+    the groups that were set. Groups created later (the asynchronous checkpoint writer's own,
+    made with the long timeout) keep their own."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    groups = list(getattr(dist.distributed_c10d._world, "pg_map", {}) or [dist.group.WORLD])
+        return []
+    setter = _timeout_setter()
+    if setter is None:
+        if not _SETTER_MISSING_LOGGED:
+            _SETTER_MISSING_LOGGED.append(True)
+            log.warning("this torch cannot change a process group's timeout: the groups keep their start-up "
+                        "timeout and the watchdog thread is the guard against a hung peer")
+        return []
+    if groups is None:
+        groups = list(getattr(dist.distributed_c10d._world, "pg_map", {}) or [dist.group.WORLD])
     timeout = datetime.timedelta(seconds=seconds)
-    done = 0
+    done = []
     for group in groups:
         try:
-            dist.set_timeout(timeout, group)
-            done += 1
-        except (ValueError, RuntimeError, AssertionError) as error:  # not a member, or a backend without timeouts
+            setter(timeout, group)
+            done.append(group)
+        except (ValueError, RuntimeError, AssertionError, AttributeError) as error:
+            # not a member, a backend without timeouts, or a torch whose groups lack the setter
             log.debug("collective timeout of a group left as it was: %s", error)
     return done
 
@@ -93,6 +117,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._fired = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._beater: Optional[threading.Thread] = None
+        self._short_groups: list = []  # the process groups the first step gave the short timeout
 
     # ------------------------------------------------------------------ the loop's side
     def start(self, step: int = 0) -> "Watchdog":
@@ -101,6 +127,10 @@ class Watchdog:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="flip-watchdog", daemon=True)
             self._thread.start()
+        if self.store is not None and (self._beater is None or not self._beater.is_alive()):
+            # Its own thread: a store write blocked by a hung rank 0 must not stall the checks.
+            self._beater = threading.Thread(target=self._beat_loop, name="flip-watchdog-beat", daemon=True)
+            self._beater.start()
         return self
 
     def progress(self, step: int) -> None:
@@ -110,19 +140,25 @@ class Watchdog:
             self.first_done = True
             if self.world_size == 1:
                 return
-            count = shorten_collective_timeouts(self.collective_timeout_s)
+            self._short_groups = set_collective_timeouts(self.collective_timeout_s)
             log.info("first step done: collective timeout now %.1f s (%d process groups), watchdog limit %.1f s",
-                     self.collective_timeout_s, count, self.limit_s)
+                     self.collective_timeout_s, len(self._short_groups), self.limit_s)
 
     @contextlib.contextmanager
     def long_phase(self, what: str):
         """A phase that may take longer than a step (a checkpoint save, an evaluation): the start-up
-        limit applies while it runs."""
+        limit applies while it runs, to the watchdog thread and to the process groups the first
+        step shortened (given the long timeout on entry, the short one back on exit)."""
         previous, self.phase = self.phase, what
         self._last = time.monotonic()
+        lengthen = previous is None and bool(self._short_groups)
+        if lengthen:
+            set_collective_timeouts(self.first_limit_s, self._short_groups)
         try:
             yield
         finally:
+            if lengthen:
+                set_collective_timeouts(self.collective_timeout_s, self._short_groups)
             self.phase, self._last = previous, time.monotonic()
 
     def stop(self) -> None:
@@ -145,17 +181,30 @@ class Watchdog:
         return f"rank {self.rank} at step {self.step + 1} ({doing}step {self.step} was the last finished)"
 
     def stopped_peers(self, wait_s: Optional[float] = None) -> str:
-        """Which ranks stopped reporting, as a sentence ('' with one rank or without a store)."""
+        """Which ranks stopped reporting, as a sentence ('' with one rank or without a store).
+        The store lives in rank 0's process: a hung rank 0 keeps its socket open and a read would
+        wait for the store's (start-up) timeout, so the probe runs in a daemon thread given about
+        two ticks more than its own wait; one that does not return names rank 0."""
         if self.store is None or self.world_size < 2:
             return ""
-        keys = [f"{_KEY}{r}" for r in range(self.world_size) if r != self.rank]
+        wait_s = wait_s if wait_s is not None else 1.5 * self.tick_s
+        answer: list[str] = []
+        probe = threading.Thread(target=lambda: answer.append(self._probe(wait_s)), name="flip-watchdog-probe",
+                                 daemon=True)
+        probe.start()
+        probe.join(wait_s + 2 * self.tick_s + 1.0)
+        return answer[0] if answer else "rank 0's store does not answer (rank 0 dead or hung)"
+
+    def _probe(self, wait_s: float) -> str:
+        others = [r for r in range(self.world_size) if r != self.rank]
+        keys = [f"{_KEY}{r}" for r in others]
         try:
             first = [self.store.get(key) for key in keys]
-            time.sleep(wait_s if wait_s is not None else 1.5 * self.tick_s)
+            time.sleep(wait_s)
             second = [self.store.get(key) for key in keys]
         except Exception as error:  # noqa: BLE001 - a store that is gone is an answer too
             return f"the process group's store (on rank 0) does not answer ({error}): rank 0 is gone"
-        still = [r for r, a, b in zip((r for r in range(self.world_size) if r != self.rank), first, second) if a == b]
+        still = [r for r, a, b in zip(others, first, second) if a == b]
         if not still:
             return "every other rank still reports (the fault is on this rank or in the network)"
         return "rank(s) " + ", ".join(map(str, still)) + " stopped reporting (dead or hung)"
@@ -179,9 +228,12 @@ class Watchdog:
         except Exception:  # noqa: BLE001 - a store that is gone: the loop's collectives will say so
             pass
 
-    def _run(self) -> None:
+    def _beat_loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             self._beat()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
             idle = time.monotonic() - self._last
             limit = self.current_limit_s if self.phase or not self.first_done else self.collective_timeout_s
             if idle > limit and self._fired.acquire(blocking=False):

@@ -207,12 +207,16 @@ if [ "$FLIP_RESTART_COUNT" -gt 0 ]; then
   fi
 fi
 
-# flip_step_refused SRUN_STDERR_FILE: whether srun failed before any task started (it could not
-# create the step). tee may still be writing: look for a moment.
+# flip_step_refused SRUN_STDERR_FILE: whether srun refused the step for a reason that is the same
+# on every try (the allocation cannot hold what the step asks for, an invalid option). A transient
+# refusal ("Job/step already completing", "Socket timed out", "Unable to contact slurm controller",
+# "Required node not available") is not one: it is requeued as a failure. tee may still be
+# writing: look for a moment.
+FLIP_STEP_REFUSED_RE='^srun: (error|fatal): .*(More processors requested than permitted|Requested node configuration is not available|Memory required by task is not available|Invalid generic resource|[Ii]nvalid .*(--cpus-per-task|cpus-per-task|--gres|gres))'
 flip_step_refused() {
   local i
   for i in 1 2 3 4 5; do
-    grep -qE '^srun: (error: Unable to create step|error: Unable to allocate resources|fatal: )' "$1" 2>/dev/null && return 0
+    grep -qE "$FLIP_STEP_REFUSED_RE" "$1" 2>/dev/null && return 0
     sleep 0.1
   done
   return 1

@@ -403,13 +403,22 @@ def test_async_save_overlaps_training_and_resumes_exactly(tmp_path, synthetic_di
     assert all(resumed[s] == reference[s] for s in (4, 5, 6)), (resumed, reference)
 
 
-def test_other_architecture_is_refused_naming_the_keys(tmp_path, synthetic_dir, uninterrupted):
+def _refused_resume(run_dir: Path, args: list[str], checkpoint: Path, capfd) -> str:
+    """A resume of a checkpoint this run can never load: exit 2 (a usage error) and the message."""
+    from flip_scale.train import main
+
+    capfd.readouterr()
+    assert main(["--run-dir", str(run_dir), "--resume", str(checkpoint), *args]) == 2
+    err = capfd.readouterr().err
+    assert "flip-train: checkpoint error:" in err, err[-2000:]
+    return err
+
+
+def test_other_architecture_is_refused_naming_the_keys(tmp_path, synthetic_dir, uninterrupted, capfd):
     run_dir, _, _ = uninterrupted
     checkpoint = run_dir / "step_00000003"
     args = _overrides(synthetic_dir, 6, 3, 0, "model.vocab_size=1024")
-    with pytest.raises(CheckpointError) as error:
-        _train(tmp_path / "other", args, resume=str(checkpoint))
-    message = str(error.value)
+    message = _refused_resume(tmp_path / "other", args, checkpoint, capfd)
     assert "vocab_size: 512 in the checkpoint, 1024 now" in message
     assert "model.vocab_size" in message and str(checkpoint) in message
     with pytest.raises(CheckpointError, match="model.vocab_size"):
@@ -419,7 +428,8 @@ def test_other_architecture_is_refused_naming_the_keys(tmp_path, synthetic_dir, 
     assert not (tmp_path / "other" / "metrics.jsonl").exists()  # refused before training
 
 
-def test_other_model_options_are_refused_on_resume_and_logged_on_init_from(tmp_path, synthetic_dir, uninterrupted):
+def test_other_model_options_are_refused_on_resume_and_logged_on_init_from(tmp_path, synthetic_dir, uninterrupted,
+                                                                           capfd):
     """Options that change the computation but no shape (pooling, text masks, norm eps): a resume
     is refused naming them; --init-from (a fine-tune start, which may intend them) logs them and trains."""
     from flip_scale.train import main
@@ -427,9 +437,7 @@ def test_other_model_options_are_refused_on_resume_and_logged_on_init_from(tmp_p
     run_dir, _, _ = uninterrupted
     checkpoint = run_dir / "step_00000003"
     changed = ["model.vision_pool=cls", "model.text_causal=true", "model.norm_eps=1e-5"]
-    with pytest.raises(CheckpointError) as error:
-        _train(tmp_path / "other", _overrides(synthetic_dir, 6, 3, 0, *changed), resume=str(checkpoint))
-    message = str(error.value)
+    message = _refused_resume(tmp_path / "other", _overrides(synthetic_dir, 6, 3, 0, *changed), checkpoint, capfd)
     for expected in ("model.vision_pool ('avg_patches' in the checkpoint, 'cls' now)",
                      "model.text_causal (False in the checkpoint, True now)",
                      "model.norm_eps (1e-06 in the checkpoint, 1e-05 now)", str(checkpoint)):

@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from dist_utils import run_distributed
 from flip_scale.checkpoint import (
-    CheckpointError, CheckpointManager, find_latest, is_complete, list_checkpoints, open_checkpoint, read_rank_blobs,
+    CheckpointError, CheckpointManager, CheckpointSaveError, find_latest, is_complete, list_checkpoints, open_checkpoint,
+    read_rank_blobs, step_dir_name,
 )
 from flip_scale.data.resume import data_state_for_resume as merge_blobs
 
@@ -191,6 +192,39 @@ def test_an_engine_that_writes_its_own_files_resumes_and_is_pruned(tmp_path):
     CheckpointManager(tmp_path / "dcp", _Cfg(), _states(engine), config_yaml="").save(1)
     (tmp_path / "dcp" / "step_00000001" / ".metadata").unlink()
     assert not is_complete(tmp_path / "dcp" / "step_00000001")
+
+
+class _FailingNotes(_Notes):
+    """A files-kind engine whose save fails while `fail` is set (a full disk)."""
+
+    fail = False
+
+    def save_files(self, tmp_dir: Path) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        super().save_files(tmp_dir)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_written_save_resets_the_failures_in_a_row_for_every_engine_kind(tmp_path, async_save):
+    """No sharded state (a DeepSpeed-like engine) with async_save too: a save that is written ends
+    the run of failures, so max_failed_saves counts failures in a row, not in all."""
+    notes = _FailingNotes("x")
+    cfg = _Cfg(async_save=async_save)
+    cfg.max_failed_saves = 1
+    manager = CheckpointManager(tmp_path, cfg, {"notes": notes, "trainer": _Trainer({"world_size": 1})},
+                                config_yaml="")
+    for step in (1, 3, 5):
+        notes.fail = True
+        assert manager.save(step) is None and manager.failed_in_a_row == 1
+        notes.fail = False
+        assert manager.save(step + 1) == tmp_path / step_dir_name(step + 1)
+        manager.finalize()
+        assert manager.failed_in_a_row == 0, step
+    notes.fail = True
+    manager.save(7)
+    with pytest.raises(CheckpointSaveError, match="2 saves in a row failed, more than checkpoint.max_failed_saves=1"):
+        manager.save(9)
 
 
 def test_partial_state_keys_load_what_the_checkpoint_has(tmp_path):

@@ -341,6 +341,16 @@ def test_a_step_srun_cannot_create_is_a_usage_error_never_requeued(tmp_path):
     assert "srun could not create the job step; this is a usage error" in proc.stderr
     assert f"    {said}" in proc.stderr and "NPROC_PER_NODE=2" in proc.stderr
     assert not (tmp_path / "scontrol_calls").exists()  # not requeued
+    for said in ("srun: error: Invalid generic resource (gres) specification",
+                 "srun: error: Invalid numeric value \"x\" for --cpus-per-task."):
+        proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env={"FAKE_SRUN_STDERR": said})
+        assert proc.returncode == 2 and "srun could not create the job step" in proc.stderr, proc.stderr
+    # A transient refusal (the controller busy, a step still completing) is a failure: requeued.
+    said = "srun: error: Unable to create step for job 4242: Job/step already completing or completed"
+    proc = _run_template(tmp_path, "flip_b16", rc=1, extra_env={"FAKE_SRUN_STDERR": said})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "usage error" not in proc.stderr and "the trainer failed (exit code 1); requeueing" in proc.stderr
+    assert (tmp_path / "scontrol_calls").read_text().splitlines() == ["requeue 4242"]
 
 
 def test_a_time_limit_under_the_signal_lead_is_reported_and_the_signal_moved(tmp_path):

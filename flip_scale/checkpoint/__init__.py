@@ -23,7 +23,8 @@ would pick.
                    and Adam moments assembled from the ZeRO-1/2/3 partitions one parameter at a time
   safety.py        loading files without running code (restricted unpickler, weights_only loads)
   space.py         the free-space check at start (expected checkpoint size x checkpoints kept)
-  errors.py        CheckpointError, CheckpointSaveError (a failed save that stops the run)
+  errors.py        CheckpointError, CheckpointSaveError (a failed save that stops the run),
+                   IncompatibleCheckpoint (one this run can never load: exit 2)
 
 Dependencies point one way. This package imports config, runtime, distributed and models (the
 architecture of a consolidated config), never the entry points, the data pipeline (the data blobs
@@ -38,8 +39,8 @@ from .dcp import (
     AsyncWriter, ModelOptimizerState, SafeLoadPlanner, load_state, model_state, optimizer_state, rng_state, save_state,
     set_rng_state,
 )
-from .errors import CheckpointSaveError
-from .manager import CheckpointManager
+from .errors import CheckpointSaveError, IncompatibleCheckpoint
+from .manager import CheckpointManager, check_compatible
 from .plain import load_checkpoint, save_checkpoint
 from .consolidated import CONFIG_FILE, MODEL_FILE, load_consolidated
 from .deepspeed_files import DS_TAG, deepspeed_files_problem
@@ -55,9 +56,9 @@ from .store import (
 
 __all__ = [
     "CONFIG_FILE", "DS_TAG", "FUNCTIONAL_KEYS", "MODEL_FILE", "STEP_DIR",
-    "AsyncWriter", "CheckpointError", "CheckpointSaveError", "CheckpointManager", "CheckpointSource", "DeepSpeedFiles", "ModelOptimizerState",
-    "SafeLoadPlanner",
-    "check_architecture", "check_source_architecture", "checkpoint_kind", "checkpoint_problem", "compare_architecture",
+    "AsyncWriter", "CheckpointError", "CheckpointSaveError", "CheckpointManager", "CheckpointSource", "DeepSpeedFiles",
+    "IncompatibleCheckpoint", "ModelOptimizerState", "SafeLoadPlanner",
+    "check_architecture", "check_compatible", "check_source_architecture", "checkpoint_kind", "checkpoint_problem", "compare_architecture",
     "deepspeed_files_problem",
     "find_latest", "functional_differences", "is_complete", "list_checkpoints", "load_checkpoint",
     "load_consolidated", "load_state", "load_weights", "model_state", "open_checkpoint", "optimizer_state",

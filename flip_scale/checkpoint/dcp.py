@@ -18,6 +18,7 @@ training's; `finalize` waits for it on every rank and then runs the commit it wa
 
 from __future__ import annotations
 
+import datetime
 import logging
 import random
 import warnings
@@ -210,9 +211,12 @@ class AsyncWriter:
     The writer owns the gloo group its background collectives run on (DCP's async save gathers the
     plan over a process group; on the training group it could interleave with training's own
     collectives). The group is made on first use under the current default process group, and
-    again under a later one (the next run in the same process)."""
+    again under a later one (the next run in the same process). `group_timeout_s`: its collective
+    timeout (the run's long one: a save may skew the ranks; the short one set after the first step
+    is for training's groups), torch's default without it."""
 
-    def __init__(self) -> None:
+    def __init__(self, group_timeout_s: Optional[float] = None) -> None:
+        self.group_timeout_s = group_timeout_s
         self._pending: Optional[_PendingWrite] = None
         self._group = None
         self._group_world = None
@@ -227,7 +231,8 @@ class AsyncWriter:
             return None
         world = dist.group.WORLD
         if self._group is None or self._group_world is not world:
-            self._group = dist.new_group(backend="gloo")
+            timeout = None if self.group_timeout_s is None else datetime.timedelta(seconds=self.group_timeout_s)
+            self._group = dist.new_group(backend="gloo", timeout=timeout)
             self._group_world = world
         return self._group
 

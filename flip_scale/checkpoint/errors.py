@@ -13,3 +13,8 @@ class CheckpointError(RuntimeError):
 class CheckpointSaveError(CheckpointError):
     """A failed save that stops the run: checkpoint.required, more than checkpoint.max_failed_saves
     failures in a row, or the final checkpoint."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint this run can never load (a newer format_version, another architecture): the
+    same on every try, so a usage error (flip-train exits 2, never requeued)."""

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from ..distributed import barrier
 from ..runtime import any_rank, distributed, write_json_atomic
 from .compat import check_architecture
-from .errors import CheckpointSaveError
+from .errors import CheckpointSaveError, IncompatibleCheckpoint
 from .dcp import AsyncWriter, load_state, rng_state, save_state, set_rng_state
 from .store import (
     CheckpointError, checkpoint_problem, commit_step_dir, find_latest, prune_checkpoints, read_rank_blobs,
@@ -107,6 +107,26 @@ _NEEDS = {
     "rank_blobs": ("state_dict", "load_state_dict", "blob_name", "blob_prefix"),
 }
 DEFAULT_PARTIAL_STATE_KEYS = ("optim",)
+def check_compatible(path: Path, model_arch: Optional[dict] = None, model_config: Optional[dict] = None) -> None:
+    """Refuse (IncompatibleCheckpoint) a complete checkpoint this flip_scale cannot load: a newer
+    format_version, or (with `model_arch`) another architecture. Reads only its small files, so
+    the trainer checks it before building the engine."""
+    path = Path(path)
+    written = json.loads((path / "trainer_state.json").read_text()).get("format_version", 1)
+    if not isinstance(written, int) or written > FORMAT_VERSION:
+        raise IncompatibleCheckpoint(
+            f"{path} has checkpoint format_version {written!r} (trainer_state.json), newer than the {FORMAT_VERSION} "
+            f"this flip_scale reads: resume it with the flip_scale that wrote it, or start from its weights with that "
+            f"version's tools/convert_ckpt.py consolidate")
+    if model_arch is not None:
+        try:
+            check_architecture(path, model_arch, model_config)
+        except IncompatibleCheckpoint:
+            raise
+        except CheckpointError as error:
+            raise IncompatibleCheckpoint(str(error)) from None
+
+
 # The layout of a step directory this code writes and reads (trainer_state.json "format_version";
 # checkpoints from before it was recorded are version 1). A newer one is refused before loading.
 FORMAT_VERSION = 1
@@ -148,10 +168,12 @@ class CheckpointManager:
     (every_steps, keep_last, keep_every, async_save). `model_arch` / `model_config` (the run's
     FlipArch.to_dict() and `model` section): `load` refuses a checkpoint of another architecture,
     or of other options that change what the model computes, before anything is loaded.
-    `writer`: the AsyncWriter background saves go through (default: the manager's own)."""
+    `writer`: the AsyncWriter background saves go through (default: the manager's own, its gloo
+    group with the collective timeout `writer_timeout_s`)."""
 
     def __init__(self, run_dir, cfg, states: dict, *, config_yaml: str, model_arch: Optional[dict] = None,
-                 model_config: Optional[dict] = None, writer: Optional[AsyncWriter] = None):
+                 model_config: Optional[dict] = None, writer: Optional[AsyncWriter] = None,
+                 writer_timeout_s: Optional[float] = None):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.states = dict(states)
@@ -173,7 +195,7 @@ class CheckpointManager:
                     raise ValueError(f"checkpoint component {key!r}: blob_name {component.blob_name!r} is not "
                                      f"blob_prefix {component.blob_prefix!r} followed by an index: a load would not "
                                      f"find it")
-        self._writer = writer if writer is not None else AsyncWriter()
+        self._writer = writer if writer is not None else AsyncWriter(writer_timeout_s)
         self.failed_in_a_row = 0  # saves that failed since the last one that was written
 
     def _of_kind(self, kind: str) -> list:
@@ -253,8 +275,6 @@ class CheckpointManager:
         except _SaveFailed as failure:
             self._failed(final, tmp, failure)
             return None
-        if not self.cfg.async_save:
-            self.failed_in_a_row = 0
         return path
 
     def _write(self, step: int, tmp: Path, final: Path) -> Path:
@@ -304,6 +324,7 @@ class CheckpointManager:
                 commit_step_dir(tmp, final)
 
         _agreed(f"renaming {tmp} to {final.name} and pointing latest at it", rename)
+        self.failed_in_a_row = 0  # written and committed: synchronous, background or engine files alike
         if _rank() == 0:
             try:
                 prune_checkpoints(self.run_dir, keep_last, keep_every, step)
@@ -335,13 +356,11 @@ class CheckpointManager:
         when none is pending). A failed one is handled as `save` handles a failure."""
         final = self._writer.pending
         try:
-            committed = self._writer.finalize()
+            self._writer.finalize()
         except CheckpointError as error:
             failure = error if isinstance(error, _SaveFailed) else _SaveFailed("the background write", error)
             self._failed(final, final.with_name(final.name + ".tmp"), failure)
             return
-        if committed is not None:
-            self.failed_in_a_row = 0
 
     def abandon(self) -> None:
         """After a failure: let this rank's background write finish, but do not commit it (the
@@ -361,13 +380,7 @@ class CheckpointManager:
         problem = checkpoint_problem(path)
         if problem is not None:
             raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
-        written = json.loads((path / "trainer_state.json").read_text()).get("format_version", 1)
-        if not isinstance(written, int) or written > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has checkpoint format_version {written!r} (trainer_state.json), newer than "
-                                  f"the {FORMAT_VERSION} this flip_scale reads: resume it with the flip_scale that wrote "
-                                  f"it, or start from its weights with that version's tools/convert_ckpt.py consolidate")
-        if self.model_arch is not None:
-            check_architecture(path, self.model_arch, self.model_config)
+        check_compatible(path, self.model_arch, self.model_config)
         for component in self._of_kind("sharded"):
             template = component.state_dict()
             partial_keys = set(getattr(component, "partial_state_keys", DEFAULT_PARTIAL_STATE_KEYS))

@@ -72,19 +72,28 @@ class _OpenSubGroups:
 
 class ZeroStateMixin:
     def save_files(self, step_dir) -> None:
-        """DeepSpeed's files into step_dir/deepspeed/ (collective)."""
+        """DeepSpeed's files into step_dir/deepspeed/ (collective). A write that fails on this
+        rank alone (its disk full) is held until every rank has reached the trailing barrier, then
+        raised: the checkpoint manager's agreement that follows is then the same collective on
+        every rank, and no rank is left waiting in a barrier the failing one skipped."""
         from pathlib import Path
 
         from ..checkpoint.deepspeed_files import DS_TAG
 
         step_dir = Path(step_dir)
-        with self._swapped_state_in_the_files():
-            self.engine.save_checkpoint(str(step_dir), tag=DS_TAG,
-                                        client_state={"flip_scale_steps_taken": self.steps_taken}, save_latest=False)
-        if self.rank == 0:
-            for name in _RECOVERY_SCRIPTS:
-                (step_dir / name).unlink(missing_ok=True)
+        error = None
+        try:
+            with self._swapped_state_in_the_files():
+                self.engine.save_checkpoint(str(step_dir), tag=DS_TAG, save_latest=False,
+                                            client_state={"flip_scale_steps_taken": self.steps_taken})
+            if self.rank == 0:
+                for name in _RECOVERY_SCRIPTS:
+                    (step_dir / name).unlink(missing_ok=True)
+        except Exception as caught:  # noqa: BLE001 - raised below, after the barrier every rank reaches
+            error = caught
         dist.barrier()
+        if error is not None:
+            raise error
 
     def load_files(self, step_dir) -> None:
         """The weights, the optimizer state and DeepSpeed's counters from step_dir/deepspeed/

@@ -53,3 +53,23 @@ def test_a_dead_or_hung_rank_stops_the_other_which_resumes_to_the_same_losses(tm
     resumed = Ranks(run_dir, ["--resume", "auto", *_args(synthetic_dir)])
     assert resumed.wait() == [0, 0], resumed.output()
     assert losses(run_dir) == reference
+
+
+def test_a_hung_rank_0_whose_store_does_not_answer_does_not_block_the_other_ranks_exit(tmp_path, synthetic_dir):
+    """Rank 0 holds the key-value store: stopped, its socket stays open and a read of the store
+    would wait for the store's long timeout; the other rank still exits within the limit."""
+    run_dir = tmp_path / "run"
+    ranks = Ranks(run_dir, _args(synthetic_dir))
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 3, 180, "step 3", ranks, poll=0.01)
+        ranks.procs[0].send_signal(signal.SIGSTOP)
+        hit = time.monotonic()
+        code = ranks.procs[1].wait(timeout=TIMEOUT_S + 30)
+        seconds = time.monotonic() - hit
+    finally:
+        ranks.kill()
+    output = ranks.output(1)
+    print(f"SIGSTOP of rank 0 -> rank 1 exited {code} after {seconds:.1f} s (timeout {TIMEOUT_S} s)")
+    assert code != 0, output
+    assert seconds < TIMEOUT_S + 6, output
+    assert "rank 1 at step" in output and "rank 0's store does not answer" in output, output[-3000:]

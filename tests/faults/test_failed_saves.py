@@ -130,3 +130,29 @@ def test_a_run_directory_that_cannot_hold_one_checkpoint_is_refused(tmp_path, sy
     assert main(["--run-dir", str(tmp_path / "run"), *tiny_overrides(synthetic_dir, 2, 2)]) == 2
     err = capsys.readouterr().err
     assert "flip-train: run directory error:" in err and "0.00 GiB free" in err and "parameters x 12 bytes" in err
+
+
+def test_a_deepspeed_save_failing_on_one_rank_still_reaches_the_barrier_then_raises(tmp_path, monkeypatch):
+    """The DeepSpeed engine's save holds this rank's write error until the trailing barrier every
+    rank reaches, so the manager's agreement after it is the same collective on every rank."""
+    import contextlib
+
+    from flip_scale.engine import deepspeed_state
+
+    calls = []
+
+    class _Engine:
+        def save_checkpoint(self, *args, **kwargs):
+            calls.append("save")
+            raise OSError(28, "No space left on device")
+
+    class _State(deepspeed_state.ZeroStateMixin):
+        engine, steps_taken, rank = _Engine(), 3, 1
+
+        def _swapped_state_in_the_files(self):
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(deepspeed_state.dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    with pytest.raises(OSError, match="No space left"):
+        _State().save_files(tmp_path)
+    assert calls == ["save", "barrier"]

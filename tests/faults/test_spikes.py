@@ -74,3 +74,11 @@ def test_spike_detector_needs_a_full_window_and_is_off_by_default(tmp_path):
     record = detector.check(5, 2.5, batch)  # median of (1.0, 1.0, 1.9) is 1.0
     assert record["step"] == 5 and record["samples"] == [{"shard": "s0.tar", "key": "a"}, {"shard": "s1.tar", "key": "b"}]
     assert read_jsonl(path) == [record]
+
+
+def test_a_non_finite_loss_stays_out_of_the_spike_history(tmp_path):
+    detector = SpikeDetector(2.0, 3, tmp_path / "spikes.jsonl", writes=False)
+    for step, loss in enumerate([1.0, float("nan"), 1.0, float("inf"), 1.0], 1):
+        assert detector.check(step, loss, {"keys": ["a"]}) is None
+    assert list(detector.history) == [1.0, 1.0, 1.0]
+    assert detector.check(6, 2.5, {"keys": ["a"]})["median"] == 1.0

@@ -30,3 +30,65 @@ def test_a_rank_stuck_outside_collectives_exits_within_the_limit_naming_its_step
     assert "after the save" in proc.stdout
     assert "rank 3 at step 9 (step 8 was the last finished): no progress" in proc.stderr, proc.stderr
     assert seconds < 10, seconds
+
+
+def _one_rank_group():
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from dist_utils import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def test_collective_timeouts_are_set_through_whichever_setter_this_torch_has(monkeypatch, caplog):
+    import torch.distributed as dist
+
+    from flip_scale import watchdog
+
+    _one_rank_group()
+    try:
+        seen = []
+        monkeypatch.delattr(dist, "set_timeout", raising=False)
+        monkeypatch.setattr(dist.distributed_c10d, "_set_pg_timeout", lambda timeout, group: seen.append(timeout))
+        assert len(watchdog.set_collective_timeouts(7)) >= 1 and seen[0].total_seconds() == 7  # the older torch's setter
+        monkeypatch.delattr(dist.distributed_c10d, "_set_pg_timeout")
+        monkeypatch.setattr(watchdog, "_SETTER_MISSING_LOGGED", [])
+        with caplog.at_level("WARNING", logger="flip_scale.watchdog"):
+            assert watchdog.set_collective_timeouts(7) == []
+            assert watchdog.set_collective_timeouts(7) == []
+        said = [r.message for r in caplog.records if "cannot change a process group's timeout" in r.message]
+        assert len(said) == 1 and "watchdog thread is the guard" in said[0]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_long_phase_gives_the_shortened_groups_the_long_timeout_and_the_short_one_back(monkeypatch):
+    """The first step shortens every group; a save or an evaluation may skew the ranks, so the
+    groups get the start-up timeout back while it runs (a group made later is never touched)."""
+    import torch.distributed as dist
+
+    from flip_scale import watchdog
+
+    _one_rank_group()
+    try:
+        timeouts = {}
+        monkeypatch.setattr(watchdog, "_timeout_setter",
+                            lambda: lambda timeout, group: timeouts.__setitem__(group, timeout.total_seconds()))
+        dog = watchdog.Watchdog(rank=0, world_size=2, first_limit_s=600, limit_s=20, store=object())
+        with dog.long_phase("checkpoint save"):  # before the first step: nothing shortened, nothing to lengthen
+            assert timeouts == {}
+        dog.progress(1)
+        short = dog.collective_timeout_s
+        assert timeouts and set(timeouts.values()) == {short}
+        shortened = set(timeouts)
+        with dog.long_phase("checkpoint save"):
+            assert set(timeouts.values()) == {600}
+            with dog.long_phase("evaluation"):  # nested: the outer phase restores
+                pass
+            assert set(timeouts.values()) == {600}
+            timeouts["made during the save"] = 600.0  # the writer's own group, made with the long timeout
+        assert {g: t for g, t in timeouts.items() if g in shortened} == dict.fromkeys(shortened, short)
+        assert timeouts["made during the save"] == 600
+    finally:
+        dist.destroy_process_group()
