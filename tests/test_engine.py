@@ -111,10 +111,12 @@ def test_plan_run_checks_once_for_training_and_evaluation():
     cfg = _cfg("model.vocab_size=512")
     with pytest.raises(ConfigError, match="has 600 tokens but model.vocab_size is 512; set model.vocab_size=600"):
         plan_run(cfg, 1, tokenizer_vocab=600)
-    # data.streams 0: data-parallel size x loader workers (tiny.yaml: 1)
+    # data.streams 0: chosen from the data (8 shards, global batch 8), the same under every layout
     plan = plan_run(_cfg("parallel.dp_shard=2", "model.mask_ratio=0.75"), 2, tokenizer_vocab=500)
-    assert plan.local_batch == 4 and plan.streams == 2 and plan.visible_patches == plan.arch.num_patches // 4
+    assert plan.local_batch == 4 and plan.streams == 8 and plan.visible_patches == plan.arch.num_patches // 4
+    assert plan_run(_cfg(), 1, tokenizer_vocab=500).streams == 8
     text = describe_plan(plan)
+    assert "data-parallel sizes 1, 2, 4, 8 draws these same batches" in text
     assert "batch: 8 = 2 data-parallel ranks x 4" in text and "fits model.vocab_size" in text
     assert f"{plan.visible_patches} of {plan.arch.num_patches} patches visible" in text
 
