@@ -195,34 +195,3 @@ class StepMetrics:
 
     def line(self, step: int, values: dict) -> str:
         return self.progress.line(step, values)
-
-
-class DeviceSkipCounter:
-    """Skipped steps counted on the device, from `StepResult.skipped` tensors: the trainer adds each
-    step's flag without a host read and `settle`s at logging steps and before a checkpoint (one
-    read): -> (skipped steps in the window, the run of skips in a row now, the longest run in the
-    window), the runs continuing from `in_a_row` (the trainer's count so far)."""
-
-    def __init__(self):
-        self.steps = self.in_a_row = self.longest = None
-
-    def add(self, skipped, in_a_row: int) -> None:
-        import torch
-
-        flag = skipped.long()
-        if self.steps is None:
-            self.steps = torch.zeros_like(flag)
-            self.in_a_row = torch.full_like(flag, in_a_row)
-            self.longest = torch.full_like(flag, in_a_row)
-        self.steps += flag
-        self.in_a_row = (self.in_a_row + flag) * flag
-        self.longest = torch.maximum(self.longest, self.in_a_row)
-
-    def settle(self) -> Optional[tuple]:
-        if self.steps is None:
-            return None
-        import torch
-
-        steps, in_a_row, longest = torch.stack([self.steps, self.in_a_row, self.longest]).tolist()
-        self.steps = self.in_a_row = self.longest = None
-        return steps, in_a_row, longest

@@ -31,9 +31,10 @@ from .checkpoint.space import NotEnoughSpace, check_free_space
 from .config import Config, ConfigError, collective_timeouts, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
 from .engine import build_engine
-from .metrics import DeviceSkipCounter, MetricsWriter, StepMetrics, format_duration
+from .metrics import MetricsWriter, StepMetrics, format_duration
 from .models import arch_from_config, build_model, count_parameters, masking_noise
 from .models.flops import train_flops_per_sample
+from .nonfinite import NonfiniteSteps
 from .preflight import check_determinism, check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
 from .runtime import configure_determinism, on_rank0_for_all, setup_logging
 from .train_state import DataPosition, TrainerRecord, TrainState
@@ -129,7 +130,7 @@ class Trainer:
         self.precision = self.engine.precision
         self.train_flops_per_sample = train_flops_per_sample(cfg.model)
         self.state = TrainState()
-        self.device_skips = DeviceSkipCounter()  # skips decided on the device, settled at log steps and saves
+        self.nonfinite = NonfiniteSteps(self.state, cfg.optim.max_nonfinite_steps)
         self.loader = (build_train_loader(cfg.data, self.arch.image_size, self.tokenizer, self.dims.dp_rank,
                                           self.dims.dp_size, self.local_batch, cfg.train.seed,
                                           pin_memory=pin_memory_for(self.device))
@@ -264,47 +265,12 @@ class Trainer:
         self.engine.train()
         loss = self.engine.forward_backward(images, tokens, noise)
         result = self.engine.clip_and_step()
-        if isinstance(result.skipped, torch.Tensor):  # on the device: counted there, no host read
-            self.device_skips.add(result.skipped, self.state.nonfinite_in_a_row)
-        elif result.skipped:
-            self._count_nonfinite(result, loss)
-        else:
-            self.state.nonfinite_in_a_row = 0
+        self.nonfinite.count(result, loss)
         return {"loss": loss, "grad_norm": result.grad_norm, "lr": result.lr, "skipped_step": result.skipped}
 
     def settle_nonfinite(self) -> None:
-        """Take the skips counted on the device into the state (one host read); too many in a row
-        within the window stop the run as `_count_nonfinite` would, at this step."""
-        settled = self.device_skips.settle()
-        if settled is None:
-            return
-        steps, in_a_row, longest = settled
-        self.state.nonfinite_steps += steps
-        self.state.nonfinite_in_a_row = in_a_row
-        limit = self.cfg.optim.max_nonfinite_steps
-        if longest > limit:
-            raise FloatingPointError(
-                f"by step {self.state.step}: the gradient norm was non-finite for {longest} steps in a row, more than "
-                f"optim.max_nonfinite_steps={limit}: stopping (no checkpoint of these weights is written); lower "
-                f"optim.lr, check the data, or resume from an earlier checkpoint")
-        if steps:
-            log.warning("steps up to %d: %d skipped for a non-finite gradient norm, the weights kept (%d in a row now, "
-                        "at most optim.max_nonfinite_steps=%d)", self.state.step, steps, in_a_row, limit)
-
-    def _count_nonfinite(self, result, loss) -> None:
-        """A step with a non-finite gradient norm was skipped: count it; too many in a row stop the run."""
-        self.state.nonfinite_steps += 1
-        self.state.nonfinite_in_a_row += 1
-        step, limit = self.state.step + 1, self.cfg.optim.max_nonfinite_steps
-        if self.state.nonfinite_in_a_row > limit:
-            raise FloatingPointError(
-                f"step {step}: gradient norm {float(result.grad_norm)} (loss {float(loss)}), non-finite for "
-                f"{self.state.nonfinite_in_a_row} steps in a row, more than optim.max_nonfinite_steps={limit}: stopping "
-                f"with the weights of the last finite step (no checkpoint of them is written); lower optim.lr, check "
-                f"the data, or resume from an earlier checkpoint")
-        log.warning("step %d: gradient norm %s (loss %s): the step is skipped, the weights are kept (%d in a row, "
-                    "at most optim.max_nonfinite_steps=%d)", step, float(result.grad_norm), float(loss),
-                    self.state.nonfinite_in_a_row, limit)
+        """The skips counted on the device into the state (flip_scale/nonfinite.py)."""
+        self.nonfinite.settle()
 
     def logit_scale(self) -> float:
         return self.engine.logit_scale()
