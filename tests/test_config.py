@@ -272,7 +272,7 @@ def test_other_range_checks():
         load_config(None, ["parallel.dp_shard=0"])
     with pytest.raises(ConfigError, match="optim.betas: expected two numbers"):
         load_config(None, ["optim.betas=[0.9]"])
-    with pytest.raises(ConfigError, match=r"data.streams: must be 0 \(one per data-parallel rank x loader worker\)"):
+    with pytest.raises(ConfigError, match=r"data.streams: must be 0 \(chosen from the shard count and the batch\)"):
         load_config(None, ["data.streams=-2"])
     with pytest.raises(ConfigError, match="logging.peak_tflops: must be 0"):
         load_config(None, ["logging.peak_tflops=-1"])

@@ -383,7 +383,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.max_nonfinite_steps: must be 0 (stop at the first) or more, got "
                           f"{cfg.optim.max_nonfinite_steps}")
     if cfg.data.streams < 0:
-        raise ConfigError(f"data.streams: must be 0 (one per data-parallel rank x loader worker) or >= 1, "
+        raise ConfigError(f"data.streams: must be 0 (chosen from the shard count and the batch) or >= 1, "
                           f"got {cfg.data.streams}")
     if cfg.logging.peak_tflops < 0:
         raise ConfigError(f"logging.peak_tflops: must be 0 (known GPUs) or a positive TFLOP/s, got {cfg.logging.peak_tflops}")

@@ -27,21 +27,28 @@ def reference(tmp_path_factory, synthetic_dir):
     return losses(run_dir)
 
 
+def _fault_and_wait(run_dir, synthetic_dir, victim: int, fault: str):
+    """A 2-rank run; after step 3 the `victim` rank gets `fault`: -> (the other rank's exit code,
+    seconds from the signal to that exit, its output)."""
+    ranks = Ranks(run_dir, _args(synthetic_dir))
+    other = 1 - victim
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 3, 180, "step 3", ranks, poll=0.01)
+        ranks.procs[victim].send_signal(getattr(signal, fault))
+        hit = time.monotonic()
+        code = ranks.procs[other].wait(timeout=TIMEOUT_S + 30)
+        seconds = time.monotonic() - hit
+    finally:
+        ranks.kill()
+    print(f"{fault} of rank {victim} -> rank {other} exited {code} after {seconds:.1f} s (timeout {TIMEOUT_S} s)")
+    return code, seconds, ranks.output(other)
+
+
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_or_hung_rank_stops_the_other_which_resumes_to_the_same_losses(tmp_path, synthetic_dir, reference,
                                                                               fault):
     run_dir = tmp_path / "run"
-    ranks = Ranks(run_dir, _args(synthetic_dir))
-    try:
-        wait_for(lambda: logged_steps(run_dir) >= 3, 180, "step 3", ranks, poll=0.01)
-        ranks.procs[1].send_signal(getattr(signal, fault))
-        hit = time.monotonic()
-        code = ranks.procs[0].wait(timeout=TIMEOUT_S + 30)
-        seconds = time.monotonic() - hit
-    finally:
-        ranks.kill()
-    output = ranks.output(0)
-    print(f"{fault} of rank 1 -> rank 0 exited {code} after {seconds:.1f} s (timeout {TIMEOUT_S} s)")
+    code, seconds, output = _fault_and_wait(run_dir, synthetic_dir, victim=1, fault=fault)
     assert code != 0, output
     # The process groups wait ~2 s less than the configured timeout, leaving that time for the
     # report and the exit; on a loaded 2-core machine the teardown can take a few seconds more.
@@ -58,18 +65,7 @@ def test_a_dead_or_hung_rank_stops_the_other_which_resumes_to_the_same_losses(tm
 def test_a_hung_rank_0_whose_store_does_not_answer_does_not_block_the_other_ranks_exit(tmp_path, synthetic_dir):
     """Rank 0 holds the key-value store: stopped, its socket stays open and a read of the store
     would wait for the store's long timeout; the other rank still exits within the limit."""
-    run_dir = tmp_path / "run"
-    ranks = Ranks(run_dir, _args(synthetic_dir))
-    try:
-        wait_for(lambda: logged_steps(run_dir) >= 3, 180, "step 3", ranks, poll=0.01)
-        ranks.procs[0].send_signal(signal.SIGSTOP)
-        hit = time.monotonic()
-        code = ranks.procs[1].wait(timeout=TIMEOUT_S + 30)
-        seconds = time.monotonic() - hit
-    finally:
-        ranks.kill()
-    output = ranks.output(1)
-    print(f"SIGSTOP of rank 0 -> rank 1 exited {code} after {seconds:.1f} s (timeout {TIMEOUT_S} s)")
+    code, seconds, output = _fault_and_wait(tmp_path / "run", synthetic_dir, victim=0, fault="SIGSTOP")
     assert code != 0, output
     assert seconds < TIMEOUT_S + 6, output
     assert "rank 1 at step" in output and "rank 0's store does not answer" in output, output[-3000:]
