@@ -68,6 +68,7 @@ fi
 # ---- NCCL / PyTorch settings (uncomment or set in the environment for your cluster) ----------
 # export NCCL_DEBUG=INFO                    # once, to see the transports NCCL picks (IB, NVLink, sockets)
 # export NCCL_SOCKET_IFNAME=ib0             # interface for NCCL's bootstrap sockets if the default is wrong
+# export GLOO_SOCKET_IFNAME=eth0            # gloo's groups (FLIP_DEVICE=cpu, the CPU side beside NCCL) bind to the host name's address unless told
 # export NCCL_IB_HCA=mlx5                   # the InfiniBand adapters to use
 # export NCCL_CROSS_NIC=0                   # keep each ring on one rail on rail-optimised fabrics
 # export TORCH_NCCL_DUMP_ON_TIMEOUT=1       # flight-recorder dump of the collectives when one times out

@@ -163,12 +163,14 @@ PartitionName=twonode Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return [int(pid) for pid in out if pid.isdigit() and pid != str(os.getpid())]
 
     def trainer_pids(self, node: str) -> list[int]:
-        def cmdline(pid: int) -> str:
+        """The node's flip-train processes (python -m flip_scale.train; not the srun that started them)."""
+        def is_rank(pid: int) -> bool:
             try:
-                return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
             except OSError:
-                return ""
-        return [pid for pid in self.node_pids(node) if "flip_scale.train" in cmdline(pid)]
+                return False
+            return Path(args[0]).name.startswith("python") and "flip_scale.train" in args
+        return [pid for pid in self.node_pids(node) if is_rank(pid)]
 
     def kill_node(self, node: str) -> list[int]:
         """SIGKILL every process of the node (its slurmd, step daemons and ranks) at once."""
