@@ -119,3 +119,10 @@ def test_training_and_zero_shot_with_the_openclip_tokenizer(tmp_path):
     tokens = next(iter(loader))["tokens"]
     assert tokens.shape == (8, 77) and (tokens[:, 0] == SOT).all() and ((tokens == EOT).sum(1) == 1).all()
     assert tokens.max() <= EOT
+
+
+def test_padding_mask_is_refused_with_the_openclip_tokenizer():
+    from flip_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.text_pad_mask=true with data.tokenizer=openclip"):
+        load_config(None, ["data.tokenizer=openclip", "model.text_pad_mask=true"])
