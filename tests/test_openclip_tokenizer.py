@@ -95,7 +95,7 @@ def test_vocab_must_hold_the_openclip_tokenizer(tmp_path, capsys):
 
 def test_training_and_zero_shot_with_the_openclip_tokenizer(tmp_path):
     """A tiny model with OpenCLIP's vocabulary and context length, two steps through flip-train on
-    synthetic data (written without a sentencepiece model), then the zero-shot evaluation."""
+    synthetic data (written without a sentencepiece model), then zero-shot and retrieval evaluation."""
     data = tmp_path / "data"
     overrides = [
         f"data.synthetic_dir={data}", f"data.train_shards={data}/train-{{000000..000007}}.tar",
@@ -106,6 +106,7 @@ def test_training_and_zero_shot_with_the_openclip_tokenizer(tmp_path):
         "train.max_steps=2", "train.global_batch_size=8", "train.log_every_steps=1", "checkpoint.every_steps=100",
         f"eval.zero_shot_shards={data}/eval-{{000000..000000}}.tar", f"eval.classnames={data}/classnames.txt",
         f"eval.templates={data}/templates.txt", "eval.batch_size=20",
+        f"eval.retrieval_shards={data}/eval-{{000000..000000}}.tar",
     ]
     assert train_main(["--run-dir", str(tmp_path / "run"), *overrides]) == 0
     assert (data / "train-000000.tar").is_file() and not list(data.glob("*.model"))
@@ -113,6 +114,7 @@ def test_training_and_zero_shot_with_the_openclip_tokenizer(tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     evaluation = read_jsonl(tmp_path / "run" / "eval.jsonl")[-1]
     assert evaluation["classes"] > 1 and 0.0 <= evaluation["zero_shot_top1"] <= 1.0
+    assert 0.0 <= evaluation["retrieval_i2t_r1"] <= 1.0 and 0.0 <= evaluation["retrieval_t2i_r1"] <= 1.0
     # The loader's tokens are OpenCLIP's (SOT first, one EOT, ids inside the vocabulary).
     cfg = load_config(None, overrides)
     loader = build_train_loader(cfg.data, 32, build_tokenizer("openclip", 77), 0, 1, 8, seed=0, epochs=1)
