@@ -88,7 +88,8 @@ def test_tiny_to_timm_loads_strictly_with_the_same_features(pool, tmp_path):
 
 def test_no_head_writes_the_projection_beside_a_backbone(tmp_path):
     flip = write_consolidated(tmp_path / "ckpt", name="tiny", vocab_size=64)
-    report = to_timm(tmp_path / "ckpt", tmp_path / "timm", head=False)
+    # The source may also be named by its model.safetensors file, as for to-openclip.
+    report = to_timm(tmp_path / "ckpt" / "model.safetensors", tmp_path / "timm", head=False)
     model = timm_from(tmp_path / "timm")
     assert report["model_args"]["num_classes"] == 0 and isinstance(model.head, torch.nn.Identity)
     projection = load_file(report["projection"])["proj.weight"]
@@ -127,3 +128,18 @@ def test_options_not_mapped_yet_are_refused_by_name():
         with pytest.raises(Exception, match=f"model.{key}="):
             timm_model_args(changed)
     assert timm_model_args(cfg)["act_layer"] == "gelu"
+
+
+@pytest.mark.parametrize("name", ["L/16", "H/14", "G/14"])
+def test_large_towers_have_the_same_parameter_count_in_timm(name):
+    """On the meta device (nothing allocated): timm's tower from the exported args holds exactly our
+    image tower's parameters plus the tensors timm adds (the pos_embed table, zero patch and head
+    biases); G/14's MLP width 8192 comes back from timm's int(width * mlp_ratio)."""
+    args = timm_model_args(ModelConfig(name=name))
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, **args)
+    ours = build_model(ModelConfig(name=name, vocab_size=64), device="meta")
+    vision = sum(p.numel() for n, p in ours.named_parameters() if n.startswith("visual."))
+    width, patches = args["embed_dim"], (args["img_size"] // args["patch_size"]) ** 2
+    assert sum(p.numel() for p in model.parameters()) == vision + patches * width + width + args["num_classes"]
+    assert model.blocks[0].mlp.fc1.out_features == ours.visual.blocks["0"].mlp.fc1.out_features
