@@ -121,7 +121,8 @@ def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
 
 
 def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
-    """The size of `data.tokenizer` where the file exists here (a login node may not see it)."""
+    """The size of `data.tokenizer` where the file exists here (a login node may not see it); OpenCLIP's is
+    always at hand (a missing open_clip package is a ConfigError naming the install command)."""
     from .data import TokenizerError, build_tokenizer, is_openclip
 
     if is_openclip(cfg.data.tokenizer):
