@@ -24,7 +24,11 @@ setup(
         "braceexpand",
         "matplotlib",  # tools/plot_runs.py, tools/scaling_fit.py (headless: the Agg backend)
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "open-clip-torch", "ruff", "import-linter"]},
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "open-clip-torch", "timm>=1.0", "ruff", "import-linter"],
+        "openclip": ["open-clip-torch"],  # data.tokenizer: openclip
+        "timm": ["timm>=1.0"],  # loading a `convert_ckpt to-timm` export
+    },
     entry_points={
         "console_scripts": [
             "flip-train=flip_scale.train:main",

@@ -121,12 +121,18 @@ def plan_run(cfg: Config, world_size: int, tokenizer_vocab: Optional[int] = None
 
 
 def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
-    """The size of `data.tokenizer` where the file exists here (a login node may not see it)."""
+    """The size of `data.tokenizer` where the file exists here (a login node may not see it); OpenCLIP's is
+    always at hand (a missing open_clip package is a ConfigError naming the install command)."""
+    from .data import TokenizerError, build_tokenizer, is_openclip
+
+    if is_openclip(cfg.data.tokenizer):
+        try:
+            return build_tokenizer(cfg.data.tokenizer, context_length=cfg.model.context_length).vocab_size
+        except TokenizerError as error:
+            raise ConfigError(str(error)) from None
     if not Path(cfg.data.tokenizer).is_file():
         return None
-    from .data import Tokenizer
-
-    return Tokenizer(cfg.data.tokenizer, context_length=cfg.model.context_length).vocab_size
+    return build_tokenizer(cfg.data.tokenizer, context_length=cfg.model.context_length).vocab_size
 
 
 def describe_plan(plan: RunPlan) -> str:

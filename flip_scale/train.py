@@ -83,7 +83,7 @@ class Trainer:
     """Builds the parts from one config and runs the loop (module docstring)."""
 
     def __init__(self, cfg: Config, run_dir: Path, proc: ProcessInfo, with_data: bool = True):
-        from .data import Tokenizer, build_train_loader, ensure_synthetic_data
+        from .data import TokenizerError, build_tokenizer, build_train_loader, ensure_synthetic_data
         from .data.loader import pin_memory_for
         from .data.mixture import parse_sources
         from .data.shards import expand_shards
@@ -115,7 +115,9 @@ class Trainer:
             except (ValueError, FileNotFoundError) as error:
                 raise ConfigError(f"{'data.sources' if cfg.data.sources else 'data.train_shards'}: {error}") from None
             try:
-                self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length)
+                self.tokenizer = build_tokenizer(cfg.data.tokenizer, context_length=self.arch.context_length)
+            except TokenizerError as error:  # its message names data.tokenizer
+                raise ConfigError(str(error)) from None
             except (ValueError, FileNotFoundError) as error:
                 key = "data.tokenizer" if isinstance(error, FileNotFoundError) else "data.train_shards"
                 raise ConfigError(f"{key}: {error}") from None

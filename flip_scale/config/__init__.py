@@ -87,6 +87,8 @@ class DataConfig:
     # A weighted mixture instead of train_shards: [{shards: PATTERN, weight: W, name: N}, ...]
     # (flip_scale/data/mixture.py); each row of a batch is drawn from a source with the weights.
     sources: list = field(default_factory=list)
+    # A sentencepiece model file, or `openclip` / `openclip:NAME`: OpenCLIP's BPE (49408 tokens; needs
+    # pip install "flip_scale[openclip]"; flip_scale/data/openclip_tokenizer.py).
     tokenizer: str = "data/synthetic/tokenizer.model"
     synthetic: bool = False  # write synthetic shards + tokenizer if `train_shards` do not exist
     synthetic_dir: str = "data/synthetic"
@@ -341,6 +343,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(_choice_message(dotted, value, options))
     if not 0.0 <= cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: {cfg.model.mask_ratio} is outside [0, 1)")
+    if cfg.model.text_pad_mask and (cfg.data.tokenizer == "openclip" or cfg.data.tokenizer.startswith("openclip:")):
+        raise ConfigError(f"model.text_pad_mask=true with data.tokenizer={cfg.data.tokenizer}: OpenCLIP's id 0 pads "
+                          f"and is also the token '!', which the mask would hide; set model.text_pad_mask=false")
     positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.global_batch_size": cfg.train.global_batch_size,

@@ -1,5 +1,5 @@
 """Checkpoint conversion: training checkpoints (DCP or DeepSpeed) -> one consolidated safetensors file + config;
-consolidated <-> OpenCLIP; inspection. The command line is `tools/convert_ckpt.py` (`main`).
+consolidated <-> OpenCLIP; the image tower -> timm; inspection. The command line is `tools/convert_ckpt.py` (`main`).
 
 The consolidated format's reading and loading (`load_consolidated`, `read_consolidated_config`,
 `read_safetensors_header`), what a path names (`checkpoint_kind`) and the safe loaders live in the
@@ -20,6 +20,7 @@ from .openclip_config import (
     OPENCLIP_CONFIG_FILE, check_exportable, model_config_from_openclip, openclip_model_config,
 )
 from .safetensors_io import write_safetensors
+from .timm import timm_model_args, to_timm
 
 __all__ = [
     "CONFIG_FILE", "MODEL_FILE", "OPENCLIP_CONFIG_FILE", "OPENCLIP_MODEL_FILE",
@@ -27,5 +28,5 @@ __all__ = [
     "check_exportable", "checkpoint_kind", "consolidate", "format_inspect", "from_openclip",
     "inspect_checkpoint", "key_pairs", "load_consolidated", "main", "model_config_from_openclip",
     "openclip_model_config", "read_consolidated_config", "read_dcp_metadata", "read_safetensors_header",
-    "safe_torch_load", "to_openclip", "write_safetensors",
+    "safe_torch_load", "timm_model_args", "to_openclip", "to_timm", "write_safetensors",
 ]

@@ -1,4 +1,4 @@
-"""`python tools/convert_ckpt.py {consolidate,to-openclip,from-openclip,inspect} ...`"""
+"""`python tools/convert_ckpt.py {consolidate,to-openclip,from-openclip,to-timm,inspect} ...`"""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ examples:
   python tools/convert_ckpt.py consolidate runs/flip_l16/step_00010000 --out exports/l16
   python tools/convert_ckpt.py to-openclip exports/l16 --out exports/l16_openclip
   python tools/convert_ckpt.py from-openclip weights.safetensors --config open_clip_config.json --out exports/from_oc
+  python tools/convert_ckpt.py to-timm exports/l16 --out exports/l16_timm
   python tools/convert_ckpt.py inspect runs/flip_l16/step_00010000
 
 run `python tools/convert_ckpt.py COMMAND --help` for each command's options.
@@ -61,6 +62,25 @@ cannot represent (ln_pre, learnable image position embedding, layer scale, atten
 QuickGELU, custom or HF text towers, ...) are refused, naming the option.
 """
 
+TO_TIMM_EXAMPLES = """\
+examples:
+  python tools/convert_ckpt.py to-timm exports/l16 --out exports/l16_timm
+  python tools/convert_ckpt.py to-timm exports/l16 --out exports/l16_timm_backbone --no-head
+
+then, in Python:
+  model = timm.create_model('local-dir:exports/l16_timm', pretrained=True)
+  # or: cfg = json.load(open('exports/l16_timm/config.json'))
+  #     model = timm.create_model('vit_base_patch16_224', pretrained=False, **cfg['model_args'])
+
+Writes DIR/model.safetensors (a timm VisionTransformer state dict: the image tower only) and
+DIR/config.json (architecture, model_args, pretrained_cfg: what timm's local-dir: loader reads).
+model(x) is the image embedding (the projection is the bias-free head, num_classes = embed dim);
+with --no-head num_classes=0, model(x) is the pooled features and the projection goes to
+DIR/projection.safetensors. Pooling: avg_patches -> global_pool avg (fc_norm false: the final
+LayerNorm before the pool, as ours), cls -> token. Refused, naming the option: model.vision_pool=avg_all,
+model.norm_eps other than 1e-6, options not mapped to timm yet. Needs no timm to write; timm >= 1.0 to load.
+"""
+
 INSPECT_EXAMPLES = """\
 examples:
   python tools/convert_ckpt.py inspect runs/flip_l16/step_00010000
@@ -78,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert_ckpt", formatter_class=fmt, epilog=TOP_EXAMPLES,
         description="Convert flip_scale checkpoints: training (DCP or DeepSpeed) -> consolidated safetensors; "
-                    "consolidated <-> OpenCLIP; inspect any of them.",
+                    "consolidated <-> OpenCLIP; image tower -> timm; inspect any of them.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -115,6 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16"])
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("to-timm", help="consolidated -> timm VisionTransformer (image tower) + config.json",
+                       description="The image tower of a consolidated directory -> timm weights + config.",
+                       epilog=TO_TIMM_EXAMPLES, formatter_class=fmt)
+    p.add_argument("consolidated", metavar="CONSOLIDATED_DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--no-head", action="store_true",
+                   help="num_classes=0 (pooled features out); the projection is written to projection.safetensors")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("inspect", help="print step, config, parameter count, layout and tensors",
                        description="Describe a training checkpoint or a consolidated directory.",
                        epilog=INSPECT_EXAMPLES, formatter_class=fmt)
@@ -130,6 +159,7 @@ def _print(report: dict, as_json: bool, lines: list) -> None:
 def main(argv: Optional[list] = None) -> int:
     from .checkpoints import consolidate, format_inspect, inspect_checkpoint
     from .openclip import from_openclip, to_openclip
+    from .timm import to_timm
     from ..checkpoint.errors import CheckpointError
     from ..checkpoint.safety import ConvertError
 
@@ -155,6 +185,13 @@ def main(argv: Optional[list] = None) -> int:
             _print(r, args.json, [
                 f"wrote {r['out']}/model.safetensors ({r['tensors']} tensors, {r['params']:,} parameters) "
                 f"and {r['out']}/flip_config.yaml (model.name {r['model']['name']}, mask_ratio {r['model']['mask_ratio']})",
+            ])
+        elif args.command == "to-timm":
+            r = to_timm(args.consolidated, args.out, head=not args.no_head)
+            _print(r, args.json, [
+                f"wrote {r['weights']} ({r['tensors']} tensors) and {r['config']}"
+                + (f" and {r['projection']}" if r["projection"] else ""),
+                f"load with: timm.create_model('local-dir:{r['out']}', pretrained=True)",
             ])
         else:
             info = inspect_checkpoint(args.checkpoint)

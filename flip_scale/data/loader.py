@@ -60,7 +60,7 @@ from .shards import (
     read_tar_samples,
     warn_if_few_shards,
 )
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, build_tokenizer
 from .transforms import TrainTransform, build_train_transform, decode_image
 
 log = logging.getLogger("flip_scale.data")
@@ -437,7 +437,7 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
     if data_cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0 (0: load in the training process), got {data_cfg.num_workers}")
     if isinstance(tokenizer, str):
-        tokenizer = Tokenizer(tokenizer)
+        tokenizer = build_tokenizer(tokenizer)
     sources = parse_sources(data_cfg.sources) if getattr(data_cfg, "sources", None) else None
     shards = [s for _, _, part in sources for s in part] if sources else expand_shards(data_cfg.train_shards)
     transform = build_train_transform(data_cfg, image_size)

@@ -37,6 +37,7 @@ from typing import Optional, Sequence, Union
 
 from PIL import Image, ImageDraw
 
+from .openclip_tokenizer import is_openclip
 from .shards import derive_seed, expand_shards
 
 log = logging.getLogger("flip_scale.data")
@@ -239,7 +240,8 @@ def _expected_train_shards(data_cfg) -> tuple[list[str], int]:
 
 def ensure_synthetic_data(data_cfg, image_size: int, vocab_size: int) -> bool:
     """With `data.synthetic`, write the synthetic shards and tokenizer where the config expects them
-    unless they exist. Returns whether anything was written.
+    unless they exist. Returns whether anything was written. A sentencepiece tokenizer is trained
+    only where `data.tokenizer` names a model file; `openclip` needs none.
 
     Safe against concurrent calls: a lock file beside `synthetic_dir` serialises writers on a host,
     and every file is written under a temporary name and renamed, so a reader (or a writer on
@@ -249,9 +251,10 @@ def ensure_synthetic_data(data_cfg, image_size: int, vocab_size: int) -> bool:
         return False
     train_paths, num_shards = _expected_train_shards(data_cfg)
     tokenizer_path = Path(data_cfg.tokenizer)
+    wants_model_file = not is_openclip(data_cfg.tokenizer)
 
     def missing() -> tuple[bool, bool]:
-        return not all(os.path.isfile(p) for p in train_paths), not tokenizer_path.is_file()
+        return not all(os.path.isfile(p) for p in train_paths), wants_model_file and not tokenizer_path.is_file()
 
     if not any(missing()):
         return False

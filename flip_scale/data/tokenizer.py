@@ -6,6 +6,9 @@ when a caption is cut) and padded with id 0, which the text tower treats as padd
 `train_tokenizer` fits that convention: pad=0, unk=1, bos=2, eos=3.
 
     python tools/train_tokenizer.py captions.txt --vocab-size 32000 --out data/tokenizer.model
+
+`data.tokenizer: openclip` selects OpenCLIP's BPE tokenizer instead (flip_scale/data/openclip_tokenizer.py);
+`build_tokenizer` makes whichever a config names.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
+
+from .openclip_tokenizer import OpenClipTokenizer, is_openclip
 
 log = logging.getLogger("flip_scale.data")
 
@@ -101,6 +106,13 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, context_length={self.context_length}, vocab_size={self.vocab_size})"
+
+
+def build_tokenizer(spec: str, context_length: int = 32) -> Union[Tokenizer, OpenClipTokenizer]:
+    """The tokenizer a `data.tokenizer` value names: `openclip` / `openclip:NAME`, else a sentencepiece model file."""
+    if is_openclip(spec):
+        return OpenClipTokenizer(spec, context_length=context_length)
+    return Tokenizer(spec, context_length=context_length)
 
 
 def train_tokenizer(

@@ -33,7 +33,7 @@ def evaluate_checkpoint(source: CheckpointSource, cfg, proc, mask_ratio: Optiona
     `mask_ratio`: evaluate with that fraction of the patches removed (None: unmasked). `views`
     (name -> mask ratio or None) evaluates several views with the one model and returns
     {name: results}; without it the results of the one view are returned."""
-    from ..data import Tokenizer
+    from ..data import build_tokenizer
     from ..models import arch_from_config
 
     model, parts, dims = build_eval_model(cfg, proc)
@@ -41,7 +41,7 @@ def evaluate_checkpoint(source: CheckpointSource, cfg, proc, mask_ratio: Optiona
     # where each rank loads only its stages' tensors).
     load_weights(source, parts, broadcast_from_rank0=proc.world_size > 1 and not dims.pp_enabled,
                  whole_model=not dims.pp_enabled)
-    tokenizer = Tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
+    tokenizer = build_tokenizer(cfg.data.tokenizer, context_length=arch_from_config(cfg.model).context_length)
     group = EvalGroup.from_dims(dims)
     wanted = dict(views) if views is not None else {"": mask_ratio}
     results = {}
