@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ds_ops
 from dist_utils import run_distributed
 from flip_scale.config import Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig, TrainConfig, load_config
 from flip_scale.distributed import ProcessInfo
@@ -165,6 +166,7 @@ def one_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
+    ds_ops.wait()  # the offloaded runs step DeepSpeed's CPU Adam
     return run_distributed(_run_all, 2, (str(tmp_path_factory.mktemp("two")), RUNS), timeout=600)
 
 
@@ -627,20 +629,8 @@ def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(checkpoint_run
 def _libaio_problem() -> str | None:
     """None where DeepSpeed's async I/O op can build (libaio's header present, installed with
     apt-get when absent and possible), else the reason."""
-    if Path("/usr/include/libaio.h").exists():
-        return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "libaio is not installed and cannot be (needs root and apt-get: apt-get install libaio-dev)"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "install", "-y", "--no-install-recommends", "libaio-dev"], ["apt-get", "update"],
-                ["apt-get", "install", "-y", "--no-install-recommends", "libaio-dev"]):
-        try:
-            subprocess.run(cmd, env=env, capture_output=True, timeout=120)
-        except (subprocess.TimeoutExpired, OSError) as error:
-            return f"{' '.join(cmd)}: {error}"
-        if Path("/usr/include/libaio.h").exists():
-            return None
-    return "apt-get could not install libaio-dev"
+    ds_ops.wait()
+    return ds_ops.install_libaio()
 
 
 def _nvme_runs(rank: int, world_size: int, out_dir: str, width: int) -> dict:
