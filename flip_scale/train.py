@@ -13,7 +13,6 @@ directory is the CheckpointManager's (flip_scale/checkpoint); the checks of the 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -37,47 +36,12 @@ from .models.flops import train_flops_per_sample
 from .nonfinite import NonfiniteSteps
 from .preflight import check_determinism, check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
 from .runtime import configure_determinism, on_rank0_for_all, setup_logging
+from .train_args import default_run_dir, parse_args
 from .train_state import DataPosition, TrainerRecord, TrainState
 from .spikes import SpikeDetector
 from .watchdog import Watchdog
 
 log = logging.getLogger("flip_scale")
-
-EPILOG = """examples:
-  flip-train                                      tiny FLIP on synthetic data (CPU, a few minutes)
-  flip-train --config configs/flip_b16.yaml --run-dir runs/b16 data.train_shards='/data/{00000..01023}.tar'
-  flip-train --resume auto --run-dir runs/tiny    continue from the last complete checkpoint
-  torchrun --nproc_per_node 4 -m flip_scale.train parallel.dp_shard=4
-  flip-train --config configs/flip_g14.yaml --dry-run --world-size 256 parallel.tp=2   check before sbatch
-  flip-train checkpoint.every_steps=0             no periodic checkpoints: only the final one and preemption saves
-  flip-train parallel.pp=2                        pipeline micro-batches default to 2 x parallel.pp (logged)
-"""
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="flip-train",
-        description="Train a FLIP model. Overrides are key.sub=value pairs after the options.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", default=None, help="YAML recipe (default: configs/tiny.yaml)")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint of the run directory, if any) or a checkpoint path")
-    parser.add_argument("--init-from", default=None, help="start from the weights of this checkpoint (fresh optimizer and step)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config and the layout for --world-size ranks, print the plan, and exit "
-                             "(nothing is built or written; the model is counted on the meta device)")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="with --dry-run: the number of ranks of the job (default: the launcher's, else 1)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=100 model.mask_ratio=0.75")
-    return parser.parse_args(argv)
-
-
-def default_run_dir(config_path: Optional[str]) -> Path:
-    name = Path(config_path).stem if config_path else "tiny"
-    return Path("runs") / name
-
 
 class Trainer:
     """Builds the parts from one config and runs the loop (module docstring)."""
@@ -471,23 +435,17 @@ def main(argv=None) -> int:
             return 2
         return 0
 
+    # Exit 2 for what fails the same on every try (the Slurm templates never requeue it): an
+    # incompatible checkpoint, too little space, a config or layout error found with the world size
+    # or the data in hand (data.streams, the tokenizer's size). Exit 1 for a save that failed.
+    exits = (((CheckpointSaveError,), "checkpoint error", 1), ((IncompatibleCheckpoint,), "checkpoint error", 2),
+             ((NotEnoughSpace,), "run directory error", 2), ((ConfigError, LayoutError), "config error", 2))
     try:
         result = run(cfg, run_dir, resume=args.resume, init_from=args.init_from)
-    except CheckpointSaveError as error:
-        print(f"flip-train: checkpoint error: {error}", file=sys.stderr)
-        return 1
-    except IncompatibleCheckpoint as error:  # the same on every try: a usage error, never requeued
-        print(f"flip-train: checkpoint error: {error}", file=sys.stderr)
-        return 2
-    except NotEnoughSpace as error:  # the same on every try: like a usage error, never requeued
-        print(f"flip-train: run directory error: {error}", file=sys.stderr)
-        return 2
-    except (ConfigError, LayoutError) as error:
-        # Found with the world size or the data in hand (layout, data.streams, tokenizer size):
-        # as deterministic as a config error, so the same exit status (the Slurm templates never
-        # requeue it).
-        print(f"flip-train: config error: {error}", file=sys.stderr)
-        return 2
+    except tuple(kind for kinds, _, _ in exits for kind in kinds) as error:
+        what, code = next((what, code) for kinds, what, code in exits if isinstance(error, kinds))
+        print(f"flip-train: {what}: {error}", file=sys.stderr)
+        return code
     return preemption.EXIT_CODE if result.get("preempted") else 0
 
 

@@ -617,7 +617,8 @@ class LocalSlurm:
             time.sleep(0.1)
         self.pids[name] = int(pid_file.read_text().split()[0])
 
-    def start(self) -> None:
+    def _start_munge(self) -> Path:
+        """The run directory's layout and a munged of its own; -> its socket."""
         root = self.root
         for sub in ("munge", "munge_key", "state", "spool", "log"):
             (root / sub).mkdir()
@@ -629,17 +630,22 @@ class LocalSlurm:
         self._daemon("munged", [_sbin("munged"), f"--key-file={key}", f"--socket={socket_path}",
                                 f"--pid-file={root / 'munge' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
                                 f"--seed-file={root / 'munge' / 'munged.seed'}"], root / "munge" / "munged.pid")
-        detected = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True).stdout
-        cpus = int(re.search(r"CPUs=(\d+)", detected).group(1)) if "CPUs=" in detected else os.cpu_count() or 2
-        memory = int(re.search(r"RealMemory=(\d+)", detected).group(1)) if "RealMemory=" in detected else 1000
-        ports = []
+        return socket_path
+
+    def _write_conf(self, cluster: str, controller_addr: str, socket_path: Path, nodes: str,
+                    per_node: bool = False, extra: str = "") -> None:
+        """slurm.conf for this cluster: its own ports, paths under `root` (one spool / pid / log per
+        node through %n when `per_node`), `nodes` (the NodeName and PartitionName lines), `extra` lines."""
+        root = self.root
+        ports = [_free_port()]
         while len(ports) < 2:
             port = _free_port()
             if port not in ports:
                 ports.append(port)
-        self.conf.write_text(f"""# one-node test cluster written by tests/test_slurm.py
-ClusterName=fliptest
-SlurmctldHost={self.host}(127.0.0.1)
+        node = "-%n" if per_node else ""
+        self.conf.write_text(f"""# test cluster written by tests/test_slurm.py
+ClusterName={cluster}
+SlurmctldHost={self.host}({controller_addr})
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}
 SlurmUser=root
@@ -648,11 +654,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket_path}
 StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
+SlurmdSpoolDir={root / 'spool' / '%n' if per_node else root / 'spool'}
 SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd.pid'}
+SlurmdPidFile={root / f'slurmd{node}.pid'}
 SlurmctldLogFile={root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={root / 'log' / 'slurmd.log'}
+SlurmdLogFile={root / 'log' / f'slurmd{node}.log'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -668,9 +674,18 @@ MinJobAge=3600
 KillWait=10
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(2, cpus)} RealMemory={memory} State=UNKNOWN
-PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{extra}{nodes}
 """)
+
+    def start(self) -> None:
+        root = self.root
+        socket_path = self._start_munge()
+        detected = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True).stdout
+        cpus = int(re.search(r"CPUs=(\d+)", detected).group(1)) if "CPUs=" in detected else os.cpu_count() or 2
+        memory = int(re.search(r"RealMemory=(\d+)", detected).group(1)) if "RealMemory=" in detected else 1000
+        self._write_conf("fliptest", "127.0.0.1", socket_path,
+                         f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(2, cpus)} RealMemory={memory} State=UNKNOWN\n"
+                         "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self._daemon("slurmctld", [_sbin("slurmctld")], root / "slurmctld.pid")
         self._daemon("slurmd", [_sbin("slurmd")], root / "slurmd.pid")
         deadline = time.time() + 60
@@ -737,20 +752,26 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    reason = _install_slurm()
-    if reason is not None:
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="flip-slurm-"))
+def running_cluster(cluster_class, prefix: str, refused=None):
+    """A fixture's body: install Slurm (skip with the reason where it cannot be, or where
+    `refused()` gives one), start `cluster_class` in a directory of its own, stop it at the end."""
+    for reason in (_install_slurm(), refused() if refused is not None else None):
+        if reason is not None:
+            pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)  # munged refuses a socket below a directory others cannot search
-    cluster = LocalSlurm(root)
+    cluster = cluster_class(root)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    yield from running_cluster(LocalSlurm, "flip-slurm-")
 
 
 def _job_env(synthetic_dir: Path, steps: int, **extra) -> dict:

@@ -27,7 +27,7 @@ from ..checkpoint.consolidated import (
 from ..checkpoint.safety import ConvertError, read_dcp_metadata
 from ..checkpoint.deepspeed_files import DS_TAG
 from ..checkpoint.deepspeed_reader import DeepSpeedFiles
-from ..checkpoint.sources import checkpoint_kind
+from ..checkpoint.sources import checkpoint_kind, read_consolidated_config
 from ..config import Config
 from ..models import arch_from_config, build_model
 from .safetensors_io import write_safetensors
@@ -111,6 +111,19 @@ def check_names(found: dict, expected: dict, what: str, config_hint: str) -> Non
         problems.append(f"wrong shape: {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
     if problems:
         raise ConvertError(f"{what} does not match the model of {config_hint}: " + "; ".join(problems))
+
+
+def read_consolidated_tensors(consolidated: Union[str, Path]) -> tuple[Config, Path, dict, dict[str, TensorSpec]]:
+    """A consolidated directory (or its model.safetensors) -> (its config, the weights file, the
+    file's header, its tensors by name), the names checked against the model the config builds.
+    Nothing is read but the config and the header: exporters stream the tensors themselves."""
+    cfg = read_consolidated_config(consolidated)
+    file = Path(consolidated)
+    file = file if file.is_file() else file / MODEL_FILE
+    header, specs = read_safetensors_header(file)
+    found = {spec.name: spec for spec in specs}
+    check_names({name: spec.shape for name, spec in found.items()}, expected_state(cfg), str(file), CONFIG_FILE)
+    return cfg, file, header, found
 
 
 # ----------------------------------------------------------------------------- DCP reading

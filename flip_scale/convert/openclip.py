@@ -43,10 +43,9 @@ import torch
 from ..config import Config, validate
 from ..models import arch_from_config
 from ..models.vit import sincos_2d_position_embedding
-from ..checkpoint.consolidated import CONFIG_FILE, MODEL_FILE, TensorSpec, read_safetensors_header
+from ..checkpoint.consolidated import MODEL_FILE, TensorSpec, read_safetensors_header
 from ..checkpoint.safety import ConvertError, safe_torch_load
-from ..checkpoint.sources import read_consolidated_config
-from .checkpoints import check_names, expected_state, write_config
+from .checkpoints import expected_state, read_consolidated_tensors, write_config
 from .openclip_config import OPENCLIP_CONFIG_FILE, model_config_from_openclip, openclip_model_config, read_openclip_config
 from .safetensors_io import write_safetensors
 
@@ -180,14 +179,9 @@ def to_openclip(consolidated: Union[str, Path], out_dir: Union[str, Path], text_
 
     if fmt not in ("safetensors", "bin"):
         raise ConvertError(f"--format {fmt}: valid values are safetensors, bin")
-    cfg = read_consolidated_config(consolidated)
+    cfg, file, header, found = read_consolidated_tensors(consolidated)
     model_cfg = openclip_model_config(cfg.model, text_eos_pool)  # refuses what OpenCLIP cannot represent
     arch = arch_from_config(cfg.model)
-    file = Path(consolidated)
-    file = file if file.is_file() else file / MODEL_FILE
-    header, specs = read_safetensors_header(file)
-    found = {s.name: s for s in specs}
-    check_names({n: s.shape for n, s in found.items()}, expected_state(cfg), str(file), CONFIG_FILE)
     pairs = key_pairs(arch)
     # The fixed table stays float32 even in a bf16 export: it is not a trained weight, and rounding
     # it would move the embeddings away from flip_scale's (which adds the float32 buffer).

@@ -40,12 +40,11 @@ from typing import Optional, Union
 
 import torch
 
-from ..checkpoint.consolidated import CONFIG_FILE, MODEL_FILE, TensorSpec, read_safetensors_header
+from ..checkpoint.consolidated import TensorSpec
 from ..checkpoint.safety import ConvertError
-from ..checkpoint.sources import read_consolidated_config
 from ..models import arch_from_config
 from ..models.vit import sincos_2d_position_embedding
-from .checkpoints import check_names, expected_state
+from .checkpoints import read_consolidated_tensors
 from .safetensors_io import write_safetensors
 
 TIMM_CONFIG_FILE = "config.json"
@@ -143,14 +142,9 @@ def to_timm(consolidated: Union[str, Path], out_dir: Union[str, Path], head: boo
     `out_dir/config.json` (+ `out_dir/projection.safetensors` when `head` is False)."""
     from safetensors import safe_open
 
-    cfg = read_consolidated_config(consolidated)
+    cfg, file, header, found = read_consolidated_tensors(consolidated)
     model_args = timm_model_args(cfg.model, head)  # refuses what timm cannot express
     arch = arch_from_config(cfg.model)
-    file = Path(consolidated)
-    file = file if file.is_file() else file / MODEL_FILE
-    header, specs = read_safetensors_header(file)
-    found = {s.name: s for s in specs}
-    check_names({n: s.shape for n, s in found.items()}, expected_state(cfg), str(file), CONFIG_FILE)
     pairs = _pairs(arch, head)
     by_name = {name: (flip, convert) for name, flip, convert in pairs}
     out_specs = []

@@ -16,9 +16,7 @@ namespaces (as tests/test_slurm.py's fixture)."""
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from fault_runs import Ranks, logged_steps
 from two_node_slurm import ADDRESSES, INTERFACE, NODES, TwoNodeSlurm, namespaces_refused
 
 from flip_scale.metrics import read_jsonl
-from test_slurm import EXACT_KEYS, G14_LAYOUT, _install_slurm
+from test_slurm import EXACT_KEYS, G14_LAYOUT, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -64,21 +62,7 @@ def _by_step(records: list[dict]) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    reason = _install_slurm()
-    if reason is not None:
-        pytest.skip(reason)
-    reason = namespaces_refused()
-    if reason is not None:
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="flip-twonode-"))
-    root.chmod(0o755)  # munged refuses a socket below a directory others cannot search
-    cluster = TwoNodeSlurm(root)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_cluster(TwoNodeSlurm, "flip-twonode-", namespaces_refused)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from test_slurm import LocalSlurm, _free_port, _sbin  # noqa: E402
+from test_slurm import LocalSlurm, _sbin  # noqa: E402
 
 NODES = ("flipn1", "flipn2")
 ADDRESSES = ("10.231.0.1", "10.231.0.2")
@@ -87,63 +87,20 @@ class TwoNodeSlurm(LocalSlurm):
             raise RuntimeError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()}")
 
     def start(self) -> None:
-        root = self.root
         self._network()
-        for sub in ("munge", "munge_key", "state", "spool", "log"):
-            (root / sub).mkdir()
+        socket_path = self._start_munge()
         for node in NODES:
-            (root / "spool" / node).mkdir()
-        (root / "munge").chmod(0o755)
-        (root / "munge_key").chmod(0o700)
-        key = root / "munge_key" / "munge.key"
-        subprocess.run([_sbin("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
-        socket_path = root / "munge" / "munge.socket"
-        self._daemon("munged", [_sbin("munged"), f"--key-file={key}", f"--socket={socket_path}",
-                                f"--pid-file={root / 'munge' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
-                                f"--seed-file={root / 'munge' / 'munged.seed'}"], root / "munge" / "munged.pid")
+            (self.root / "spool" / node).mkdir()
         # Two tasks of one CPU on each node, whatever this machine has (the nodes share its cores).
         cpus = max(2, int(subprocess.run(["getconf", "_NPROCESSORS_ONLN"], capture_output=True, text=True).stdout or 2))
-        ports = [_free_port(), _free_port()]
-        while ports[1] == ports[0]:
-            ports[1] = _free_port()
         nodes = "\n".join(f"NodeName={node} NodeAddr={address} NodeHostname={self.host} CPUs={cpus} RealMemory=1000 "
                           "State=UNKNOWN" for node, address in zip(NODES, ADDRESSES))
-        self.conf.write_text(f"""# two-node test cluster written by tests/faults/two_node_slurm.py
-ClusterName=fliptwonode
-SlurmctldHost={self.host}({ADDRESSES[0]})
-SlurmctldPort={ports[0]}
-SlurmdPort={ports[1]}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={socket_path}
-StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool' / '%n'}
-SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd-%n.pid'}
-SlurmctldLogFile={root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SwitchType=switch/none
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SlurmdParameters=config_overrides
-ReturnToService=2
-# A node that stops answering is DOWN after this many seconds (the default is 300).
-SlurmdTimeout=6
-MinJobAge=3600
-KillWait=10
-SlurmctldDebug=info
-SlurmdDebug=info
-{nodes}
-PartitionName=twonode Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
-        self._daemon("slurmctld", [*self.in_node(NODES[0]), _sbin("slurmctld")], root / "slurmctld.pid")
+        self._write_conf("fliptwonode", ADDRESSES[0], socket_path,
+                         f"{nodes}\nPartitionName=twonode Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                         per_node=True,
+                         # A node that stops answering is DOWN after this many seconds (the default is 300).
+                         extra="SlurmdTimeout=6\n")
+        self._daemon("slurmctld", [*self.in_node(NODES[0]), _sbin("slurmctld")], self.root / "slurmctld.pid")
         for node in NODES:
             self.start_node(node)
 
