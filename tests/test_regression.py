@@ -21,8 +21,11 @@ from flip_scale.metrics import read_jsonl
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "tiny_loss_curve.json"
 STEPS = 8
-# Same machine kind and torch in CI: differences come from kernel choice only (~1e-7 relative).
-RTOL = 1e-4
+# Same torch in CI, but not always the same CPU: the kernels torch picks for another instruction set
+# round differently, and the difference grows with the steps. Measured between two CI machines: losses
+# within 3.5e-6 relative, gradient norms within 1.2e-4 at step 8 (1e-7 at step 1). A real change to the
+# model, loss, data order, optimizer or initialisation moves both by percent.
+RTOL = {"losses": 1e-4, "grad_norms": 2e-3, "logit_scales": 1e-4}
 
 
 def _overrides(data_dir: Path) -> list[str]:
@@ -53,7 +56,7 @@ def test_tiny_loss_curve_matches_the_stored_reference(tmp_path, synthetic_dir):
     want = json.loads(REFERENCE.read_text())
     for key in ("losses", "grad_norms", "logit_scales"):
         for step, (a, b) in enumerate(zip(got[key], want[key]), start=1):
-            assert a == pytest.approx(b, rel=RTOL), (
+            assert a == pytest.approx(b, rel=RTOL[key]), (
                 f"{key} at step {step}: {a} vs the stored {b} (torch {want['torch']}); if the change is meant to "
                 f"alter the numbers, regenerate: FLIP_UPDATE_REFERENCE=1 python -m pytest tests/test_regression.py")
     # The curve is a training curve, not a constant: the reference is worth comparing with.
