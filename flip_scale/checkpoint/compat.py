@@ -31,7 +31,7 @@ def _differences(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
 
 # Model options that change what the model computes without changing any tensor's shape: weights
 # load into either setting without an error, so they are compared besides the shapes.
-FUNCTIONAL_KEYS = ("vision_pool", "text_causal", "text_pad_mask", "norm_eps")
+FUNCTIONAL_KEYS = ("vision_pool", "text_causal", "text_pad_mask", "norm_eps", "act", "text_pool")
 
 
 def functional_differences(saved_model: Optional[dict], model_config: dict) -> list[tuple[str, Any, Any]]:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .checking import ConfigError, _build, _choice_message, _is_choice
+from .checking import ConfigError, _build, _choice_message, _is_choice, check_model_options
 
 
 @dataclass
@@ -54,6 +54,14 @@ class ModelConfig:
     vision_pool: Literal["avg_patches", "avg_all", "cls"] = "avg_patches"
     text_pad_mask: bool = False  # FLIP's code attends to padding; true masks it out
     text_causal: bool = False  # CLIP-style: causal mask + end-of-text pooling
+    # OpenCLIP's ViT CLIP family (defaults: FLIP's). sincos: fixed 2-D table on the patches; learned:
+    # a trained [1 + L, width] table, row 0 on the CLS token (OpenCLIP's positional_embedding).
+    vision_pos_embed: Literal["sincos", "learned"] = "sincos"
+    vision_ln_pre: bool = False  # a LayerNorm on the tokens before the image blocks (OpenCLIP's ln_pre)
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # the MLP activation of both towers
+    # auto: first token (non-causal) / last non-padding token (causal); argmax: the position of the
+    # highest token id (OpenCLIP's text pooling; its end-of-text token has the highest id)
+    text_pool: Literal["auto", "argmax"] = "auto"
     image_size: Optional[int] = None  # None: the registry's size
     context_length: int = 32
     vocab_size: Optional[int] = None  # None: the registry's size; must be >= the tokenizer's
@@ -64,6 +72,7 @@ class ModelConfig:
     vision_layers: Optional[int] = None
     vision_heads: Optional[int] = None
     vision_mlp_dim: Optional[int] = None
+    vision_mlp_ratio: Optional[float] = None  # MLP width int(vision width * ratio), as OpenCLIP (bigG: 4.9231)
     text_width: Optional[int] = None
     text_layers: Optional[int] = None
     text_heads: Optional[int] = None
@@ -346,6 +355,7 @@ def validate(cfg: Config) -> Config:
     if cfg.model.text_pad_mask and (cfg.data.tokenizer == "openclip" or cfg.data.tokenizer.startswith("openclip:")):
         raise ConfigError(f"model.text_pad_mask=true with data.tokenizer={cfg.data.tokenizer}: OpenCLIP's id 0 pads "
                           f"and is also the token '!', which the mask would hide; set model.text_pad_mask=false")
+    check_model_options(cfg.model)
     positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.global_batch_size": cfg.train.global_batch_size,

@@ -111,3 +111,16 @@ def _build(cls, values: dict, prefix: str):
         else:
             kwargs[key] = _coerce(full, value, tp)
     return cls(**kwargs)
+
+
+def check_model_options(model) -> None:
+    """The model keys whose valid values depend on each other (a `ModelConfig`)."""
+    ratio = model.vision_mlp_ratio
+    if ratio is not None:
+        if not ratio > 0:
+            raise ConfigError(f"model.vision_mlp_ratio: must be > 0 (MLP width int(vision width * ratio)), got {ratio}")
+        if model.vision_mlp_dim is not None:
+            raise ConfigError(
+                f"model.vision_mlp_ratio={ratio} and model.vision_mlp_dim={model.vision_mlp_dim} both set the image MLP "
+                f"width; give one of them (the other null)"
+            )

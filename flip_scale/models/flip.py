@@ -27,13 +27,17 @@ class FLIPModel(nn.Module):
         logit_scale_init: float = math.log(1 / 0.07),
         logit_scale_max: float = math.log(100.0),
         temperature_shape: tuple = (),
+        vision_pos_embed: str = "sincos",
+        vision_ln_pre: bool = False,
+        act: str = "gelu",
+        text_pool: str = "auto",
     ):
         super().__init__()
         self.arch = arch
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
-        self.visual = VisionTower(arch, mask_ratio, masking, vision_pool, norm_eps)
-        self.text = TextTower(arch, text_pad_mask, text_causal, norm_eps)
+        self.visual = VisionTower(arch, mask_ratio, masking, vision_pool, norm_eps, vision_pos_embed, vision_ln_pre, act)
+        self.text = TextTower(arch, text_pad_mask, text_causal, norm_eps, act, text_pool)
         # A 0-dim parameter, as OpenCLIP's; the DeepSpeed engine builds it with shape (1,) (DeepSpeed
         # broadcasts parameters through a uint8 view, which a 0-dim tensor cannot take), and its
         # checkpoints are reshaped to () wherever they are read.
@@ -53,7 +57,7 @@ class FLIPModel(nn.Module):
         `seed` defaults to the seed of torch's global generator (`torch.manual_seed`)."""
         from .init import initialize_parameters
 
-        self.visual.init_weights()  # the fixed sin-cos table (a buffer)
+        self.visual.init_weights()  # the fixed sin-cos table (a buffer; none if learned)
         initialize_parameters(self, torch.initial_seed() if seed is None else seed, self.logit_scale_init)
 
     def clamp_logit_scale(self) -> None:
@@ -97,6 +101,10 @@ def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True
             logit_scale_init=model_cfg.logit_scale_init,
             logit_scale_max=model_cfg.logit_scale_max,
             temperature_shape=temperature_shape,
+            vision_pos_embed=model_cfg.vision_pos_embed,
+            vision_ln_pre=model_cfg.vision_ln_pre,
+            act=model_cfg.act,
+            text_pool=model_cfg.text_pool,
         )
     if init and torch.device(device).type != "meta":
         model.init_weights()

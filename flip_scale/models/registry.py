@@ -90,6 +90,9 @@ def arch_from_config(model_cfg) -> FlipArch:
         heads=pick(model_cfg.vision_heads, arch.vision.heads),
         mlp_dim=pick(model_cfg.vision_mlp_dim, arch.vision.mlp_dim),
     )
+    ratio = getattr(model_cfg, "vision_mlp_ratio", None)
+    if ratio is not None:  # OpenCLIP's rounding: int(width * mlp_ratio) (bigG: int(1664 * 4.9231) = 8192)
+        vision = replace(vision, mlp_dim=int(vision.width * float(ratio)))
     text = TowerArch(
         width=pick(model_cfg.text_width, arch.text.width),
         layers=pick(model_cfg.text_layers, arch.text.layers),

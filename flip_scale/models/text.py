@@ -3,7 +3,8 @@
 token embedding + learned 1-D positions -> blocks -> final LayerNorm -> first-token pooling ->
 bias-free projection. As in FLIP's code, padding is not masked out of attention unless
 `pad_mask` is set. `causal=True` gives the CLIP variant: causal mask + end-of-text pooling (the
-last non-padding token).
+last non-padding token). `pool="argmax"` pools the position of the highest token id, as
+OpenCLIP's text tower does (its end-of-text token has the highest id of its vocabulary).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ PAD_ID = 0  # the tokenizer pads with id 0
 
 
 class TextTower(nn.Module):
-    def __init__(self, arch: FlipArch, pad_mask: bool = False, causal: bool = False, norm_eps: float = 1e-6):
+    def __init__(self, arch: FlipArch, pad_mask: bool = False, causal: bool = False, norm_eps: float = 1e-6,
+                 act: str = "gelu", pool: str = "auto"):
         super().__init__()
         width = arch.text.width
         self.arch = arch
         self.pad_mask = pad_mask
         self.causal = causal
+        self.pool = pool  # auto: first token (non-causal) or last non-padding (causal); argmax: OpenCLIP's
         self.token_embedding = nn.Embedding(arch.vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(arch.context_length, width))
-        self.blocks = make_blocks(width, arch.text.layers, arch.text.heads, arch.text.mlp_dim, norm_eps)
+        self.blocks = make_blocks(width, arch.text.layers, arch.text.heads, arch.text.mlp_dim, norm_eps, act)
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         self.proj = nn.Linear(width, arch.embed_dim, bias=False)
 
@@ -50,7 +53,9 @@ class TextTower(nn.Module):
 
     def head(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         x = self.ln_final(x)
-        if self.causal:
+        if self.pool == "argmax":
+            pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        elif self.causal:
             last = (tokens != PAD_ID).sum(dim=1).clamp(min=1) - 1
             pooled = x[torch.arange(x.shape[0], device=x.device), last]
         else:

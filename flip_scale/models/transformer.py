@@ -32,11 +32,21 @@ class Attention(nn.Module):
         return self.proj(out)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP and OpenCLIP's `-quickgelu` models."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}  # model.act
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, mlp_dim: int):
+    def __init__(self, width: int, mlp_dim: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, mlp_dim)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(mlp_dim, width)
 
     def forward(self, x):
@@ -44,19 +54,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_dim: int, norm_eps: float = 1e-6):
+    def __init__(self, width: int, heads: int, mlp_dim: int, norm_eps: float = 1e-6, act: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
-        self.mlp = MLP(width, mlp_dim)
+        self.mlp = MLP(width, mlp_dim, act)
 
     def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
         return x + self.mlp(self.ln_2(x))
 
 
-def make_blocks(width: int, layers: int, heads: int, mlp_dim: int, norm_eps: float) -> nn.ModuleDict:
+def make_blocks(width: int, layers: int, heads: int, mlp_dim: int, norm_eps: float, act: str = "gelu") -> nn.ModuleDict:
     # A ModuleDict keyed by layer index: a pipeline stage deletes the blocks it does not hold and
     # the remaining names (and so checkpoint keys) stay those of the whole model.
-    return nn.ModuleDict({str(i): Block(width, heads, mlp_dim, norm_eps) for i in range(layers)})
+    return nn.ModuleDict({str(i): Block(width, heads, mlp_dim, norm_eps, act) for i in range(layers)})

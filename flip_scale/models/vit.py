@@ -7,8 +7,14 @@ bias-free projection. No LayerNorm right after the patch embedding. The pixels o
 patches are dropped before the projection, so at mask 0.75 the projection and its gradient run on a
 quarter of the patches; the result is that of convolving every patch and then dropping tokens.
 
-A pipeline stage may hold only some of the blocks: the parts it does not hold (`patch_embed`
-before the blocks, `ln_post`/`proj` after them) are set to None and skipped.
+OpenCLIP's ViT CLIP family is a set of switches (defaults are FLIP's): `pos_embed="learned"` (a trained
+[1 + L, width] table whose row 0 goes on the CLS token and whose patch rows are taken for the kept
+patches, as OpenCLIP's `positional_embedding` added before its patch dropout), `ln_pre` (a LayerNorm
+on the tokens before the blocks) and `act="quick_gelu"`. OpenCLIP's pooling order is ours: ln_post,
+pool, projection.
+
+A pipeline stage may hold only some of the blocks: the parts it does not hold (`patch_embed`,
+`pos_embed`, `ln_pre` before the blocks, `ln_post`/`proj` after them) are set to None and skipped.
 """
 
 from __future__ import annotations
@@ -75,18 +81,28 @@ class VisionTower(nn.Module):
         masking: str = "random",
         pool: str = "avg_patches",
         norm_eps: float = 1e-6,
+        pos_embed: str = "sincos",
+        ln_pre: bool = False,
+        act: str = "gelu",
     ):
         super().__init__()
         width = arch.vision.width
         self.arch = arch
         self.pool = pool
         self.patch_size = arch.patch_size
+        self.pos_embed_kind = pos_embed
         self.patch_embed = PatchEmbed(width, arch.patch_size)
-        # Fixed, so a buffer: recomputed by init_weights, never trained, not in checkpoints.
-        self.register_buffer("pos_embed", torch.zeros(arch.num_patches, width), persistent=False)
+        if pos_embed == "learned":  # row 0: the CLS token's
+            self.pos_embed = nn.Parameter(torch.zeros(1 + arch.num_patches, width))
+        elif pos_embed == "sincos":
+            # Fixed, so a buffer: recomputed by init_weights, never trained, not in checkpoints.
+            self.register_buffer("pos_embed", torch.zeros(arch.num_patches, width), persistent=False)
+        else:
+            raise ValueError(f"model.vision_pos_embed: '{pos_embed}' is not valid; choose one of sincos, learned")
         self.cls_token = nn.Parameter(torch.zeros(width))
+        self.ln_pre = nn.LayerNorm(width, eps=norm_eps) if ln_pre else None
         self.masking = build_masking(masking, mask_ratio)
-        self.blocks = make_blocks(width, arch.vision.layers, arch.vision.heads, arch.vision.mlp_dim, norm_eps)
+        self.blocks = make_blocks(width, arch.vision.layers, arch.vision.heads, arch.vision.mlp_dim, norm_eps, act)
         self.ln_post = nn.LayerNorm(width, eps=norm_eps)
         self.proj = nn.Linear(width, arch.embed_dim, bias=False)
 
@@ -101,27 +117,27 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Recompute the fixed sin-cos table; parameters are set by `models.init` by name."""
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and self.pos_embed_kind == "sincos":
             table = sincos_2d_position_embedding(self.pos_embed.shape[1], self.arch.grid_size)
             self.pos_embed.copy_(torch.from_numpy(table).to(self.pos_embed.dtype))
 
     def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images [B, 3, H, W] -> tokens [B, 1 + visible, width] (CLS first)."""
         length = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
-        if length != self.pos_embed.shape[0] or images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
+        if length != self.arch.num_patches or images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ValueError(
                 f"image of {tuple(images.shape[-2:])} px does not give the model's patches; the model is built for "
-                f"{self.arch.image_size} px ({self.pos_embed.shape[0]} patches of {self.patch_size} px)"
+                f"{self.arch.image_size} px ({self.arch.num_patches} patches of {self.patch_size} px)"
             )
         ids_keep = self.masking.keep_indices(images.shape[0], length, mask_noise, images.device)
         x = self.patch_embed(images, ids_keep)  # [B, visible, width]
         pos = self.pos_embed.to(x.dtype)
-        if ids_keep is None:
-            x = x + pos
-        else:
-            x = x + pos[ids_keep]
-        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1)
+        cls = self.cls_token.to(x.dtype)
+        if self.pos_embed_kind == "learned":
+            cls, pos = cls + pos[0], pos[1:]
+        x = x + (pos if ids_keep is None else pos[ids_keep])
+        x = torch.cat([cls.expand(x.shape[0], 1, -1), x], dim=1)
+        return self.ln_pre(x) if self.ln_pre is not None else x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, width] -> features [B, embed_dim] (not normalised)."""

@@ -71,7 +71,8 @@ def init_buffers(model: nn.Module) -> None:
     from flip_scale.models.vit import sincos_2d_position_embedding
 
     visual = getattr(model, "visual", None)
-    if visual is not None and getattr(visual, "pos_embed", None) is not None:
+    if (visual is not None and getattr(visual, "pos_embed", None) is not None
+            and getattr(visual, "pos_embed_kind", "sincos") == "sincos"):  # a learned table is a parameter
         table = sincos_2d_position_embedding(visual.pos_embed.shape[1], visual.arch.grid_size)
         visual.pos_embed.copy_(torch.from_numpy(table).to(visual.pos_embed.dtype))
 

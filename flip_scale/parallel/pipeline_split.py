@@ -25,7 +25,7 @@ Stage I/O (`FLIPStage.forward`):
                       [L2-normalised image features | L2-normalised text features | log temperature]
 
 The tokens travel with the hidden states only when the text tower needs them after its
-embedding (`text_pad_mask` for the attention mask, `text_causal` for end-of-text pooling). The
+embedding (`text_pad_mask` for the attention mask, `text_causal` or `text_pool=argmax` for the pooling). The
 last stage returns one tensor rather than a tuple because the pipeline schedule merges the
 micro-batch outputs along dim 0 and splits the target (the cached gradient) the same way; a 0-d
 temperature could do neither. Every row carries the same temperature; `split_stage_output` undoes
@@ -332,6 +332,7 @@ def build_stage_module(model: nn.Module, spec: StageSpec, copy_model: bool = Tru
         visual.patch_embed = None
         visual.cls_token = None
         visual.pos_embed = None
+        visual.ln_pre = None
         text.token_embedding = None
         text.pos_embed = None
     if not spec.is_last:
@@ -341,7 +342,7 @@ def build_stage_module(model: nn.Module, spec: StageSpec, copy_model: bool = Tru
         text.proj = None
     return FLIPStage(
         visual, text, model.logit_scale if spec.is_last else None, spec,
-        pass_tokens=bool(text.pad_mask or text.causal), logit_scale_max=getattr(model, "logit_scale_max", None),
+        pass_tokens=bool(text.pad_mask or text.causal or text.pool == "argmax"), logit_scale_max=getattr(model, "logit_scale_max", None),
     )
 
 
