@@ -354,8 +354,7 @@ def _with(section, changes):
 
 
 @pytest.mark.parametrize("section, changes, named", [
-    ("vision_cfg", {"no_ln_pre": False}, "no_ln_pre"),
-    ("vision_cfg", {"pos_embed_type": "learnable"}, "pos_embed_type"),
+    ("vision_cfg", {"pos_embed_type": "none"}, "pos_embed_type"),
     ("vision_cfg", {"ls_init_value": 1e-5}, "ls_init_value"),
     ("vision_cfg", {"attentional_pool": True}, "attentional_pool"),
     ("vision_cfg", {"qk_norm": True}, "qk_norm"),
@@ -364,9 +363,10 @@ def _with(section, changes):
     ("vision_cfg", {"timm_model_name": "vit_base_patch16_224"}, "timm_model_name"),
     ("text_cfg", {"hf_model_name": "bert-base-uncased"}, "hf_model_name"),
     ("text_cfg", {"embed_cls": True}, "embed_cls"),
-    ("text_cfg", {"no_causal_mask": False, "pool_type": "argmax"}, "pool_type=argmax"),
+    ("text_cfg", {"no_causal_mask": False, "pool_type": "last"}, "pool_type=last"),
+    ("text_cfg", {"proj_bias": True}, "proj_bias"),
     ("text_cfg", {"norm_kwargs": {"eps": 1e-6}}, "eps"),
-    (None, {"quick_gelu": True}, "quick_gelu"),
+    (None, {"quick_gelu": "yes"}, "quick_gelu"),
     (None, {"custom_text": True}, "custom_text"),
     (None, {"init_logit_bias": -10.0}, "init_logit_bias"),
     (None, {"multimodal_cfg": {}}, "multimodal_cfg"),

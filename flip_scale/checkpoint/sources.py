@@ -183,6 +183,10 @@ class CheckpointSource:
     config_tree: dict  # its config, as a YAML tree
     step: Optional[int]
     samples_seen: Optional[int]  # samples its weights were trained on (None: unknown)
+    # What a consolidated file records of its origin (from-openclip: "open_clip" and the mask
+    # ratio the weights were trained with, 0 for OpenCLIP's family); None: not recorded.
+    provenance: Optional[str] = None
+    pretraining_mask_ratio: Optional[float] = None
 
     def describe(self) -> str:
         seen = f", {self.samples_seen:,} samples seen" if self.samples_seen else ""
@@ -204,7 +208,12 @@ def open_checkpoint(path: Union[str, Path]) -> CheckpointSource:
         step = metadata.get("step")
         step = int(step) if step not in (None, "", "None") and str(step).isdigit() else None
         seen = step * int(tree["train"]["global_batch_size"]) if step else None
-        return CheckpointSource("consolidated", directory, tree, step, seen)
+        recorded = metadata.get("pretraining_mask_ratio")
+        try:
+            recorded = float(recorded) if recorded is not None else None
+        except ValueError:
+            recorded = None
+        return CheckpointSource("consolidated", directory, tree, step, seen, metadata.get("provenance"), recorded)
     problem = checkpoint_problem(directory)
     if problem is not None:
         raise CheckpointError(f"{directory} is not a complete checkpoint: {problem}")

@@ -311,6 +311,8 @@ def _config_summary(cfg: Config) -> dict:
         "vocab_size": arch.vocab_size, "context_length": arch.context_length,
         "vision_pool": cfg.model.vision_pool, "text_pad_mask": cfg.model.text_pad_mask,
         "text_causal": cfg.model.text_causal, "norm_eps": cfg.model.norm_eps,
+        "vision_pos_embed": cfg.model.vision_pos_embed, "vision_ln_pre": cfg.model.vision_ln_pre,
+        "act": cfg.model.act, "text_pool": cfg.model.text_pool,
     }
 
 
@@ -398,6 +400,8 @@ def format_inspect(info: dict) -> str:
         f"vocab {c['vocab_size']}, context {c['context_length']}",
         f"mask_ratio   {c['mask_ratio']}  (vision_pool {c['vision_pool']}, text_pad_mask {c['text_pad_mask']}, "
         f"text_causal {c['text_causal']})",
+        f"options      vision_pos_embed {c['vision_pos_embed']}, vision_ln_pre {c['vision_ln_pre']}, act {c['act']}, "
+        f"text_pool {c['text_pool']}, norm_eps {c['norm_eps']:g}",
         f"params       {info['params']:,} ({info['params'] / 1e6:.2f}M) in {len(info['tensors'])} tensors",
     ]
     if "optimizer_entries" in info:

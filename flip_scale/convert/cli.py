@@ -45,7 +45,7 @@ then, in Python:
 Writes DIR/open_clip_model.safetensors (or open_clip_pytorch_model.bin) and DIR/open_clip_config.json
 ({"model_cfg": ..., "preprocess_cfg": ...}, the format open_clip's local-dir: and hf-hub: loaders read).
 Refused, naming the option: model.text_pad_mask=true, model.vision_pool=avg_all, and
-model.text_causal=true unless --text-eos-pool. Text must be tokenised with flip_scale's tokenizer.
+model.text_causal=true with model.text_pool=auto unless --text-eos-pool. Text must be tokenised with flip_scale's tokenizer.
 """
 
 FROM_OPENCLIP_EXAMPLES = """\
@@ -53,13 +53,18 @@ examples:
   python tools/convert_ckpt.py from-openclip exports/l16_openclip/open_clip_model.safetensors \\
       --config exports/l16_openclip/open_clip_config.json --out exports/l16_back
   python tools/convert_ckpt.py from-openclip epoch_32.pt --config ViT-B-16-sincos.json --out init/b16 --mask-ratio 0.5
+  python tools/convert_ckpt.py from-openclip open_clip_model.safetensors --openclip-model ViT-H-14 --out init/h14
 
 Writes a consolidated directory (model.safetensors + flip_config.yaml) to start training from
 (`--init-from DIR`). The config may be a bare model config (embed_dim, vision_cfg, text_cfg) or an
 open_clip_config.json with model_cfg. .pt/.bin files are loaded with weights_only=True (a file
-holding arbitrary Python objects is refused); .safetensors is preferred. OpenCLIP models flip_scale
-cannot represent (ln_pre, learnable image position embedding, layer scale, attentional pooling,
-QuickGELU, custom or HF text towers, ...) are refused, naming the option.
+holding arbitrary Python objects is refused); .safetensors is preferred. --openclip-model NAME reads
+the config of a model the installed open_clip knows. The standard ViT CLIP family (ViT-B/L/H/g/bigG,
+-quickgelu: learned positions, ln_pre, CLS pooling, argmax text pooling) maps exactly; what
+flip_scale cannot represent (layer scale, attentional pooling, custom blocks, timm / HF / custom
+text towers (SigLIP), CoCa, ...) is refused, naming the option. The output records where the
+weights come from and the mask ratio they were trained with (0 for OpenCLIP's, unless patch_dropout),
+which tools/unmask_tune.py reads.
 """
 
 TO_TIMM_EXAMPLES = """\
@@ -128,7 +133,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="OpenCLIP weights + model config -> a flip_scale consolidated directory.",
                        epilog=FROM_OPENCLIP_EXAMPLES, formatter_class=fmt)
     p.add_argument("state", metavar="OPENCLIP_STATE", help=".safetensors (preferred), .bin or .pt")
-    p.add_argument("--config", required=True, metavar="OPENCLIP_JSON", help="model config JSON (or open_clip_config.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="OPENCLIP_JSON", help="model config JSON (or open_clip_config.json)")
+    source.add_argument("--openclip-model", metavar="NAME",
+                        help="a model name the installed open_clip knows (ViT-H-14, ViT-bigG-14, ...): its config")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--mask-ratio", type=float, default=None,
                    help="model.mask_ratio to write (default: the config's, else patch_dropout if > 0, else 0.5)")
@@ -181,10 +189,12 @@ def main(argv: Optional[list] = None) -> int:
                 f"load with: open_clip.create_model('local-dir:{r['out']}')",
             ])
         elif args.command == "from-openclip":
-            r = from_openclip(args.state, args.config, args.out, mask_ratio=args.mask_ratio, dtype=args.dtype)
+            r = from_openclip(args.state, args.config, args.out, mask_ratio=args.mask_ratio, dtype=args.dtype,
+                              openclip_model=args.openclip_model)
             _print(r, args.json, [
                 f"wrote {r['out']}/model.safetensors ({r['tensors']} tensors, {r['params']:,} parameters) "
                 f"and {r['out']}/flip_config.yaml (model.name {r['model']['name']}, mask_ratio {r['model']['mask_ratio']})",
+                f"source: {r['provenance']}, pre-trained at mask ratio {r['pretraining_mask_ratio']:g}",
             ])
         elif args.command == "to-timm":
             r = to_timm(args.consolidated, args.out, head=not args.no_head)

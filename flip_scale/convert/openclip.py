@@ -5,29 +5,33 @@ What maps (checked against open_clip's model.py / transformer.py):
   flip_scale                          OpenCLIP
   visual.patch_embed (conv, no bias)  visual.conv1 (bias=False)
   visual.cls_token                    visual.class_embedding
-  fixed sin-cos buffer (not saved)    visual.positional_embedding: a frozen parameter (in the state
-                                      dict) of grid^2 + 1 rows, CLS row zero; pos_embed_type sin_cos_2d
-  (no LayerNorm before the blocks)    no_ln_pre: true (ln_pre = Identity)
-  blocks.i.attn.qkv  [heads,(q,k,v),d] transformer.resblocks.i.attn.in_proj_* = cat(q, k, v)
+  vision_pos_embed sincos: fixed      visual.positional_embedding: a frozen parameter (in the state
+    buffer (not saved)                dict) of grid^2 + 1 rows, CLS row zero; pos_embed_type sin_cos_2d
+  vision_pos_embed learned:           visual.positional_embedding (pos_embed_type learnable), row 0
+    visual.pos_embed [1 + L, width]   on the CLS token, added before patch dropout (our masking)
+  vision_ln_pre false / true          no_ln_pre true / false (visual.ln_pre)
+  blocks.i.attn.qkv  [heads,(q,k,v),d] transformer.resblocks.i.attn.in_proj_* = cat(q, k, v) (biased)
   blocks.i.attn.proj                  ...attn.out_proj
-  blocks.i.mlp.fc1 / fc2 (exact GELU) ...mlp.c_fc / c_proj (quick_gelu false, act_kwargs none)
-  blocks.i.ln_1 / ln_2, eps           ...ln_1 / ln_2, norm_kwargs {eps}
+  blocks.i.mlp.fc1 / fc2, model.act   ...mlp.c_fc / c_proj; act gelu: quick_gelu false, quick_gelu: true
+  blocks.i.ln_1 / ln_2, eps           ...ln_1 / ln_2, norm_kwargs {eps} (absent: torch's 1e-5)
+  vision_mlp_ratio / vision_mlp_dim   mlp_ratio (int(width * mlp_ratio) hidden units; bigG 8192)
+  heads                               head_width = width / heads (text: heads)
   visual.ln_post, pool avg_patches    visual.ln_post then pool_type avg (mean of x[:, 1:]);
                       pool cls        pool_type tok (x[:, 0]); final_ln_after_pool false
   visual.proj.weight [embed, width]   visual.proj [width, embed] (x @ proj, no bias): transposed
   text.token_embedding, text.pos_embed token_embedding, positional_embedding [context_length, width]
   text non-causal, first-token pool   no_causal_mask: true, pool_type first
+  text causal, text_pool argmax       the default CLIP text: causal attn_mask, pool_type argmax
   text.ln_final, text.proj.weight     ln_final, text_projection [width, embed] (no bias): transposed
   logit_scale (0-dim)                 logit_scale (0-dim; nonscalar_logit_scale false)
 
 Not representable, refused by name: model.text_pad_mask (OpenCLIP's config never turns on the
 text padding mask), model.vision_pool=avg_all (OpenCLIP averages patch tokens only), causal text
-(OpenCLIP's argmax pooling is not our last-non-padding pooling; pool_type eos with our EOS id is
-equal for every sequence our tokenizer makes, and is used only when asked for). From OpenCLIP:
-ln_pre, learnable or no position embeddings for the image, layer scale, attentional pooling,
-QuickGELU, custom blocks (qk_norm, scaled cosine attention, ...), final_ln_after_pool, timm / HF /
-custom text towers, a CLS token in the text tower, a projection bias, logit_bias (SigLIP), and
-different LayerNorm eps in the two towers.
+with text_pool auto (the last non-padding token) unless --text-eos-pool (pool_type eos with our
+EOS id, equal for every sequence our tokenizer makes). From OpenCLIP: no image position embedding,
+layer scale, attentional pooling, custom blocks (qk_norm, scaled cosine attention, ...),
+final_ln_after_pool, timm / HF / custom text towers, a CLS token in the text tower, a projection
+bias, logit_bias (SigLIP), and different LayerNorm eps in the two towers.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ from ..models.vit import sincos_2d_position_embedding
 from ..checkpoint.consolidated import MODEL_FILE, TensorSpec, read_safetensors_header
 from ..checkpoint.safety import ConvertError, safe_torch_load
 from .checkpoints import expected_state, read_consolidated_tensors, write_config
-from .openclip_config import OPENCLIP_CONFIG_FILE, model_config_from_openclip, openclip_model_config, read_openclip_config
+from .openclip_config import (
+    OPENCLIP_CONFIG_FILE, OPENCLIP_MEAN, OPENCLIP_STD, model_config_from_openclip, named_openclip_config,
+    openclip_model_config, read_openclip_config,
+)
 from .safetensors_io import write_safetensors
 
 OPENCLIP_MODEL_FILE = "open_clip_model.safetensors"
@@ -103,13 +110,16 @@ def _block_pairs(flip_prefix: str, oc_prefix: str, heads: int) -> list:
     return pairs
 
 
-def key_pairs(arch) -> list:
+def key_pairs(arch, model_cfg) -> list:
     """Every tensor of the OpenCLIP state dict with the flip_scale tensor it comes from."""
+    learned = model_cfg.vision_pos_embed == "learned"
     pairs = [
         KeyPair("visual.cls_token", "visual.class_embedding"),
-        KeyPair(None, POS_EMBED_KEY),
+        KeyPair("visual.pos_embed" if learned else None, POS_EMBED_KEY),
         KeyPair("visual.patch_embed.weight", "visual.conv1.weight"),
     ]
+    if model_cfg.vision_ln_pre:
+        pairs += [KeyPair(f"visual.ln_pre.{leaf}", f"visual.ln_pre.{leaf}") for leaf in ("weight", "bias")]
     for i in range(arch.vision.layers):
         pairs += _block_pairs(f"visual.blocks.{i}", f"visual.transformer.resblocks.{i}", arch.vision.heads)
     pairs += [
@@ -182,7 +192,7 @@ def to_openclip(consolidated: Union[str, Path], out_dir: Union[str, Path], text_
     cfg, file, header, found = read_consolidated_tensors(consolidated)
     model_cfg = openclip_model_config(cfg.model, text_eos_pool)  # refuses what OpenCLIP cannot represent
     arch = arch_from_config(cfg.model)
-    pairs = key_pairs(arch)
+    pairs = key_pairs(arch, cfg.model)
     # The fixed table stays float32 even in a bf16 export: it is not a trained weight, and rounding
     # it would move the embeddings away from flip_scale's (which adds the float32 buffer).
     pos_dtype = torch.float32
@@ -230,24 +240,38 @@ def to_openclip(consolidated: Union[str, Path], out_dir: Union[str, Path], text_
             "tensors": len(out_specs), "model_cfg": model_cfg}
 
 
-def from_openclip(state_path: Union[str, Path], config_path: Union[str, Path], out_dir: Union[str, Path],
-                  mask_ratio: Optional[float] = None, dtype: str = "keep") -> dict:
-    """An OpenCLIP state dict + model config -> a flip_scale consolidated directory
-    (model.safetensors + flip_config.yaml) that `load_consolidated` / `--init-from` accept."""
+def from_openclip(state_path: Union[str, Path], config_path: Optional[Union[str, Path]], out_dir: Union[str, Path],
+                  mask_ratio: Optional[float] = None, dtype: str = "keep", openclip_model: Optional[str] = None) -> dict:
+    """An OpenCLIP state dict + model config (a JSON file, or `openclip_model`: a name the installed
+    open_clip knows) -> a flip_scale consolidated directory (model.safetensors + flip_config.yaml)
+    that `load_consolidated` / `--init-from` accept."""
     dtypes = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise ConvertError(f"--dtype {dtype}: valid values are {', '.join(dtypes)}")
-    oc_cfg, preprocess, extras = read_openclip_config(config_path)
+    if (config_path is None) == (openclip_model is None):
+        raise ConvertError("give the OpenCLIP model config as one of --config JSON or --openclip-model NAME")
+    if openclip_model is not None:
+        oc_cfg, preprocess, extras = named_openclip_config(openclip_model)
+    else:
+        oc_cfg, preprocess, extras = read_openclip_config(config_path)
     model_cfg = model_config_from_openclip(oc_cfg, extras)
+    # Provenance, read by the unmask planner: the mask ratio these weights were trained with.
+    # OpenCLIP's family trains on whole images unless patch_dropout is set; a model flip_scale
+    # exported says its own.
+    patch_dropout = float(oc_cfg.get("vision_cfg", {}).get("patch_dropout", 0.0) or 0.0)
+    pretraining_mask_ratio = float(extras.get("mask_ratio", patch_dropout))
+    provenance = "flip_scale (through OpenCLIP)" if extras else "open_clip"
     if mask_ratio is not None:
         model_cfg = dataclasses.replace(model_cfg, mask_ratio=float(mask_ratio))
     cfg = Config(model=model_cfg)
+    if not (preprocess.get("mean") and preprocess.get("std")) and not extras:
+        preprocess = dict(preprocess, mean=OPENCLIP_MEAN, std=OPENCLIP_STD)  # what open_clip normalises with
     if preprocess.get("mean") and preprocess.get("std"):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mean=list(preprocess["mean"]), std=list(preprocess["std"])))
     validate(cfg)
     arch = arch_from_config(model_cfg)
     source = _StateSource(state_path)
-    pairs = key_pairs(arch)
+    pairs = key_pairs(arch, model_cfg)
     expected_oc = {p.openclip for p in pairs}
     unexpected = [n for n in source.specs if n not in expected_oc]
     if unexpected:
@@ -271,10 +295,10 @@ def from_openclip(state_path: Union[str, Path], config_path: Union[str, Path], o
     table = openclip_position_table(arch, torch.float32)
     tolerance = 1e-6 if positions.dtype in (torch.float32, torch.float64) else 1e-2
     difference = (positions.float() - table).abs().max().item()
-    if difference > tolerance:
+    if model_cfg.vision_pos_embed == "sincos" and difference > tolerance:
         raise ConvertError(
             f"{state_path}: {POS_EMBED_KEY} is not the fixed 2-D sin-cos table with a zero CLS row (max difference "
-            f"{difference:.3g}); flip_scale's image tower has fixed sin-cos positions only"
+            f"{difference:.3g}), as its config's pos_embed_type sin_cos_2d says"
         )
     by_flip = {p.flip: p for p in pairs if p.flip is not None}
     specs = []
@@ -295,8 +319,11 @@ def from_openclip(state_path: Union[str, Path], config_path: Union[str, Path], o
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "producer": "flip_scale.convert", "kind": "flip_scale_consolidated", "step": 0,
                 "source": str(Path(state_path).resolve()), "source_format": "open_clip",
-                "source_layout": "open_clip", "source_world_size": 1}
+                "source_layout": "open_clip", "source_world_size": 1, "provenance": provenance,
+                "pretraining_mask_ratio": repr(pretraining_mask_ratio)}
     write_safetensors(out_dir / MODEL_FILE, specs, produce, metadata)
-    write_config(cfg, out_dir, f"flip_scale model converted from OpenCLIP weights {Path(state_path).resolve()}")
+    write_config(cfg, out_dir, f"flip_scale model converted from OpenCLIP weights {Path(state_path).resolve()} "
+                               f"({provenance}; pre-trained at mask ratio {pretraining_mask_ratio:g})")
     return {"out": str(out_dir), "tensors": len(specs), "params": sum(s.numel for s in specs),
-            "model": dataclasses.asdict(model_cfg)}
+            "model": dataclasses.asdict(model_cfg), "provenance": provenance,
+            "pretraining_mask_ratio": pretraining_mask_ratio}

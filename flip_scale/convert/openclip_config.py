@@ -16,6 +16,9 @@ from ..models import MODEL_SIZES, arch_from_config
 from ..checkpoint.safety import ConvertError
 
 OPENCLIP_CONFIG_FILE = "open_clip_config.json"
+# open_clip's preprocessing when a config has no preprocess_cfg (OPENAI_DATASET_MEAN / _STD).
+OPENCLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENCLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def check_exportable(model_cfg: ModelConfig, text_eos_pool: bool = False) -> None:
@@ -31,12 +34,13 @@ def check_exportable(model_cfg: ModelConfig, text_eos_pool: bool = False) -> Non
             "model.vision_pool=avg_all has no OpenCLIP equivalent: OpenCLIP's pool_type=avg averages the patch "
             "tokens only (CLS excluded). Exportable: model.vision_pool=avg_patches (pool_type avg) or cls (pool_type tok)"
         )
-    if model_cfg.text_causal and not text_eos_pool:
+    if model_cfg.text_causal and model_cfg.text_pool == "auto" and not text_eos_pool:
         raise ConvertError(
-            "model.text_causal=true: flip_scale pools the last non-padding token, which OpenCLIP's 'argmax' pooling "
-            "(the highest token id) does not match. OpenCLIP's pool_type 'eos' (first end-of-text token) gives the "
-            "same result for every sequence flip_scale's tokenizer produces ([BOS] pieces [EOS] then padding); pass "
-            "--text-eos-pool to export with it. Exportable without it: model.text_causal=false"
+            "model.text_causal=true with model.text_pool=auto: flip_scale pools the last non-padding token, which "
+            "OpenCLIP's 'argmax' pooling (the highest token id) does not match. OpenCLIP's pool_type 'eos' (first "
+            "end-of-text token) gives the same result for every sequence flip_scale's tokenizer produces ([BOS] pieces "
+            "[EOS] then padding); pass --text-eos-pool to export with it. Exportable without it: model.text_pool=argmax "
+            "(OpenCLIP's own pooling) or model.text_causal=false"
         )
 
 
@@ -57,12 +61,17 @@ def openclip_model_config(model_cfg: ModelConfig, text_eos_pool: bool = False) -
     check_exportable(model_cfg, text_eos_pool)
     arch = arch_from_config(model_cfg)
     norm = {"eps": model_cfg.norm_eps}
+    if model_cfg.text_pool == "argmax":
+        text_pool = "argmax"
+    else:
+        text_pool = "eos" if model_cfg.text_causal else "first"
     vision = {
         "image_size": arch.image_size, "patch_size": arch.patch_size, "layers": arch.vision.layers,
         "width": arch.vision.width, "head_width": arch.vision.width // arch.vision.heads,
         "mlp_ratio": _mlp_ratio(arch.vision.width, arch.vision.mlp_dim),
         "ls_init_value": None, "patch_dropout": 0.0, "attentional_pool": False,
-        "no_ln_pre": True, "pos_embed_type": "sin_cos_2d", "final_ln_after_pool": False,
+        "no_ln_pre": not model_cfg.vision_ln_pre, "final_ln_after_pool": False,
+        "pos_embed_type": "learnable" if model_cfg.vision_pos_embed == "learned" else "sin_cos_2d",
         "pool_type": "avg" if model_cfg.vision_pool == "avg_patches" else "tok",
         "act_kwargs": None, "norm_kwargs": norm,
     }
@@ -72,10 +81,10 @@ def openclip_model_config(model_cfg: ModelConfig, text_eos_pool: bool = False) -
         "mlp_ratio": _mlp_ratio(arch.text.width, arch.text.mlp_dim), "ls_init_value": None,
         "embed_cls": False, "pad_id": PAD_ID, "eos_id": EOS_ID,
         "no_causal_mask": not model_cfg.text_causal, "final_ln_after_pool": False,
-        "pool_type": "eos" if model_cfg.text_causal else "first",
+        "pool_type": text_pool,
         "proj_bias": False, "proj_type": "linear", "act_kwargs": None, "norm_kwargs": norm,
     }
-    return {"embed_dim": arch.embed_dim, "quick_gelu": False, "init_logit_scale": model_cfg.logit_scale_init,
+    return {"embed_dim": arch.embed_dim, "quick_gelu": model_cfg.act == "quick_gelu", "init_logit_scale": model_cfg.logit_scale_init,
             "vision_cfg": vision, "text_cfg": text}
 
 
@@ -84,8 +93,8 @@ def openclip_model_config(model_cfg: ModelConfig, text_eos_pool: bool = False) -
 _VISION_MUST = {  # key: (OpenCLIP default, accepted values, what it is)
     "ls_init_value": (None, (None,), "layer scale"),
     "attentional_pool": (False, (False,), "attentional pooling"),
-    "no_ln_pre": (False, (True,), "a LayerNorm before the blocks (ln_pre); flip_scale needs no_ln_pre: true"),
-    "pos_embed_type": ("learnable", ("sin_cos_2d",), "the image position embedding; flip_scale has fixed 2-D sin-cos only (sin_cos_2d)"),
+    "no_ln_pre": (False, (False, True), "a LayerNorm before the blocks (ln_pre)"),
+    "pos_embed_type": ("learnable", ("learnable", "sin_cos_2d"), "the image position embedding"),
     "final_ln_after_pool": (False, (False,), "LayerNorm after pooling"),
     "pool_type": ("tok", ("avg", "tok"), "image pooling"),
     "act_kwargs": (None, (None, {}), "activation arguments"),
@@ -180,8 +189,8 @@ def model_config_from_openclip(model_cfg: dict, extras: Optional[dict] = None) -
         if key not in _TOP_FREE:
             what = "a multimodal decoder (CoCa)" if key == "multimodal_cfg" else "an option flip_scale does not map"
             raise ConvertError(f"OpenCLIP model config key '{key}' ({what}) has no flip_scale equivalent")
-    if model_cfg.get("quick_gelu"):
-        raise ConvertError("OpenCLIP quick_gelu=true (QuickGELU activation) has no flip_scale equivalent; flip_scale uses exact GELU")
+    if model_cfg.get("quick_gelu") not in (None, False, True):
+        raise ConvertError(f"OpenCLIP quick_gelu={model_cfg['quick_gelu']!r}: expected true or false")
     if model_cfg.get("custom_text"):
         raise ConvertError("OpenCLIP custom_text=true (a CustomTextCLIP text tower) has no flip_scale equivalent")
     if model_cfg.get("init_logit_bias") is not None:
@@ -197,14 +206,17 @@ def model_config_from_openclip(model_cfg: dict, extras: Optional[dict] = None) -
                            f"flip_scale has one model.norm_eps")
     causal = not text.get("no_causal_mask", False)
     pool = text.get("pool_type", "argmax")
-    if not causal and pool != "first":
-        raise ConvertError(f"OpenCLIP text_cfg.pool_type={pool} with no_causal_mask=true has no flip_scale equivalent; "
-                           f"a non-causal text tower pools the first token (pool_type first)")
-    if causal and not (pool == "eos" and text.get("eos_id", 2) == EOS_ID):
+    if pool == "argmax":
+        text_pool = "argmax"  # OpenCLIP's default: the position of the highest token id, causal or not
+    elif pool == "first" and not causal:
+        text_pool = "auto"
+    elif pool == "eos" and causal and text.get("eos_id", 2) == EOS_ID:
+        text_pool = "auto"  # the last non-padding token: the end-of-text of flip_scale's tokenizer
+    else:
         raise ConvertError(
-            f"OpenCLIP causal text with pool_type={pool} (eos_id {text.get('eos_id', 2)}) has no flip_scale equivalent: "
-            f"flip_scale's causal text pools the last non-padding token, which equals pool_type eos with "
-            f"eos_id {EOS_ID} (its tokenizer's end-of-text) only; non-causal text needs no_causal_mask: true, pool_type first"
+            f"OpenCLIP text_cfg.pool_type={pool} (no_causal_mask {not causal}, eos_id {text.get('eos_id', 2)}) has no "
+            f"flip_scale equivalent; representable: pool_type argmax (causal or not), first with no_causal_mask: true, "
+            f"eos with eos_id {EOS_ID} (flip_scale's end-of-text) and the causal mask"
         )
     width, text_width = int(vision.get("width", 768)), int(text.get("width", 512))
     head_width = int(vision.get("head_width", 64))
@@ -215,6 +227,8 @@ def model_config_from_openclip(model_cfg: dict, extras: Optional[dict] = None) -
         image_size=_square(vision.get("image_size", 224), "vision_cfg.image_size"),
         patch_size=_square(vision.get("patch_size", 16), "vision_cfg.patch_size"),
         vision_width=width, vision_layers=int(vision.get("layers", 12)), vision_heads=width // head_width,
+        # OpenCLIP's rounding, int(width * mlp_ratio), written as the width itself (what model.vision_mlp_ratio
+        # would give), so that a flip_scale model's round trip keeps its config
         vision_mlp_dim=int(width * float(vision.get("mlp_ratio", 4.0))),
         text_width=text_width, text_layers=int(text.get("layers", 12)), text_heads=int(text.get("heads", 8)),
         text_mlp_dim=int(text_width * float(text.get("mlp_ratio", 4.0))),
@@ -227,7 +241,9 @@ def model_config_from_openclip(model_cfg: dict, extras: Optional[dict] = None) -
     cfg = ModelConfig(
         name=name, mask_ratio=float(mask_ratio), masking=extras.get("masking", ModelConfig.masking),
         vision_pool="avg_patches" if vision.get("pool_type", "tok") == "avg" else "cls",
-        text_pad_mask=False, text_causal=causal, norm_eps=eps_v,
+        text_pad_mask=False, text_causal=causal, text_pool=text_pool, norm_eps=eps_v,
+        vision_pos_embed="learned" if vision.get("pos_embed_type", "learnable") == "learnable" else "sincos",
+        vision_ln_pre=not vision.get("no_ln_pre", False), act="gelu" if not model_cfg.get("quick_gelu") else "quick_gelu",
         logit_scale_init=float(model_cfg.get("init_logit_scale", ModelConfig.logit_scale_init)),
         logit_scale_max=float(extras.get("logit_scale_max", ModelConfig.logit_scale_max)),
         **fields,
@@ -254,3 +270,23 @@ def read_openclip_config(path: Union[str, Path]) -> tuple[dict, dict, dict]:
     if "model_cfg" in data:
         return data["model_cfg"], data.get("preprocess_cfg") or {}, data.get("flip_scale") or {}
     return data, {}, {}
+
+
+def named_openclip_config(name: str) -> tuple[dict, dict, dict]:
+    """(model_cfg, preprocess_cfg, {}) of a model name the installed open_clip knows (`--openclip-model`),
+    read through open_clip's own `get_model_config`."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ConvertError(f"--openclip-model {name} needs the open_clip package (pip install \"flip_scale[openclip]\" "
+                           f"or pip install open_clip_torch); or pass --config with the model config JSON") from None
+    config = open_clip.get_model_config(name)
+    if config is None:
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+        raise ConvertError(f"--openclip-model {name}: not a model the installed open_clip {open_clip.__version__} knows"
+                           f"{'; close names: ' + ', '.join(close) if close else ''} (open_clip.list_models() lists them)")
+    config = dict(config)
+    preprocess = config.pop("preprocess_cfg", None) or {}
+    return config.get("model_cfg", config), preprocess, {}

@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="warmup in samples (default 25.6M, at most 20%% of the length)")
     parser.add_argument("--base-lr", type=float, default=None,
                         help="lr per 256 samples (default: 1%% of the pre-training's, = 4e-8 for the paper's recipes)")
+    parser.add_argument("--mask-ratio", type=float, default=None,
+                        help="the mask ratio the source was pre-trained with (default: what the checkpoint records: "
+                             "0 for weights converted from OpenCLIP unless patch_dropout, else its model.mask_ratio)")
     parser.add_argument("--memory", choices=MEMORY_MODES, default="auto",
                         help="how to pay for the unmasked images' extra activations (default auto; rules in "
                              "flip_scale/unmask/plan.py)")
@@ -82,15 +85,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _source_from_record(record: dict) -> CheckpointSource:
     src = record["source"]
-    return CheckpointSource(src["kind"], Path(src["path"]), src["config"], src.get("step"), src.get("samples_seen"))
+    return CheckpointSource(src["kind"], Path(src["path"]), src["config"], src.get("step"), src.get("samples_seen"),
+                            src.get("provenance"), src.get("pretraining_mask_ratio"))
 
 
 def _record(plan: TuningPlan, args: argparse.Namespace) -> dict:
     s = plan.source
     return {
         "source": {"kind": s.kind, "path": str(s.path.resolve()), "step": s.step, "samples_seen": s.samples_seen,
-                   "config": s.config_tree},
+                   "config": s.config_tree, "provenance": s.provenance, "pretraining_mask_ratio": s.pretraining_mask_ratio},
         "arguments": {"samples": args.samples, "warmup_samples": args.warmup_samples, "base_lr": args.base_lr,
+                      "mask_ratio": args.mask_ratio,
                       "memory": args.memory, "overrides": list(args.overrides)},
         "plan": plan.lines,
         "changes": {k: [old, new] for k, (old, new) in plan.changes().items()},
@@ -105,7 +110,9 @@ def evaluate_source(plan: TuningPlan) -> tuple:
                                                                      compile=False))
     proc = init_distributed(cfg.train.device, cfg.train.collective_timeout_minutes, needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank)
-    ratio = config_from_dict(plan.source.config_tree).model.mask_ratio
+    ratio = plan.source_mask_ratio
+    if ratio is None:
+        ratio = config_from_dict(plan.source.config_tree).model.mask_ratio
     views = {"masked": ratio, "unmasked": None} if ratio else {"unmasked": None}
     results = evaluate_checkpoint(plan.source, cfg, proc, views=views)  # builds the model and lets it go
     gc.collect()  # FSDP-wrapped modules sit in reference cycles: free them before the tuning model
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
         else:
             source = open_checkpoint(args.source)
         plan = plan_tuning(source, args.samples, args.warmup_samples, args.base_lr, args.memory, args.overrides,
-                           world_size, args.overlay)
+                           world_size, args.overlay, mask_ratio=args.mask_ratio)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as error:
         print(f"unmask_tune: {error}", file=sys.stderr)
         return 2

@@ -60,6 +60,7 @@ class TuningPlan:
     cfg: Config
     source: CheckpointSource
     lines: list = field(default_factory=list)  # what was chosen, and why
+    source_mask_ratio: Optional[float] = None  # the mask ratio the source was pre-trained with
 
     def changes(self) -> dict:
         """dotted key -> (checkpoint's value, tuning value) for every key that differs."""
@@ -195,9 +196,22 @@ def memory_plan(cfg: Config, source_mask_ratio: float, mode: str, world_size: in
              f"no more tokens than in pre-training){note}; global batch kept, {exact}"])
 
 
+def source_mask_ratio(source: CheckpointSource, pretraining: Config, given: Optional[float] = None) -> tuple[float, str]:
+    """(the mask ratio the source's weights were trained with, why): `given` (--mask-ratio), else what
+    the checkpoint records of its origin (weights converted from OpenCLIP: trained on whole images
+    unless patch_dropout), else its config's model.mask_ratio."""
+    if given is not None:
+        if not 0.0 <= given < 1.0:
+            raise ConfigError(f"--mask-ratio {given}: the pre-training mask ratio must be in [0, 1)")
+        return float(given), "--mask-ratio"
+    if source.pretraining_mask_ratio is not None:
+        return source.pretraining_mask_ratio, f"recorded by the conversion: {source.provenance or 'unknown'} weights"
+    return pretraining.model.mask_ratio, "the checkpoint's model.mask_ratio"
+
+
 def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_samples: Optional[int] = None,
                 base_lr: Optional[float] = None, memory: str = "auto", overrides: Sequence[str] = (),
-                world_size: int = 1, overlay=DEFAULT_OVERLAY) -> TuningPlan:
+                world_size: int = 1, overlay=DEFAULT_OVERLAY, mask_ratio: Optional[float] = None) -> TuningPlan:
     """The tuning run's config, from the checkpoint's config, the overlay, the schedule in samples,
     the memory rule and the overrides (module docstring). Nothing is built or read but configs."""
     try:
@@ -208,7 +222,11 @@ def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_
     given = set(flatten_tree(apply_overrides({}, overrides)))  # keys the command line sets itself
     probe = config_from_dict(apply_overrides(tree, overrides))  # the batch and layout the run will have
     batch = probe.train.global_batch_size
-    lines = []
+    pre_ratio, ratio_why = source_mask_ratio(source, pretraining, mask_ratio)
+    lines = [f"pre-training mask ratio: {pre_ratio:g} ({ratio_why})"]
+    if pre_ratio == 0.0:
+        lines.append("NOTE the source was pre-trained on whole images: this run fine-tunes it unmasked; it closes no "
+                     "masked/unmasked gap")
 
     # Length.
     if samples is None:
@@ -256,7 +274,7 @@ def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_
                        ("optim.lr", None), ("optim.base_lr", base_lr)):
         _set(tree, key, value)
 
-    memory_changes, memory_lines = memory_plan(probe, pretraining.model.mask_ratio, memory, world_size)
+    memory_changes, memory_lines = memory_plan(probe, pre_ratio, memory, world_size)
     for key, value in memory_changes.items():
         _set(tree, key, value)
     lines += memory_lines
@@ -273,7 +291,7 @@ def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_
     if cfg.model.mask_ratio != 0.0:
         lines.append(f"NOTE model.mask_ratio={cfg.model.mask_ratio} from the command line: this is not unmasked tuning")
     lines.append(f"peak lr {effective_lr(cfg):.3g}, {cfg.schedule.warmup_steps} warmup steps, {cfg.train.max_steps} steps")
-    return TuningPlan(cfg, source, lines)
+    return TuningPlan(cfg, source, lines, pre_ratio)
 
 
 def format_report(report: dict) -> str:
