@@ -189,15 +189,16 @@ def model_config_from_openclip(model_cfg: dict, extras: Optional[dict] = None) -
         if key not in _TOP_FREE:
             what = "a multimodal decoder (CoCa)" if key == "multimodal_cfg" else "an option flip_scale does not map"
             raise ConvertError(f"OpenCLIP model config key '{key}' ({what}) has no flip_scale equivalent")
+    # The towers first: a timm or HF tower (SigLIP, EVA) is named before the flags that come with it.
+    vision, text = dict(model_cfg["vision_cfg"]), dict(model_cfg["text_cfg"])
+    _check_section(vision, "vision_cfg", _VISION_MUST, _VISION_FREE)
+    _check_section(text, "text_cfg", _TEXT_MUST, _TEXT_FREE)
     if model_cfg.get("quick_gelu") not in (None, False, True):
         raise ConvertError(f"OpenCLIP quick_gelu={model_cfg['quick_gelu']!r}: expected true or false")
     if model_cfg.get("custom_text"):
         raise ConvertError("OpenCLIP custom_text=true (a CustomTextCLIP text tower) has no flip_scale equivalent")
     if model_cfg.get("init_logit_bias") is not None:
         raise ConvertError("OpenCLIP init_logit_bias (a SigLIP-style logit bias) has no flip_scale equivalent")
-    vision, text = dict(model_cfg["vision_cfg"]), dict(model_cfg["text_cfg"])
-    _check_section(vision, "vision_cfg", _VISION_MUST, _VISION_FREE)
-    _check_section(text, "text_cfg", _TEXT_MUST, _TEXT_FREE)
     if isinstance(vision.get("layers", 12), (list, tuple)):
         raise ConvertError("OpenCLIP vision_cfg.layers is a list (a ResNet image tower); flip_scale has a ViT only")
     eps_v, eps_t = _eps(vision, "vision_cfg"), _eps(text, "text_cfg")
