@@ -67,9 +67,15 @@ def _assert_same_embeddings(flip_model, oc_model, images: int):
     size, length = flip_model.arch.image_size, flip_model.arch.context_length
     generator = torch.Generator().manual_seed(1)
     pixels = torch.randn(images, 3, size, size, generator=generator)
-    tokenizer = open_clip.tokenize  # OpenCLIP's tokens: [SOT] pieces [EOT] padding; EOT the highest id
-    tokens = tokenizer(["a photo of a cat", "two dogs running on the grass " * 9][:images], context_length=length)
-    tokens = tokens.clamp(max=flip_model.arch.vocab_size - 1)
+    vocab = flip_model.arch.vocab_size
+    if vocab == 49408:  # OpenCLIP's tokens: [SOT] pieces [EOT] padding, EOT the highest id; one over-long
+        tokens = open_clip.tokenize(["a photo of a cat", "two dogs running on the grass " * 19][:images], context_length=length)
+    else:  # the same form in a small vocabulary: SOT vocab-2, EOT vocab-1, of several lengths
+        tokens = torch.zeros(images, length, dtype=torch.long)
+        for row in range(images):
+            pieces = torch.randint(1, vocab - 2, (3 + 5 * row,), generator=generator)[: length - 2]
+            sequence = torch.cat([torch.tensor([vocab - 2]), pieces, torch.tensor([vocab - 1])])
+            tokens[row, : len(sequence)] = sequence
     oc_model.eval()
     with torch.no_grad():
         ours_image, theirs_image = flip_model.encode_image(pixels, normalize=False), oc_model.encode_image(pixels)
@@ -189,6 +195,7 @@ def _losses(run_dir: Path) -> list:
     return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
+@pytest.mark.slow  # 4 ranks of flip-train
 def test_tiny_trains_masked_from_the_import_under_one_process_and_dp2_tp2(tiny_source, synthetic_dir, tmp_path):
     """flip-train --init-from the converted directory, 3 steps at mask 0.5: the same losses under
     one process and under dp_shard=2 x tp=2 (4 ranks); the trained model exports to OpenCLIP."""
@@ -311,3 +318,18 @@ def test_attentional_pool_and_final_ln_after_pool_are_refused_by_name():
             model_config_from_openclip(config)
     with pytest.raises(ConvertError, match="--openclip-model ViT-B-61: not a model the installed open_clip"):
         from_openclip("unused.safetensors", None, "unused", openclip_model="ViT-B-61")
+
+
+def test_h14_recipe_matches_what_from_openclip_writes_for_vit_h14():
+    """configs/openclip_vit_h14_flip.yaml builds the model `from-openclip --openclip-model ViT-H-14`
+    writes, so `flip-train --init-from` the conversion passes the architecture check."""
+    from flip_scale.checkpoint.compat import FUNCTIONAL_KEYS
+    from flip_scale.config import CONFIG_DIR, load_config
+    from flip_scale.models import arch_from_config
+
+    recipe = load_config(CONFIG_DIR / "openclip_vit_h14_flip.yaml").model
+    converted = model_config_from_openclip(open_clip.get_model_config("ViT-H-14"))
+    assert arch_from_config(recipe) == arch_from_config(converted)
+    for key in (*FUNCTIONAL_KEYS, "vision_pos_embed", "vision_ln_pre", "mask_ratio"):
+        assert getattr(recipe, key) == getattr(converted, key), key
+    assert count_parameters(build_model(recipe, device="meta")) == count_parameters(build_model(converted, device="meta"))
