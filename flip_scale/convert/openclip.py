@@ -110,15 +110,16 @@ def _block_pairs(flip_prefix: str, oc_prefix: str, heads: int) -> list:
     return pairs
 
 
-def key_pairs(arch, model_cfg) -> list:
-    """Every tensor of the OpenCLIP state dict with the flip_scale tensor it comes from."""
-    learned = model_cfg.vision_pos_embed == "learned"
+def key_pairs(arch, model_cfg=None) -> list:
+    """Every tensor of the OpenCLIP state dict with the flip_scale tensor it comes from
+    (`model_cfg` None: FLIP's defaults, a fixed sin-cos table and no ln_pre)."""
+    learned = model_cfg is not None and model_cfg.vision_pos_embed == "learned"
     pairs = [
         KeyPair("visual.cls_token", "visual.class_embedding"),
         KeyPair("visual.pos_embed" if learned else None, POS_EMBED_KEY),
         KeyPair("visual.patch_embed.weight", "visual.conv1.weight"),
     ]
-    if model_cfg.vision_ln_pre:
+    if model_cfg is not None and model_cfg.vision_ln_pre:
         pairs += [KeyPair(f"visual.ln_pre.{leaf}", f"visual.ln_pre.{leaf}") for leaf in ("weight", "bias")]
     for i in range(arch.vision.layers):
         pairs += _block_pairs(f"visual.blocks.{i}", f"visual.transformer.resblocks.{i}", arch.vision.heads)
