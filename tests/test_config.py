@@ -186,7 +186,10 @@ def test_choice_options_are_literal_types():
     assert fields["optim.fused"] == ("auto", "true", "false")
     assert fields["train.device"] == ("auto", "cpu", "cuda")
     assert fields["parallel.reduce_every_microbatch"] == ("auto", "true", "false")
-    assert len(fields) == 19
+    assert fields["model.vision_pos_embed"] == ("sincos", "learned")
+    assert fields["model.act"] == ("gelu", "quick_gelu")
+    assert fields["model.text_pool"] == ("auto", "argmax")
+    assert len(fields) == 22
     assert fields["parallel.zero_stage"] == (1, 2, 3)
     assert not hasattr(config_module, "CHOICES")  # the types are the one list of choices
 

@@ -333,3 +333,11 @@ def test_h14_recipe_matches_what_from_openclip_writes_for_vit_h14():
     for key in (*FUNCTIONAL_KEYS, "vision_pos_embed", "vision_ln_pre", "mask_ratio"):
         assert getattr(recipe, key) == getattr(converted, key), key
     assert count_parameters(build_model(recipe, device="meta")) == count_parameters(build_model(converted, device="meta"))
+    # tools/model_info.py on the recipe: OpenCLIP's ViT-H-14 parameter count (built on meta too).
+    from flip_scale.models.info import model_info
+
+    info = model_info(recipe)
+    with torch.device("meta"):
+        theirs = open_clip.model.CLIP(**open_clip.get_model_config("ViT-H-14"))
+    assert info["params_total"] == sum(p.numel() for p in theirs.parameters())
+    assert (info["vision_pos_embed"], info["vision_ln_pre"], info["vision_mlp_dim"]) == ("learned", True, 5120)

@@ -38,6 +38,12 @@ def model_info(model_cfg) -> dict:
         "visible_tokens": masked["visible_tokens"],
         "visible_tokens_with_cls": masked["visible_tokens"] + 1,
         "context_length": arch.context_length,
+        "vision_mlp_dim": arch.vision.mlp_dim,
+        # The OpenCLIP-family switches (learned positions and ln_pre are in the parameter count; their
+        # additions and norms, like every LayerNorm, are not counted as FLOPs).
+        "vision_pos_embed": model_cfg.vision_pos_embed,
+        "vision_ln_pre": model_cfg.vision_ln_pre,
+        "act": model_cfg.act,
         **params,
         # Per sample, at the configured mask ratio (training forward); `_unmasked` is evaluation's.
         "gflops_fwd": masked["total"] / 1e9,
@@ -61,6 +67,8 @@ def _format(info: dict) -> str:
         f"mask_ratio       {info['mask_ratio']}",
         f"visible_tokens   {info['visible_tokens']} patches ({info['visible_tokens_with_cls']} with CLS)",
         f"context_length   {info['context_length']}",
+        f"options          vision_pos_embed {info['vision_pos_embed']}, vision_ln_pre {info['vision_ln_pre']}, "
+        f"act {info['act']}, vision MLP {info['vision_mlp_dim']}",
         f"params_vision    {millions(info['params_vision'])}",
         f"params_text      {millions(info['params_text'])}",
         f"params_total     {millions(info['params_total'])}",
