@@ -341,3 +341,25 @@ def test_h14_recipe_matches_what_from_openclip_writes_for_vit_h14():
         theirs = open_clip.model.CLIP(**open_clip.get_model_config("ViT-H-14"))
     assert info["params_total"] == sum(p.numel() for p in theirs.parameters())
     assert (info["vision_pos_embed"], info["vision_ln_pre"], info["vision_mlp_dim"]) == ("learned", True, 5120)
+
+
+def test_flip_eval_on_the_imported_checkpoint_matches_the_model(tiny_source, synthetic_dir, tmp_path):
+    """flip-eval --checkpoint the from-openclip directory: the numbers of the imported model itself."""
+    from flip_scale.config import load_config
+    from flip_scale.data import Tokenizer
+    from flip_scale.evaluate import main as eval_main
+    from flip_scale.evaluation.runner import run_evaluation
+
+    _, _, out, _ = tiny_source
+    shards = f"{synthetic_dir}/eval-{{000000..000000}}.tar"
+    overrides = [f"data.tokenizer={synthetic_dir}/tokenizer.model", "data.num_workers=0", "train.device=cpu",
+                 "train.precision=fp32", f"eval.zero_shot_shards={shards}", f"eval.retrieval_shards={shards}",
+                 f"eval.classnames={synthetic_dir}/classnames.txt", f"eval.templates={synthetic_dir}/templates.txt",
+                 "eval.max_samples=40", "eval.batch_size=16"]
+    assert eval_main(["--checkpoint", str(out), "--json", str(tmp_path / "eval.json"), *overrides]) == 0
+    record = json.loads((tmp_path / "eval.json").read_text())
+    cfg = load_config(out / "flip_config.yaml", overrides)
+    tokenizer = Tokenizer(cfg.data.tokenizer, context_length=cfg.model.context_length)
+    expected = run_evaluation(_flip_model(out), tokenizer, cfg, torch.device("cpu"))
+    assert record["zero_shot_top1"] == expected["zero_shot"]["top1"]
+    assert record["retrieval_i2t_r1"] == expected["retrieval"]["image_to_text"][1]
