@@ -198,7 +198,8 @@ def _losses(run_dir: Path) -> list:
 @pytest.mark.slow  # 4 ranks of flip-train
 def test_tiny_trains_masked_from_the_import_under_one_process_and_dp2_tp2(tiny_source, synthetic_dir, tmp_path):
     """flip-train --init-from the converted directory, 3 steps at mask 0.5: the same losses under
-    one process and under dp_shard=2 x tp=2 (4 ranks); the trained model exports to OpenCLIP."""
+    one process, under dp_shard=2 x tp=2 (4 ranks) and under 2 pipeline stages; the trained model
+    exports to OpenCLIP."""
     from flip_scale.train import main as train_main
 
     _, _, out, _ = tiny_source
@@ -207,11 +208,16 @@ def test_tiny_trains_masked_from_the_import_under_one_process_and_dp2_tp2(tiny_s
     sharded = tmp_path / "dp2_tp2"
     run_distributed(_train_rank, 4, (_train_argv(out, sharded, synthetic_dir, "parallel.dp_shard=2", "parallel.tp=2"),),
                     timeout=400)
-    one, four = _losses(single), _losses(sharded)
-    print("losses", one, four)
-    assert [s for s, _ in one] == [s for s, _ in four] == [1, 2, 3]
-    for (_, a), (_, b) in zip(one, four):
-        assert abs(a - b) <= 1e-5, (one, four)
+    # 2 pipeline stages: stage 0 holds the learned table and ln_pre; the tokens reach the last stage
+    # for the argmax pooling.
+    staged = tmp_path / "pp2"
+    run_distributed(_train_rank, 2, (_train_argv(out, staged, synthetic_dir, "parallel.dp_shard=1", "parallel.pp=2",
+                                                 "parallel.microbatches=2"),), timeout=400)
+    one, four, two = _losses(single), _losses(sharded), _losses(staged)
+    print("losses", one, four, two)
+    assert [s for s, _ in one] == [s for s, _ in four] == [s for s, _ in two] == [1, 2, 3]
+    for (_, a), (_, b), (_, c) in zip(one, four, two):
+        assert abs(a - b) <= 1e-5 and abs(a - c) <= 1e-5, (one, four, two)
     assert one[0][1] != one[2][1]  # it trains
 
     # The trained weights go back to OpenCLIP: strict load, the same embeddings.
