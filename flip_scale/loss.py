@@ -1,4 +1,4 @@
-"""Symmetric InfoNCE over the global batch; the loss owns its distributed gather.
+"""The losses over the global batch (symmetric InfoNCE; SigLIP's sigmoid); each owns its gather.
 
 Each rank gathers the features of every data-parallel rank *with* gradient, then computes only
 its own rows of the global logit matrix (local loss): image rows against all texts and text rows
@@ -7,6 +7,12 @@ and with gradients averaged over data-parallel ranks (as FSDP/DDP do) the gradie
 the gather's backward sums every rank's contribution back onto the features that produced it.
 The group is that of the data-parallel ranks only: tensor- and pipeline-parallel ranks of one
 replica hold the same samples and must never be gathered over.
+
+The sigmoid loss (SigLIP) is the same local-loss form: this rank's image rows against every text
+of the global batch, B_local x B pairs, each pair once over the ranks. Its memory per rank is the
+gathered text features (B x D) and that logit block; big_vision's ring exchange of text chunks
+would hold B/dp x D at a time instead, but the B x D gather is small beside the logit block and
+the activations (docs/design.md, "Sigmoid loss"), so the gather form is the one built.
 """
 
 from __future__ import annotations
@@ -92,7 +98,59 @@ class ContrastiveLoss(nn.Module):
         return contrastive_loss_rows(image_features, text_features, image_all, text_all, logit_scale, offset)
 
 
+def split_loss_parameters(params: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(log temperature, bias or None) of the model's third output: the temperature alone (shape ()
+    or (1,)), or [log temperature, bias] (shape (2,), or (1, 2) as a pipeline's row)."""
+    if params.numel() == 2:
+        flat = params.reshape(2)
+        return flat[0], flat[1]
+    return params.reshape(()), None
+
+
+def sigmoid_loss_rows(
+    image_local: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    row_offset: int,
+) -> torch.Tensor:
+    """SigLIP's loss of the local image rows against every text, normalised by the local rows:
+    -(1/B_local) sum_i sum_j log sigmoid(z_ij (exp(t) x_i.y_j + b)), z_ij = 1 on the positive pair
+    (j = row_offset + i), -1 elsewhere. The mean over ranks is the paper's sum over the B x B pairs
+    divided by B. fp32 logits whatever the autocast, as the contrastive loss."""
+    with torch.autocast(device_type=image_local.device.type, enabled=False):
+        logits = logit_scale.float().exp() * image_local.float() @ text_all.float().t() + logit_bias.float()
+        rows = image_local.shape[0]
+        signs = -torch.ones_like(logits)
+        index = torch.arange(rows, device=logits.device)
+        signs[index, index + row_offset] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / rows
+
+
+class SigmoidLoss(nn.Module):
+    """loss(image_features, text_features, loss_parameters), features [B_local, D] L2-normalised,
+    `loss_parameters` the model's [log temperature, bias] (models.flip.loss_parameters). Only the
+    text features are gathered: each rank's image rows meet every text, so each pair counts once."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        self.group = group
+
+    def forward(self, image_features, text_features, loss_parameters):
+        logit_scale, logit_bias = split_loss_parameters(loss_parameters)
+        if logit_bias is None:
+            raise ValueError("loss.kind sigmoid needs the model's logit bias (model.logit_bias_init is null: build the "
+                             "model from a config with loss.kind=sigmoid)")
+        text_all = gather_with_grad(text_features, self.group)
+        rank = dist.get_rank(self.group) if self.group is not None else 0
+        offset = rank * image_features.shape[0]
+        return sigmoid_loss_rows(image_features, text_all, logit_scale, logit_bias, offset)
+
+
+LOSSES = {"contrastive": ContrastiveLoss, "sigmoid": SigmoidLoss}
+
+
 def build_loss(loss_cfg, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    if loss_cfg.kind != "contrastive":
-        raise ValueError(f"loss.kind: unknown loss '{loss_cfg.kind}'; valid: contrastive")
-    return ContrastiveLoss(group)
+    if loss_cfg.kind not in LOSSES:
+        raise ValueError(f"loss.kind: unknown loss '{loss_cfg.kind}'; valid: {', '.join(LOSSES)}")
+    return LOSSES[loss_cfg.kind](group)

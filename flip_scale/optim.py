@@ -13,8 +13,9 @@ from .config import Config, effective_lr
 log = logging.getLogger("flip_scale.optim")
 
 # Parameters that never decay, by name: position embeddings and the temperature
-# (FLIP's code: biases, norm scales and position embeddings; the temperature too, as OpenCLIP).
-NO_DECAY_NAMES = ("pos_embed", "logit_scale", "cls_token")
+# (FLIP's code: biases, norm scales and position embeddings; the temperature and the sigmoid loss's
+# logit bias too, as OpenCLIP).
+NO_DECAY_NAMES = ("pos_embed", "logit_scale", "logit_bias", "cls_token")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

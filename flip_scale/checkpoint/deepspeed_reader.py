@@ -87,7 +87,7 @@ def _as_shape(shape) -> torch.Size:
 
 # Parameters the DeepSpeed engine holds in another shape than the model's: its temperature is (1,)
 # (DeepSpeed broadcasts through uint8 views, which a 0-dim tensor cannot take); read as ().
-CANONICAL_SHAPES = {"logit_scale": ()}
+CANONICAL_SHAPES = {"logit_scale": (), "logit_bias": ()}
 
 
 class DeepSpeedFiles:

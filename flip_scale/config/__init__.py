@@ -80,11 +80,15 @@ class ModelConfig:
     norm_eps: float = 1e-6
     logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
     logit_scale_max: float = 4.605170185988092  # log(100)
+    # The learnable logit bias of the sigmoid loss (SigLIP): None under loss.kind contrastive (no such
+    # parameter); loss.kind sigmoid fills in -10 and, where logit_scale_init is still log(1/0.07),
+    # log(10), as the SigLIP paper.
+    logit_bias_init: Optional[float] = None
 
 
 @dataclass
 class LossConfig:
-    kind: Literal["contrastive"] = "contrastive"
+    kind: Literal["contrastive", "sigmoid"] = "contrastive"  # sigmoid: SigLIP's pairwise loss
     # Exact global-batch contrast under micro-batching (two-pass feature cache). `per_microbatch`
     # contrasts each micro-batch alone: cheaper, but it changes the math.
     microbatch_contrast: Literal["exact", "per_microbatch"] = "exact"
@@ -350,6 +354,7 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if not _is_choice(value, options):
             raise ConfigError(_choice_message(dotted, value, options))
+    _resolve_loss_parameters(cfg)
     if not 0.0 <= cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: {cfg.model.mask_ratio} is outside [0, 1)")
     if cfg.model.text_pad_mask and (cfg.data.tokenizer == "openclip" or cfg.data.tokenizer.startswith("openclip:")):
@@ -411,6 +416,23 @@ def validate(cfg: Config) -> Config:
             f"data.crop_scale_min/max: need 0 < min <= max <= 1, got {cfg.data.crop_scale_min}, {cfg.data.crop_scale_max}"
         )
     return cfg
+
+
+SIGMOID_LOGIT_SCALE_INIT = 2.302585092994046  # log(10), SigLIP's t' init
+SIGMOID_LOGIT_BIAS_INIT = -10.0
+
+
+def _resolve_loss_parameters(cfg: Config) -> None:
+    """loss.kind sigmoid: the model gets a logit bias (init -10) and, unless the recipe set another,
+    the temperature init log 10 (SigLIP); resolved here so the saved config.yaml holds what runs."""
+    if cfg.loss.kind == "sigmoid":
+        if cfg.model.logit_bias_init is None:
+            cfg.model.logit_bias_init = SIGMOID_LOGIT_BIAS_INIT
+            if cfg.model.logit_scale_init == ModelConfig.logit_scale_init:
+                cfg.model.logit_scale_init = SIGMOID_LOGIT_SCALE_INIT
+    elif cfg.model.logit_bias_init is not None:
+        raise ConfigError(f"model.logit_bias_init: {cfg.model.logit_bias_init} is set, but only loss.kind sigmoid has a "
+                          f"logit bias (loss.kind is {cfg.loss.kind}); leave it null or use loss.kind=sigmoid")
 
 
 def config_from_dict(tree: dict) -> Config:

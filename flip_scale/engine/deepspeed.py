@@ -169,7 +169,8 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
             model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE)
         model.visual.init_weights()  # the fixed sin-cos table (a buffer, never partitioned)
         for name, param in model.named_parameters():
-            value = initial_value(name, full_shape(param), cfg.train.seed, cfg.model.logit_scale_init)
+            value = initial_value(name, full_shape(param), cfg.train.seed, cfg.model.logit_scale_init,
+                                  cfg.model.logit_bias_init)
             with ds.zero.GatheredParameters([param], modifier_rank=0):
                 if self.rank == 0:
                     param.data.copy_(value.to(param.dtype))
@@ -181,7 +182,8 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
         from ..models.init import initial_value
 
         for name, param in self.module.named_parameters():
-            yield name, {"fp32": initial_value(name, full_shape(param), self.cfg.train.seed, self.cfg.model.logit_scale_init)}
+            yield name, {"fp32": initial_value(name, full_shape(param), self.cfg.train.seed, self.cfg.model.logit_scale_init,
+                                                self.cfg.model.logit_bias_init)}
 
     def _param_device(self) -> Optional[str]:
         offload = self.cfg.parallel.offload_params

@@ -1,4 +1,4 @@
-"""The FLIP model: image tower + text tower + learnable temperature."""
+"""The FLIP model: image tower + text tower + learnable temperature (+ a logit bias for the sigmoid loss)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class FLIPModel(nn.Module):
         vision_ln_pre: bool = False,
         act: str = "gelu",
         text_pool: str = "auto",
+        logit_bias_init: Optional[float] = None,
     ):
         super().__init__()
         self.arch = arch
@@ -42,6 +43,12 @@ class FLIPModel(nn.Module):
         # broadcasts parameters through a uint8 view, which a 0-dim tensor cannot take), and its
         # checkpoints are reshaped to () wherever they are read.
         self.logit_scale = nn.Parameter(torch.zeros(tuple(temperature_shape)))
+        # SigLIP's learnable logit bias (loss.kind sigmoid only), shaped and handled as the temperature.
+        self.logit_bias_init = logit_bias_init
+        if logit_bias_init is not None:
+            self.logit_bias = nn.Parameter(torch.zeros(tuple(temperature_shape)))
+        else:
+            self.logit_bias = None
 
     @property
     def mask_ratio(self) -> float:
@@ -58,7 +65,8 @@ class FLIPModel(nn.Module):
         from .init import initialize_parameters
 
         self.visual.init_weights()  # the fixed sin-cos table (a buffer; none if learned)
-        initialize_parameters(self, torch.initial_seed() if seed is None else seed, self.logit_scale_init)
+        initialize_parameters(self, torch.initial_seed() if seed is None else seed, self.logit_scale_init,
+                              self.logit_bias_init)
 
     def clamp_logit_scale(self) -> None:
         """Keep the temperature in [0, log 100]; called after every optimizer step."""
@@ -77,11 +85,12 @@ class FLIPModel(nn.Module):
 
         Either input may be None (its features are then None): evaluation embeds images and class
         prompts separately, through forward, so that a sharded model gathers its weights. The
-        temperature is returned from inside forward for the same reason.
+        temperature is returned from inside forward for the same reason. With a logit bias (the
+        sigmoid loss) the third output is [log temperature, bias], shape (2,) (see loss_parameters).
         """
         image_features = self.encode_image(images, mask_noise) if images is not None else None
         text_features = self.encode_text(tokens) if tokens is not None else None
-        return image_features, text_features, self.logit_scale * 1.0
+        return image_features, text_features, loss_parameters(self.logit_scale, self.logit_bias)
 
 
 def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True,
@@ -105,6 +114,7 @@ def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True
             vision_ln_pre=model_cfg.vision_ln_pre,
             act=model_cfg.act,
             text_pool=model_cfg.text_pool,
+            logit_bias_init=getattr(model_cfg, "logit_bias_init", None),
         )
     if init and torch.device(device).type != "meta":
         model.init_weights()
@@ -131,3 +141,14 @@ def clamp_logit_scale_(module) -> None:
         return
     local = param.to_local() if hasattr(param, "to_local") else param
     local.clamp_(0.0, module.logit_scale_max)
+
+
+def loss_parameters(logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The loss's learnable scalars as the model hands them out: the log temperature alone (its own
+    shape), or with a logit bias the (2,) tensor [log temperature, bias]. One tensor, so that the
+    feature cache, the pipeline's packed output and the DeepSpeed surrogate carry both unchanged
+    (flip_scale.loss.split_loss_parameters undoes it)."""
+    if logit_bias is None:
+        return logit_scale * 1.0
+    return torch.cat([logit_scale.reshape(1), logit_bias.reshape(1)])
+

@@ -7,13 +7,14 @@ parameter at a time (memory: the largest tensor) and keeps its own shard.
 
 Rules (ViT/MAE and FLIP's code): linear and patch-embedding matrices Xavier-uniform, biases zero,
 LayerNorm scale one, CLS token and token embedding N(0, 0.02), text positions N(0, 0.01),
-tower projections N(0, width^-1/2), the temperature log(1/0.07).
+tower projections N(0, width^-1/2), the temperature log(1/0.07) (model.logit_scale_init), the sigmoid loss's bias model.logit_bias_init.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,7 +24,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
 
 
-def initial_value(name: str, shape, seed: int, logit_scale_init: float = math.log(1 / 0.07)) -> torch.Tensor:
+def initial_value(name: str, shape, seed: int, logit_scale_init: float = math.log(1 / 0.07),
+                  logit_bias_init: Optional[float] = -10.0) -> torch.Tensor:
     """The initial fp32 value (CPU) of the parameter called `name` with full shape `shape`."""
     shape = tuple(shape)
     leaf = name.rsplit(".", 1)[-1]
@@ -32,6 +34,8 @@ def initial_value(name: str, shape, seed: int, logit_scale_init: float = math.lo
     value = torch.empty(shape, dtype=torch.float32)
     if leaf == "logit_scale":
         return value.fill_(logit_scale_init)
+    if leaf == "logit_bias":  # the sigmoid loss's bias (SigLIP: -10)
+        return value.fill_(-10.0 if logit_bias_init is None else logit_bias_init)
     if leaf == "bias":
         return value.zero_()
     if owner.startswith("ln"):  # LayerNorm scale
@@ -49,12 +53,13 @@ def initial_value(name: str, shape, seed: int, logit_scale_init: float = math.lo
 
 
 @torch.no_grad()
-def initialize_parameters(model: nn.Module, seed: int, logit_scale_init: float = math.log(1 / 0.07)) -> None:
+def initialize_parameters(model: nn.Module, seed: int, logit_scale_init: float = math.log(1 / 0.07),
+                          logit_bias_init: Optional[float] = -10.0) -> None:
     """Give every parameter of `model` (whole, a pipeline stage, or sharded DTensors) its initial value."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     for name, param in model.named_parameters():
-        full = initial_value(name, param.shape, seed, logit_scale_init)
+        full = initial_value(name, param.shape, seed, logit_scale_init, logit_bias_init)
         if isinstance(param, DTensor):
             # src_data_rank=None: every rank holds `full` and keeps its own slice; no communication.
             shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)

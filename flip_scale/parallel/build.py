@@ -101,7 +101,7 @@ def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_off
     # Each parameter's initial value is a function of (seed, name), so every rank draws one full
     # tensor at a time and keeps its shard: no communication, no rank ever holds the whole model,
     # and the weights equal those of the one-process model.
-    initialize_parameters(model, seed, model_cfg.logit_scale_init)
+    initialize_parameters(model, seed, model_cfg.logit_scale_init, getattr(model_cfg, "logit_bias_init", None))
     init_buffers(model)
     return model
 

@@ -252,7 +252,7 @@ def pipeline_forward_backward(
         cached_grad = torch.zeros_like(output)
         cached_grad[:, :dim] = image_features.grad
         cached_grad[:, dim : 2 * dim] = text_features.grad
-        cached_grad[0, 2 * dim] = log_temperature.grad  # the temperature's gradient enters once
+        cached_grad[0, 2 * dim:] = log_temperature.grad  # the temperature's (and bias') gradient enters once
         loss = batch_loss.detach().float()
         del output
 
@@ -353,7 +353,7 @@ class PipelineEvalModel:
                 output = schedule.step(*inputs)
             else:
                 output = schedule.step()
-            width = 2 * pipe.embed_dim + 1
+            width = 2 * pipe.embed_dim + getattr(pipe.modules[0], "loss_width", 1)
             packed = output.float() if pipe.has_last_stage else torch.empty(padded, width, device=device)
             if pipe.pp_size > 1:
                 dist.broadcast(packed, group=pipe.pp_group, group_src=pipe.last_stage_rank)

@@ -260,12 +260,17 @@ class FLIPStage(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, text: nn.Module, logit_scale: Optional[nn.Parameter], spec: StageSpec,
-                 pass_tokens: bool, logit_scale_max: Optional[float] = None):
+                 pass_tokens: bool, logit_scale_max: Optional[float] = None,
+                 logit_bias: Optional[nn.Parameter] = None, has_logit_bias: bool = False):
         super().__init__()
         self.visual = visual
         self.text = text
         if logit_scale is not None:
             self.logit_scale = logit_scale
+        if logit_bias is not None:  # the sigmoid loss's bias, beside the temperature on the last stage
+            self.logit_bias = logit_bias
+        # Columns of loss parameters in the last stage's output: [log temperature] or [.., bias].
+        self.loss_width = 2 if has_logit_bias else 1
         self.spec = spec
         self.pass_tokens = pass_tokens
         self.embed_dim = visual.arch.embed_dim
@@ -290,7 +295,8 @@ class FLIPStage(nn.Module):
         if self.spec.is_last:
             image_features = F.normalize(image_x, dim=-1).float()
             text_features = F.normalize(text_x, dim=-1).float()
-            log_temperature = (self.logit_scale * 1.0).float().expand(image_features.shape[0], 1)
+            scalars = [self.logit_scale.reshape(1)] + ([self.logit_bias.reshape(1)] if self.loss_width == 2 else [])
+            log_temperature = torch.cat(scalars).float().expand(image_features.shape[0], self.loss_width)
             return torch.cat([image_features, text_features, log_temperature], dim=1)
         # A tower without blocks on this stage hands its input back; the schedule needs an output
         # tensor of its own (it sends it, then detaches it in place after the backward).
@@ -305,8 +311,10 @@ class FLIPStage(nn.Module):
 
 
 def split_stage_output(output: torch.Tensor, embed_dim: int):
-    """The last stage's packed [b, 2D+1] output -> (image features, text features, log temperature)."""
-    return output[:, :embed_dim], output[:, embed_dim : 2 * embed_dim], output[0, 2 * embed_dim]
+    """The last stage's packed [b, 2D+1] output -> (image features, text features, log temperature);
+    with the sigmoid loss's bias [b, 2D+2] -> (.., .., [log temperature, bias])."""
+    scalars = output[0, 2 * embed_dim] if output.shape[1] == 2 * embed_dim + 1 else output[0, 2 * embed_dim:]
+    return output[:, :embed_dim], output[:, embed_dim : 2 * embed_dim], scalars
 
 
 def build_stage_module(model: nn.Module, spec: StageSpec, copy_model: bool = True) -> FLIPStage:
@@ -343,6 +351,8 @@ def build_stage_module(model: nn.Module, spec: StageSpec, copy_model: bool = Tru
     return FLIPStage(
         visual, text, model.logit_scale if spec.is_last else None, spec,
         pass_tokens=bool(text.pad_mask or text.causal or text.pool == "argmax"), logit_scale_max=getattr(model, "logit_scale_max", None),
+        logit_bias=getattr(model, "logit_bias", None) if spec.is_last else None,
+        has_logit_bias=getattr(model, "logit_bias", None) is not None,
     )
 
 
