@@ -185,3 +185,115 @@ def test_four_ranks_match_the_pairwise_sum(reference):
 
     results = run_distributed(_engine_layouts, 4, args=([(dict(dp_shard=4), 1)],), timeout=240)
     print(assert_matches(results[0][0], reference, "dp_shard=4"))
+
+
+# ----------------------------------------------------------------------------- the DeepSpeed engine
+
+
+def engine_steps(parallel: dict, world_size: int, accum: int = 1, steps: int = 2) -> dict:
+    """`steps` optimizer steps (forward_backward + clip_and_step) of the engine on this rank's rows;
+    -> the global losses and every parameter after them (the temperature and bias shaped ())."""
+    import torch.distributed as dist
+
+    from flip_scale.engine import build_engine
+    from flip_scale.preflight import plan_run
+
+    cfg = sigmoid_config(parallel, accum)
+    engine = build_engine(cfg, plan_run(cfg, world_size, training=False), torch.device("cpu"))
+    dims = engine.dims
+    local = GLOBAL_BATCH // dims.dp_size
+    rows = slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
+    losses = []
+    for _ in range(steps):
+        engine.train()
+        loss = engine.forward_backward(*(t[rows] for t in global_batch())).detach().clone()
+        engine.clip_and_step()
+        if dims.dp_group is not None:
+            dist.all_reduce(loss, group=dims.dp_group)
+            loss /= dims.dp_size
+        losses.append(loss.item())
+    if engine.name == "deepspeed":
+        params = engine.full_parameters()
+    else:
+        params = {name: _full(p) for part in engine.model_parts for name, p in part.named_parameters()}
+    engine.close()
+    return {"losses": losses, "params": {k: v.reshape(()) if k.startswith("logit_") else v for k, v in params.items()}}
+
+
+def _deepspeed_runs(rank: int, world_size: int) -> list:
+    return [engine_steps(dict(engine="deepspeed", zero_stage=stage), world_size, accum=2) for stage in (1, 3)]
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_matches_one_process():
+    """ZeRO-1 and ZeRO-3, 2 ranks x 2 exact micro-batches (the DeepSpeed surrogate carries the
+    (1,)-shaped temperature and bias): losses and every parameter after 2 steps equal the native
+    engine on one process."""
+    pytest.importorskip("deepspeed")
+    from dist_utils import run_distributed
+
+    want = engine_steps({}, 1)
+    results = run_distributed(_deepspeed_runs, 2, timeout=500)
+    for stage, got in zip((1, 3), results[0]):
+        assert max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) < LOSS_TOLERANCE, (stage, got["losses"])
+        assert set(got["params"]) == set(want["params"])
+        # Adam turns round-off in tiny gradient entries into visible steps (test_pipeline.py says
+        # more): each parameter moves ~2e-3 in 2 steps at lr 1e-3; they agree to 1e-4.
+        worst = max((got["params"][k] - v).abs().max().item() for k, v in want["params"].items())
+        assert worst < 1e-4, f"ZeRO-{stage}: parameters after 2 steps differ by {worst:.1e}"
+        assert (got["params"]["logit_bias"] - want["params"]["logit_bias"]).abs() < 1e-6
+        assert got["params"]["logit_bias"] != -10.0  # the bias trained
+
+
+# ----------------------------------------------------------------------------- OpenCLIP
+
+
+def test_openclip_export_loads_strictly_with_the_bias_and_gives_the_same_logits(tmp_path):
+    """to-openclip writes init_logit_bias and logit_bias; open_clip.create_model loads it strictly and
+    its model(image, text) returns the bias: the same sigmoid logits. from-openclip brings it back."""
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    from safetensors.torch import load_file
+
+    from flip_scale.checkpoint import save_checkpoint
+    from flip_scale.convert import consolidate, from_openclip, load_consolidated, read_consolidated_config, to_openclip
+
+    cfg = sigmoid_config()
+    torch.manual_seed(1)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # away from the init values, so a dropped or defaulted tensor shows
+        model.logit_bias.fill_(-7.25)
+        model.logit_scale.fill_(2.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step_dir = save_checkpoint(
+        tmp_path / "run", 1, model, optimizer, None,
+        trainer_state={"samples_seen": 8, "layout": "1 ranks = pp 1 x dp_replicate 1 x dp_shard 1 x tp 1",
+                       "world_size": 1, "model_arch": model.arch.to_dict()},
+        config_yaml=cfg.to_yaml())
+    consolidate(step_dir, tmp_path / "consolidated")
+    to_openclip(tmp_path / "consolidated", tmp_path / "openclip")
+    document = json.loads((tmp_path / "openclip" / "open_clip_config.json").read_text())
+    assert document["model_cfg"]["init_logit_bias"] == -10.0
+    oc_model = open_clip.create_model(f"local-dir:{tmp_path / 'openclip'}").eval()  # strict load
+    assert oc_model.logit_bias.item() == -7.25
+
+    images, tokens, _ = global_batch()
+    model.eval()
+    with torch.no_grad():
+        image_features, text_features, params = model(images, tokens)
+        ours = params[0].exp() * image_features @ text_features.t() + params[1]
+        oc_image, oc_text, oc_scale, oc_bias = oc_model(images, tokens)
+        theirs = oc_scale * oc_image @ oc_text.t() + oc_bias
+    difference = (ours - theirs).abs().max().item()
+    assert difference < 1e-4, difference
+
+    back = tmp_path / "back"
+    from_openclip(tmp_path / "openclip" / "open_clip_model.safetensors", tmp_path / "openclip", back)
+    restored = read_consolidated_config(back)
+    assert restored.model.logit_bias_init == -10.0 and restored.loss.kind == "sigmoid"
+    before, after = load_file(str(tmp_path / "consolidated" / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    reloaded = build_model(restored.model)
+    load_consolidated(back, reloaded)
+    assert reloaded.logit_bias.item() == -7.25

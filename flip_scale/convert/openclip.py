@@ -24,6 +24,7 @@ What maps (checked against open_clip's model.py / transformer.py):
   text causal, text_pool argmax       the default CLIP text: causal attn_mask, pool_type argmax
   text.ln_final, text.proj.weight     ln_final, text_projection [width, embed] (no bias): transposed
   logit_scale (0-dim)                 logit_scale (0-dim; nonscalar_logit_scale false)
+  logit_bias (loss.kind sigmoid)      logit_bias (0-dim; init_logit_bias in the config)
 
 Not representable, refused by name: model.text_pad_mask (OpenCLIP's config never turns on the
 text padding mask), model.vision_pool=avg_all (OpenCLIP averages patch tokens only), causal text
@@ -31,7 +32,8 @@ with text_pool auto (the last non-padding token) unless --text-eos-pool (pool_ty
 EOS id, equal for every sequence our tokenizer makes). From OpenCLIP: no image position embedding,
 layer scale, attentional pooling, custom blocks (qk_norm, scaled cosine attention, ...),
 final_ln_after_pool, timm / HF / custom text towers, a CLS token in the text tower, a projection
-bias, logit_bias (SigLIP), and different LayerNorm eps in the two towers.
+bias, and different LayerNorm eps in the two towers. OpenCLIP's logit_bias (SigLIP) maps to ours
+(loss.kind sigmoid).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..config import Config, validate
+from ..config import Config, LossConfig, validate
 from ..models import arch_from_config
 from ..models.vit import sincos_2d_position_embedding
 from ..checkpoint.consolidated import MODEL_FILE, TensorSpec, read_safetensors_header
@@ -112,8 +114,9 @@ def _block_pairs(flip_prefix: str, oc_prefix: str, heads: int) -> list:
 
 def key_pairs(arch, model_cfg=None) -> list:
     """Every tensor of the OpenCLIP state dict with the flip_scale tensor it comes from
-    (`model_cfg` None: FLIP's defaults, a fixed sin-cos table and no ln_pre)."""
+    (`model_cfg` None: FLIP's defaults, a fixed sin-cos table, no ln_pre and no logit bias)."""
     learned = model_cfg is not None and model_cfg.vision_pos_embed == "learned"
+    logit_bias = model_cfg is not None and getattr(model_cfg, "logit_bias_init", None) is not None
     pairs = [
         KeyPair("visual.cls_token", "visual.class_embedding"),
         KeyPair("visual.pos_embed" if learned else None, POS_EMBED_KEY),
@@ -138,6 +141,8 @@ def key_pairs(arch, model_cfg=None) -> list:
         KeyPair("text.proj.weight", "text_projection", _transpose, _transpose),
         KeyPair("logit_scale", "logit_scale"),
     ]
+    if logit_bias:
+        pairs.append(KeyPair("logit_bias", "logit_bias"))
     return pairs
 
 
@@ -264,7 +269,8 @@ def from_openclip(state_path: Union[str, Path], config_path: Optional[Union[str,
     provenance = "flip_scale (through OpenCLIP)" if extras else "open_clip"
     if mask_ratio is not None:
         model_cfg = dataclasses.replace(model_cfg, mask_ratio=float(mask_ratio))
-    cfg = Config(model=model_cfg)
+    # An OpenCLIP model with a logit bias (SigLIP) was trained with the sigmoid loss.
+    cfg = Config(model=model_cfg, loss=LossConfig(kind="sigmoid" if model_cfg.logit_bias_init is not None else "contrastive"))
     if not (preprocess.get("mean") and preprocess.get("std")) and not extras:
         preprocess = dict(preprocess, mean=OPENCLIP_MEAN, std=OPENCLIP_STD)  # what open_clip normalises with
     if preprocess.get("mean") and preprocess.get("std"):
@@ -276,7 +282,8 @@ def from_openclip(state_path: Union[str, Path], config_path: Optional[Union[str,
     expected_oc = {p.openclip for p in pairs}
     unexpected = [n for n in source.specs if n not in expected_oc]
     if unexpected:
-        hints = {"logit_bias": "a SigLIP-style logit bias", "visual.ln_pre.weight": "a LayerNorm before the blocks (ln_pre)"}
+        hints = {"logit_bias": "a SigLIP-style logit bias the config has no init_logit_bias for",
+                 "visual.ln_pre.weight": "a LayerNorm before the blocks (ln_pre)"}
         named = [f"{n} ({hints[n]})" if n in hints else n for n in unexpected[:8]]
         raise ConvertError(f"{state_path} has {len(unexpected)} tensors with no flip_scale equivalent: {', '.join(named)}"
                            f"{' ...' if len(unexpected) > 8 else ''}")
@@ -286,7 +293,7 @@ def from_openclip(state_path: Union[str, Path], config_path: Optional[Union[str,
     flip_shapes = expected_state(cfg)
     for pair in pairs:
         shape = tuple(source.specs[pair.openclip].shape)
-        if pair.openclip == "logit_scale" and shape in ((), (1,)):
+        if pair.openclip in ("logit_scale", "logit_bias") and shape in ((), (1,)):
             continue
         want = ((arch.num_patches + 1, arch.vision.width) if pair.flip is None
                 else tuple(pair.to_openclip(torch.empty(flip_shapes[pair.flip], device="meta")).shape))
@@ -312,7 +319,7 @@ def from_openclip(state_path: Union[str, Path], config_path: Optional[Union[str,
     def produce(spec: TensorSpec) -> torch.Tensor:
         pair = by_flip[spec.name]
         tensor = pair.to_flip(source.get(pair.openclip))
-        if spec.name == "logit_scale":
+        if spec.name in ("logit_scale", "logit_bias"):
             tensor = tensor.reshape(())
         return tensor.to(spec.dtype)
 

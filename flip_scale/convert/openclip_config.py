@@ -84,8 +84,11 @@ def openclip_model_config(model_cfg: ModelConfig, text_eos_pool: bool = False) -
         "pool_type": text_pool,
         "proj_bias": False, "proj_type": "linear", "act_kwargs": None, "norm_kwargs": norm,
     }
-    return {"embed_dim": arch.embed_dim, "quick_gelu": model_cfg.act == "quick_gelu", "init_logit_scale": model_cfg.logit_scale_init,
-            "vision_cfg": vision, "text_cfg": text}
+    out = {"embed_dim": arch.embed_dim, "quick_gelu": model_cfg.act == "quick_gelu", "init_logit_scale": model_cfg.logit_scale_init,
+           "vision_cfg": vision, "text_cfg": text}
+    if getattr(model_cfg, "logit_bias_init", None) is not None:  # loss.kind sigmoid: OpenCLIP's SigLIP bias
+        out["init_logit_bias"] = model_cfg.logit_bias_init
+    return out
 
 
 # OpenCLIP config keys and the values flip_scale can represent. A key absent from the config has
@@ -197,8 +200,6 @@ def model_config_from_openclip(model_cfg: dict, extras: Optional[dict] = None) -
         raise ConvertError(f"OpenCLIP quick_gelu={model_cfg['quick_gelu']!r}: expected true or false")
     if model_cfg.get("custom_text"):
         raise ConvertError("OpenCLIP custom_text=true (a CustomTextCLIP text tower) has no flip_scale equivalent")
-    if model_cfg.get("init_logit_bias") is not None:
-        raise ConvertError("OpenCLIP init_logit_bias (a SigLIP-style logit bias) has no flip_scale equivalent")
     if isinstance(vision.get("layers", 12), (list, tuple)):
         raise ConvertError("OpenCLIP vision_cfg.layers is a list (a ResNet image tower); flip_scale has a ViT only")
     eps_v, eps_t = _eps(vision, "vision_cfg"), _eps(text, "text_cfg")
@@ -247,6 +248,7 @@ def model_config_from_openclip(model_cfg: dict, extras: Optional[dict] = None) -
         vision_ln_pre=not vision.get("no_ln_pre", False), act="gelu" if not model_cfg.get("quick_gelu") else "quick_gelu",
         logit_scale_init=float(model_cfg.get("init_logit_scale", ModelConfig.logit_scale_init)),
         logit_scale_max=float(extras.get("logit_scale_max", ModelConfig.logit_scale_max)),
+        logit_bias_init=(None if model_cfg.get("init_logit_bias") is None else float(model_cfg["init_logit_bias"])),
         **fields,
     )
     try:
