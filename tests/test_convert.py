@@ -368,7 +368,6 @@ def _with(section, changes):
     ("text_cfg", {"norm_kwargs": {"eps": 1e-6}}, "eps"),
     (None, {"quick_gelu": "yes"}, "quick_gelu"),
     (None, {"custom_text": True}, "custom_text"),
-    (None, {"init_logit_bias": -10.0}, "init_logit_bias"),
     (None, {"multimodal_cfg": {}}, "multimodal_cfg"),
 ])
 def test_from_openclip_refuses_unrepresentable_configs(section, changes, named):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -72,12 +73,19 @@ class FLIPModel(nn.Module):
         """Keep the temperature in [0, log 100]; called after every optimizer step."""
         clamp_logit_scale_(self)
 
+    def _frozen(self, tower: nn.Module):
+        """No autograd graph (no activations kept) for a tower whose every parameter is frozen."""
+        frozen = all(not p.requires_grad for p in tower.parameters())
+        return torch.no_grad() if frozen else contextlib.nullcontext()
+
     def encode_image(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, normalize: bool = True):
-        features = self.visual(images, mask_noise)
+        with self._frozen(self.visual):
+            features = self.visual(images, mask_noise)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True):
-        features = self.text(tokens)
+        with self._frozen(self.text):
+            features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor], mask_noise: Optional[torch.Tensor] = None):
@@ -118,7 +126,17 @@ def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True
         )
     if init and torch.device(device).type != "meta":
         model.init_weights()
+    lock_model(model, model_cfg)
     return model
+
+
+def lock_model(module: nn.Module, model_cfg) -> int:
+    """Freeze the locked towers' parameters of `module` (a FLIP model, a pipeline stage, sharded or
+    not) as `model_cfg` says (models/lock.py); the layouts call it again on their built parts."""
+    from .lock import apply_locks
+
+    arch = arch_from_config(model_cfg)
+    return apply_locks(module, model_cfg, {"visual": arch.vision.layers, "text": arch.text.layers})
 
 
 def count_parameters(model: nn.Module) -> dict:

@@ -35,12 +35,16 @@ def build_model_parts(cfg, dims: ParallelDims, device) -> tuple[list[nn.Module],
     ([the whole model], None) without pipeline parallel, else (this rank's stage modules, the
     `FLIPPipeline` running them). The model is built on the meta device here and never exists
     whole on one rank."""
-    from flip_scale.models import build_model
+    from flip_scale.models import build_model, lock_model
 
     model = build_model(cfg.model, device="meta")
     if dims.pp_enabled:
-        return parallelize_pipeline(model, dims, cfg, device)
-    return [parallelize_model(model, dims, cfg, device)], None
+        parts, pipe = parallelize_pipeline(model, dims, cfg, device)
+    else:
+        parts, pipe = [parallelize_model(model, dims, cfg, device)], None
+    for part in parts:  # locked towers (LiT): again on the built parts, whose parameters TP/FSDP replaced
+        lock_model(part, cfg.model)
+    return parts, pipe
 
 
 def mixed_precision_dtypes(cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
