@@ -224,3 +224,27 @@ def test_deepspeed_zero1_excludes_the_frozen_tower():
                 assert torch.equal(locked["after"][name], value), name
             elif name.startswith("text.") and value.numel() > 1:
                 assert not torch.equal(locked["after"][name], value), name
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def test_exact_resume_with_a_locked_tower_and_the_sigmoid_loss(tmp_path, synthetic_dir):
+    """flip-train with lock_vision (projection unlocked) and loss.kind sigmoid: stopped after the
+    checkpoint of step 2 and resumed, steps 3-4 have bitwise the losses of an uninterrupted run
+    (the bias, the optimizer state of the trainable share and the frozen weights all come back)."""
+    import pytest as _pytest
+    from test_checkpoint import _losses, _overrides, _Stop, _stop_after_save, _train
+
+    args = _overrides(synthetic_dir, 4, 2, 0, "model.lock_vision=true", "model.lock_vision_unlocked_blocks=1",
+                      "loss.kind=sigmoid", "model.vision_layers=2", "model.text_layers=2")
+    _train(tmp_path / "reference", args)
+    reference = _losses(tmp_path / "reference")
+    with _stop_after_save(2), _pytest.raises(_Stop):
+        _train(tmp_path / "run", args)
+    _train(tmp_path / "run", args, resume="auto")
+    resumed = _losses(tmp_path / "run")
+    assert sorted(reference) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+    assert len(set(reference.values())) == 4  # it trains
