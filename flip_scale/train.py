@@ -190,6 +190,13 @@ class Trainer:
         source = path if isinstance(path, CheckpointSource) else resolve_init_from(path)
         check_source_architecture(source, self.cfg.model, functional="warn")
         self.engine.load_weights(source)
+        if self.cfg.train.init_from_parts:  # LiT: the other towers back to their initial weights
+            from .models.lock import reinitialize_other_towers
+
+            for part in self.engine.model_parts:
+                reinitialize_other_towers(part, self.cfg.model, self.cfg.train.seed, self.cfg.train.init_from_parts)
+            log.info("--init-from: kept %s of %s; the rest has its initial weights",
+                     ", ".join(self.cfg.train.init_from_parts), source.path)
         what = {"dcp": "training checkpoint", "deepspeed": "DeepSpeed training checkpoint"}.get(source.kind,
                                                                                              "consolidated directory")
         log.info("initialised weights from %s (fresh optimizer, step 0): a %s", source.path, what)

@@ -43,6 +43,9 @@ class TrainConfig:
     # (0: off; on, it costs one all-reduce of the loss per step).
     spike_factor: float = 0.0
     spike_window: int = 50
+    # --init-from loads only these towers ("visual", "text"); the others keep their initial weights
+    # (LiT: a pre-trained image tower, a text tower from scratch). Empty: the whole model.
+    init_from_parts: list = field(default_factory=list)
 
 
 @dataclass
@@ -447,6 +450,13 @@ def _resolve_loss_parameters(cfg: Config) -> None:
 
 
 def _check_locks(cfg: Config) -> None:
+    bad = [part for part in cfg.train.init_from_parts if part not in ("visual", "text")]
+    if bad or len(set(cfg.train.init_from_parts)) != len(cfg.train.init_from_parts):
+        raise ConfigError(f"train.init_from_parts: {cfg.train.init_from_parts} is not a list of distinct towers; "
+                          f"valid entries: visual, text (empty: the whole model)")
+    if cfg.train.init_from_parts and cfg.parallel.engine != "fsdp":
+        raise ConfigError(f"train.init_from_parts: {cfg.train.init_from_parts} needs parallel.engine=fsdp (the "
+                          f"DeepSpeed engine loads whole models only); leave it empty or use the native engine")
     model = cfg.model
     for lock, options in (("lock_vision", ("lock_vision_unlocked_blocks", "lock_vision_norm")),
                           ("lock_text", ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"))):

@@ -338,8 +338,16 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
         """name -> the whole fp32 (master) value of every parameter, on the CPU (collective)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return {name: safe_get_full_fp32_param(param).detach().float().cpu().clone()
-                for name, param in self.module.named_parameters()}
+        out = {}
+        for name, param in self.module.named_parameters():
+            if param.requires_grad:
+                out[name] = safe_get_full_fp32_param(param).detach().float().cpu().clone()
+                continue
+            # A frozen parameter (a locked tower) has no fp32 master: the model's own copy.
+            gather = self._ds.zero.GatheredParameters([param]) if self.stage == 3 else contextlib.nullcontext()
+            with gather:
+                out[name] = param.detach().float().cpu().clone()
+        return out
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of this rank's optimizer state: its fp32 master partition and the Adam moments."""

@@ -283,6 +283,9 @@ class ZeroStateMixin:
                     zero._lazy_init_hp_params_optimizer_state()
             seen.add(name)
             shape = full_shape(param)  # the temperature: () in the files, (1,) here
+            if not param.requires_grad:  # a locked tower's (LiT): no fp32 master, no moments
+                self._set_model_param(param, values["fp32"].float().reshape(shape))
+                continue
             if groups is not None:
                 groups.open(self._sub_group(param), with_moments)
             setter = self._set_partition if groups is not None else self._set_full_hp

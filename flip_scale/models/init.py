@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -54,11 +54,14 @@ def initial_value(name: str, shape, seed: int, logit_scale_init: float = math.lo
 
 @torch.no_grad()
 def initialize_parameters(model: nn.Module, seed: int, logit_scale_init: float = math.log(1 / 0.07),
-                          logit_bias_init: Optional[float] = -10.0) -> None:
-    """Give every parameter of `model` (whole, a pipeline stage, or sharded DTensors) its initial value."""
+                          logit_bias_init: Optional[float] = -10.0, select: Optional[Callable[[str], bool]] = None) -> None:
+    """Give every parameter of `model` (whole, a pipeline stage, or sharded DTensors) its initial
+    value; with `select`, only those whose name it accepts."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     for name, param in model.named_parameters():
+        if select is not None and not select(name):
+            continue
         full = initial_value(name, param.shape, seed, logit_scale_init, logit_bias_init)
         if isinstance(param, DTensor):
             # src_data_rank=None: every rank holds `full` and keeps its own slice; no communication.

@@ -99,3 +99,12 @@ def apply_locks(module: nn.Module, model_cfg, layers: dict) -> int:
             param.requires_grad_(False)
             frozen += param.numel()
     return frozen
+
+
+def reinitialize_other_towers(module: nn.Module, model_cfg, seed: int, kept: list) -> None:
+    """Every parameter of `module` outside the towers `kept` ("visual", "text") back to its initial
+    value (a function of seed and name, as at build): `train.init_from_parts`."""
+    from .init import initialize_parameters
+
+    initialize_parameters(module, seed, model_cfg.logit_scale_init, model_cfg.logit_bias_init,
+                          select=lambda name: canonical_name(name).split(".")[0] not in kept)
