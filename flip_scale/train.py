@@ -31,7 +31,7 @@ from .config import Config, ConfigError, collective_timeouts, effective_lr, load
 from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
 from .engine import build_engine
 from .metrics import MetricsWriter, StepMetrics, format_duration
-from .models import arch_from_config, build_model, count_parameters, masking_noise
+from .models import arch_from_config, build_model, count_parameters, sample_mask_noise
 from .models.flops import train_flops_per_sample
 from .nonfinite import NonfiniteSteps
 from .preflight import check_determinism, check_tokenizer_size, describe_plan, plan_run, tokenizer_vocab_if_present
@@ -222,10 +222,13 @@ class Trainer:
 
     def mask_noise(self, step: int, sample_index: torch.Tensor) -> Optional[torch.Tensor]:
         """Each sample's mask noise, from (seed, step, its row in the global batch): the same mask in
-        both passes of the feature cache and under every layout."""
-        if self.cfg.model.mask_ratio <= 0:
+        both passes of the feature cache and under every layout. With text masking the text tokens'
+        noise (another stream) follows the image patches' in each row (`models.sample_mask_noise`)."""
+        text_tokens = self.arch.context_length if self.cfg.model.text_mask_ratio > 0 else 0
+        if self.cfg.model.mask_ratio <= 0 and not text_tokens:
             return None
-        return masking_noise(self.cfg.train.seed, step, sample_index, self.arch.num_patches).to(self.device)
+        return sample_mask_noise(self.cfg.train.seed, step, sample_index, self.arch.num_patches,
+                                 text_tokens).to(self.device)
 
     def train_step(self, batch: dict) -> dict:
         images = batch["images"].to(self.device, non_blocking=True)

@@ -53,6 +53,9 @@ class ModelConfig:
     name: str = "tiny"  # registry name: tiny, B/16, L/16, H/14, G/14
     mask_ratio: float = 0.5
     masking: Literal["random"] = "random"  # the token-removal strategy
+    # Text token removal in training (FLIP Table 1c): 0 off; prioritized removes padding first.
+    text_mask_ratio: float = 0.0
+    text_masking: Literal["random", "prioritized"] = "random"
     # avg_patches (OpenCLIP pool_type=avg) | avg_all (FLIP's code) | cls
     vision_pool: Literal["avg_patches", "avg_all", "cls"] = "avg_patches"
     text_pad_mask: bool = False  # FLIP's code attends to padding; true masks it out
@@ -236,6 +239,10 @@ class EvalConfig:
     templates: str = "flip_short"  # flip_short (7) | openai (80) | a path, one template per line with {}
     batch_size: int = 256
     max_samples: int = 0  # 0: all
+    # Masked-view ensemble (FLIP Table 1d), reported beside the full-image numbers: 0 off, N >= 2
+    # views whose image embedding is the mean of N masked views; ratio 0: 1 - 1/N (the views tile the image).
+    masked_views: int = 0
+    masked_view_ratio: float = 0.0
 
 
 @dataclass
@@ -375,6 +382,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.text_pad_mask=true with data.tokenizer={cfg.data.tokenizer}: OpenCLIP's id 0 pads "
                           f"and is also the token '!', which the mask would hide; set model.text_pad_mask=false")
     check_model_options(cfg.model)
+    if not 0.0 <= cfg.model.text_mask_ratio < 1.0:
+        raise ConfigError(f"model.text_mask_ratio: {cfg.model.text_mask_ratio} is outside [0, 1) (0: no text masking)")
+    if cfg.eval.masked_views < 0 or cfg.eval.masked_views == 1:
+        raise ConfigError(f"eval.masked_views: must be 0 (off) or >= 2 views, got {cfg.eval.masked_views}")
+    if cfg.eval.masked_view_ratio and not 0.0 < cfg.eval.masked_view_ratio < 1.0:
+        raise ConfigError(f"eval.masked_view_ratio: {cfg.eval.masked_view_ratio} is outside (0, 1) (0: 1 - 1/masked_views)")
     positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.global_batch_size": cfg.train.global_batch_size,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masking import split_mask_noise
 from .registry import FlipArch, arch_from_config
 from .text import TextTower
 from .vit import VisionTower
@@ -33,13 +34,15 @@ class FLIPModel(nn.Module):
         act: str = "gelu",
         text_pool: str = "auto",
         logit_bias_init: Optional[float] = None,
+        text_mask_ratio: float = 0.0,
+        text_masking: str = "random",
     ):
         super().__init__()
         self.arch = arch
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
         self.visual = VisionTower(arch, mask_ratio, masking, vision_pool, norm_eps, vision_pos_embed, vision_ln_pre, act)
-        self.text = TextTower(arch, text_pad_mask, text_causal, norm_eps, act, text_pool)
+        self.text = TextTower(arch, text_pad_mask, text_causal, norm_eps, act, text_pool, text_mask_ratio, text_masking)
         # A 0-dim parameter, as OpenCLIP's; the DeepSpeed engine builds it with shape (1,) (DeepSpeed
         # broadcasts parameters through a uint8 view, which a 0-dim tensor cannot take), and its
         # checkpoints are reshaped to () wherever they are read.
@@ -83,9 +86,9 @@ class FLIPModel(nn.Module):
             features = self.visual(images, mask_noise)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True):
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, mask_noise: Optional[torch.Tensor] = None):
         with self._frozen(self.text):
-            features = self.text(tokens)
+            features = self.text(tokens, mask_noise=mask_noise)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor], mask_noise: Optional[torch.Tensor] = None):
@@ -95,9 +98,12 @@ class FLIPModel(nn.Module):
         prompts separately, through forward, so that a sharded model gathers its weights. The
         temperature is returned from inside forward for the same reason. With a logit bias (the
         sigmoid loss) the third output is [log temperature, bias], shape (2,) (see loss_parameters).
+        `mask_noise`: one row per
+        sample, the image patches' columns, then (text masking) the text tokens' (`sample_mask_noise`).
         """
-        image_features = self.encode_image(images, mask_noise) if images is not None else None
-        text_features = self.encode_text(tokens) if tokens is not None else None
+        image_noise, text_noise = split_mask_noise(mask_noise, self.arch.num_patches, self.arch.context_length)
+        image_features = self.encode_image(images, image_noise) if images is not None else None
+        text_features = self.encode_text(tokens, mask_noise=text_noise) if tokens is not None else None
         return image_features, text_features, loss_parameters(self.logit_scale, self.logit_bias)
 
 
@@ -123,6 +129,8 @@ def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True
             act=model_cfg.act,
             text_pool=model_cfg.text_pool,
             logit_bias_init=getattr(model_cfg, "logit_bias_init", None),
+            text_mask_ratio=model_cfg.text_mask_ratio,
+            text_masking=model_cfg.text_masking,
         )
     if init and torch.device(device).type != "meta":
         model.init_weights()

@@ -7,7 +7,8 @@ softmax, bias additions and pooling are left out; they are a fraction of a perce
 The image tower embeds only the visible patches (their pixels are gathered before the patch
 projection), and only `1 + visible` tokens (CLS + kept patches) enter the blocks; that is where the
 paper's 0.52x (50% mask) and 0.28x (75% mask) of the unmasked forward FLOPs for ViT-L/16 come from.
-The text tower always sees `context_length` tokens.
+The text tower sees `context_length` tokens, or `int(T * (1 - text_mask_ratio))` under text masking
+(the removed tokens never enter it either).
 """
 
 from __future__ import annotations
@@ -38,15 +39,19 @@ def _block_flops(tower: TowerArch, tokens: int) -> int:
     return qkv + attention + out_proj + mlp
 
 
-def flops_per_sample(arch: FlipArch, mask_ratio: float, training: bool = False) -> dict:
-    """Analytic FLOPs of one sample through both towers at `mask_ratio`.
+def flops_per_sample(arch: FlipArch, mask_ratio: float, training: bool = False, text_mask_ratio: float = 0.0) -> dict:
+    """Analytic FLOPs of one sample through both towers at `mask_ratio` (and `text_mask_ratio`).
 
-    -> {"vision", "text", "total", "visible_tokens"}: FLOPs as ints; `visible_tokens` is the number
-    of patches kept (CLS not included). `training=True` gives a training step's FLOPs (3x the
-    forward) for MFU; the forward of evaluation is `flops_per_sample(arch, 0.0)`.
+    -> {"vision", "text", "total", "visible_tokens", "text_tokens"}: FLOPs as ints; `visible_tokens`
+    is the number of patches kept (CLS not included), `text_tokens` the text tokens kept.
+    `training=True` gives a training step's FLOPs (3x the forward) for MFU; the forward of
+    evaluation is `flops_per_sample(arch, 0.0)`.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if not 0.0 <= text_mask_ratio < 1.0:
+        raise ValueError(f"text_mask_ratio must be in [0, 1), got {text_mask_ratio}")
+    text_tokens = visible_count(arch.context_length, text_mask_ratio) if text_mask_ratio > 0 else arch.context_length
     num_patches = arch.num_patches
     visible = visible_count(num_patches, mask_ratio)
     width = arch.vision.width
@@ -57,20 +62,23 @@ def flops_per_sample(arch: FlipArch, mask_ratio: float, training: bool = False) 
         + arch.vision.layers * _block_flops(arch.vision, 1 + visible)
         + 2 * width * arch.embed_dim  # projection of the pooled token
     )
-    text = arch.text.layers * _block_flops(arch.text, arch.context_length) + 2 * arch.text.width * arch.embed_dim
+    text = arch.text.layers * _block_flops(arch.text, text_tokens) + 2 * arch.text.width * arch.embed_dim
     factor = TRAIN_FLOPS_FACTOR if training else 1
     return {
         "vision": factor * vision,
         "text": factor * text,
         "total": factor * (vision + text),
         "visible_tokens": visible,
+        "text_tokens": text_tokens,
     }
 
 
 def flops_for_config(model_cfg, mask_ratio: Optional[float] = None, training: bool = False) -> dict:
-    """`flops_per_sample` for a `ModelConfig` (its own `mask_ratio` unless one is given)."""
+    """`flops_per_sample` for a `ModelConfig` (its own `mask_ratio` unless one is given, its own
+    `text_mask_ratio` when training)."""
     ratio = model_cfg.mask_ratio if mask_ratio is None else mask_ratio
-    return flops_per_sample(arch_from_config(model_cfg), ratio, training=training)
+    text_ratio = getattr(model_cfg, "text_mask_ratio", 0.0) if (training or mask_ratio is None) else 0.0
+    return flops_per_sample(arch_from_config(model_cfg), ratio, training=training, text_mask_ratio=text_ratio)
 
 
 def train_flops_per_sample(model_cfg) -> int:

@@ -18,6 +18,7 @@ EXAMPLES = """\
 examples:
   python tools/model_info.py --config configs/flip_l16.yaml
   python tools/model_info.py --config configs/flip_l16.yaml model.mask_ratio=0.75 --json
+  python tools/model_info.py --config configs/flip_l16.yaml model.text_mask_ratio=0.5 model.text_masking=prioritized
   python tools/model_info.py            # configs/tiny.yaml
 """
 
@@ -27,8 +28,10 @@ def model_info(model_cfg) -> dict:
     model = build_model(model_cfg, device="meta")
     arch = model.arch
     params = count_parameters(model)
-    masked = flops_per_sample(arch, model_cfg.mask_ratio)
+    text_ratio = model_cfg.text_mask_ratio
+    masked = flops_per_sample(arch, model_cfg.mask_ratio, text_mask_ratio=text_ratio)
     unmasked = flops_per_sample(arch, 0.0)
+    text_unmasked = flops_per_sample(arch, model_cfg.mask_ratio)["text"]
     return {
         "model": model_cfg.name,
         "mask_ratio": model_cfg.mask_ratio,
@@ -44,13 +47,18 @@ def model_info(model_cfg) -> dict:
         "vision_pos_embed": model_cfg.vision_pos_embed,
         "vision_ln_pre": model_cfg.vision_ln_pre,
         "act": model_cfg.act,
+        "text_mask_ratio": text_ratio,
+        "text_masking": model_cfg.text_masking,
+        "text_tokens": masked["text_tokens"],
         **params,
         # Per sample, at the configured mask ratio (training forward); `_unmasked` is evaluation's.
         "gflops_fwd": masked["total"] / 1e9,
         "gflops_fwd_vision": masked["vision"] / 1e9,
         "gflops_fwd_text": masked["text"] / 1e9,
+        # The text tower's forward saved by text masking (0 without it).
+        "gflops_fwd_text_saved": (text_unmasked - masked["text"]) / 1e9,
         "gflops_fwd_unmasked": unmasked["total"] / 1e9,
-        "gflops_train": flops_per_sample(arch, model_cfg.mask_ratio, training=True)["total"] / 1e9,
+        "gflops_train": flops_per_sample(arch, model_cfg.mask_ratio, training=True, text_mask_ratio=text_ratio)["total"] / 1e9,
     }
 
 
@@ -69,6 +77,8 @@ def _format(info: dict) -> str:
         f"context_length   {info['context_length']}",
         f"options          vision_pos_embed {info['vision_pos_embed']}, vision_ln_pre {info['vision_ln_pre']}, "
         f"act {info['act']}, vision MLP {info['vision_mlp_dim']}",
+        f"text masking     {info['text_mask_ratio']} ({info['text_masking']}): {info['text_tokens']} text tokens, "
+        f"{giga(info['gflops_fwd_text_saved'])} GFLOPs of the text forward saved",
         f"params_vision    {millions(info['params_vision'])}",
         f"params_text      {millions(info['params_text'])}",
         f"params_total     {millions(info['params_total'])}",

@@ -2,7 +2,12 @@
 
 The noise that decides which patches a sample keeps is a pure function of (seed, step, the
 sample's index in the global batch, patch): the same sample gets the same mask whatever the
-parallel layout, micro-batching or pass of the feature cache.
+parallel layout, micro-batching or pass of the feature cache. With text masking
+(`model.text_mask_ratio`, `models/text_masking.py`) the text tokens' noise comes from another
+stream of the same hash, so image and text masks are independent, and travels in the same tensor:
+one row per sample, the image patches' columns first, then the text tokens' (`sample_mask_noise`,
+`split_mask_noise`). Every path that carries the image noise (the feature cache, the pipeline's
+stage inputs, the DeepSpeed engine) thus carries the text noise unchanged.
 """
 
 from __future__ import annotations
@@ -25,11 +30,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def masking_noise(seed: int, step: int, sample_index: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """Uniform noise in [0, 1) of shape [len(sample_index), num_patches], reproducible per sample."""
+IMAGE_STREAM = 0
+TEXT_STREAM = 1
+
+
+def masking_noise(seed: int, step: int, sample_index: torch.Tensor, num_patches: int,
+                  stream: int = IMAGE_STREAM) -> torch.Tensor:
+    """Uniform noise in [0, 1) of shape [len(sample_index), num_patches], reproducible per sample.
+    `stream` 0 is the image patches' noise, `TEXT_STREAM` the text tokens' (an independent one)."""
     sample_index = sample_index.to(torch.int64).reshape(-1, 1)
     patch = torch.arange(num_patches, dtype=torch.int64, device=sample_index.device).reshape(1, -1)
     key = _mix32(torch.full_like(sample_index, seed & _MASK32) ^ _mix32(torch.full_like(sample_index, step) + 0x9E3779B9))
+    if stream:  # stream 0 keeps the key it always had (masks of older runs resume unchanged)
+        key = _mix32(key ^ _mix32(torch.full_like(sample_index, stream) * 0x5851F42D + 0x14057B7E))
     h = _mix32(key ^ _mix32(sample_index * 0x632BE5AB + 0x85EBCA6B))
     h = _mix32(h ^ _mix32(patch * 0x27D4EB2F + 0x165667B1))
     h = _mix32(h * 0x2C1B3C6D + 0x297A2D39)
@@ -39,6 +52,40 @@ def masking_noise(seed: int, step: int, sample_index: torch.Tensor, num_patches:
 def visible_count(num_patches: int, mask_ratio: float) -> int:
     """Patches a sample keeps: int(L * (1 - r)), at least one."""
     return max(1, int(num_patches * (1.0 - mask_ratio)))
+
+
+def ratio_keeping(num_patches: int, keep: int) -> float:
+    """A mask ratio whose `visible_count` is exactly `keep` of `num_patches` (half a token of margin
+    against rounding: 1 - k/L itself can give k - 1 in floating point)."""
+    if not 1 <= keep <= num_patches:
+        raise ValueError(f"cannot keep {keep} of {num_patches} tokens")
+    ratio = 1.0 - (keep + 0.5) / num_patches
+    ratio = max(ratio, 0.0) if keep < num_patches else 0.0
+    assert visible_count(num_patches, ratio) == keep, (num_patches, keep, ratio)
+    return ratio
+
+
+def sample_mask_noise(seed: int, step: int, sample_index: torch.Tensor, num_patches: int,
+                      text_tokens: int = 0) -> torch.Tensor:
+    """The mask noise of a batch, one row per sample: [B, num_patches] image columns, then
+    [B, text_tokens] text columns from the text stream (none when text masking is off)."""
+    image = masking_noise(seed, step, sample_index, num_patches)
+    if not text_tokens:
+        return image
+    return torch.cat([image, masking_noise(seed, step, sample_index, text_tokens, TEXT_STREAM)], dim=1)
+
+
+def split_mask_noise(noise: Optional[torch.Tensor], num_patches: int,
+                     text_tokens: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`sample_mask_noise`'s tensor -> (image noise [B, L], text noise [B, T] or None)."""
+    if noise is None:
+        return None, None
+    if noise.dim() != 2 or noise.shape[1] not in (num_patches, num_patches + text_tokens):
+        raise ValueError(f"mask noise has shape {tuple(noise.shape)}; expected [B, {num_patches}] (image patches) or "
+                         f"[B, {num_patches + text_tokens}] (image patches, then text tokens)")
+    if noise.shape[1] == num_patches:
+        return noise, None
+    return noise[:, :num_patches], noise[:, num_patches:]
 
 
 class RandomMasking(torch.nn.Module):

@@ -208,8 +208,9 @@ def _first_stage_inputs(pipe: FLIPPipeline, images, tokens, mask_noise) -> tuple
             f"a local batch of {batch} samples cannot be split into parallel.microbatches={pipe.microbatches} "
             f"equal micro-batches"
         )
-    visual = pipe.modules[0].visual
-    if mask_noise is None and visual.training and visual.mask_ratio > 0:
+    visual, text = pipe.modules[0].visual, pipe.modules[0].text
+    if mask_noise is None and ((visual.training and visual.mask_ratio > 0)
+                               or (text.masking.training and text.masking.mask_ratio > 0)):
         raise ValueError(
             "pipeline_forward_backward needs mask_noise (one row per sample) when masking: the feature cache runs "
             "every sample twice and both passes must remove the same patches"
@@ -340,7 +341,9 @@ class PipelineEvalModel:
             view = "one patch"
         else:  # the number of image tokens each stage sees
             view = masking.mask_ratio if (masking.training and masking.mask_ratio > 0) else 0.0
-        key = (padded, view)
+        text_masking = self.pipe.modules[0].text.masking  # the text length each stage sees
+        text_view = text_masking.mask_ratio if (text_masking.training and text_masking.mask_ratio > 0) else 0.0
+        key = (padded, view, text_view)
         if key not in self._schedules:
             self._schedules[key] = pipe.new_forward_schedule()
         schedule = self._schedules[key]

@@ -18,7 +18,7 @@ squared parameter counts per stage), which also keeps the two towers advancing t
 
 Stage I/O (`FLIPStage.forward`):
 
-    stage 0        (images [b,3,H,W], tokens [b,T][, mask_noise [b,L]])
+    stage 0        (images [b,3,H,W], tokens [b,T][, mask_noise [b,L] or [b,L+T] (text masking)])
     0 < s < last   (image hidden [b,N,Wv], text hidden [b,T,Wt][, tokens [b,T]])
     not last       -> (image hidden, text hidden[, tokens])
     last           -> one tensor [b, 2*D + 1] (float32):
@@ -26,7 +26,8 @@ Stage I/O (`FLIPStage.forward`):
 
 The tokens travel with the hidden states only when the text tower needs them after its
 embedding (`text_pad_mask` for the attention mask, `text_causal` or `text_pool=argmax` for the pooling). The
-last stage returns one tensor rather than a tuple because the pipeline schedule merges the
+text hidden state and the tokens passed on have the kept length K = int(T (1 - text_mask_ratio))
+under text masking. The last stage returns one tensor rather than a tuple because the pipeline schedule merges the
 micro-batch outputs along dim 0 and splits the target (the cached gradient) the same way; a 0-d
 temperature could do neither. Every row carries the same temperature; `split_stage_output` undoes
 the packing.
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flip_scale.models.flip import clamp_logit_scale_
-from flip_scale.models.masking import visible_count
+from flip_scale.models.masking import split_mask_noise, visible_count
 
 log = logging.getLogger("flip_scale.parallel")
 
@@ -285,8 +286,12 @@ class FLIPStage(nn.Module):
             images, tokens = inputs[0], inputs[1]
             mask_noise = inputs[2] if len(inputs) > 2 else None
             image_in = text_in = None
-            image_x = self.visual(images, mask_noise)
-            text_x = self.text(tokens)
+            image_noise, text_noise = split_mask_noise(mask_noise, self.visual.arch.num_patches,
+                                                       self.visual.arch.context_length)
+            image_x = self.visual(images, image_noise)
+            text_x = self.text(tokens, mask_noise=text_noise)
+            if self.pass_tokens:  # the later stages see the tokens the text blocks see
+                tokens = self.text.keep(tokens, text_noise)[0]
         else:
             image_in, text_in = inputs[0], inputs[1]
             tokens = inputs[2] if self.pass_tokens else None
