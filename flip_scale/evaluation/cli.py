@@ -33,6 +33,8 @@ EPILOG = """examples:
   flip-eval --checkpoint exports/l16 --dataset /data/imagenet/val --classnames imagenet_names.txt --templates openai
   flip-eval --checkpoint runs/tiny_mask75 --masked  as in pre-training: the checkpoint's mask ratio on
                                                    the images (the model in its training-time view)
+  flip-eval --checkpoint runs/tiny_mask75 --masked-views 4   also the ensemble of 4 complementary masked views
+                                                   (FLIP Table 1d), reported beside the full-image numbers
   torchrun --nproc_per_node 4 -m flip_scale.evaluate --checkpoint runs/g14 --dataset /data/imagenet/val \\
       --classnames imagenet_names.txt parallel.dp_shard=2 parallel.tp=2
 """
@@ -60,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--masked", action="store_true",
                         help="remove the checkpoint's model.mask_ratio of the patches, as in training")
     parser.add_argument("--mask-ratio", type=float, default=None, help="with --masked: this ratio instead")
+    parser.add_argument("--masked-views", type=int, default=None, metavar="N",
+                        help="also evaluate each image as the mean embedding of N masked views with complementary "
+                             "masks (eval.masked_views; keys masked_views_N/...)")
+    parser.add_argument("--masked-view-ratio", type=float, default=None,
+                        help="with --masked-views: each view's mask ratio (default 1 - 1/N: the views tile the image)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tp=2 data.num_workers=0")
     return parser.parse_args(argv)
@@ -94,7 +101,8 @@ def eval_config(source: CheckpointSource, args: argparse.Namespace) -> Config:
         eval_tree["retrieval_shards"] = _shards(args.retrieval)
         if args.dataset is None:
             eval_tree["zero_shot_shards"] = ""
-    for key, value in (("templates", args.templates), ("batch_size", args.batch_size), ("max_samples", args.max_samples)):
+    for key, value in (("templates", args.templates), ("batch_size", args.batch_size), ("max_samples", args.max_samples),
+                       ("masked_views", args.masked_views), ("masked_view_ratio", args.masked_view_ratio)):
         if value is not None:
             eval_tree[key] = value
     # Evaluation keeps no activations for a backward: checkpointing would only cost time.
@@ -130,6 +138,9 @@ def main(argv=None) -> int:
               "eval.zero_shot_shards or eval.retrieval_shards)", file=sys.stderr)
         return 2
     mask_ratio = None
+    if args.masked and cfg.eval.masked_views:
+        print("flip-eval: --masked and --masked-views exclude each other (each view sets its own mask)", file=sys.stderr)
+        return 2
     if args.masked:
         mask_ratio = args.mask_ratio if args.mask_ratio is not None else cfg.model.mask_ratio
         if not 0.0 < mask_ratio < 1.0:

@@ -8,7 +8,9 @@ the counts are summed over them, so any layout gives the numbers of one process.
 Evaluation runs the model in eval mode, which never masks. `mask_ratio=r` evaluates the way the
 model was trained instead: the image tower keeps a random (1 - r) of the patches of each image,
 with noise drawn from the image's position in the dataset (`masking_noise(mask_seed, 0, index)`),
-so the masked numbers are reproducible and the same under any layout.
+so the masked numbers are reproducible and the same under any layout. `masked_views=N` embeds
+each image as the ensemble of N complementary masked views (`masked_views.py`); `run_evaluation`
+reports it beside the full-image numbers when `eval.masked_views` asks for it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..models import masking_noise
+from ..models.masking import ratio_keeping
 from .datasets import ClassificationSet, caption_batches, open_classification
 from .group import EvalGroup, EvalProgress, Field, lockstep_batches
+from .masked_views import ensemble_image_features, view_keep_count, view_noises
 from .scoring import classifier_from_text_features, correct_at_k, retrieval_hits
 from .templates import load_templates
 
@@ -66,6 +70,31 @@ def _image_noise(model, index: torch.Tensor, mask_ratio: Optional[float], mask_s
     return masking_noise(mask_seed, 0, index.clamp(min=0), _arch(model).num_patches).to(device)
 
 
+class _ImageView:
+    """How a batch's images are embedded: whole, masked (`mask_ratio`), or as the ensemble of
+    `masked_views` complementary masked views."""
+
+    def __init__(self, model, mask_ratio: Optional[float], mask_seed: int, masked_views: int = 0,
+                 masked_view_ratio: float = 0.0):
+        if masked_views and mask_ratio:
+            raise ValueError("masked views and a mask ratio exclude each other: each view sets its own mask")
+        self.model, self.mask_seed, self.views = model, mask_seed, masked_views
+        num_patches = _arch(model).num_patches
+        self.keep = view_keep_count(num_patches, masked_views, masked_view_ratio) if masked_views else 0
+        self.mask_ratio = ratio_keeping(num_patches, self.keep) if masked_views else mask_ratio
+
+    def mode(self):
+        return evaluation_mode(self.model, self.mask_ratio)
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
+        images = images.to(device)
+        if not self.views:
+            noise = _image_noise(self.model, index, self.mask_ratio, self.mask_seed, device)
+            return self.model(images, None, noise)[0]
+        noises = view_noises(self.mask_seed, index, _arch(self.model).num_patches, self.views, self.keep)
+        return ensemble_image_features(self.model, images, noises)
+
+
 @torch.no_grad()
 def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device,
                                batch_size: int = 256, group: Optional[EvalGroup] = None) -> torch.Tensor:
@@ -97,10 +126,12 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
 @torch.no_grad()
 def zero_shot_accuracy(model, classifier: torch.Tensor, loader, device, max_samples: int = 0,
                        group: Optional[EvalGroup] = None, batch_size: Optional[int] = None,
-                       mask_ratio: Optional[float] = None, mask_seed: int = 0, total: Optional[int] = None) -> dict:
+                       mask_ratio: Optional[float] = None, mask_seed: int = 0, total: Optional[int] = None,
+                       masked_views: int = 0, masked_view_ratio: float = 0.0) -> dict:
     """top-1 / top-5 accuracy (fractions) over this rank's share of the labelled batches of `loader`
     ({images, labels} dicts or (images, labels) pairs), summed over the data-parallel ranks."""
     group = group or EvalGroup()
+    view = _ImageView(model, mask_ratio, mask_seed, masked_views, masked_view_ratio)
     arch = _arch(model)
     classes = classifier.shape[1]
     batches = (b if isinstance(b, dict) else {"images": b[0], "labels": b[1]} for b in loader)
@@ -112,15 +143,14 @@ def zero_shot_accuracy(model, classifier: torch.Tensor, loader, device, max_samp
         batches = itertools.chain([first] if first is not None else [], batches)
     fields = {"images": Field((3, arch.image_size, arch.image_size), torch.float32), "labels": Field((), torch.long, -1)}
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, samples
-    with evaluation_mode(model, mask_ratio):
+    with view.mode():
         for batch in lockstep_batches(batches, fields, batch_size, group, device, max_samples,
                                       label="zero-shot images", total=total):
             labels, valid = batch["labels"].to(device), batch["valid"].to(device)
             if int(labels.max()) >= classes:
                 raise ValueError(f"an evaluation sample has class {int(labels.max())} but there are only {classes} "
                                  f"class names (classes are 0..{classes - 1})")
-            noise = _image_noise(model, batch["index"], mask_ratio, mask_seed, device)
-            image_features, _, _ = model(batch["images"].to(device), None, noise)
+            image_features = view(batch["images"], batch["index"], device)
             correct = correct_at_k(image_features.float() @ classifier, labels, (1, 5), valid)
             counts += torch.tensor([correct[1], correct[5], int(valid.sum())], dtype=torch.float64, device=device)
     top1, top5, seen = (int(v) for v in group.sum_(counts).tolist())
@@ -131,7 +161,8 @@ def zero_shot_accuracy(model, classifier: torch.Tensor, loader, device, max_samp
 
 @torch.no_grad()
 def retrieval_recall(model, loader, device, batch_size: int, max_samples: int = 0, group: Optional[EvalGroup] = None,
-                     ks: Sequence[int] = RECALL_KS, mask_ratio: Optional[float] = None, mask_seed: int = 0) -> dict:
+                     ks: Sequence[int] = RECALL_KS, mask_ratio: Optional[float] = None, mask_seed: int = 0,
+                     masked_views: int = 0, masked_view_ratio: float = 0.0) -> dict:
     """Image->text and text->image recall@k over image-caption pairs ({images, tokens, caption_keys}
     batches). Each rank embeds its share, the embeddings are gathered, each rank ranks its own
     queries against the whole gallery, and the hit counts are summed."""
@@ -143,11 +174,16 @@ def retrieval_recall(model, loader, device, batch_size: int, max_samples: int = 
         "caption_keys": Field((), torch.long, -1),
     }
     images, texts, keys = [], [], []
-    with evaluation_mode(model, mask_ratio):
+    view = _ImageView(model, mask_ratio, mask_seed, masked_views, masked_view_ratio)
+    with view.mode():
         for batch in lockstep_batches(loader, fields, batch_size, group, device, max_samples,
                                       label="retrieval pairs"):
-            noise = _image_noise(model, batch["index"], mask_ratio, mask_seed, device)
-            image_features, text_features, _ = model(batch["images"].to(device), batch["tokens"].to(device), noise)
+            if masked_views:  # the views' forwards embed images only; the captions once, apart
+                image_features = view(batch["images"], batch["index"], device)
+                _, text_features, _ = model(None, batch["tokens"].to(device))
+            else:
+                noise = _image_noise(model, batch["index"], mask_ratio, mask_seed, device)
+                image_features, text_features, _ = model(batch["images"].to(device), batch["tokens"].to(device), noise)
             valid = batch["valid"].to(device)
             images.append(image_features.float()[valid])
             texts.append(text_features.float()[valid])
@@ -187,7 +223,7 @@ def retrieval_recall(model, loader, device, batch_size: int, max_samples: int = 
 
 def run_zero_shot(model, tokenizer, eval_cfg, data_cfg, image_size: int, device, group: Optional[EvalGroup] = None,
                   mask_ratio: Optional[float] = None, mask_seed: int = 0,
-                  dataset: Optional[ClassificationSet] = None) -> Optional[dict]:
+                  dataset: Optional[ClassificationSet] = None, masked_views: int = 0) -> Optional[dict]:
     """The configured zero-shot evaluation (`eval.zero_shot_shards`: shards or an image folder), or
     None when no dataset is configured."""
     if dataset is None:
@@ -200,14 +236,15 @@ def run_zero_shot(model, tokenizer, eval_cfg, data_cfg, image_size: int, device,
                                             eval_cfg.batch_size, group)
     batches = dataset.batches(image_size, data_cfg, eval_cfg.batch_size, group.rank, group.size)
     result = zero_shot_accuracy(model, classifier, batches, device, eval_cfg.max_samples, group,
-                                eval_cfg.batch_size, mask_ratio, mask_seed, total=len(dataset.items) if dataset.items is not None else None)
+                                eval_cfg.batch_size, mask_ratio, mask_seed, total=len(dataset.items) if dataset.items is not None else None,
+                                masked_views=masked_views, masked_view_ratio=getattr(eval_cfg, "masked_view_ratio", 0.0))
     result["classes"] = len(dataset.classnames)
     result["chance"] = 1.0 / len(dataset.classnames)
     return result
 
 
 def run_retrieval(model, tokenizer, eval_cfg, data_cfg, image_size: int, device, group: Optional[EvalGroup] = None,
-                  mask_ratio: Optional[float] = None, mask_seed: int = 0) -> Optional[dict]:
+                  mask_ratio: Optional[float] = None, mask_seed: int = 0, masked_views: int = 0) -> Optional[dict]:
     """The configured retrieval evaluation (`eval.retrieval_shards`), or None when there is none."""
     if not getattr(eval_cfg, "retrieval_shards", ""):
         return None
@@ -215,27 +252,44 @@ def run_retrieval(model, tokenizer, eval_cfg, data_cfg, image_size: int, device,
     loader = caption_batches(eval_cfg.retrieval_shards, image_size, data_cfg, tokenizer, eval_cfg.batch_size,
                              group.rank, group.size)
     return retrieval_recall(model, loader, device, eval_cfg.batch_size, eval_cfg.max_samples, group,
-                            mask_ratio=mask_ratio, mask_seed=mask_seed)
+                            mask_ratio=mask_ratio, mask_seed=mask_seed, masked_views=masked_views,
+                            masked_view_ratio=getattr(eval_cfg, "masked_view_ratio", 0.0))
 
 
 def run_evaluation(model, tokenizer, cfg, device, group: Optional[EvalGroup] = None,
                    mask_ratio: Optional[float] = None, mask_seed: int = 0) -> dict:
     """Every evaluation the config asks for: {"zero_shot": {...}, "retrieval": {...}} (absent when
-    not configured). Collective: every rank of the model calls it."""
+    not configured), and with `eval.masked_views` N (and no `mask_ratio`) the same under
+    "masked_views_N" for the ensemble of N masked views. Collective: every rank of the model calls it."""
     image_size = _arch(model).image_size
+    views = getattr(cfg.eval, "masked_views", 0) if not mask_ratio else 0
     results = {}
-    zero_shot = run_zero_shot(model, tokenizer, cfg.eval, cfg.data, image_size, device, group, mask_ratio, mask_seed)
-    if zero_shot is not None:
-        results["zero_shot"] = zero_shot
-    retrieval = run_retrieval(model, tokenizer, cfg.eval, cfg.data, image_size, device, group, mask_ratio, mask_seed)
-    if retrieval is not None:
-        results["retrieval"] = retrieval
+    for name, masked_views in (("", 0), (f"masked_views_{views}", views)):
+        if name and not views:
+            continue
+        part = {}
+        zero_shot = run_zero_shot(model, tokenizer, cfg.eval, cfg.data, image_size, device, group, mask_ratio, mask_seed,
+                                  masked_views=masked_views)
+        if zero_shot is not None:
+            part["zero_shot"] = zero_shot
+        retrieval = run_retrieval(model, tokenizer, cfg.eval, cfg.data, image_size, device, group, mask_ratio,
+                                  mask_seed, masked_views=masked_views)
+        if retrieval is not None:
+            part["retrieval"] = retrieval
+        if not name:
+            results.update(part)
+        elif part:
+            results[name] = part
     return results
 
 
 def log_values(results: dict) -> dict:
-    """Flat scalars of `run_evaluation`'s results, for eval.jsonl and tensorboard."""
+    """Flat scalars of `run_evaluation`'s results, for eval.jsonl and tensorboard; a masked-view
+    ensemble's under its name: `masked_views_N/zero_shot_top1`."""
     values = {}
+    for name, part in results.items():
+        if name.startswith("masked_views_"):
+            values.update({f"{name}/{key}": value for key, value in log_values(part).items()})
     if "zero_shot" in results:
         zs = results["zero_shot"]
         values.update(zero_shot_top1=zs["top1"], zero_shot_top5=zs["top5"], samples=zs["samples"], classes=zs["classes"])
@@ -261,4 +315,7 @@ def describe(results: dict) -> str:
             recalls = ", ".join(f"R@{k} {100 * v:.1f}%" for k, v in rt[direction].items())
             parts.append(f"{name} {recalls}")
         parts[-1] += f" on {rt['samples']} pairs"
+    for name, part in results.items():
+        if name.startswith("masked_views_"):
+            parts.append(f"ensemble of {name[len('masked_views_'):]} masked views: {describe(part)}")
     return "; ".join(parts) if parts else "nothing to evaluate (no eval.zero_shot_shards or eval.retrieval_shards)"
