@@ -164,3 +164,21 @@ def test_flip_eval_masked_views_reports_both(synthetic_dir, tmp_path, views_one_
     assert "eval.masked_views: must be 0 (off) or >= 2 views, got 1" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "run"), "--masked-views", "2", "--masked"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_in_training_evaluation_reports_the_ensemble(synthetic_dir, tmp_path):
+    """flip-train's own evaluation (Trainer.evaluate) writes both sets of metrics to eval.jsonl."""
+    from flip_scale.metrics import read_jsonl
+    from flip_scale.train import main
+
+    run_dir = tmp_path / "run"
+    assert main(["--run-dir", str(run_dir),
+                 f"data.synthetic_dir={synthetic_dir}", f"data.train_shards={synthetic_dir}/train-{{000000..000007}}.tar",
+                 f"data.tokenizer={synthetic_dir}/tokenizer.model", "data.num_workers=0",
+                 f"eval.zero_shot_shards={synthetic_dir}/eval-{{000000..000000}}.tar",
+                 f"eval.classnames={synthetic_dir}/classnames.txt", f"eval.templates={synthetic_dir}/templates.txt",
+                 "eval.max_samples=32", "eval.batch_size=32", "eval.masked_views=2", "train.max_steps=1",
+                 "train.global_batch_size=8", "checkpoint.every_steps=0", "logging.tensorboard=false"]) == 0
+    record = read_jsonl(run_dir / "eval.jsonl")[-1]
+    assert record["samples"] == 32 and record["masked_views_2/samples"] == 32
+    assert 0.0 <= record["masked_views_2/zero_shot_top1"] <= 1.0 and "zero_shot_top1" in record
