@@ -109,7 +109,7 @@ def _evaluate_with_views(rank: int, world_size: int, data_dir: str, layouts: dic
         image_tokens = Counter()  # rows seen by the first image block, by token count (one process)
         if world_size == 1:
             model.visual.blocks["0"].register_forward_pre_hook(
-                lambda module, args: image_tokens.update({args[0].shape[1]: args[0].shape[0]}))
+                lambda module, args, seen=image_tokens: seen.update({args[0].shape[1]: args[0].shape[0]}))
         out[name] = run_evaluation(model, Tokenizer(cfg.data.tokenizer), cfg, torch.device("cpu"),
                                    EvalGroup.from_dims(dims))
         if world_size == 1:
