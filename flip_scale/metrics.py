@@ -142,19 +142,24 @@ class StepMetrics:
 
     def _reset(self) -> None:
         self.loss_sum, self.loss_steps, self.skipped, self.data_wait = 0.0, 0, 0, 0.0
+        self.mae_sum = None  # the MAE reconstruction loss's sum over kept steps (loss.mae_weight > 0)
 
-    def add(self, loss, skipped_step: bool, skipped_samples: int, data_wait_s: float) -> None:
+    def add(self, loss, skipped_step: bool, skipped_samples: int, data_wait_s: float, mae_loss=None) -> None:
         """One step: its loss (a skipped step's is not finite and stays out of the mean), the bad
-        samples its batch met, the seconds it waited for the batch."""
+        samples its batch met, the seconds it waited for the batch; the MAE loss where there is one."""
         if hasattr(skipped_step, "dtype"):  # decided on the device: summed there, read in `collect`
             import torch
 
             kept = ~skipped_step
             self.loss_sum = torch.where(kept, loss.detach().double(), 0.0) + self.loss_sum
             self.loss_steps = kept.long() + self.loss_steps
+            if mae_loss is not None:
+                self.mae_sum = torch.where(kept, mae_loss.detach().double(), 0.0) + (0.0 if self.mae_sum is None else self.mae_sum)
         elif not skipped_step:
             self.loss_sum += float(loss)
             self.loss_steps += 1
+            if mae_loss is not None:
+                self.mae_sum = (0.0 if self.mae_sum is None else self.mae_sum) + float(mae_loss)
         self.skipped += int(skipped_samples)
         self.data_wait += data_wait_s
 
@@ -179,6 +184,8 @@ class StepMetrics:
         tflops = self.flops_per_sample * batch * steps / elapsed / self.world_size / 1e12
         values = {
             "loss": loss,
+            **({} if self.mae_sum is None else {"mae_loss": reduce_float(
+                float(self.mae_sum) / max(self.loss_steps, 1), group, device) / self.dims.dp_size}),
             "images_per_s": batch * steps / elapsed,
             # Model FLOPs (forward + backward, masked tokens only) per second per rank.
             "tflops_per_s_per_rank": tflops,

@@ -143,8 +143,12 @@ def describe_plan(plan: RunPlan) -> str:
     from .models.flops import flops_for_config
 
     cfg, dims, arch = plan.cfg, plan.dims, plan.arch
-    counts = count_parameters(build_model(cfg.model, device="meta"))
+    counts = count_parameters(build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0))
     flops = flops_for_config(cfg.model, training=True)["total"]
+    if cfg.loss.mae_weight > 0:  # MAE's decoder: a training cost
+        from .models.flops import decoder_flops_per_sample
+
+        flops += decoder_flops_per_sample(cfg.model, training=True)
     samples = cfg.train.max_steps * cfg.train.global_batch_size
     shards = str(cfg.data.train_shards) if cfg.data.train_shards else "data.train_shards is not set"
     state_bytes = 16 * counts["params_total"]  # fp32 weights + grads + AdamW's two moments

@@ -88,13 +88,13 @@ class Trainer:
         if self.tokenizer is not None:
             check_tokenizer_size(cfg, self.tokenizer.vocab_size, self.arch)
 
-        self.counts = count_parameters(build_model(cfg.model, device="meta"))
+        self.counts = count_parameters(build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0))
         # Before anything heavy: a run directory that cannot hold one checkpoint is refused.
         on_rank0_for_all(lambda: check_free_space(self.run_dir, self.counts["params_total"], cfg.checkpoint,
                                                   cfg.train.max_steps))
         self.engine = build_engine(cfg, self.plan, self.device)
         self.precision = self.engine.precision
-        self.train_flops_per_sample = train_flops_per_sample(cfg.model)
+        self.train_flops_per_sample = train_flops_per_sample(cfg.model, cfg.loss.mae_weight > 0)
         self.state = TrainState()
         self.nonfinite = NonfiniteSteps(self.state, cfg.optim.max_nonfinite_steps)
         self.loader = (build_train_loader(cfg.data, self.arch.image_size, self.tokenizer, self.dims.dp_rank,
@@ -242,7 +242,8 @@ class Trainer:
         loss = self.engine.forward_backward(images, tokens, noise)
         result = self.engine.clip_and_step()
         self.nonfinite.count(result, loss)
-        return {"loss": loss, "grad_norm": result.grad_norm, "lr": result.lr, "skipped_step": result.skipped}
+        return {"loss": loss, "grad_norm": result.grad_norm, "lr": result.lr, "skipped_step": result.skipped,
+                **self.engine.step_stats}  # mae_loss where loss.mae_weight > 0
 
     def settle_nonfinite(self) -> None:
         """The skips counted on the device into the state (flip_scale/nonfinite.py)."""
@@ -276,7 +277,7 @@ class Trainer:
             state.samples_seen += cfg.train.global_batch_size
             self.watchdog.progress(state.step)
             self.spikes.check(state.step, out["loss"], batch, self.dims.dp_group, self.device)
-            metrics.add(out["loss"], out.get("skipped_step", False), batch.get("skipped", 0), wait)
+            metrics.add(out["loss"], out.get("skipped_step", False), batch.get("skipped", 0), wait, out.get("mae_loss"))
             state.note_skipped(batch.get("skipped_kinds", {}))
             state.note_sources(batch.get("source_samples", {}), batch.get("source_skipped", {}))
             step = state.step
@@ -315,7 +316,8 @@ class Trainer:
         self.settle_nonfinite()
         timing, _ = metrics.collect(step)  # the skipped samples are counted per kind (flush_skipped)
         self.flush_skipped()
-        values = {"loss": timing.pop("loss"), "lr": out["lr"], "logit_scale": self.logit_scale(),
+        values = {"loss": timing.pop("loss"), **({"mae_loss": timing.pop("mae_loss")} if "mae_loss" in timing else {}),
+                  "lr": out["lr"], "logit_scale": self.logit_scale(),
                   "grad_norm": float(out["grad_norm"]), **timing, "samples_seen": state.samples_seen,
                   "mask_ratio": self.cfg.model.mask_ratio, "skipped_samples": state.skipped_samples,
                   **{f"skipped_{kind}": state.skipped_by_kind.get(kind, 0) for kind in SKIP_KINDS},

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .checking import ConfigError, _build, _choice_message, _is_choice, check_model_options
+from .checking import ConfigError, _build, _choice_message, _is_choice, check_model_options, check_reconstruction
 
 
 @dataclass
@@ -100,6 +100,11 @@ class ModelConfig:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = False
+    # MAE's light decoder (models/decoder.py), built only when loss.mae_weight > 0; MAE's default
+    # shape (8 blocks of width 512, 16 heads, MLP 4x).
+    decoder_layers: int = 8
+    decoder_width: int = 512
+    decoder_heads: int = 16
 
 
 @dataclass
@@ -108,6 +113,9 @@ class LossConfig:
     # Exact global-batch contrast under micro-batching (two-pass feature cache). `per_microbatch`
     # contrasts each micro-batch alone: cheaper, but it changes the math.
     microbatch_contrast: Literal["exact", "per_microbatch"] = "exact"
+    # > 0: add mae_weight x the MAE reconstruction loss of the removed patches (models/decoder.py;
+    # FLIP Table 1f). 0: no decoder is built and checkpoints hold none.
+    mae_weight: float = 0.0
 
 
 @dataclass
@@ -406,6 +414,7 @@ def validate(cfg: Config) -> Config:
             meaning = ("0 (2 x parallel.pp under pipeline parallel, else 1)" if key == "parallel.microbatches"
                        else "0 (no periodic checkpoints: the final one and preemption saves only)")
             raise ConfigError(f"{key}: must be {meaning} or >= 1, got {value}")
+    check_reconstruction(cfg)
     if cfg.parallel.microbatches == 0:
         # Resolved here, so that every part (and the saved config.yaml) sees the number that runs.
         cfg.parallel.microbatches = 2 * cfg.parallel.pp if cfg.parallel.pp > 1 else 1

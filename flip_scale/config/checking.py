@@ -124,3 +124,36 @@ def check_model_options(model) -> None:
                 f"model.vision_mlp_ratio={ratio} and model.vision_mlp_dim={model.vision_mlp_dim} both set the image MLP "
                 f"width; give one of them (the other null)"
             )
+
+
+def check_reconstruction(cfg) -> None:
+    """The MAE reconstruction loss (loss.mae_weight) and its decoder (model.decoder_*)."""
+    weight, model = cfg.loss.mae_weight, cfg.model
+    if not weight >= 0:
+        raise ConfigError(f"loss.mae_weight: must be 0 (off) or > 0 (the weight of the MAE reconstruction loss), "
+                          f"got {weight}")
+    if weight == 0:
+        return
+    if model.mask_ratio <= 0:
+        raise ConfigError(f"loss.mae_weight={weight} reconstructs the removed patches, but model.mask_ratio="
+                          f"{model.mask_ratio} removes none: set model.mask_ratio > 0 or loss.mae_weight=0 "
+                          f"(unmasked tuning runs without the decoder)")
+    for key in ("decoder_layers", "decoder_width", "decoder_heads"):
+        if getattr(model, key) < 1:
+            raise ConfigError(f"model.{key}: must be >= 1 when loss.mae_weight > 0, got {getattr(model, key)}")
+    if model.decoder_width % model.decoder_heads:
+        raise ConfigError(f"model.decoder_width={model.decoder_width} is not divisible by model.decoder_heads="
+                          f"{model.decoder_heads}; choose heads among the divisors of the width")
+    if model.decoder_width % 4:
+        raise ConfigError(f"model.decoder_width={model.decoder_width}: the decoder's 2-D sin-cos position table "
+                          f"needs a width divisible by 4")
+    tp = cfg.parallel.tp
+    if tp > 1 and (model.decoder_heads % tp or (4 * model.decoder_width) % tp):
+        raise ConfigError(f"model.decoder_heads={model.decoder_heads} (MLP width {4 * model.decoder_width}) not "
+                          f"divisible by parallel.tp={tp}: the decoder's blocks are split over tp like the towers'")
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            f"loss.mae_weight={weight} with parallel.pp={cfg.parallel.pp}: the MAE decoder needs the image tower's "
+            f"token sequence, its keep indices and the images together, but the pipeline stages pass only the "
+            f"towers' hidden states on and the last stage sees pooled features; use parallel.pp=1 (dp, ZeRO-3 "
+            f"and tp support the decoder) or loss.mae_weight=0")

@@ -92,8 +92,9 @@ def write_config(cfg: Config, out_dir: Path, header: str) -> Path:
 
 
 def expected_state(cfg: Config) -> dict:
-    """name -> shape of the model a config builds (on the meta device: nothing allocated)."""
-    model = build_model(cfg.model, device="meta")
+    """name -> shape of the model a config builds (on the meta device: nothing allocated); MAE's
+    decoder included where the run trained one (loss.mae_weight > 0: consolidate keeps it)."""
+    model = build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 

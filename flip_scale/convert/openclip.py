@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -61,6 +62,7 @@ from .safetensors_io import write_safetensors
 OPENCLIP_MODEL_FILE = "open_clip_model.safetensors"
 OPENCLIP_BIN_FILE = "open_clip_pytorch_model.bin"
 POS_EMBED_KEY = "visual.positional_embedding"
+log = logging.getLogger("flip_scale.convert")
 
 
 # ----------------------------------------------------------------------------- tensor mapping
@@ -198,6 +200,10 @@ def to_openclip(consolidated: Union[str, Path], out_dir: Union[str, Path], text_
     cfg, file, header, found = read_consolidated_tensors(consolidated)
     model_cfg = openclip_model_config(cfg.model, text_eos_pool)  # refuses what OpenCLIP cannot represent
     arch = arch_from_config(cfg.model)
+    decoder = [name for name in found if name.startswith("decoder.")]
+    if decoder:  # training only (loss.mae_weight); OpenCLIP's model has no place for it
+        log.info("to-openclip: MAE decoder dropped (%d tensors, %s parameters): it serves the reconstruction loss "
+                 "in training only", len(decoder), f"{sum(found[n].numel for n in decoder):,}")
     pairs = key_pairs(arch, cfg.model)
     # The fixed table stays float32 even in a bf16 export: it is not a trained weight, and rounding
     # it would move the embeddings away from flip_scale's (which adds the float32 buffer).

@@ -54,6 +54,8 @@ class Engine(abc.ABC):
         self.arch = plan.arch
         self.device = torch.device(device)
         self.precision = "fp32"
+        # Extra values of the last forward_backward, for the metrics (mae_loss: a detached tensor).
+        self.step_stats: dict = {}
 
     # -- one step --------------------------------------------------------------------------
     @abc.abstractmethod

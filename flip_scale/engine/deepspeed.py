@@ -42,6 +42,7 @@ from ..optim import lr_at, nvidia_apex_available, param_groups
 from ..parallel.activation import apply_ac, apply_compile
 from ..parallel.deepspeed_config import deepspeed_config
 from ..runtime import resolve_precision
+from ..step import split_outputs
 from .base import Engine, StepResult
 from .deepspeed_state import ZeroStateMixin, full_shape
 
@@ -159,15 +160,19 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
         cfg = self.cfg
         if self.stage != 3:
             # ZeRO-1/2 keep the whole model on every rank: the one-process weights, built in place.
-            model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE)
+            model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE,
+                                mae_decoder=cfg.loss.mae_weight > 0)
             model.init_weights(cfg.train.seed)
             return model
         # ZeRO-3: each module is partitioned as it is constructed; then each parameter is gathered
         # alone, given its initial value (a function of seed and name) and re-partitioned.
         ds = self._ds
         with ds.zero.Init(config_dict_or_path=self.ds_config, remote_device=self._param_device()):
-            model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE)
+            model = build_model(cfg.model, device=self.device, init=False, temperature_shape=TEMPERATURE_SHAPE,
+                                mae_decoder=cfg.loss.mae_weight > 0)
         model.visual.init_weights()  # the fixed sin-cos table (a buffer, never partitioned)
+        if model.decoder is not None:
+            model.decoder.init_weights()
         for name, param in model.named_parameters():
             value = initial_value(name, full_shape(param), cfg.train.seed, cfg.model.logit_scale_init,
                                   cfg.model.logit_bias_init)
@@ -240,18 +245,27 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
         image_chunks, token_chunks = images.chunk(micro), tokens.chunk(micro)
         noise_chunks = mask_noise.chunk(micro) if mask_noise is not None else [None] * micro
         engine = self.engine
+        mae_weight = self.cfg.loss.mae_weight  # the MAE loss: per sample, added per micro-batch (step.py)
+        mae_total = torch.zeros((), device=images.device)
+        self.step_stats.clear()
 
         if micro == 1 or not exact:
             total = torch.zeros((), device=images.device)
             for index in range(micro):
                 with self.autocast():
-                    image_features, text_features, log_scale = engine(image_chunks[index], token_chunks[index],
-                                                                      noise_chunks[index])
-                    loss = self.loss_fn(image_features, text_features, log_scale) / micro
+                    image_features, text_features, log_scale, mae = split_outputs(
+                        engine(image_chunks[index], token_chunks[index], noise_chunks[index]))
+                    loss = self.loss_fn(image_features, text_features, log_scale)
+                    if mae is not None:
+                        loss = loss + mae_weight * mae
+                        mae_total += mae.detach() / micro
+                    loss = loss / micro
                 engine.backward(loss, scale_wrt_gas=False)
                 if index < micro - 1:
                     engine.step()  # a micro-step: DeepSpeed counts it; the last one is clip_and_step's
                 total += loss.detach()
+            if mae_weight > 0:
+                self.step_stats["mae_loss"] = mae_total
             return total
 
         # Pass 1: every micro-batch's embeddings, no autograd graph kept.
@@ -259,8 +273,9 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
             image_parts, text_parts = [], []
             for index in range(micro):
                 with self.autocast():
-                    image_features, text_features, log_scale = engine(image_chunks[index], token_chunks[index],
-                                                                      noise_chunks[index])
+                    image_features, text_features, log_scale = engine(
+                        image_chunks[index], token_chunks[index], noise_chunks[index],
+                        **({"reconstruct": False} if mae_weight > 0 else {}))
                 image_parts.append(image_features)
                 text_parts.append(text_features)
         image_all = torch.cat(image_parts).detach().requires_grad_(True)
@@ -275,17 +290,23 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
         # gradients through the engine (d surrogate / d output is exactly that slice).
         for index in range(micro):
             with self.autocast():
-                image_features, text_features, scale_out = engine(image_chunks[index], token_chunks[index],
-                                                                  noise_chunks[index])
+                image_features, text_features, scale_out, mae = split_outputs(
+                    engine(image_chunks[index], token_chunks[index], noise_chunks[index]))
             surrogate = (image_features.float() * image_grads[index].float()).sum() \
                 + (text_features.float() * text_grads[index].float()).sum()
             # The temperature's gradient is spread over the micro-batches (1/micro each: exact for
             # powers of two): DeepSpeed mishandles a parameter that has no gradient in some
             # micro-step (ZeRO-1 drops one missing from the last, ZeRO-3 one missing from the first).
             surrogate = surrogate + (scale_out.float() * (log_scale.grad.float() / micro)).sum()
+            if mae is not None:
+                surrogate = surrogate + mae.float() * (mae_weight / micro)
+                mae_total += mae.detach() / micro
             engine.backward(surrogate, scale_wrt_gas=False)
             if index < micro - 1:
                 engine.step()
+        if mae_weight > 0:
+            self.step_stats["mae_loss"] = mae_total
+            return loss.detach() + mae_weight * mae_total
         return loss.detach()
 
     def clip_and_step(self) -> StepResult:

@@ -307,7 +307,7 @@ class ZeroStateMixin:
             return
         # Every rank reads the whole model into a plain CPU copy (rank 0 reads a consolidated file
         # and broadcasts it), then hands each parameter to DeepSpeed.
-        plain = build_model(self.cfg.model, device="cpu", init=False)
+        plain = build_model(self.cfg.model, device="cpu", init=False, mae_decoder=self.cfg.loss.mae_weight > 0)
         load_weights(source, [plain], broadcast_from_rank0=source.kind == "consolidated", whole_model=True)
         self._set_full_state(((name, {"fp32": value.detach()}) for name, value in plain.named_parameters()),
                              None, str(source.path))

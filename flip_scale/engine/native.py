@@ -62,6 +62,7 @@ class NativeEngine(Engine):
             part.train()
 
     def forward_backward(self, images, tokens, mask_noise: Optional[torch.Tensor]) -> torch.Tensor:
+        self.step_stats.clear()
         if self.pipe is not None:
             return pipeline_forward_backward(self.pipe, self.loss_fn, images, tokens, mask_noise,
                                              autocast=self.autocast)
@@ -71,6 +72,7 @@ class NativeEngine(Engine):
             exact=self.cfg.loss.microbatch_contrast == "exact",
             autocast=self.autocast,
             reduce_every_microbatch=self.reduce_every_microbatch,
+            mae_weight=self.cfg.loss.mae_weight, stats=self.step_stats,
         )
 
     def clip_and_step(self) -> StepResult:

@@ -36,6 +36,7 @@ class FLIPModel(nn.Module):
         logit_bias_init: Optional[float] = None,
         text_mask_ratio: float = 0.0,
         text_masking: str = "random",
+        decoder: Optional[dict] = None,
     ):
         super().__init__()
         self.arch = arch
@@ -53,6 +54,13 @@ class FLIPModel(nn.Module):
             self.logit_bias = nn.Parameter(torch.zeros(tuple(temperature_shape)))
         else:
             self.logit_bias = None
+        # MAE's decoder (loss.mae_weight > 0; `decoder`: width, layers, heads), else no module at all.
+        self.decoder = None
+        if decoder is not None:
+            from .decoder import MAEDecoder
+
+            self.decoder = MAEDecoder(arch.vision.width, patch_size=arch.patch_size, grid_size=arch.grid_size,
+                                      norm_eps=norm_eps, **decoder)
 
     @property
     def mask_ratio(self) -> float:
@@ -69,6 +77,8 @@ class FLIPModel(nn.Module):
         from .init import initialize_parameters
 
         self.visual.init_weights()  # the fixed sin-cos table (a buffer; none if learned)
+        if self.decoder is not None:
+            self.decoder.init_weights()
         initialize_parameters(self, torch.initial_seed() if seed is None else seed, self.logit_scale_init,
                               self.logit_bias_init)
 
@@ -91,26 +101,44 @@ class FLIPModel(nn.Module):
             features = self.text(tokens, mask_noise=mask_noise)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor], mask_noise: Optional[torch.Tensor] = None):
+    def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor], mask_noise: Optional[torch.Tensor] = None,
+                reconstruct: Optional[bool] = None):
         """-> (image features, text features, log temperature); features L2-normalised [B, embed_dim].
 
         Either input may be None (its features are then None): evaluation embeds images and class
         prompts separately, through forward, so that a sharded model gathers its weights. The
         temperature is returned from inside forward for the same reason. With a logit bias (the
         sigmoid loss) the third output is [log temperature, bias], shape (2,) (see loss_parameters).
-        `mask_noise`: one row per
-        sample, the image patches' columns, then (text masking) the text tokens' (`sample_mask_noise`).
+        `mask_noise`: one row per sample, the image patches' columns, then (text masking) the text
+        tokens' (`sample_mask_noise`).
+
+        With a decoder, in training mode (or `reconstruct=True`), a fourth output: the MAE
+        reconstruction loss of this batch's removed patches (a scalar, the mean over its samples);
+        `reconstruct=False` skips the decoder (the feature cache's first pass).
         """
+        if reconstruct is None:
+            reconstruct = self.decoder is not None and self.training
         image_noise, text_noise = split_mask_noise(mask_noise, self.arch.num_patches, self.arch.context_length)
+        if reconstruct and images is not None:
+            with self._frozen(self.visual):
+                features, visible_tokens, ids_keep = self.visual(images, image_noise, return_tokens=True)
+            if ids_keep is None:
+                raise ValueError("the MAE reconstruction loss needs removed patches: model.mask_ratio is 0 "
+                                 "(or the model is in eval mode)")
+            image_features = F.normalize(features, dim=-1)
+            text_features = self.encode_text(tokens, mask_noise=text_noise) if tokens is not None else None
+            return (image_features, text_features, loss_parameters(self.logit_scale, self.logit_bias),
+                    self.decoder(visible_tokens, ids_keep, images))
         image_features = self.encode_image(images, image_noise) if images is not None else None
         text_features = self.encode_text(tokens, mask_noise=text_noise) if tokens is not None else None
         return image_features, text_features, loss_parameters(self.logit_scale, self.logit_bias)
 
 
 def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True,
-                temperature_shape: tuple = ()) -> FLIPModel:
+                temperature_shape: tuple = (), mae_decoder: bool = False) -> FLIPModel:
     """Build the model of a `ModelConfig`. On `device="meta"` nothing is allocated or initialised.
-    `temperature_shape`: () (every engine's checkpoints) or (1,) (the DeepSpeed engine's live model)."""
+    `temperature_shape`: () (every engine's checkpoints) or (1,) (the DeepSpeed engine's live model).
+    `mae_decoder`: add MAE's decoder (`model.decoder_*`; a run's is `cfg.loss.mae_weight > 0`)."""
     arch = arch_from_config(model_cfg)
     with torch.device(device):
         model = FLIPModel(
@@ -131,6 +159,8 @@ def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True
             logit_bias_init=getattr(model_cfg, "logit_bias_init", None),
             text_mask_ratio=model_cfg.text_mask_ratio,
             text_masking=model_cfg.text_masking,
+            decoder=dict(width=model_cfg.decoder_width, layers=model_cfg.decoder_layers,
+                         heads=model_cfg.decoder_heads) if mae_decoder else None,
         )
     if init and torch.device(device).type != "meta":
         model.init_weights()
@@ -152,7 +182,10 @@ def count_parameters(model: nn.Module) -> dict:
     vision = sum(p.numel() for p in model.visual.parameters())
     text = sum(p.numel() for p in model.text.parameters())
     total = sum(p.numel() for p in model.parameters())
-    return {"params_vision": vision, "params_text": text, "params_total": total}
+    counts = {"params_vision": vision, "params_text": text, "params_total": total}
+    if getattr(model, "decoder", None) is not None:
+        counts["params_decoder"] = sum(p.numel() for p in model.decoder.parameters())
+    return counts
 
 
 @torch.no_grad()

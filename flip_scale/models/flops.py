@@ -81,9 +81,24 @@ def flops_for_config(model_cfg, mask_ratio: Optional[float] = None, training: bo
     return flops_per_sample(arch_from_config(model_cfg), ratio, training=training, text_mask_ratio=text_ratio)
 
 
-def train_flops_per_sample(model_cfg) -> int:
-    """FLOPs of one training sample (forward + backward) at the configured mask ratio, for MFU."""
-    return flops_for_config(model_cfg, training=True)["total"]
+def decoder_flops_per_sample(model_cfg, training: bool = False) -> int:
+    """FLOPs of MAE's decoder (loss.mae_weight > 0; models/decoder.py) for one sample: the embedding
+    of the 1 + visible encoder tokens, `decoder_layers` blocks over 1 + L tokens (every patch, mask
+    tokens included), the pixel prediction of every token. `training`: forward + backward."""
+    arch = arch_from_config(model_cfg)
+    visible = visible_count(arch.num_patches, model_cfg.mask_ratio)
+    width, tokens = model_cfg.decoder_width, 1 + arch.num_patches
+    tower = TowerArch(width=width, layers=model_cfg.decoder_layers, heads=model_cfg.decoder_heads, mlp_dim=4 * width)
+    flops = (2 * (1 + visible) * arch.vision.width * width + model_cfg.decoder_layers * _block_flops(tower, tokens)
+             + 2 * tokens * width * 3 * arch.patch_size**2)
+    return (TRAIN_FLOPS_FACTOR if training else 1) * flops
+
+
+def train_flops_per_sample(model_cfg, mae_decoder: bool = False) -> int:
+    """FLOPs of one training sample (forward + backward) at the configured mask ratio, for MFU;
+    `mae_decoder` (a run's `loss.mae_weight > 0`) adds the decoder's."""
+    decoder = decoder_flops_per_sample(model_cfg, training=True) if mae_decoder else 0
+    return flops_for_config(model_cfg, training=True)["total"] + decoder
 
 
 def model_flops_utilization(samples_per_second: float, train_flops_per_sample: float, peak_flops_per_second: float) -> float:

@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..config import ConfigError, load_config
 from .flip import build_model, count_parameters
-from .flops import flops_per_sample
+from .flops import decoder_flops_per_sample, flops_per_sample
 
 EXAMPLES = """\
 examples:
@@ -23,15 +23,19 @@ examples:
 """
 
 
-def model_info(model_cfg) -> dict:
-    """The numbers `model_info` prints, for a `ModelConfig`."""
-    model = build_model(model_cfg, device="meta")
+def model_info(model_cfg, mae_weight: float = 0.0) -> dict:
+    """The numbers `model_info` prints, for a `ModelConfig` (and `loss.mae_weight`: > 0 adds MAE's decoder)."""
+    model = build_model(model_cfg, device="meta", mae_decoder=mae_weight > 0)
     arch = model.arch
     params = count_parameters(model)
     text_ratio = model_cfg.text_mask_ratio
     masked = flops_per_sample(arch, model_cfg.mask_ratio, text_mask_ratio=text_ratio)
     unmasked = flops_per_sample(arch, 0.0)
     text_unmasked = flops_per_sample(arch, model_cfg.mask_ratio)["text"]
+    decoder = {}
+    if mae_weight > 0:  # MAE's decoder: training only (evaluation never runs it)
+        decoder = {"decoder": f"{model_cfg.decoder_layers} x {model_cfg.decoder_width} x {model_cfg.decoder_heads}",
+                   "gflops_fwd_decoder": decoder_flops_per_sample(model_cfg) / 1e9}
     return {
         "model": model_cfg.name,
         "mask_ratio": model_cfg.mask_ratio,
@@ -58,7 +62,9 @@ def model_info(model_cfg) -> dict:
         # The text tower's forward saved by text masking (0 without it).
         "gflops_fwd_text_saved": (text_unmasked - masked["text"]) / 1e9,
         "gflops_fwd_unmasked": unmasked["total"] / 1e9,
-        "gflops_train": flops_per_sample(arch, model_cfg.mask_ratio, training=True, text_mask_ratio=text_ratio)["total"] / 1e9,
+        "gflops_train": (flops_per_sample(arch, model_cfg.mask_ratio, training=True, text_mask_ratio=text_ratio)["total"]
+                         + 3 * decoder.get("gflops_fwd_decoder", 0.0) * 1e9) / 1e9,
+        **decoder,
     }
 
 
@@ -86,6 +92,10 @@ def _format(info: dict) -> str:
         f"text {giga(info['gflops_fwd_text'])}); unmasked {giga(info['gflops_fwd_unmasked'])}",
         f"gflops_train     {giga(info['gflops_train'])} per sample (3x forward, for MFU)",
     ]
+    if "params_decoder" in info:
+        lines[8:8] = [f"params_decoder   {millions(info['params_decoder'])} (MAE decoder {info['decoder']}, training only)"]
+        lines.append(f"gflops_decoder   {giga(info['gflops_fwd_decoder'])} per sample forward (training only; "
+                     f"in gflops_train)")
     return "\n".join(lines)
 
 
@@ -104,7 +114,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        info = model_info(cfg.model)
+        info = model_info(cfg.model, cfg.loss.mae_weight)
     except (ConfigError, ValueError) as error:
         parser.error(str(error))
     print(json.dumps(info) if args.json else _format(info))

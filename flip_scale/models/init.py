@@ -40,7 +40,7 @@ def initial_value(name: str, shape, seed: int, logit_scale_init: float = math.lo
         return value.zero_()
     if owner.startswith("ln"):  # LayerNorm scale
         return value.fill_(1.0)
-    if leaf == "cls_token" or owner == "token_embedding":
+    if leaf in ("cls_token", "mask_token") or owner == "token_embedding":  # mask_token: MAE's decoder
         return nn.init.normal_(value, std=0.02, generator=generator)
     if leaf == "pos_embed":
         return nn.init.normal_(value, std=0.01, generator=generator)

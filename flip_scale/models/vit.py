@@ -121,8 +121,9 @@ class VisionTower(nn.Module):
             table = sincos_2d_position_embedding(self.pos_embed.shape[1], self.arch.grid_size)
             self.pos_embed.copy_(torch.from_numpy(table).to(self.pos_embed.dtype))
 
-    def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """images [B, 3, H, W] -> tokens [B, 1 + visible, width] (CLS first)."""
+    def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, return_keep: bool = False):
+        """images [B, 3, H, W] -> tokens [B, 1 + visible, width] (CLS first); with `return_keep`,
+        (tokens, the kept patches' indices [B, visible] or None)."""
         length = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
         if length != self.arch.num_patches or images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ValueError(
@@ -136,12 +137,17 @@ class VisionTower(nn.Module):
         if self.pos_embed_kind == "learned":
             cls, pos = cls + pos[0], pos[1:]
         x = x + (pos if ids_keep is None else pos[ids_keep])
-        x = torch.cat([cls.expand(x.shape[0], 1, -1), x], dim=1)
-        return self.ln_pre(x) if self.ln_pre is not None else x
+        tokens = torch.cat([cls.expand(x.shape[0], 1, -1), x], dim=1)
+        if self.ln_pre is not None:
+            tokens = self.ln_pre(tokens)
+        return (tokens, ids_keep) if return_keep else tokens
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, width] -> features [B, embed_dim] (not normalised)."""
-        x = self.ln_post(x)
+        return self.pool_project(self.ln_post(x))
+
+    def pool_project(self, x: torch.Tensor) -> torch.Tensor:
+        """normalised tokens [B, N, width] -> features [B, embed_dim]."""
         if self.pool == "avg_patches":
             pooled = x[:, 1:].mean(dim=1)
         elif self.pool == "avg_all":
@@ -150,11 +156,17 @@ class VisionTower(nn.Module):
             pooled = x[:, 0]
         return self.proj(pooled)
 
-    def forward(self, x: torch.Tensor, mask_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, return_tokens: bool = False):
+        """-> features; with `return_tokens` (the MAE decoder's input, whole tower only),
+        (features, the tokens after ln_post [B, 1 + visible, width], the keep indices or None)."""
+        ids_keep = None
         if self.patch_embed is not None:
-            x = self.embed(x, mask_noise)
+            x, ids_keep = self.embed(x, mask_noise, return_keep=True)
         for block in self.blocks.values():
             x = block(x)
         if self.ln_post is not None:
+            if return_tokens:
+                tokens = self.ln_post(x)
+                return self.pool_project(tokens), tokens, ids_keep
             x = self.head(x)
         return x

@@ -37,7 +37,7 @@ def build_model_parts(cfg, dims: ParallelDims, device) -> tuple[list[nn.Module],
     whole on one rank."""
     from flip_scale.models import build_model, lock_model
 
-    model = build_model(cfg.model, device="meta")
+    model = build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0)
     if dims.pp_enabled:
         parts, pipe = parallelize_pipeline(model, dims, cfg, device)
     else:
@@ -57,7 +57,7 @@ def mixed_precision_dtypes(cfg, device: torch.device) -> tuple[torch.dtype, torc
     return as_dtype(cfg.parallel.param_dtype), as_dtype(cfg.parallel.reduce_dtype)
 
 
-def reference_state_dict(model_cfg, seed: int) -> dict:
+def reference_state_dict(model_cfg, seed: int, mae_decoder: bool = False) -> dict:
     """The state dict of the one-process model: `torch.manual_seed(seed); build_model(model_cfg)` (CPU).
 
     The global RNG state is left as it was.
@@ -66,7 +66,7 @@ def reference_state_dict(model_cfg, seed: int) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(model_cfg, device="cpu").state_dict()
+        return build_model(model_cfg, device="cpu", mae_decoder=mae_decoder).state_dict()
 
 
 @torch.no_grad()
@@ -79,6 +79,8 @@ def init_buffers(model: nn.Module) -> None:
             and getattr(visual, "pos_embed_kind", "sincos") == "sincos"):  # a learned table is a parameter
         table = sincos_2d_position_embedding(visual.pos_embed.shape[1], visual.arch.grid_size)
         visual.pos_embed.copy_(torch.from_numpy(table).to(visual.pos_embed.dtype))
+    if getattr(model, "decoder", None) is not None:  # MAE's decoder: its own table
+        model.decoder.init_weights()
 
 
 def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_offload: bool = False) -> nn.Module:

@@ -120,7 +120,8 @@ def apply_fsdp(
     common = dict(mesh=dp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload,
                   ignored_params=scalars)
 
-    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+    # MAE's decoder (loss.mae_weight > 0) is sharded like a tower: one unit per block, one for the rest.
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None), getattr(model, "decoder", None)):
         if tower is None:
             continue
         for block in tower.blocks.values():

@@ -23,7 +23,8 @@ parallel divides the blocks' part by tp, except the inputs of the two column-par
 (qkv and the MLP's first, 2 s h), which keep the gathered sequence on every rank. The loss adds
 its fp32 logits and their log-softmax, 4 x local x global x 4 bytes. Under pipeline parallel a
 stage holds its share of the blocks for the micro-batches in flight (1F1B: up to pp of them;
-GPipe: all).
+GPipe: all). MAE's decoder (loss.mae_weight > 0) adds its blocks over all 1 + L tokens (never
+checkpointed), its final norm's input, and the prediction and its fp32 target (2 L 3 p^2).
 
 `tests/test_memory_model.py` checks these figures on the CPU: the states against the bytes of the
 parameters, gradients and moments after a step, the activations against the bytes autograd saves
@@ -99,6 +100,15 @@ def _block_elements(tokens: int, width: int, mlp: int) -> int:
     return tokens * (8 * width + 2 * mlp)
 
 
+def decoder_elements_per_sample(model_cfg, arch, tp: int = 1) -> float:
+    """Elements one sample keeps for the backward of MAE's decoder on one rank (module docstring)."""
+    tokens, width = 1 + arch.num_patches, model_cfg.decoder_width
+    full = _block_elements(tokens, width, 4 * width)
+    gathered = 2 * tokens * width
+    split = (full - gathered) / tp + gathered if tp > 1 else full
+    return model_cfg.decoder_layers * split + tokens * width + 2 * arch.num_patches * 3 * arch.patch_size ** 2
+
+
 def activation_elements_per_sample(pcfg, arch, visible: int, blocks_share: float = 1.0,
                                    tp: int = 1) -> tuple[float, int]:
     """(elements one sample keeps for the backward on one rank, elements of the one checkpointed
@@ -150,6 +160,8 @@ def memory_per_rank(cfg, dims, arch, params: int, local_batch: int, precision: s
     else:
         samples, share = max(1, local_batch // cfg.optim.grad_accum_steps), 1.0
     kept, recompute = activation_elements_per_sample(pcfg, arch, visible, share, dims.tp)
+    if getattr(cfg.loss, "mae_weight", 0) > 0:
+        kept += decoder_elements_per_sample(cfg.model, arch, dims.tp)
     recompute_bytes = samples * recompute * compute_bytes
     activations = samples * kept * compute_bytes + recompute_bytes
     loss = 4 * local_batch * local_batch * dims.dp_size * 4

@@ -1,6 +1,6 @@
 """Tensor parallelism: Megatron's column/row split of every transformer block, with DTensor.
 
-Per block of both towers (`flip_scale.models.transformer.Block`):
+Per block of both towers and of MAE's decoder (`flip_scale.models.transformer.Block`):
 
     attn.qkv  column-parallel   each rank computes whole heads (the fused weight is head-interleaved)
     attn.proj row-parallel      partial sums -> all-reduce (or reduce-scatter over tokens with SP)
@@ -60,7 +60,8 @@ def block_plan(sequence_parallel: bool) -> dict:
 
 
 def _tower_blocks(model: nn.Module):
-    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+    # MAE's decoder (loss.mae_weight > 0) has blocks of the same kind: the same plan, the same hooks.
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None), getattr(model, "decoder", None)):
         if tower is not None and len(tower.blocks) > 0:
             yield tower
 
