@@ -326,3 +326,42 @@ def test_model_info_reports_the_decoder_flops():
     assert info["gflops_train"] == pytest.approx(without["gflops_train"] + 3 * info["gflops_fwd_decoder"])
     assert info["gflops_fwd"] == without["gflops_fwd"]  # evaluation's forward never runs the decoder
     assert main([*TINY, "--json"]) == 0
+
+
+def test_memory_model_counts_the_decoder():
+    """The per-rank memory model (parallel/memory.py) with the decoder against the bytes autograd
+    saves in one step (the method of tests/test_memory_model.py), and its parameters in the states."""
+    from test_memory_model import ACTIVATION_MARGIN, _saved_bytes
+
+    from flip_scale.loss import ContrastiveLoss
+    from flip_scale.models import count_parameters
+    from flip_scale.parallel import parallelize_model
+    from flip_scale.preflight import memory_estimate, plan_run
+
+    estimates = {}
+    for weight in ("0", "1.0"):
+        cfg = load_config("configs/tiny.yaml", ["train.device=cpu", "train.precision=fp32", "train.global_batch_size=8",
+                                                f"loss.mae_weight={weight}", "model.decoder_layers=2",
+                                                "model.decoder_width=64", "model.decoder_heads=4"])
+        plan = plan_run(cfg, 1)
+        params = count_parameters(build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0))
+        estimates[weight] = memory_estimate(plan, params["params_total"])
+    assert estimates["1.0"]["states"] == estimates["0"]["states"] + 16 * params["params_decoder"]
+    torch.manual_seed(0)
+    model = parallelize_model(build_model(cfg.model, device="meta", mae_decoder=True), plan.dims, plan.cfg, "cpu")
+    arch = plan.arch
+    images = torch.randn(8, 3, arch.image_size, arch.image_size)
+    tokens = torch.randint(1, arch.vocab_size, (8, arch.context_length))
+    noise = masking_noise(0, 0, torch.arange(8), arch.num_patches)
+    loss_fn, holder = ContrastiveLoss(), {}
+
+    def forward():
+        image_features, text_features, scale, mae = model(images, tokens, noise)
+        holder["loss"] = loss_fn(image_features, text_features, scale) + mae
+
+    activations = _saved_bytes(model, forward)
+    estimate = estimates["1.0"]
+    modelled = estimate["activations"] - estimate["recompute"] + estimate["loss"]
+    print(f"activations with the decoder: measured {activations / 2**20:.2f} MiB, modelled {modelled / 2**20:.2f} MiB")
+    assert abs(activations - modelled) <= ACTIVATION_MARGIN * activations, (activations, modelled)
+    assert estimate["activations"] > estimates["0"]["activations"]
