@@ -113,6 +113,22 @@ def test_causal_text_keeps_its_end_of_text_token_and_pad_mask_applies():
         assert mask.shape == (4, 1, 4, 4) and torch.equal(mask[:, 0, -1, :], (kept != 0))
 
 
+def test_argmax_pooling_keeps_the_highest_id_token():
+    # OpenCLIP's text pooling (model.text_pool: argmax) composes with text masking: the highest-id
+    # (end-of-text) token is always kept and is the one pooled among the kept tokens.
+    model = build_model(tiny_cfg(text_causal=True, text_pool="argmax"))
+    model.train()
+    tokens = _tokens(4, 8, [3, 6, 8, 5], vocab=60, seed=11)
+    eot = torch.tensor([2, 5, 7, 4])
+    tokens[torch.arange(4), eot] = 63  # the highest id of the vocabulary, as OpenCLIP's end-of-text
+    arch = model.arch
+    for step in range(5):
+        noise = sample_mask_noise(SEED, step, torch.arange(4), arch.num_patches, arch.context_length)
+        kept, positions = model.text.keep(tokens, split_mask_noise(noise, arch.num_patches, 8)[1])
+        assert (positions == eot[:, None]).any(dim=1).all(), (step, positions)
+        assert torch.equal(kept[torch.arange(4), model.text.pooled_position(kept)], torch.full((4,), 63))
+
+
 def test_eval_never_masks_text():
     model = build_model(tiny_cfg(text_masking="prioritized"))
     tokens = _tokens(4, 8, [3, 6, 8, 1])
