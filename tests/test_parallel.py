@@ -295,18 +295,15 @@ def test_checkpointing_per_tower(towers, expected, reference):
     assert_matches_reference(dict(losses=losses, norms=norms, params=model.state_dict()), reference, f"AC {towers}")
 
 
-@pytest.mark.slow
-def test_compiled_blocks_match_one_process(reference):
-    """parallel.compile: every block's forward through torch.compile (inductor on the CPU here),
-    keys unchanged, the same losses and parameters as the eager reference (equality tolerance)."""
-    ac = "none"
-    cfg = tiny_config(compile=True, activation_checkpointing=ac)
+def test_compiled_blocks_keep_the_keys(reference):
+    """parallel.compile: every block's forward goes through torch.compile and the state dict keys
+    stay the eager model's. The numbers are compared with the eager reference on 2 ranks below
+    (dp_shard=2 is the one-process math); compiling once more here would add half a minute."""
+    cfg = tiny_config(compile=True, activation_checkpointing="none")
     dims = ParallelDims.from_config(cfg.parallel, 1, arch_from_config(cfg.model), GLOBAL_BATCH)
     model = parallelize_model(build_model(cfg.model, device="meta"), dims, cfg, "cpu")
     assert all(getattr(block, "compiled", False) for block in [*model.visual.blocks.values(), *model.text.blocks.values()])
     assert list(model.state_dict()) == list(reference["params"])
-    losses, norms, _ = train(model, cfg, dims)
-    assert_matches_reference(dict(losses=losses, norms=norms, params=model.state_dict()), reference, f"compile AC {ac}")
 
 
 @pytest.mark.slow

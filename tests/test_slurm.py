@@ -359,12 +359,13 @@ def test_a_time_limit_under_the_signal_lead_is_reported_and_the_signal_moved(tmp
     assert preemption.slurm_seconds("2-12") == 216000 and preemption.slurm_seconds("UNLIMITED") is None
     assert preemption.signal_plan("00:10:00", 600)[0] == 300  # at the lead: half the limit
     assert preemption.signal_plan("00:10:01", 600) == (None, "") and preemption.signal_plan("", 600) == (None, "")
-    # --time=2 with flip_b16.sh's --signal=B:USR1@300: Slurm's signal at once is ignored, said at start.
-    proc = _run_template(tmp_path, "flip_b16", rc=0, extra_env={"FAKE_TIME_LIMIT": "00:02:00",
+    # A 20 s limit with flip_b16.sh's --signal=B:USR1@300 (as --time=2 is with its 120 s, kept short
+    # here): Slurm's signal at once is ignored, said at start.
+    proc = _run_template(tmp_path, "flip_b16", rc=0, extra_env={"FAKE_TIME_LIMIT": "00:00:20",
                                                                  "FAKE_SIGNAL_BATCH_SHELL": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "the time limit 00:02:00 (120 s) is at or under the preemption signal's lead of 300 s" in proc.stderr
-    assert "signals itself 60 s after its start instead (a lead of 60 s, half the limit)" in proc.stderr
+    assert "the time limit 00:00:20 (20 s) is at or under the preemption signal's lead of 300 s" in proc.stderr
+    assert "signals itself 10 s after its start instead (a lead of 10 s, half the limit)" in proc.stderr
     assert "SIGUSR1 at 0 s ignored" in proc.stdout or "SIGUSR1 at 1 s ignored" in proc.stdout, proc.stdout
     assert not (tmp_path / "srun_signals").exists() and not (tmp_path / "scontrol_calls").exists()
 
