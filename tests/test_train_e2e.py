@@ -32,21 +32,21 @@ def _overrides(data_dir: Path, steps: int, every: int) -> list[str]:
 
 def test_flip_train_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic_dir):
     run_dir = tmp_path / "run"
-    main(["--run-dir", str(run_dir), *_overrides(synthetic_dir, steps=120, every=60)])
+    main(["--run-dir", str(run_dir), *_overrides(synthetic_dir, steps=60, every=30)])
 
     # A checkpoint at the end, named by `latest`, and the resolved config.
     latest = find_latest(run_dir)
-    assert latest is not None and latest.name == "step_00000120"
+    assert latest is not None and latest.name == "step_00000060"
     assert (run_dir / "config.yaml").is_file()
     # Metrics: one JSON object per logged step with the documented keys.
     records = read_jsonl(run_dir / "metrics.jsonl")
-    assert records[-1]["step"] == 120
+    assert records[-1]["step"] == 60
     for key in ("step", "loss", "lr", "logit_scale", "images_per_s", "samples_seen", "mask_ratio", "skipped_samples",
                 "grad_norm", "tflops_per_s_per_rank", "data_wait_fraction"):
         assert key in records[-1]
     assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in records)
     assert "mfu" not in records[-1]  # a CPU has no known peak (logging.peak_tflops sets one)
-    assert records[-1]["samples_seen"] == 120 * 128
+    assert records[-1]["samples_seen"] == 60 * 128
     assert records[-1]["loss"] < records[0]["loss"]
     # Tensorboard: the scalars issue 2 lists, and the evaluation.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -59,21 +59,21 @@ def test_flip_train_trains_checkpoints_evaluates_and_resumes(tmp_path, synthetic
         assert any(tag.endswith(name) and not tag.startswith("eval/") for tag in tags), (name, sorted(tags))
     assert {"eval/zero_shot_top1", "eval/zero_shot_top5"} <= tags
     loss_tag = next(tag for tag in tags if tag.endswith("loss") and not tag.startswith("eval/"))
-    assert [event.step for event in events.Scalars(loss_tag)][-1] == 120
+    assert [event.step for event in events.Scalars(loss_tag)][-1] == 60
     # Zero-shot accuracy clearly above chance on the held-out classes.
     evaluation = read_jsonl(run_dir / "eval.jsonl")[-1]
     chance = 1.0 / evaluation["classes"]
-    print(f"zero-shot top-1 after 120 steps: {evaluation['zero_shot_top1']:.3f} (chance {chance:.3f})")
+    print(f"zero-shot top-1 after 60 steps: {evaluation['zero_shot_top1']:.3f} (chance {chance:.3f})")
     assert evaluation["zero_shot_top1"] > 2.5 * chance
 
     # --resume continues from the saved step and runs to the new max_steps.
     logged_before = len(records)
-    main(["--run-dir", str(run_dir), "--resume", "auto", *_overrides(synthetic_dir, steps=140, every=60), "eval.at_end=false"])
+    main(["--run-dir", str(run_dir), "--resume", "auto", *_overrides(synthetic_dir, steps=80, every=30), "eval.at_end=false"])
     records = read_jsonl(run_dir / "metrics.jsonl")
-    # Only steps 121..140 ran (logged at 130 and 140): a fresh start would have logged 10..140 again.
-    assert [r["step"] for r in records[logged_before:]] == [130, 140]
-    assert records[-1]["samples_seen"] == 140 * 128
-    assert find_latest(run_dir).name == "step_00000140"
+    # Only steps 61..80 ran (logged at 70 and 80): a fresh start would have logged 10..80 again.
+    assert [r["step"] for r in records[logged_before:]] == [70, 80]
+    assert records[-1]["samples_seen"] == 80 * 128
+    assert find_latest(run_dir).name == "step_00000080"
 
 
 def _torchrun(tmp_path, nproc: int, args: list[str]) -> subprocess.CompletedProcess:
