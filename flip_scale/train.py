@@ -355,7 +355,7 @@ class Trainer:
         return results
 
     def close(self) -> None:
-        self.watchdog.stop()
+        self.watchdog.close()
         self.checkpoints.close()
         self.metrics.close()
         self.eval_metrics.close()

@@ -4,7 +4,7 @@
     watchdog.start()
     ... watchdog.progress(step) after every step; with watchdog.long_phase("checkpoint save"): ...
     watchdog.step_done(1) -> set_collective_timeouts(300): the long start-up allowance ends
-    watchdog.stop()
+    watchdog.stop()   # the checks end; the heartbeat goes on until watchdog.close() or the exit
 
 Two guards, one per way a peer can be lost:
 
@@ -114,7 +114,8 @@ class Watchdog:
         self.phase: Optional[str] = None
         self._last = time.monotonic()
         self._beats = 0
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # ends the checks
+        self._stop_beats = threading.Event()  # ends the heartbeat (close): a live rank reports until then
         self._fired = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._beater: Optional[threading.Thread] = None
@@ -124,6 +125,7 @@ class Watchdog:
     def start(self, step: int = 0) -> "Watchdog":
         self.step, self._last = step, time.monotonic()
         self._stop.clear()
+        self._stop_beats.clear()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="flip-watchdog", daemon=True)
             self._thread.start()
@@ -162,7 +164,15 @@ class Watchdog:
             self.phase, self._last = previous, time.monotonic()
 
     def stop(self) -> None:
+        """End the checks. The heartbeat goes on: a rank that is failing (the loop ended by an
+        exception, `report` naming the stopped peer) is alive, and its peers' probes, run at the
+        same moment, must not name it among the ranks that stopped reporting."""
         self._stop.set()
+
+    def close(self) -> None:
+        """End the checks and the heartbeat (the run is over on this rank)."""
+        self._stop.set()
+        self._stop_beats.set()
 
     @property
     def collective_timeout_s(self) -> float:
@@ -229,7 +239,7 @@ class Watchdog:
             pass
 
     def _beat_loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self._stop_beats.wait(self.tick_s):
             self._beat()
 
     def _run(self) -> None:
