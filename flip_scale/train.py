@@ -25,7 +25,10 @@ from typing import Optional
 import torch
 
 from . import preemption
-from .checkpoint import CheckpointManager, CheckpointSaveError, IncompatibleCheckpoint, check_compatible, resolve_resume
+from .checkpoint import (
+    CheckpointManager, CheckpointSaveError, IncompatibleCheckpoint, check_compatible, remove_unfinished_saves,
+    resolve_resume,
+)
 from .checkpoint.space import NotEnoughSpace, check_free_space
 from .config import Config, ConfigError, collective_timeouts, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
@@ -363,6 +366,8 @@ class Trainer:
 
 
 def _resolve_and_check(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    if resume == "auto":
+        remove_unfinished_saves(run_dir)  # the .tmp of a save the last job was stopped in
     checkpoint = resolve_resume(resume, run_dir)
     if checkpoint is not None:
         check_compatible(checkpoint, arch_from_config(cfg.model).to_dict(), asdict(cfg.model))

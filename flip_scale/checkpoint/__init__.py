@@ -51,7 +51,7 @@ from .sources import (
 )
 from .store import (
     STEP_DIR, CheckpointError, checkpoint_problem, find_latest, is_complete, list_checkpoints, prune_checkpoints,
-    read_rank_blobs, resolve_resume, step_dir_name, storage_problem,
+    read_rank_blobs, remove_unfinished_saves, resolve_resume, step_dir_name, storage_problem,
 )
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "deepspeed_files_problem",
     "find_latest", "functional_differences", "is_complete", "list_checkpoints", "load_checkpoint",
     "load_consolidated", "load_state", "load_weights", "model_state", "open_checkpoint", "optimizer_state",
-    "prune_checkpoints", "read_dcp_metadata", "read_rank_blobs", "resolve_init_from", "resolve_resume", "rng_state", "save_checkpoint",
+    "prune_checkpoints", "read_dcp_metadata", "read_rank_blobs",
+    "remove_unfinished_saves", "resolve_init_from", "resolve_resume", "rng_state", "save_checkpoint",
     "save_state", "set_rng_state", "step_dir_name", "storage_problem",
 ]
