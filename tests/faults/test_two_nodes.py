@@ -5,6 +5,11 @@ two_node_slurm.py), and a node that dies.
   template's layout (tp 2 inside a node, dp_shard 2 across the nodes); the rendezvous is node 1's
   namespace address, which node 2 reaches only over the veth pair. Every logged number equals a
   plain local 4-rank run of the same command (the one-node run of the same layout).
+- A silent loss of the ranks' network (their own veth pair, every packet dropped, nothing closed;
+  Slurm's network unharmed): every rank of both nodes exits 1 within the collective timeout, each
+  naming its step; srun returns, the template requeues the job itself (its requeue path, which a
+  node death never reaches: see docs/design.md), and with the network back it resumes to the
+  same losses. The seconds from the loss to the last rank's exit are printed.
 - The same job, node 2 killed mid-run (its slurmd, step daemon and both ranks, SIGKILL): the ranks
   of node 1 exit, the job fails and is requeued (by Slurm on the node failure, or by the template
   after the trainer's failure; the test says which), node 2's slurmd is started again, and the
@@ -16,13 +21,14 @@ namespaces (as tests/test_slurm.py's fixture)."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from fault_runs import Ranks, logged_steps
-from two_node_slurm import ADDRESSES, INTERFACE, NODES, TwoNodeSlurm, namespaces_refused
+from two_node_slurm import ADDRESSES, DATA_ADDRESSES, DATA_INTERFACE, INTERFACE, NODES, TwoNodeSlurm, namespaces_refused
 
 from flip_scale.metrics import read_jsonl
 from test_slurm import EXACT_KEYS, G14_LAYOUT, running_cluster
@@ -45,13 +51,14 @@ def _overrides(data_dir: Path) -> list[str]:
     ]
 
 
-def _job_env(data_dir: Path, *extra: str) -> dict:
+def _job_env(data_dir: Path, *extra: str, data_network: bool = False) -> dict:
+    master, interface = (DATA_ADDRESSES[0], DATA_INTERFACE) if data_network else (ADDRESSES[0], INTERFACE)
     return {
         "FLIP_HOME": str(REPO), "FLIP_CONFIG": "configs/tiny.yaml", "FLIP_DEVICE": "cpu", "FLIP_PYTHON": sys.executable,
         "FLIP_ARGS": " ".join([*_overrides(data_dir), *extra]), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
         # The node names do not resolve; rank 0 is on node 1. Gloo binds to the address of the host
         # name (127.0.0.1 here) unless told the interface.
-        "MASTER_ADDR": ADDRESSES[0], "GLOO_SOCKET_IFNAME": INTERFACE,
+        "MASTER_ADDR": master, "GLOO_SOCKET_IFNAME": interface,
     }
 
 
@@ -162,3 +169,52 @@ def test_a_node_that_dies_fails_the_job_which_is_requeued_and_resumes(two_nodes,
           f"ranks exited {ranks_gone:.1f} s later, the job failed "
           f"{job_failed:.1f} s later (SlurmdTimeout=6); requeued by {path}; resumed from {resume_from}; "
           f"{STEPS} steps with the losses of the one-node run")
+
+
+def _wait_for_checkpoint_and_step(two_nodes, job, run_dir: Path, log: Path) -> None:
+    deadline = time.time() + 240
+    while not ((run_dir / "latest").is_file() and logged_steps(run_dir) >= EVERY + 1):
+        assert time.time() < deadline and two_nodes.job(job).get("JobState") not in DONE, (
+            f"no checkpoint and step {EVERY + 1}\n{log.read_text()[-4000:] if log.exists() else ''}")
+        time.sleep(0.1)
+
+
+def test_a_silent_network_loss_stops_every_rank_and_the_template_requeues(two_nodes, one_node, synthetic_dir,
+                                                                          tmp_path):
+    timeout = 10
+    env = _job_env(synthetic_dir, f"train.collective_timeout_seconds={timeout}", data_network=True)
+    job = two_nodes.sbatch([*JOB, "--job-name=two-c", str(REPO / "slurm" / "flip_g14.sh")], env, cwd=tmp_path)
+    log = tmp_path / f"two-c-{job}.out"
+    run_dir = tmp_path / "runs" / "two-c"
+    try:
+        _wait_for_checkpoint_and_step(two_nodes, job, run_dir, log)
+        resume_from = (run_dir / "latest").read_text().strip()
+        assert all(len(two_nodes.trainer_pids(node)) == 2 for node in NODES)
+        two_nodes.drop_data()
+        lost = time.monotonic()
+        ranks_gone = None
+        while ranks_gone is None:
+            assert time.monotonic() < lost + 120, f"ranks still alive 120 s after the loss\n{log.read_text()[-4000:]}"
+            if not any(two_nodes.trainer_pids(node) for node in NODES):
+                ranks_gone = time.monotonic() - lost
+            time.sleep(0.1)
+        two_nodes.wait_for(job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 120,
+                           "the template's requeue", log)
+    finally:
+        two_nodes.drop_data(False)
+    text = log.read_text()
+    failed_at = {int(r): int(s) for r, s in re.findall(r"rank (\d) at step (\d+) \(", text)}
+    assert sorted(failed_at) == [0, 1, 2, 3], text[-5000:]  # every rank named where it stopped
+    assert all(s > EVERY for s in failed_at.values()), failed_at
+    assert f"requeueing job {job} (failed with exit code 1" in text, text[-4000:]
+    assert f"requeue job JobId={job} due to failure of node" not in two_nodes.ctld_log()  # not Slurm's requeue
+    two_nodes.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    info = two_nodes.wait_for(job, lambda i: i.get("JobState") in DONE, 300, "the end after the requeue", log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-5000:]}"
+    assert f"restart 1 of job {job} follows its own requeue" in text
+    assert f"resumed from runs/two-c/{resume_from}" in text
+    assert _by_step(read_jsonl(run_dir / "metrics.jsonl")) == one_node
+    print(f"\ntwo nodes, data network silenced after step {min(failed_at.values()) - 1}: every rank exited "
+          f"{ranks_gone:.1f} s later (train.collective_timeout_seconds={timeout}); ranks stopped at {failed_at}; "
+          f"requeued by the template; resumed from {resume_from}")
