@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from typing import Optional
 
 log = logging.getLogger("flip_scale.watchdog")
@@ -262,3 +263,17 @@ class Watchdog:
             with contextlib.suppress(Exception):
                 handler.flush()
         os._exit(EXIT_CODE)
+
+
+def exit_after_a_lost_peer(error: BaseException) -> None:
+    """End this rank now, with EXIT_CODE, after `report` has named the lost peer: the process group
+    cannot be torn down (its destroy waits on the dead or unreachable peer; the heartbeat thread,
+    still in a store call, aborts the interpreter's exit with "terminate called without an active
+    exception", exit 134, as seen after a silent network loss). The traceback is printed first."""
+    traceback.print_exception(error)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_CODE)

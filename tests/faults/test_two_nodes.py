@@ -206,8 +206,16 @@ def test_a_silent_network_loss_stops_every_rank_and_the_template_requeues(two_no
     failed_at = {int(r): int(s) for r, s in re.findall(r"rank (\d) at step (\d+) \(", text)}
     assert sorted(failed_at) == [0, 1, 2, 3], text[-5000:]  # every rank named where it stopped
     assert all(s > EVERY for s in failed_at.values()), failed_at
-    assert f"requeueing job {job} (failed with exit code 1" in text, text[-4000:]
+    exits = re.findall(r"srun: error: (flipn\d): tasks? ([\d-]+): (.*)", text)
+    assert {node for node, _, _ in exits} == set(NODES) and all(e == "Exited with exit code 1" for *_, e in exits), exits
+    assert f"requeueing job {job} (failed with exit code 1;" in text, text[-4000:]
     assert f"requeue job JobId={job} due to failure of node" not in two_nodes.ctld_log()  # not Slurm's requeue
+    # The requeued job's begin time is brought forward once the nodes are idle (see the test above).
+    deadline = time.time() + 60
+    while set(two_nodes.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.split()) != {"idle"}:
+        assert time.time() < deadline, two_nodes.logs()
+        time.sleep(0.5)
+    time.sleep(3)
     two_nodes.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     info = two_nodes.wait_for(job, lambda i: i.get("JobState") in DONE, 300, "the end after the requeue", log)
     text = log.read_text()
