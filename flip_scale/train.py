@@ -42,7 +42,7 @@ from .runtime import configure_determinism, on_rank0_for_all, setup_logging
 from .train_args import default_run_dir, parse_args
 from .train_state import DataPosition, TrainerRecord, TrainState
 from .spikes import SpikeDetector
-from .watchdog import Watchdog, exit_after_a_lost_peer
+from .watchdog import Watchdog
 
 log = logging.getLogger("flip_scale")
 
@@ -408,7 +408,7 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
             if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError, CheckpointSaveError)):
                 # Name the step and the rank that stopped (a peer's death surfaces here as a failed collective).
                 log.error("flip_scale: %s", trainer.watchdog.report(error))
-                exit_after_a_lost_peer(error)
+                trainer.watchdog.exit_after_report(error)
             raise
         trainer.close()  # commits an asynchronous save still pending (fit may return before its end)
         return result

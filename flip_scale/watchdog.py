@@ -44,6 +44,7 @@ EXIT_CODE = 1  # a failure: the Slurm templates requeue it (they never requeue 2
 TICK_S = 1.0
 EXIT_MARGIN_S = 2.0  # the failing rank's report, traceback and process-group teardown
 _KEY = "flip_scale/heartbeat/"
+_PROBED = "flip_scale/probed/"  # a rank's probe of the others is done
 
 
 _SETTER_MISSING_LOGGED = []
@@ -121,6 +122,7 @@ class Watchdog:
         self._thread: Optional[threading.Thread] = None
         self._beater: Optional[threading.Thread] = None
         self._short_groups: list = []  # the process groups the first step gave the short timeout
+        self._stopped: Optional[list] = None  # the ranks this rank's last probe found stopped
 
     # ------------------------------------------------------------------ the loop's side
     def start(self, step: int = 0) -> "Watchdog":
@@ -216,6 +218,9 @@ class Watchdog:
         except Exception as error:  # noqa: BLE001 - a store that is gone is an answer too
             return f"the process group's store (on rank 0) does not answer ({error}): rank 0 is gone"
         still = [r for r, a, b in zip(others, first, second) if a == b]
+        self._stopped = still
+        with contextlib.suppress(Exception):  # rank 0 waits for this before it ends (linger_for_peers)
+            self.store.set(f"{_PROBED}{self.rank}", "1")
         if not still:
             return "every other rank still reports (the fault is on this rank or in the network)"
         return "rank(s) " + ", ".join(map(str, still)) + " stopped reporting (dead or hung)"
@@ -228,6 +233,31 @@ class Watchdog:
         what = f"a collective or the step failed: {error}" if error is not None else "no progress"
         peers = self.stopped_peers()
         return f"{self.where()}: {what}" + (f"; {peers}" if peers else "")
+
+    def linger_for_peers(self) -> None:
+        """Rank 0, about to end after a failure: the store lives in this process, and the other
+        live ranks may still be probing it (they fail at about the same moment). Wait, beating,
+        until each rank that this rank's probe found alive has finished its probe, at most one
+        probe's time (~2.5 s); an exit before would make them report rank 0 as the one gone."""
+        if self.rank != 0 or self.store is None or self._stopped is None:
+            return
+        waiting = [f"{_PROBED}{r}" for r in range(1, self.world_size) if r not in self._stopped]
+        deadline = time.monotonic() + 1.5 * self.tick_s + 1.0
+        while waiting and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                waiting = [key for key in waiting if not self.store.check([key])]
+            time.sleep(0.05)
+
+    def exit_after_report(self, error: BaseException) -> None:
+        """End this rank now, with EXIT_CODE, after `report` has named the lost peer: the process
+        group cannot be torn down (its destroy waits on the dead or unreachable peer; the heartbeat
+        thread, still in a store call, aborts the interpreter's exit with "terminate called without
+        an active exception", exit 134, as seen after a silent network loss). The traceback is
+        printed first; rank 0 lingers for the others' probes."""
+        traceback.print_exception(error)
+        _flush()
+        self.linger_for_peers()
+        os._exit(EXIT_CODE)
 
     # ------------------------------------------------------------------ the thread
     def _beat(self) -> None:
@@ -259,21 +289,15 @@ class Watchdog:
                    f"requeued and resumed from its last checkpoint")
         log.error("%s", message)
         print(message, file=sys.stderr, flush=True)
-        for handler in logging.getLogger().handlers:
-            with contextlib.suppress(Exception):
-                handler.flush()
+        _flush()
+        self.linger_for_peers()
         os._exit(EXIT_CODE)
 
 
-def exit_after_a_lost_peer(error: BaseException) -> None:
-    """End this rank now, with EXIT_CODE, after `report` has named the lost peer: the process group
-    cannot be torn down (its destroy waits on the dead or unreachable peer; the heartbeat thread,
-    still in a store call, aborts the interpreter's exit with "terminate called without an active
-    exception", exit 134, as seen after a silent network loss). The traceback is printed first."""
-    traceback.print_exception(error)
+
+def _flush() -> None:
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_CODE)
