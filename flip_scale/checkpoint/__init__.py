@@ -23,6 +23,7 @@ would pick.
                    and Adam moments assembled from the ZeRO-1/2/3 partitions one parameter at a time
   safety.py        loading files without running code (restricted unpickler, weights_only loads)
   space.py         the free-space check at start (expected checkpoint size x checkpoints kept)
+  faultpoints.py   named points of a save where the fault-injection tests pause or fail a rank
   errors.py        CheckpointError, CheckpointSaveError (a failed save that stops the run),
                    IncompatibleCheckpoint (one this run can never load: exit 2)
 

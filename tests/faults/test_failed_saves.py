@@ -193,3 +193,22 @@ def test_a_save_failing_on_one_rank_of_two_is_agreed_by_both(tmp_path, synthetic
         assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000002", "step_00000006"]
         assert find_latest(run_dir).name == "step_00000006" and steps == list(range(1, 7))
     print(f"\none rank's failed save, required={required}: both ranks done in {seconds:.1f} s")
+
+
+def test_the_fault_points_fail_once_where_named_and_refuse_a_bad_setting(monkeypatch):
+    from flip_scale.checkpoint import faultpoints
+
+    monkeypatch.setenv("FLIP_SCALE_TEST_FAIL", "dcp_write@4/0")
+    faultpoints.reach("dcp_write", 2)  # another step
+    faultpoints.reach("renamed", 4)  # another point
+    with pytest.raises(OSError, match=r"Read-only file system \(FLIP_SCALE_TEST_FAIL at dcp_write\)"):
+        faultpoints.reach("dcp_write", 4)
+    faultpoints.reach("dcp_write", 4)  # once: the next save succeeds
+    monkeypatch.setenv("FLIP_SCALE_TEST_FAIL", "mid_save@4")
+    with pytest.raises(ValueError, match=r"FLIP_SCALE_TEST_FAIL='mid_save@4': .* a point of dcp_write, renamed"):
+        faultpoints.reach("mid_save", 4)
+    monkeypatch.delenv("FLIP_SCALE_TEST_FAIL")
+    assert faultpoints.dcp_writer("/tmp/x/step_00000004.tmp") is None  # unset: DCP's own writer
+    monkeypatch.setenv("FLIP_SCALE_TEST_PAUSE", "dcp_writ:1")
+    with pytest.raises(ValueError, match="expected <point>"):
+        faultpoints.reach("dcp_write", 4)
