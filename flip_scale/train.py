@@ -25,7 +25,10 @@ from typing import Optional
 import torch
 
 from . import preemption
-from .checkpoint import CheckpointManager, CheckpointSaveError, IncompatibleCheckpoint, check_compatible, resolve_resume
+from .checkpoint import (
+    CheckpointManager, CheckpointSaveError, IncompatibleCheckpoint, check_compatible, remove_unfinished_saves,
+    resolve_resume,
+)
 from .checkpoint.space import NotEnoughSpace, check_free_space
 from .config import Config, ConfigError, collective_timeouts, effective_lr, load_config
 from .distributed import ProcessInfo, barrier, init_distributed, needs_cpu_collectives, shutdown
@@ -355,7 +358,7 @@ class Trainer:
         return results
 
     def close(self) -> None:
-        self.watchdog.stop()
+        self.watchdog.close()
         self.checkpoints.close()
         self.metrics.close()
         self.eval_metrics.close()
@@ -363,6 +366,8 @@ class Trainer:
 
 
 def _resolve_and_check(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    if resume == "auto":
+        remove_unfinished_saves(run_dir)  # the .tmp of a save the last job was stopped in
     checkpoint = resolve_resume(resume, run_dir)
     if checkpoint is not None:
         check_compatible(checkpoint, arch_from_config(cfg.model).to_dict(), asdict(cfg.model))
@@ -403,6 +408,7 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
             if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError, CheckpointSaveError)):
                 # Name the step and the rank that stopped (a peer's death surfaces here as a failed collective).
                 log.error("flip_scale: %s", trainer.watchdog.report(error))
+                trainer.watchdog.exit_after_report(error)
             raise
         trainer.close()  # commits an asynchronous save still pending (fit may return before its end)
         return result

@@ -4,7 +4,7 @@
     watchdog.start()
     ... watchdog.progress(step) after every step; with watchdog.long_phase("checkpoint save"): ...
     watchdog.step_done(1) -> set_collective_timeouts(300): the long start-up allowance ends
-    watchdog.stop()
+    watchdog.stop()   # the checks end; the heartbeat goes on until watchdog.close() or the exit
 
 Two guards, one per way a peer can be lost:
 
@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from typing import Optional
 
 log = logging.getLogger("flip_scale.watchdog")
@@ -43,6 +44,7 @@ EXIT_CODE = 1  # a failure: the Slurm templates requeue it (they never requeue 2
 TICK_S = 1.0
 EXIT_MARGIN_S = 2.0  # the failing rank's report, traceback and process-group teardown
 _KEY = "flip_scale/heartbeat/"
+_PROBED = "flip_scale/probed/"  # a rank's probe of the others is done
 
 
 _SETTER_MISSING_LOGGED = []
@@ -114,16 +116,19 @@ class Watchdog:
         self.phase: Optional[str] = None
         self._last = time.monotonic()
         self._beats = 0
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # ends the checks
+        self._stop_beats = threading.Event()  # ends the heartbeat (close): a live rank reports until then
         self._fired = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._beater: Optional[threading.Thread] = None
         self._short_groups: list = []  # the process groups the first step gave the short timeout
+        self._stopped: Optional[list] = None  # the ranks this rank's last probe found stopped
 
     # ------------------------------------------------------------------ the loop's side
     def start(self, step: int = 0) -> "Watchdog":
         self.step, self._last = step, time.monotonic()
         self._stop.clear()
+        self._stop_beats.clear()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="flip-watchdog", daemon=True)
             self._thread.start()
@@ -162,7 +167,15 @@ class Watchdog:
             self.phase, self._last = previous, time.monotonic()
 
     def stop(self) -> None:
+        """End the checks. The heartbeat goes on: a rank that is failing (the loop ended by an
+        exception, `report` naming the stopped peer) is alive, and its peers' probes, run at the
+        same moment, must not name it among the ranks that stopped reporting."""
         self._stop.set()
+
+    def close(self) -> None:
+        """End the checks and the heartbeat (the run is over on this rank)."""
+        self._stop.set()
+        self._stop_beats.set()
 
     @property
     def collective_timeout_s(self) -> float:
@@ -205,6 +218,9 @@ class Watchdog:
         except Exception as error:  # noqa: BLE001 - a store that is gone is an answer too
             return f"the process group's store (on rank 0) does not answer ({error}): rank 0 is gone"
         still = [r for r, a, b in zip(others, first, second) if a == b]
+        self._stopped = still
+        with contextlib.suppress(Exception):  # rank 0 waits for this before it ends (linger_for_peers)
+            self.store.set(f"{_PROBED}{self.rank}", "1")
         if not still:
             return "every other rank still reports (the fault is on this rank or in the network)"
         return "rank(s) " + ", ".join(map(str, still)) + " stopped reporting (dead or hung)"
@@ -218,6 +234,31 @@ class Watchdog:
         peers = self.stopped_peers()
         return f"{self.where()}: {what}" + (f"; {peers}" if peers else "")
 
+    def linger_for_peers(self) -> None:
+        """Rank 0, about to end after a failure: the store lives in this process, and the other
+        live ranks may still be probing it (they fail at about the same moment). Wait, beating,
+        until each rank that this rank's probe found alive has finished its probe, at most one
+        probe's time (~2.5 s); an exit before would make them report rank 0 as the one gone."""
+        if self.rank != 0 or self.store is None or self._stopped is None:
+            return
+        waiting = [f"{_PROBED}{r}" for r in range(1, self.world_size) if r not in self._stopped]
+        deadline = time.monotonic() + 1.5 * self.tick_s + 1.0
+        while waiting and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                waiting = [key for key in waiting if not self.store.check([key])]
+            time.sleep(0.05)
+
+    def exit_after_report(self, error: BaseException) -> None:
+        """End this rank now, with EXIT_CODE, after `report` has named the lost peer: the process
+        group cannot be torn down (its destroy waits on the dead or unreachable peer; the heartbeat
+        thread, still in a store call, aborts the interpreter's exit with "terminate called without
+        an active exception", exit 134, as seen after a silent network loss). The traceback is
+        printed first; rank 0 lingers for the others' probes."""
+        traceback.print_exception(error)
+        _flush()
+        self.linger_for_peers()
+        os._exit(EXIT_CODE)
+
     # ------------------------------------------------------------------ the thread
     def _beat(self) -> None:
         if self.store is None:
@@ -229,7 +270,7 @@ class Watchdog:
             pass
 
     def _beat_loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self._stop_beats.wait(self.tick_s):
             self._beat()
 
     def _run(self) -> None:
@@ -248,7 +289,15 @@ class Watchdog:
                    f"requeued and resumed from its last checkpoint")
         log.error("%s", message)
         print(message, file=sys.stderr, flush=True)
-        for handler in logging.getLogger().handlers:
-            with contextlib.suppress(Exception):
-                handler.flush()
+        _flush()
+        self.linger_for_peers()
         os._exit(EXIT_CODE)
+
+
+
+def _flush() -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()

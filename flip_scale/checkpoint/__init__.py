@@ -23,6 +23,7 @@ would pick.
                    and Adam moments assembled from the ZeRO-1/2/3 partitions one parameter at a time
   safety.py        loading files without running code (restricted unpickler, weights_only loads)
   space.py         the free-space check at start (expected checkpoint size x checkpoints kept)
+  faultpoints.py   named points of a save where the fault-injection tests pause or fail a rank
   errors.py        CheckpointError, CheckpointSaveError (a failed save that stops the run),
                    IncompatibleCheckpoint (one this run can never load: exit 2)
 
@@ -51,7 +52,7 @@ from .sources import (
 )
 from .store import (
     STEP_DIR, CheckpointError, checkpoint_problem, find_latest, is_complete, list_checkpoints, prune_checkpoints,
-    read_rank_blobs, resolve_resume, step_dir_name, storage_problem,
+    read_rank_blobs, remove_unfinished_saves, resolve_resume, step_dir_name, storage_problem,
 )
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "deepspeed_files_problem",
     "find_latest", "functional_differences", "is_complete", "list_checkpoints", "load_checkpoint",
     "load_consolidated", "load_state", "load_weights", "model_state", "open_checkpoint", "optimizer_state",
-    "prune_checkpoints", "read_dcp_metadata", "read_rank_blobs", "resolve_init_from", "resolve_resume", "rng_state", "save_checkpoint",
+    "prune_checkpoints", "read_dcp_metadata", "read_rank_blobs",
+    "remove_unfinished_saves", "resolve_init_from", "resolve_resume", "rng_state", "save_checkpoint",
     "save_state", "set_rng_state", "step_dir_name", "storage_problem",
 ]

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..runtime import all_ranks, distributed
+from . import faultpoints
 from .safety import read_dcp_metadata
 from .store import CheckpointError
 
@@ -170,7 +171,8 @@ def load_state(state: dict, path: Path, allow_partial_load: bool = False) -> Non
 def save_state(state: dict, path: Path) -> None:
     """Write `state` as DCP data into the directory `path` (collective; every rank its part)."""
     with _single_process_quiet():
-        torch_dcp.save(state, checkpoint_id=str(path), no_dist=not distributed())
+        torch_dcp.save(state, checkpoint_id=str(path), storage_writer=faultpoints.dcp_writer(path),
+                       no_dist=not distributed())
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -52,6 +51,7 @@ import torch.distributed as dist
 
 from ..distributed import barrier
 from ..runtime import any_rank, distributed, write_json_atomic
+from . import faultpoints
 from .compat import check_architecture
 from .errors import CheckpointSaveError, IncompatibleCheckpoint
 from .dcp import AsyncWriter, load_state, rng_state, save_state, set_rng_state
@@ -147,20 +147,6 @@ def component_kind(key: str, component: Any) -> str:
     if missing:
         raise ValueError(f"checkpoint component {key!r} ({kind}) lacks {', '.join(missing)}")
     return kind
-
-
-def _pause_for_tests(point: str, step: int) -> None:
-    """Test hook: FLIP_SCALE_TEST_PAUSE=<point>:<seconds> sleeps at that point of every save,
-    `<point>@<step>:<seconds>` only in the save of that step. `mid_save` is after every file of the
-    checkpoint is written and before it is renamed."""
-    setting = os.environ.get("FLIP_SCALE_TEST_PAUSE", "")
-    if ":" not in setting:
-        return
-    where, seconds = setting.rsplit(":", 1)
-    name, _, at_step = where.partition("@")
-    if name == point and (not at_step or int(at_step) == step):
-        log.warning("FLIP_SCALE_TEST_PAUSE: pausing %s s at %s of step %d", seconds, point, step)
-        time.sleep(float(seconds))
 
 
 class CheckpointManager:
@@ -316,7 +302,7 @@ class CheckpointManager:
 
     def _commit(self, tmp: Path, final: Path, step: int, keep_last: int, keep_every: int, started: float) -> None:
         """Every rank has written its part of `tmp`: rename it, update `latest`, prune."""
-        _pause_for_tests("mid_save", step)
+        faultpoints.reach("mid_save", step)
         barrier()
 
         def rename():

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..runtime import write_text_atomic
+from . import faultpoints
 from .deepspeed_files import deepspeed_files_problem
 from .errors import CheckpointError  # defined there, imported from here by most of the package
 from .safety import read_dcp_metadata
@@ -137,6 +138,21 @@ def find_latest(run_dir: Path) -> Optional[Path]:
     return None
 
 
+def remove_unfinished_saves(run_dir: Path) -> list[str]:
+    """Delete the `step_XXXXXXXX.tmp/` directories of `run_dir` (saves that never finished: the job
+    stopped during them), each with a warning; returns their names. Never a candidate for resume
+    anyway; removed so that they do not hold disk space until the next save of that step. One
+    process only (rank 0), before the run's first save."""
+    removed = []
+    for path in sorted(Path(run_dir).glob("step_*.tmp")):
+        if path.is_dir() and STEP_DIR.match(path.name[:-len(".tmp")]):
+            log.warning("removing %s: a checkpoint save that never finished (the job stopped during it); "
+                        "it was never a candidate for resume", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def read_rank_blobs(step_dir: Path, prefix: str) -> list[dict]:
     """The JSON files `{prefix}{index}.json` of a step directory, sorted by index (not by name:
     rank 10 comes after rank 9)."""
@@ -154,6 +170,7 @@ def commit_step_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    faultpoints.reach("renamed", faultpoints.step_of_dir(final))
     write_text_atomic(final.parent / "latest", final.name + "\n")
 
 

@@ -1,10 +1,15 @@
-"""The chaos run: a 2-rank tiny run whose whole job is SIGKILLed at 5 random moments (one of them in
-the middle of a checkpoint save), resumed with --resume auto each time. The final weights equal the
-uninterrupted run's bitwise, every sample of every epoch is trained on exactly once (by its key),
-and no checkpoint in the run directory is half-written."""
+"""The chaos run: a 2-rank tiny run whose whole job is SIGKILLed 5 times, resumed with --resume auto
+each time: twice after a few more steps, and once at each named point of a save
+(checkpoint/faultpoints.py, the ranks paused there until the kill): inside DCP's write (shards
+written, no `.metadata`), after every file and before the rename, after the rename and before
+`latest`. The final weights equal the uninterrupted run's bitwise, every sample of every epoch is
+trained on exactly once (by its key), nothing half-written is ever chosen (each kill's `latest`
+names a complete checkpoint older than the save killed), and the next run removes the `.tmp` left,
+saying so."""
 
 import json
 import random
+import re
 import signal
 import tarfile
 from collections import Counter
@@ -70,26 +75,31 @@ def test_killed_five_times_the_run_ends_as_if_never_killed(tmp_path, synthetic_d
     assert ranks.wait() == [0, 0], ranks.output()
 
     rng = random.Random(12)
-    # Kill moments, each in a run that is going on: after 3 or 4 more logged steps (4 times: a
-    # checkpoint of the run has been committed, so the next run resumes from it), and
-    # once in the middle of the run's first save (held there 30 s, after every file is written and
-    # before the rename).
-    moments = [("steps", rng.choice([3, 4])) for _ in range(4)]
-    moments.insert(rng.randrange(len(moments) + 1), ("mid-save", 0))
+    # Kill moments, each in a run that is going on: after 3 or 4 more logged steps, or with the
+    # ranks paused at a point of the run's first save (the renamed point is rank 0's alone).
+    moments = [("steps", rng.choice([3, 4])), ("dcp_write", 0), ("steps", rng.choice([3, 4])), ("renamed", 0),
+               ("mid_save", 0)]
     run_dir = tmp_path / "chaos"
     kills = []
     for what, more in moments:
-        env = {"FLIP_SCALE_TEST_PAUSE": "mid_save:30"} if what == "mid-save" else None
+        env = {"FLIP_SCALE_TEST_PAUSE": f"{what}:60"} if what != "steps" else None
         logged = logged_steps(run_dir)
-        log0 = run_dir / "rank0.log"
-        offset = log0.stat().st_size if log0.exists() else 0
+        latest_before = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else None
+        offsets = [(run_dir / f"rank{r}.log").stat().st_size if (run_dir / f"rank{r}.log").exists() else 0
+                   for r in (0, 1)]
+
+        def paused(rank, what=what, offsets=offsets):
+            text = (run_dir / f"rank{rank}.log").read_text(errors="replace")[offsets[rank]:]
+            found = re.search(rf"pausing 60 s at {what} of step (\d+)", text)
+            return int(found.group(1)) if found else None
+
         ranks = Ranks(run_dir, ["--resume", "auto", *_args(shards, synthetic_dir)], env=env, entry=RECORD)
         try:
-            if what == "mid-save":
-                wait_for(lambda log0=log0, offset=offset: "pausing 30 s at mid_save" in
-                         log0.read_text(errors="replace")[offset:], 180, "a save", ranks)
-            else:
+            if what == "steps":
                 wait_for(lambda target=logged + more: logged_steps(run_dir) >= target, 180, f"{more} more steps", ranks)
+            else:
+                on = (0,) if what == "renamed" else (0, 1)
+                wait_for(lambda on=on: all(paused(r) for r in on), 180, f"the ranks at {what}", ranks)
         finally:
             for proc in ranks.procs:
                 proc.send_signal(signal.SIGKILL)
@@ -97,13 +107,32 @@ def test_killed_five_times_the_run_ends_as_if_never_killed(tmp_path, synthetic_d
         latest = find_latest(run_dir)
         half_written = sorted(p.name for p in run_dir.glob("*.tmp"))
         kills.append((what, logged_steps(run_dir) - logged, latest.name if latest else None, half_written))
+        if what == "steps":
+            continue
+        # A save killed at a named point: `latest` is untouched, complete, and what resume picks.
+        step = paused(0)
+        assert latest is not None and latest.name == latest_before and checkpoint_problem(latest) is None, kills
+        assert step > int(latest.name.split("_")[1]), (step, latest)
+        tmp = run_dir / f"step_{step:08d}.tmp"
+        if what == "dcp_write":  # both ranks' shard files, no metadata: DCP's write half-done
+            assert {p.name for p in tmp.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+            assert not (tmp / ".metadata").exists() and checkpoint_problem(tmp) is not None
+        elif what == "mid_save":  # every file written, not renamed
+            assert (tmp / ".metadata").is_file() and tmp.name in half_written
+        else:  # renamed and complete, but `latest` still names the older one, which resume takes
+            assert not tmp.exists() and checkpoint_problem(run_dir / f"step_{step:08d}") is None
+    ranks = Ranks(run_dir, ["--resume", "auto", *_args(shards, synthetic_dir)], entry=RECORD)
+    assert ranks.wait() == [0, 0], ranks.output()
+    # Every .tmp a kill left was removed by the next run, with a line naming it.
+    log0 = (run_dir / "rank0.log").read_text(errors="replace")
+    for _, _, _, half_written in kills:
+        for name in half_written:
+            assert f"removing {run_dir / name}: a checkpoint save that never finished" in log0, name
     ranks = Ranks(run_dir, ["--resume", "auto", *_args(shards, synthetic_dir)], entry=RECORD)
     assert ranks.wait() == [0, 0], ranks.output()
     print("kills (moment, step, latest after the kill):", kills)
-    assert len(kills) == 5
-    # The mid-save kill left a half-written step directory; the resumes started from checkpoints.
-    assert any(what == "mid-save" and tmp for what, _, _, tmp in kills), kills
-    assert len({latest for _, _, latest, _ in kills if latest}) >= 3, kills
+    assert len(kills) == 5 and sum(bool(tmp) for *_, tmp in kills) >= 2, kills
+    assert len({latest for _, _, latest, _ in kills if latest}) >= 2, kills
 
     # Nothing half-written: every step directory is complete, no .tmp left.
     assert not list(run_dir.glob("*.tmp"))

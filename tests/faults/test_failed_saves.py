@@ -156,3 +156,59 @@ def test_a_deepspeed_save_failing_on_one_rank_still_reaches_the_barrier_then_rai
     with pytest.raises(OSError, match="No space left"):
         _State().save_files(tmp_path)
     assert calls == ["save", "barrier"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("required", [False, True])
+def test_a_save_failing_on_one_rank_of_two_is_agreed_by_both(tmp_path, synthetic_dir, required):
+    """2 ranks; DCP's write of step 4 fails on rank 1 only (FLIP_SCALE_TEST_FAIL, an EROFS from
+    inside the shard write): both ranks say the save failed (DCP gathers the error to every rank,
+    the manager's agreement after it), neither commits, `latest` stays step 2, the run goes on and
+    the save of step 6 succeeds. With checkpoint.required both ranks stop with exit 1 and the message."""
+    import time
+
+    from fault_runs import Ranks
+
+    run_dir = tmp_path / "run"
+    extra = ["checkpoint.keep_last=5", *(["checkpoint.required=true"] if required else [])]
+    started = time.monotonic()
+    ranks = Ranks(run_dir, tiny_overrides(synthetic_dir, 6, 2, *extra), env={"FLIP_SCALE_TEST_FAIL": "dcp_write@4/1"})
+    codes = ranks.wait(240)
+    seconds = time.monotonic() - started
+    logs = [ranks.output(rank) for rank in (0, 1)]
+    assert "failing the save of step 4 at dcp_write" in logs[1] and "failing the save" not in logs[0]
+    for log in logs:  # each rank names the failing rank, its error and the checkpoint latest keeps
+        failed = [line for line in log.splitlines() if "CHECKPOINT SAVE FAILED" in line or "checkpoint error:" in line]
+        assert failed and str(run_dir / "step_00000004") in failed[0], log[-3000:]
+        assert "on rank 1: OSError" in failed[0] and "Read-only file system" in failed[0], failed
+        assert f"{run_dir / 'latest'} still names {run_dir / 'step_00000002'}" in failed[0], failed
+    assert not (run_dir / "step_00000004").exists() and not list(run_dir.glob("*.tmp"))
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    if required:
+        assert codes == [1, 1], logs
+        assert all("checkpoint.required=true: stopping the run" in log for log in logs)
+        assert find_latest(run_dir).name == "step_00000002" and steps == [1, 2, 3, 4]
+    else:
+        assert codes == [0, 0], logs
+        assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000002", "step_00000006"]
+        assert find_latest(run_dir).name == "step_00000006" and steps == list(range(1, 7))
+    print(f"\none rank's failed save, required={required}: both ranks done in {seconds:.1f} s")
+
+
+def test_the_fault_points_fail_once_where_named_and_refuse_a_bad_setting(monkeypatch):
+    from flip_scale.checkpoint import faultpoints
+
+    monkeypatch.setenv("FLIP_SCALE_TEST_FAIL", "dcp_write@4/0")
+    faultpoints.reach("dcp_write", 2)  # another step
+    faultpoints.reach("renamed", 4)  # another point
+    with pytest.raises(OSError, match=r"Read-only file system \(FLIP_SCALE_TEST_FAIL at dcp_write\)"):
+        faultpoints.reach("dcp_write", 4)
+    faultpoints.reach("dcp_write", 4)  # once: the next save succeeds
+    monkeypatch.setenv("FLIP_SCALE_TEST_FAIL", "mid_save@4")
+    with pytest.raises(ValueError, match=r"FLIP_SCALE_TEST_FAIL='mid_save@4': .* a point of dcp_write, renamed"):
+        faultpoints.reach("mid_save", 4)
+    monkeypatch.delenv("FLIP_SCALE_TEST_FAIL")
+    assert faultpoints.dcp_writer("/tmp/x/step_00000004.tmp") is None  # unset: DCP's own writer
+    monkeypatch.setenv("FLIP_SCALE_TEST_PAUSE", "dcp_writ:1")
+    with pytest.raises(ValueError, match="expected <point>"):
+        faultpoints.reach("dcp_write", 4)

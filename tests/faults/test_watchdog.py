@@ -92,3 +92,45 @@ def test_a_long_phase_gives_the_shortened_groups_the_long_timeout_and_the_short_
         assert timeouts["made during the save"] == 600
     finally:
         dist.destroy_process_group()
+
+
+def test_ranks_failing_together_do_not_name_each_other_among_the_stopped():
+    """A node dies: the ranks left on the other node fail at the same moment, their loops end
+    (`stop`) and each probes the heartbeats. A live rank that is failing too keeps beating, so
+    only the dead ranks are named (rank 0 was once named by rank 1: the end of the loop had
+    stopped rank 0's heartbeat), and rank 0 lingers until the others' probes are done."""
+    import threading
+
+    import torch.distributed as dist
+
+    from flip_scale.watchdog import Watchdog
+
+    store = dist.HashStore()
+    dogs = [Watchdog(rank, 4, first_limit_s=60, limit_s=60, store=store, tick_s=0.1).start(step=3) for rank in range(4)]
+    time.sleep(0.3)
+    for dead in dogs[2:]:  # the other node's ranks: gone
+        dead.close()
+    time.sleep(0.2)
+    reports = {}
+    for dog in dogs[:2]:
+        dog.stop()  # the loop ended by the failed collective (Trainer.fit's finally)
+    threads = [threading.Thread(target=lambda d=dog: reports.__setitem__(d.rank, d.report(RuntimeError("peer gone"))))
+               for dog in dogs[:2]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    # Rank 0 (the store's process) ends only once rank 1, alive by its probe, has probed too;
+    # rank 1 has, so at once. Before, rank 0 gone first made rank 1 name it "gone".
+    started = time.monotonic()
+    dogs[0].linger_for_peers()
+    assert time.monotonic() - started < 0.5
+    store.delete_key("flip_scale/probed/1")
+    started = time.monotonic()
+    dogs[0].linger_for_peers()  # a rank 1 still probing: waited for, at most one probe's time
+    assert 0.9 < time.monotonic() - started < 3
+    for dog in dogs:
+        dog.close()
+    assert reports[0].endswith("rank(s) 2, 3 stopped reporting (dead or hung)"), reports
+    assert reports[1].endswith("rank(s) 2, 3 stopped reporting (dead or hung)"), reports
+    assert reports[1].startswith("rank 1 at step 4 (step 3 was the last finished): a collective or the step failed")

@@ -1,5 +1,7 @@
 """A two-node Slurm cluster on one machine: two network namespaces joined by a veth pair (10.231.0.1
-and 10.231.0.2, addresses that exist inside the namespaces only, `lo` up in each), a `slurmd` in
+and 10.231.0.2, addresses that exist inside the namespaces only, `lo` up in each; Slurm's network)
+and a second one (10.232.0.1 and .2, `flipd`: the ranks' data network when a test gives them its
+address and interface, which `drop_data` silences without closing anything), a `slurmd` in
 each (`slurmd -N flipn1|flipn2`, its NodeAddr the namespace's address, spool / pid / log per node
 through %n), one `slurmctld` in the first namespace and one `munged` on the host, whose socket (a
 file) every namespace sees. Client commands (sbatch, scontrol, ...) run in the first namespace.
@@ -28,6 +30,8 @@ from test_slurm import LocalSlurm, _sbin  # noqa: E402
 NODES = ("flipn1", "flipn2")
 ADDRESSES = ("10.231.0.1", "10.231.0.2")
 INTERFACE = "flip0"  # the veth end's name inside each namespace (GLOO_SOCKET_IFNAME for the ranks)
+DATA_ADDRESSES = ("10.232.0.1", "10.232.0.2")
+DATA_INTERFACE = "flipd"  # the data network's veth end inside each namespace
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -71,15 +75,30 @@ class TwoNodeSlurm(LocalSlurm):
         for node in NODES:
             self._check(_ip("netns", "add", self.netns[node]), "ip netns add")
             self.made_netns.append(self.netns[node])
-        ends = [f"{self.netns[node]}v" for node in NODES]
-        self._check(_ip("link", "add", ends[0], "type", "veth", "peer", "name", ends[1]), "ip link add veth")
-        for node, end, address in zip(NODES, ends, ADDRESSES):
+        for suffix, interface, addresses in (("v", INTERFACE, ADDRESSES), ("d", DATA_INTERFACE, DATA_ADDRESSES)):
+            ends = [f"{self.netns[node]}{suffix}" for node in NODES]
+            self._check(_ip("link", "add", ends[0], "type", "veth", "peer", "name", ends[1]), "ip link add veth")
+            for node, end, address in zip(NODES, ends, addresses):
+                ns = self.netns[node]
+                self._check(_ip("link", "set", end, "netns", ns), "ip link set netns")
+                self._check(_ip("-n", ns, "link", "set", end, "name", interface), "ip link set name")
+                self._check(_ip("-n", ns, "addr", "add", f"{address}/24", "dev", interface), "ip addr add")
+                for device in ("lo", interface):
+                    self._check(_ip("-n", ns, "link", "set", device, "up"), "ip link set up")
+
+    def drop_data(self, drop: bool = True) -> None:
+        """Silence the data network (every packet either way dropped at the sender, nothing closed
+        or refused: a root queue of length 0 on both ends), or (drop=False) bring it back. The
+        kernel here has neither netem nor iptables; a `pfifo limit 0` queue is the same loss."""
+        for node in NODES:
             ns = self.netns[node]
-            self._check(_ip("link", "set", end, "netns", ns), "ip link set netns")
-            self._check(_ip("-n", ns, "link", "set", end, "name", INTERFACE), "ip link set name")
-            self._check(_ip("-n", ns, "addr", "add", f"{address}/24", "dev", INTERFACE), "ip addr add")
-            for device in ("lo", INTERFACE):
-                self._check(_ip("-n", ns, "link", "set", device, "up"), "ip link set up")
+            if drop:
+                self._check(subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", DATA_INTERFACE,
+                                            "root", "pfifo", "limit", "0"], capture_output=True, text=True, timeout=30),
+                            "tc qdisc replace ... pfifo limit 0")
+            else:
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", DATA_INTERFACE, "root"],
+                               capture_output=True, text=True, timeout=30)
 
     @staticmethod
     def _check(proc: subprocess.CompletedProcess, what: str) -> None:
@@ -185,5 +204,6 @@ class TwoNodeSlurm(LocalSlurm):
             _ip("netns", "del", ns)  # takes the veth pair with it
         self.made_netns.clear()
         for node in NODES:  # a veth end still on the host (a start that failed half-way)
-            if Path(f"/sys/class/net/{self.netns[node]}v").exists():
-                _ip("link", "del", f"{self.netns[node]}v")
+            for suffix in ("v", "d"):
+                if Path(f"/sys/class/net/{self.netns[node]}{suffix}").exists():
+                    _ip("link", "del", f"{self.netns[node]}{suffix}")
