@@ -140,15 +140,12 @@ def describe_plan(plan: RunPlan) -> str:
     the model's size and cost (the model is counted on the meta device)."""
     from .data.loader import stream_note
     from .models import build_model, count_parameters
-    from .models.flops import flops_for_config
-
     cfg, dims, arch = plan.cfg, plan.dims, plan.arch
     counts = count_parameters(build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0))
-    flops = flops_for_config(cfg.model, training=True)["total"]
-    if cfg.loss.mae_weight > 0:  # MAE's decoder: a training cost
-        from .models.flops import decoder_flops_per_sample
+    from .models.flops import train_flops_per_sample
 
-        flops += decoder_flops_per_sample(cfg.model, training=True)
+    # MAE's decoder and the attentive masking's EMA forward: training costs, in the count.
+    flops = train_flops_per_sample(cfg.model, cfg.loss.mae_weight > 0)
     samples = cfg.train.max_steps * cfg.train.global_batch_size
     shards = str(cfg.data.train_shards) if cfg.data.train_shards else "data.train_shards is not set"
     state_bytes = 16 * counts["params_total"]  # fp32 weights + grads + AdamW's two moments
