@@ -298,3 +298,36 @@ def test_model_info_reports_the_ema_forward_flops():
     assert info["params_ema"] == info["params_vision"]
     assert model_info(_cfg("model.mask_ratio=0").model)["gflops_fwd_ema"] == 0  # nothing to score
     assert main([*TINY, "--json"]) == 0
+
+
+def test_two_microbatches_equal_one_batch(reference):
+    """The feature cache: both passes score with the same EMA, so they keep the same patches."""
+    got = _engine_step(_cfg("optim.grad_accum_steps=2"), 1, 0, slice(0, BATCH))
+    assert abs(got["loss"] - reference["loss"]) <= TOL
+    for name, value in reference["grads"].items():
+        assert (got["grads"][name] - value).abs().max().item() <= TOL * max(1.0, value.abs().max().item()), name
+
+
+def test_init_from_a_random_masking_run_starts_the_ema_at_the_loaded_tower(tmp_path, caplog):
+    """--init-from a consolidated checkpoint without an EMA tower: the online tower is loaded and
+    the EMA starts equal to it."""
+    from flip_scale.checkpoint.sources import open_checkpoint
+    from flip_scale.convert import consolidate
+    from flip_scale.engine import build_engine
+    from flip_scale.preflight import plan_run
+    from flip_scale.train import Trainer
+
+    plain = _cfg("model.masking=random")
+    trainer = Trainer(plain, tmp_path / "run", CPU, with_data=False)
+    _train_step(trainer, plain, 0)
+    path = trainer.save()
+    trained = {name: p.detach().clone() for name, p in trainer.engine.model.visual.named_parameters()}
+    trainer.close()
+    consolidate(path, tmp_path / "consolidated")
+    cfg = _cfg()
+    engine = build_engine(cfg, plan_run(cfg, 1), "cpu")
+    with caplog.at_level(logging.INFO, logger="flip_scale"):
+        engine.load_weights(open_checkpoint(tmp_path / "consolidated"))
+    assert "EMA image tower (model.masking=attentive) starts equal to the loaded image tower" in caplog.text
+    for name, param in engine.model.ema_visual.named_parameters():
+        assert torch.equal(param, trained[name]) and torch.equal(engine.model.visual.get_parameter(name), trained[name])

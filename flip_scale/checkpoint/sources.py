@@ -279,7 +279,10 @@ def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bo
         _, specs = read_safetensors_header(source.path / MODEL_FILE)
         in_source = {spec.name for spec in specs}
         where = str(source.path / MODEL_FILE)
-    missing = [name for part in parts for name in get_model_state_dict(part) if name not in in_source]
+    # The attentive masking's EMA tower may be absent (a random-masking run, an OpenCLIP import): the
+    # engine sets it equal to the loaded image tower after loading (models/ema.py).
+    missing = [name for part in parts for name in get_model_state_dict(part)
+               if name not in in_source and not name.startswith("ema_visual.")]
     if any_rank(bool(missing)) and not missing:
         raise CheckpointError(f"{where} lacks tensors of another rank's pipeline stages (that rank names them)")
     if missing:
