@@ -309,8 +309,8 @@ def test_two_microbatches_equal_one_batch(reference):
 
 
 def test_init_from_a_random_masking_run_starts_the_ema_at_the_loaded_tower(tmp_path, caplog):
-    """--init-from a consolidated checkpoint without an EMA tower: the online tower is loaded and
-    the EMA starts equal to it."""
+    """--init-from a checkpoint without an EMA tower (consolidated or DCP): the online tower is loaded
+    and the EMA starts equal to it."""
     from flip_scale.checkpoint.sources import open_checkpoint
     from flip_scale.convert import consolidate
     from flip_scale.engine import build_engine
@@ -325,9 +325,12 @@ def test_init_from_a_random_masking_run_starts_the_ema_at_the_loaded_tower(tmp_p
     trainer.close()
     consolidate(path, tmp_path / "consolidated")
     cfg = _cfg()
-    engine = build_engine(cfg, plan_run(cfg, 1), "cpu")
-    with caplog.at_level(logging.INFO, logger="flip_scale"):
-        engine.load_weights(open_checkpoint(tmp_path / "consolidated"))
-    assert "EMA image tower (model.masking=attentive) starts equal to the loaded image tower" in caplog.text
-    for name, param in engine.model.ema_visual.named_parameters():
-        assert torch.equal(param, trained[name]) and torch.equal(engine.model.visual.get_parameter(name), trained[name])
+    for source in (tmp_path / "consolidated", path):  # a consolidated directory, a DCP step directory
+        engine = build_engine(cfg, plan_run(cfg, 1), "cpu")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flip_scale"):
+            engine.load_weights(open_checkpoint(source))
+        assert "EMA image tower (model.masking=attentive) starts equal to the loaded image tower" in caplog.text
+        for name, param in engine.model.ema_visual.named_parameters():
+            assert torch.equal(param, trained[name]), (source, name)
+            assert torch.equal(engine.model.visual.get_parameter(name), trained[name]), (source, name)

@@ -253,6 +253,16 @@ def check_source_architecture(source: CheckpointSource, model_cfg, functional: s
     )
 
 
+def _load_dcp_weights_but_ema(path: Path, parts: list) -> None:
+    """The model weights of a DCP checkpoint, the attentive masking's EMA tower left out (the engine
+    sets it equal to the loaded image tower: a random-masking run's checkpoint has none); collective."""
+    from .dcp import ModelOptimizerState, load_state, model_state
+
+    state = {"model": {name: value for name, value in model_state(parts).items() if not name.startswith("ema_visual.")}}
+    load_state(state, path)
+    ModelOptimizerState(parts).load_state_dict(state)
+
+
 def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bool = False,
                  whole_model: bool = True) -> None:
     """The checkpoint's model weights into built (and parallelised) model parts; collective.
@@ -265,6 +275,9 @@ def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bo
     broadcast_from_rank0=True)` hands every rank its shard."""
     parts = list(model_parts) if isinstance(model_parts, (list, tuple)) else [model_parts]
     if source.kind == "dcp":
+        if any(name.startswith("ema_visual.") for part in parts for name in get_model_state_dict(part)):
+            _load_dcp_weights_but_ema(source.path, parts)
+            return
         load_checkpoint(source.path, parts)
         return
     if source.kind == "deepspeed":
