@@ -6,7 +6,6 @@ plan_run(cfg, world))`), resume with the EMA state, the export, the refusals and
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
