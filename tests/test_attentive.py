@@ -131,6 +131,13 @@ def test_ema_starts_equal_to_the_online_tower_and_gets_no_gradient():
     assert all(p.grad is None for p in ema.values())
     assert online["blocks.1.attn.qkv.weight"].grad.abs().sum() > 0
     assert build_model(_cfg("model.masking=random").model).ema_visual is None
+    # Pairs are matched by name without the wrappers' parts (activation checkpointing wraps `visual` only).
+    from flip_scale.models.ema import ema_pairs
+    from flip_scale.parallel.activation import apply_ac
+
+    apply_ac(model, "full")
+    assert [id(e) for e, _ in ema_pairs(model)] == [id(p) for p in ema.values()]
+    assert [id(o) for _, o in ema_pairs(model)] == [id(online[n]) for n in ema]
 
 
 def _engine_step(cfg, world_size: int, rank: int, rows: slice) -> dict:
