@@ -340,3 +340,19 @@ def test_init_from_a_random_masking_run_starts_the_ema_at_the_loaded_tower(tmp_p
         for name, param in engine.model.ema_visual.named_parameters():
             assert torch.equal(param, trained[name]), (source, name)
             assert torch.equal(engine.model.visual.get_parameter(name), trained[name]), (source, name)
+
+
+def test_a_skipped_step_leaves_the_ema():
+    """The device-side skip (a 0-dim bool: the non-finite step decided without a host read)."""
+    from flip_scale.models.ema import update_ema_
+
+    model = build_model(_cfg().model)
+    with torch.no_grad():
+        for param in model.visual.parameters():
+            param.add_(1.0)
+    start = {name: p.clone() for name, p in model.ema_visual.named_parameters()}
+    update_ema_(model, 0.9, skipped=torch.tensor(True))
+    assert all(torch.equal(p, start[name]) for name, p in model.ema_visual.named_parameters())
+    update_ema_(model, 0.9, skipped=torch.tensor(False))
+    for name, param in model.ema_visual.named_parameters():
+        assert torch.allclose(param, start[name] * 0.9 + model.visual.get_parameter(name) * 0.1, atol=1e-7), name

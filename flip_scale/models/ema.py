@@ -59,15 +59,16 @@ def update_ema_(module: nn.Module, decay: float, skipped: Optional[torch.Tensor]
     bool tensor: a non-finite step decided on the device) leaves the EMA as it is where true,
     without a host read. Returns the number of tensors updated."""
     pairs = ema_pairs(module)
-    weight = None
-    if skipped is not None:
-        weight = (1.0 - decay) * (~skipped).float()
-    for ema, online in pairs:
-        local = _local(ema)
-        source = _local(online).to(local.dtype)
-        if weight is None:
-            local.mul_(decay).add_(source, alpha=1.0 - decay)
-        else:
-            step = weight.to(local.device, local.dtype)
-            local.mul_(1.0 - step).add_(source * step)
+    if not pairs:
+        return 0
+    emas = [_local(ema) for ema, _ in pairs]
+    onlines = [_local(online).to(local.dtype) for (_, online), local in zip(pairs, emas)]
+    if skipped is None:  # one fused kernel per device and dtype, not one per tensor
+        torch._foreach_mul_(emas, decay)
+        torch._foreach_add_(emas, onlines, alpha=1.0 - decay)
+        return len(pairs)
+    weight = (1.0 - decay) * (~skipped).float()
+    for local, source in zip(emas, onlines):
+        step = weight.to(local.device, local.dtype)
+        local.mul_(1.0 - step).add_(source * step)
     return len(pairs)
