@@ -6,6 +6,7 @@ plan_run(cfg, world))`), resume with the EMA state, the export, the refusals and
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -356,3 +357,38 @@ def test_a_skipped_step_leaves_the_ema():
     update_ema_(model, 0.9, skipped=torch.tensor(False))
     for name, param in model.ema_visual.named_parameters():
         assert torch.allclose(param, start[name] * 0.9 + model.visual.get_parameter(name) * 0.1, atol=1e-7), name
+
+
+@pytest.mark.slow
+def test_flip_train_resumed_mid_way_equals_uninterrupted(tmp_path, synthetic_dir):
+    """The real flip-train: 4 steps straight, or 2 steps then --resume auto to 4: the same losses of
+    steps 3-4 and the same final weights, the EMA tower's included, bit for bit."""
+    from safetensors.torch import load_file
+
+    from flip_scale.convert import consolidate
+    from flip_scale.metrics import read_jsonl
+    from flip_scale.train import main
+
+    def args(steps: int) -> list:
+        return [f"data.synthetic_dir={synthetic_dir}", f"data.train_shards={synthetic_dir}/train-{{000000..000007}}.tar",
+                f"data.tokenizer={synthetic_dir}/tokenizer.model", f"train.max_steps={steps}",
+                "train.global_batch_size=16", "train.log_every_steps=1", "checkpoint.every_steps=2",
+                "checkpoint.keep_last=0", "data.num_workers=0", "eval.at_end=false", "logging.tensorboard=false",
+                "model.masking=attentive", "model.ema_decay=0.9", "train.device=cpu"]
+
+    def losses(run_dir: Path) -> dict:
+        return {row["step"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl")}
+
+    assert main(["--run-dir", str(tmp_path / "a"), *args(4)]) == 0
+    assert main(["--run-dir", str(tmp_path / "b"), *args(2)]) == 0
+    assert main(["--run-dir", str(tmp_path / "b"), "--resume", "auto", *args(4)]) == 0
+    straight, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [resumed[step] for step in (3, 4)] == [straight[step] for step in (3, 4)]
+    weights = {}
+    for run in ("a", "b"):
+        consolidate(tmp_path / run / "step_00000004", tmp_path / f"{run}_consolidated")
+        weights[run] = load_file(str(tmp_path / f"{run}_consolidated" / "model.safetensors"))
+    assert any(name.startswith("ema_visual.") for name in weights["a"])
+    assert set(weights["a"]) == set(weights["b"])
+    for name, value in weights["a"].items():
+        assert torch.equal(weights["b"][name], value), name
