@@ -227,7 +227,8 @@ def _train_step(trainer, cfg, step: int):
 
 def test_resume_is_exact_with_the_ema_and_export_drops_it(tmp_path, caplog):
     """Three steps straight, or two, a checkpoint (the EMA tower in it) and a resumed third: the same
-    losses and weights, EMA included, bit for bit. consolidate keeps the EMA; to-openclip drops it."""
+    losses and weights, EMA included, bit for bit. consolidate keeps the EMA; to-timm and to-openclip
+    drop it (a log line each)."""
     from flip_scale.checkpoint.consolidated import load_consolidated
     from flip_scale.checkpoint.sources import read_consolidated_config
     from flip_scale.convert import consolidate
@@ -258,6 +259,11 @@ def test_resume_is_exact_with_the_ema_and_export_drops_it(tmp_path, caplog):
     back = build_model(read_consolidated_config(tmp_path / "consolidated").model)
     load_consolidated(tmp_path / "consolidated", back)  # strict: the EMA tower is there
     assert all(torch.equal(back.state_dict()[k], v) for k, v in saved.items())
+    from flip_scale.convert.timm import to_timm
+
+    with caplog.at_level(logging.INFO, logger="flip_scale.convert"):
+        to_timm(tmp_path / "consolidated", tmp_path / "timm")
+    assert "to-timm: EMA image tower dropped" in caplog.text
     pytest.importorskip("open_clip")
     from flip_scale.convert.openclip import to_openclip
 
@@ -392,3 +398,16 @@ def test_flip_train_resumed_mid_way_equals_uninterrupted(tmp_path, synthetic_dir
     assert set(weights["a"]) == set(weights["b"])
     for name, value in weights["a"].items():
         assert torch.equal(weights["b"][name], value), name
+
+
+def test_composes_with_the_mae_loss():
+    """The MAE decoder reconstructs exactly the patches the attentive masking removed."""
+    cfg = _cfg("loss.mae_weight=0.5", "model.decoder_layers=1", "model.decoder_width=32", "model.decoder_heads=4")
+    model = build_model(cfg.model, mae_decoder=True).train()
+    images, tokens = _batch(cfg)
+    scores = model.patch_scores(images)
+    _, _, ids_keep = model.visual(images, _noise(cfg), return_tokens=True, patch_scores=scores)
+    top = round(0.5 * visible_count(16, 0.5))
+    assert ids_keep[:, :top].tolist() == scores.argsort(dim=1, descending=True)[:, :top].tolist()
+    *_, mae = model(images, tokens, _noise(cfg))
+    assert mae.ndim == 0 and mae.requires_grad
