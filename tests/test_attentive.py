@@ -411,3 +411,30 @@ def test_composes_with_the_mae_loss():
     assert ids_keep[:, :top].tolist() == scores.argsort(dim=1, descending=True)[:, :top].tolist()
     *_, mae = model(images, tokens, _noise(cfg))
     assert mae.ndim == 0 and mae.requires_grad
+
+
+def test_unmasked_tuning_leaves_the_ema_behind(tmp_path):
+    """An attentive run's checkpoint (DCP or consolidated) loads into a random-masking model (the
+    unmask overlay's model.masking=random, mask 0): the online tower's weights, no EMA tower."""
+    from flip_scale.checkpoint.sources import open_checkpoint
+    from flip_scale.config import load_config as load
+    from flip_scale.convert import consolidate
+    from flip_scale.engine import build_engine
+    from flip_scale.preflight import plan_run
+    from flip_scale.train import Trainer
+
+    cfg = _cfg()
+    trainer = Trainer(cfg, tmp_path / "run", CPU, with_data=False)
+    _train_step(trainer, cfg, 0)
+    path = trainer.save()
+    want = {name: p.detach().clone() for name, p in trainer.engine.model.visual.named_parameters()}
+    trainer.close()
+    consolidate(path, tmp_path / "consolidated")
+    overlay = load(str(Path(__file__).resolve().parent.parent / "configs" / "unmask_tune.yaml"))
+    assert overlay.model.masking == "random" and overlay.model.mask_ratio == 0
+    plain = _cfg("model.masking=random", "model.mask_ratio=0")
+    for source in (path, tmp_path / "consolidated"):
+        engine = build_engine(plain, plan_run(plain, 1), "cpu")
+        engine.load_weights(open_checkpoint(source))
+        assert engine.model.ema_visual is None
+        assert all(torch.equal(p, want[name]) for name, p in engine.model.visual.named_parameters()), source
