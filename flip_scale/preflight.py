@@ -163,8 +163,10 @@ def describe_plan(plan: RunPlan) -> str:
                           f"run writes it)")
     return "\n".join([
         f"flip-train --dry-run: {cfg.model.name}, {counts['params_total'] / 1e6:.1f}M parameters "
-        f"(vision {counts['params_vision'] / 1e6:.1f}M, text {counts['params_text'] / 1e6:.1f}M), mask ratio "
-        f"{cfg.model.mask_ratio:g} ({plan.visible_patches} of {arch.num_patches} patches visible)",
+        f"(vision {counts['params_vision'] / 1e6:.1f}M, text {counts['params_text'] / 1e6:.1f}M"
+        + (f", frozen EMA image tower {counts['params_ema'] / 1e6:.1f}M" if "params_ema" in counts else "")
+        + f"), mask ratio {cfg.model.mask_ratio:g} ({plan.visible_patches} of {arch.num_patches} patches visible"
+        + (", attentive" if cfg.model.masking == "attentive" else "") + ")",
         f"  layout: {dims.describe()}",
         f"  batch: {cfg.train.global_batch_size} = {dims.dp_size} data-parallel ranks x {plan.local_batch} "
         f"(grad accumulation {cfg.optim.grad_accum_steps}, pipeline micro-batches {cfg.parallel.microbatches}"
