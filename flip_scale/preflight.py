@@ -140,15 +140,12 @@ def describe_plan(plan: RunPlan) -> str:
     the model's size and cost (the model is counted on the meta device)."""
     from .data.loader import stream_note
     from .models import build_model, count_parameters
-    from .models.flops import flops_for_config
-
     cfg, dims, arch = plan.cfg, plan.dims, plan.arch
     counts = count_parameters(build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0))
-    flops = flops_for_config(cfg.model, training=True)["total"]
-    if cfg.loss.mae_weight > 0:  # MAE's decoder: a training cost
-        from .models.flops import decoder_flops_per_sample
+    from .models.flops import train_flops_per_sample
 
-        flops += decoder_flops_per_sample(cfg.model, training=True)
+    # MAE's decoder and the attentive masking's EMA forward: training costs, in the count.
+    flops = train_flops_per_sample(cfg.model, cfg.loss.mae_weight > 0)
     samples = cfg.train.max_steps * cfg.train.global_batch_size
     shards = str(cfg.data.train_shards) if cfg.data.train_shards else "data.train_shards is not set"
     state_bytes = 16 * counts["params_total"]  # fp32 weights + grads + AdamW's two moments
@@ -166,8 +163,10 @@ def describe_plan(plan: RunPlan) -> str:
                           f"run writes it)")
     return "\n".join([
         f"flip-train --dry-run: {cfg.model.name}, {counts['params_total'] / 1e6:.1f}M parameters "
-        f"(vision {counts['params_vision'] / 1e6:.1f}M, text {counts['params_text'] / 1e6:.1f}M), mask ratio "
-        f"{cfg.model.mask_ratio:g} ({plan.visible_patches} of {arch.num_patches} patches visible)",
+        f"(vision {counts['params_vision'] / 1e6:.1f}M, text {counts['params_text'] / 1e6:.1f}M"
+        + (f", frozen EMA image tower {counts['params_ema'] / 1e6:.1f}M" if "params_ema" in counts else "")
+        + f"), mask ratio {cfg.model.mask_ratio:g} ({plan.visible_patches} of {arch.num_patches} patches visible"
+        + (", attentive" if cfg.model.masking == "attentive" else "") + ")",
         f"  layout: {dims.describe()}",
         f"  batch: {cfg.train.global_batch_size} = {dims.dp_size} data-parallel ranks x {plan.local_batch} "
         f"(grad accumulation {cfg.optim.grad_accum_steps}, pipeline micro-batches {cfg.parallel.microbatches}"

@@ -253,6 +253,16 @@ def check_source_architecture(source: CheckpointSource, model_cfg, functional: s
     )
 
 
+def _load_dcp_weights_but_ema(path: Path, parts: list) -> None:
+    """The model weights of a DCP checkpoint, the attentive masking's EMA tower left out (the engine
+    sets it equal to the loaded image tower: a random-masking run's checkpoint has none); collective."""
+    from .dcp import ModelOptimizerState, load_state, model_state
+
+    state = {"model": {name: value for name, value in model_state(parts).items() if not name.startswith("ema_visual.")}}
+    load_state(state, path)
+    ModelOptimizerState(parts).load_state_dict(state)
+
+
 def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bool = False,
                  whole_model: bool = True) -> None:
     """The checkpoint's model weights into built (and parallelised) model parts; collective.
@@ -265,6 +275,9 @@ def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bo
     broadcast_from_rank0=True)` hands every rank its shard."""
     parts = list(model_parts) if isinstance(model_parts, (list, tuple)) else [model_parts]
     if source.kind == "dcp":
+        if any(name.startswith("ema_visual.") for part in parts for name in get_model_state_dict(part)):
+            _load_dcp_weights_but_ema(source.path, parts)
+            return
         load_checkpoint(source.path, parts)
         return
     if source.kind == "deepspeed":
@@ -279,7 +292,10 @@ def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bo
         _, specs = read_safetensors_header(source.path / MODEL_FILE)
         in_source = {spec.name for spec in specs}
         where = str(source.path / MODEL_FILE)
-    missing = [name for part in parts for name in get_model_state_dict(part) if name not in in_source]
+    # The attentive masking's EMA tower may be absent (a random-masking run, an OpenCLIP import): the
+    # engine sets it equal to the loaded image tower after loading (models/ema.py).
+    missing = [name for part in parts for name in get_model_state_dict(part)
+               if name not in in_source and not name.startswith("ema_visual.")]
     if any_rank(bool(missing)) and not missing:
         raise CheckpointError(f"{where} lacks tensors of another rank's pipeline stages (that rank names them)")
     if missing:

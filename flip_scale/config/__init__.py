@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .checking import ConfigError, _build, _choice_message, _is_choice, check_model_options, check_reconstruction
+from .checking import ConfigError, _build, _choice_message, _is_choice, check_attentive, check_model_options, check_reconstruction
 
 
 @dataclass
@@ -52,7 +52,11 @@ class TrainConfig:
 class ModelConfig:
     name: str = "tiny"  # registry name: tiny, B/16, L/16, H/14, G/14
     mask_ratio: float = 0.5
-    masking: Literal["random"] = "random"  # the token-removal strategy
+    # The token-removal strategy: random (FLIP) | attentive (A-CLIP: an EMA copy of the image tower,
+    # run unmasked, scores the patches by its last block's CLS attention; models/attentive.py).
+    masking: Literal["random", "attentive"] = "random"
+    ema_decay: float = 0.999  # attentive: ema = decay * ema + (1 - decay) * online after every step
+    attentive_keep_fraction: float = 0.5  # attentive: share of the visible patches chosen by score
     # Text token removal in training (FLIP Table 1c): 0 off; prioritized removes padding first.
     text_mask_ratio: float = 0.0
     text_masking: Literal["random", "prioritized"] = "random"
@@ -415,6 +419,7 @@ def validate(cfg: Config) -> Config:
                        else "0 (no periodic checkpoints: the final one and preemption saves only)")
             raise ConfigError(f"{key}: must be {meaning} or >= 1, got {value}")
     check_reconstruction(cfg)
+    check_attentive(cfg)
     if cfg.parallel.microbatches == 0:
         # Resolved here, so that every part (and the saved config.yaml) sees the number that runs.
         cfg.parallel.microbatches = 2 * cfg.parallel.pp if cfg.parallel.pp > 1 else 1

@@ -157,3 +157,27 @@ def check_reconstruction(cfg) -> None:
             f"token sequence, its keep indices and the images together, but the pipeline stages pass only the "
             f"towers' hidden states on and the last stage sees pooled features; use parallel.pp=1 (dp, ZeRO-3 "
             f"and tp support the decoder) or loss.mae_weight=0")
+
+
+def check_attentive(cfg) -> None:
+    """Attentive token removal (model.masking=attentive, models/attentive.py) and its EMA tower."""
+    model = cfg.model
+    if not 0.0 <= model.attentive_keep_fraction <= 1.0:
+        raise ConfigError(f"model.attentive_keep_fraction: {model.attentive_keep_fraction} is outside [0, 1] (the share "
+                          f"of each sample's visible patches chosen by the EMA tower's attention; the rest is random)")
+    if not 0.0 <= model.ema_decay < 1.0:
+        raise ConfigError(f"model.ema_decay: {model.ema_decay} is outside [0, 1) (ema = decay * ema + (1 - decay) * "
+                          f"online after every optimizer step)")
+    if model.masking != "attentive":
+        return
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            f"model.masking=attentive with parallel.pp={cfg.parallel.pp}: the EMA image tower must score every patch "
+            f"of an image before the online tower's first stage removes any, so it would need all its blocks on "
+            f"stage 0 (and its scores on no other stage); use parallel.pp=1 (dp, ZeRO-3 and tp support it) or "
+            f"model.masking=random")
+    if cfg.parallel.engine != "fsdp":
+        raise ConfigError(
+            f"model.masking=attentive with parallel.engine={cfg.parallel.engine}: the DeepSpeed engine owns its "
+            f"parameters' partitions and has no per-step EMA update of a frozen tower (nor its checkpoint re-sharding); "
+            f"use parallel.engine=fsdp (dp_shard gives ZeRO-3) or model.masking=random")

@@ -189,6 +189,15 @@ class _StateSource:
 # ----------------------------------------------------------------------------- to / from OpenCLIP
 
 
+def log_ema_dropped(command: str, found: dict) -> None:
+    """Say that the attentive masking's EMA image tower (model.masking=attentive) is not exported."""
+    ema = [name for name in found if name.startswith("ema_visual.")]
+    if ema:  # training only: it chooses the patches the online tower keeps; the export is the online tower
+        log.info("%s: EMA image tower dropped (%d tensors, %s parameters): it scores the patches of "
+                 "model.masking=attentive in training only; the online image tower is exported", command, len(ema),
+                 f"{sum(found[n].numel for n in ema):,}")
+
+
 def to_openclip(consolidated: Union[str, Path], out_dir: Union[str, Path], text_eos_pool: bool = False,
                 fmt: str = "safetensors") -> dict:
     """A consolidated directory -> `out_dir/open_clip_model.safetensors` (or `.bin`) +
@@ -204,6 +213,7 @@ def to_openclip(consolidated: Union[str, Path], out_dir: Union[str, Path], text_
     if decoder:  # training only (loss.mae_weight); OpenCLIP's model has no place for it
         log.info("to-openclip: MAE decoder dropped (%d tensors, %s parameters): it serves the reconstruction loss "
                  "in training only", len(decoder), f"{sum(found[n].numel for n in decoder):,}")
+    log_ema_dropped("to-openclip", found)
     pairs = key_pairs(arch, cfg.model)
     # The fixed table stays float32 even in a bf16 export: it is not a trained weight, and rounding
     # it would move the embeddings away from flip_scale's (which adds the float32 buffer).

@@ -45,6 +45,7 @@ from ..checkpoint.safety import ConvertError
 from ..models import arch_from_config
 from ..models.vit import sincos_2d_position_embedding
 from .checkpoints import read_consolidated_tensors
+from .openclip import log_ema_dropped
 from .safetensors_io import write_safetensors
 
 TIMM_CONFIG_FILE = "config.json"
@@ -144,6 +145,7 @@ def to_timm(consolidated: Union[str, Path], out_dir: Union[str, Path], head: boo
 
     cfg, file, header, found = read_consolidated_tensors(consolidated)
     model_args = timm_model_args(cfg.model, head)  # refuses what timm cannot express
+    log_ema_dropped("to-timm", found)
     arch = arch_from_config(cfg.model)
     pairs = _pairs(arch, head)
     by_name = {name: (flip, convert) for name, flip, convert in pairs}

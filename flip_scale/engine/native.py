@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..checkpoint.dcp import ModelOptimizerState
 from ..loss import build_loss
 from ..models import clamp_logit_scale_
+from ..models.ema import reset_ema_, update_ema_
 from ..optim import OptimizerGroup, nvidia_apex_available
 from ..parallel import build_model_parts, clip_grad_norm_, total_grad_norm
 from ..parallel.memory import reduce_every_microbatch
@@ -93,6 +94,7 @@ class NativeEngine(Engine):
         self.optimizers.zero_grad()
         for part in self.model_parts:
             clamp_logit_scale_(part)
+            update_ema_(part, self.cfg.model.ema_decay)  # model.masking=attentive: its EMA tower
         return StepResult(grad_norm, lr)
 
     def _step_unless_nonfinite(self, grad_norm: torch.Tensor, lr: float) -> StepResult:
@@ -110,6 +112,7 @@ class NativeEngine(Engine):
         self.optimizers.zero_grad()
         for part in self.model_parts:  # a skipped step's temperature was clamped already: a no-op
             clamp_logit_scale_(part)
+            update_ema_(part, self.cfg.model.ema_decay, skipped=skipped)  # a skipped step leaves the EMA
         return StepResult(grad_norm, lr, skipped=skipped)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -164,6 +167,8 @@ class NativeEngine(Engine):
         # consolidated file and the tensors are broadcast (each rank keeps its shard).
         whole = self.pipe is None
         load_weights(source, self.model_parts, broadcast_from_rank0=whole, whole_model=whole)
+        if sum(reset_ema_(part) for part in self.model_parts):
+            log.info("--init-from: the EMA image tower (model.masking=attentive) starts equal to the loaded image tower")
 
     def describe(self) -> list[str]:
         kinds = sorted({getattr(opt, "flip_kind", type(opt).__name__) for opt in self.optimizers.optimizers})

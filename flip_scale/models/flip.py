@@ -37,12 +37,20 @@ class FLIPModel(nn.Module):
         text_mask_ratio: float = 0.0,
         text_masking: str = "random",
         decoder: Optional[dict] = None,
+        keep_fraction: float = 0.5,
     ):
         super().__init__()
         self.arch = arch
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
-        self.visual = VisionTower(arch, mask_ratio, masking, vision_pool, norm_eps, vision_pos_embed, vision_ln_pre, act)
+        self.visual = VisionTower(arch, mask_ratio, masking, vision_pool, norm_eps, vision_pos_embed, vision_ln_pre, act,
+                                  keep_fraction)
+        # model.masking=attentive: an EMA copy of the image tower (never masked, never trained: its
+        # parameters are frozen by models/lock.py and moved by models/ema.py after every step) whose
+        # last block's CLS attention chooses the patches the online tower keeps. Else no module.
+        self.ema_visual = None
+        if masking == "attentive":
+            self.ema_visual = VisionTower(arch, 0.0, "random", vision_pool, norm_eps, vision_pos_embed, vision_ln_pre, act)
         self.text = TextTower(arch, text_pad_mask, text_causal, norm_eps, act, text_pool, text_mask_ratio, text_masking)
         # A 0-dim parameter, as OpenCLIP's; the DeepSpeed engine builds it with shape (1,) (DeepSpeed
         # broadcasts parameters through a uint8 view, which a 0-dim tensor cannot take), and its
@@ -76,11 +84,16 @@ class FLIPModel(nn.Module):
         `seed` defaults to the seed of torch's global generator (`torch.manual_seed`)."""
         from .init import initialize_parameters
 
+        from .ema import reset_ema_
+
         self.visual.init_weights()  # the fixed sin-cos table (a buffer; none if learned)
+        if self.ema_visual is not None:
+            self.ema_visual.init_weights()
         if self.decoder is not None:
             self.decoder.init_weights()
         initialize_parameters(self, torch.initial_seed() if seed is None else seed, self.logit_scale_init,
                               self.logit_bias_init)
+        reset_ema_(self)  # the EMA tower starts as the online one
 
     def clamp_logit_scale(self) -> None:
         """Keep the temperature in [0, log 100]; called after every optimizer step."""
@@ -91,9 +104,17 @@ class FLIPModel(nn.Module):
         frozen = all(not p.requires_grad for p in tower.parameters())
         return torch.no_grad() if frozen else contextlib.nullcontext()
 
+    def patch_scores(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """The attentive masking's patch scores [B, L] (the EMA tower, unmasked, no autograd), or None
+        where nothing is scored: no EMA tower, evaluation, or mask ratio 0."""
+        if self.ema_visual is None or not self.training or self.visual.mask_ratio <= 0:
+            return None
+        with torch.no_grad():
+            return self.ema_visual(images, cls_attention=True)
+
     def encode_image(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, normalize: bool = True):
         with self._frozen(self.visual):
-            features = self.visual(images, mask_noise)
+            features = self.visual(images, mask_noise, patch_scores=self.patch_scores(images))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True, mask_noise: Optional[torch.Tensor] = None):
@@ -121,7 +142,8 @@ class FLIPModel(nn.Module):
         image_noise, text_noise = split_mask_noise(mask_noise, self.arch.num_patches, self.arch.context_length)
         if reconstruct and images is not None:
             with self._frozen(self.visual):
-                features, visible_tokens, ids_keep = self.visual(images, image_noise, return_tokens=True)
+                features, visible_tokens, ids_keep = self.visual(images, image_noise, return_tokens=True,
+                                                                 patch_scores=self.patch_scores(images))
             if ids_keep is None:
                 raise ValueError("the MAE reconstruction loss needs removed patches: model.mask_ratio is 0 "
                                  "(or the model is in eval mode)")
@@ -161,6 +183,7 @@ def build_model(model_cfg, device: str | torch.device = "cpu", init: bool = True
             text_masking=model_cfg.text_masking,
             decoder=dict(width=model_cfg.decoder_width, layers=model_cfg.decoder_layers,
                          heads=model_cfg.decoder_heads) if mae_decoder else None,
+            keep_fraction=getattr(model_cfg, "attentive_keep_fraction", 0.5),
         )
     if init and torch.device(device).type != "meta":
         model.init_weights()
@@ -183,6 +206,8 @@ def count_parameters(model: nn.Module) -> dict:
     text = sum(p.numel() for p in model.text.parameters())
     total = sum(p.numel() for p in model.parameters())
     counts = {"params_vision": vision, "params_text": text, "params_total": total}
+    if getattr(model, "ema_visual", None) is not None:
+        counts["params_ema"] = sum(p.numel() for p in model.ema_visual.parameters())
     if getattr(model, "decoder", None) is not None:
         counts["params_decoder"] = sum(p.numel() for p in model.decoder.parameters())
     return counts

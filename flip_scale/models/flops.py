@@ -94,11 +94,23 @@ def decoder_flops_per_sample(model_cfg, training: bool = False) -> int:
     return (TRAIN_FLOPS_FACTOR if training else 1) * flops
 
 
+def ema_flops_per_sample(model_cfg) -> int:
+    """FLOPs of the attentive masking's EMA image tower (model.masking=attentive; models/ema.py) for
+    one training sample: one unmasked image-tower forward, no backward (its scores need no
+    gradient). Counted as the whole tower's forward, although its last block stops at the CLS
+    attention (the difference is well under one block). 0 with random masking or mask ratio 0
+    (nothing is scored)."""
+    if getattr(model_cfg, "masking", "random") != "attentive" or model_cfg.mask_ratio <= 0:
+        return 0
+    return flops_per_sample(arch_from_config(model_cfg), 0.0)["vision"]
+
+
 def train_flops_per_sample(model_cfg, mae_decoder: bool = False) -> int:
     """FLOPs of one training sample (forward + backward) at the configured mask ratio, for MFU;
-    `mae_decoder` (a run's `loss.mae_weight > 0`) adds the decoder's."""
+    `mae_decoder` (a run's `loss.mae_weight > 0`) adds the decoder's, model.masking=attentive the
+    EMA tower's forward."""
     decoder = decoder_flops_per_sample(model_cfg, training=True) if mae_decoder else 0
-    return flops_for_config(model_cfg, training=True)["total"] + decoder
+    return flops_for_config(model_cfg, training=True)["total"] + decoder + ema_flops_per_sample(model_cfg)
 
 
 def model_flops_utilization(samples_per_second: float, train_flops_per_sample: float, peak_flops_per_second: float) -> float:

@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..config import ConfigError, load_config
 from .flip import build_model, count_parameters
-from .flops import decoder_flops_per_sample, flops_per_sample
+from .flops import decoder_flops_per_sample, ema_flops_per_sample, flops_per_sample
 
 EXAMPLES = """\
 examples:
@@ -36,6 +36,10 @@ def model_info(model_cfg, mae_weight: float = 0.0) -> dict:
     if mae_weight > 0:  # MAE's decoder: training only (evaluation never runs it)
         decoder = {"decoder": f"{model_cfg.decoder_layers} x {model_cfg.decoder_width} x {model_cfg.decoder_heads}",
                    "gflops_fwd_decoder": decoder_flops_per_sample(model_cfg) / 1e9}
+    ema = {}
+    if model_cfg.masking == "attentive":  # the EMA tower's unmasked forward: training only, no backward
+        ema = {"masking": "attentive", "attentive_keep_fraction": model_cfg.attentive_keep_fraction,
+               "ema_decay": model_cfg.ema_decay, "gflops_fwd_ema": ema_flops_per_sample(model_cfg) / 1e9}
     return {
         "model": model_cfg.name,
         "mask_ratio": model_cfg.mask_ratio,
@@ -63,8 +67,9 @@ def model_info(model_cfg, mae_weight: float = 0.0) -> dict:
         "gflops_fwd_text_saved": (text_unmasked - masked["text"]) / 1e9,
         "gflops_fwd_unmasked": unmasked["total"] / 1e9,
         "gflops_train": (flops_per_sample(arch, model_cfg.mask_ratio, training=True, text_mask_ratio=text_ratio)["total"]
-                         + 3 * decoder.get("gflops_fwd_decoder", 0.0) * 1e9) / 1e9,
+                         + 3 * decoder.get("gflops_fwd_decoder", 0.0) * 1e9) / 1e9 + ema.get("gflops_fwd_ema", 0.0),
         **decoder,
+        **ema,
     }
 
 
@@ -96,6 +101,11 @@ def _format(info: dict) -> str:
         lines[8:8] = [f"params_decoder   {millions(info['params_decoder'])} (MAE decoder {info['decoder']}, training only)"]
         lines.append(f"gflops_decoder   {giga(info['gflops_fwd_decoder'])} per sample forward (training only; "
                      f"in gflops_train)")
+    if "params_ema" in info:
+        lines.insert(8, f"params_ema       {millions(info['params_ema'])} (EMA image tower of model.masking=attentive, "
+                        f"frozen, training only)")
+        lines.append(f"gflops_ema       {giga(info['gflops_fwd_ema'])} per sample (the EMA tower's unmasked forward, no "
+                     f"backward; keep_fraction {info['attentive_keep_fraction']}, decay {info['ema_decay']}; in gflops_train)")
     return "\n".join(lines)
 
 

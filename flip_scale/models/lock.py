@@ -12,6 +12,8 @@ the whole tower. `freeze_norm` keeps the LayerNorms of the unlocked groups froze
 `--lock-text-freeze-layer-norm` is accepted but does nothing; here the norm flags act on the
 LayerNorms, the one meaning they can have for these towers.)
 
+The attentive masking's EMA image tower (`ema_visual`, models/ema.py) is always frozen this way.
+
 Frozen parameters get requires_grad False wherever they live (whole, a pipeline stage, FSDP2 or
 tensor-parallel DTensors, DeepSpeed partitions): no gradient is made or reduced for them, the
 optimizer never sees them (optim.param_groups skips them) and the grad norm leaves them out.
@@ -74,6 +76,8 @@ def is_frozen(name: str, locks: dict, layers: dict) -> bool:
     {"visual": image blocks, "text": text blocks} of the whole model."""
     parts = canonical_name(name).split(".")
     tower = parts[0]
+    if tower == "ema_visual":  # the attentive masking's EMA tower (models/ema.py): never trained
+        return True
     lock = locks.get(tower)
     if lock is None or not lock.locked or len(parts) < 2:
         return False  # the temperature, the logit bias, an unlocked tower
@@ -92,7 +96,7 @@ def apply_locks(module: nn.Module, model_cfg, layers: dict) -> int:
     one); idempotent. Returns the number of frozen parameter elements (this rank's shards)."""
     locks = tower_locks(model_cfg)
     frozen = 0
-    if not any(lock.locked for lock in locks.values()):
+    if not any(lock.locked for lock in locks.values()) and getattr(model_cfg, "masking", "random") != "attentive":
         return 0
     for name, param in module.named_parameters():
         if is_frozen(name, locks, layers):

@@ -1,4 +1,5 @@
-"""Token removal strategies (`model.masking`). Only `random` (FLIP) so far.
+"""Token removal strategies (`model.masking`): `random` (FLIP) and `attentive` (A-CLIP: the patches
+an EMA copy of the image tower attends to most, plus a random rest; the EMA is in models/ema.py).
 
 The noise that decides which patches a sample keeps is a pure function of (seed, step, the
 sample's index in the global batch, patch): the same sample gets the same mask whatever the
@@ -96,10 +97,11 @@ class RandomMasking(torch.nn.Module):
         self.mask_ratio = mask_ratio
 
     def keep_indices(self, batch: int, length: int, noise: Optional[torch.Tensor] = None,
-                     device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+                     device: Optional[torch.device] = None, scores: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """[B, int(L(1-r))] indices of the patches each sample keeps (the first of the noise's stable
         argsort), or None where every patch is kept (eval, or r=0). The image tower gathers the
-        pixels of these patches before embedding them, so only visible patches are projected."""
+        pixels of these patches before embedding them, so only visible patches are projected.
+        `scores` (the attentive strategy's) is ignored."""
         if not self.training or self.mask_ratio <= 0:
             return None
         if noise is None:
@@ -117,10 +119,43 @@ class RandomMasking(torch.nn.Module):
         return torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[2]))
 
 
-MASKING = {"random": RandomMasking}
+class AttentiveMasking(RandomMasking):
+    """A-CLIP's attentive removal: of the `visible_count` patches a sample keeps, the
+    round(keep_fraction x visible) with the highest scores (the EMA tower's CLS attention, given by
+    the caller), then a random rest among the others, drawn by the sample's mask noise (the first of
+    its argsort, the scored ones left out), so it is reproducible per sample as the random strategy.
+    Without scores (no EMA tower in the call: the masked-view evaluation) it is the random strategy."""
+
+    def __init__(self, mask_ratio: float, keep_fraction: float = 0.5):
+        super().__init__(mask_ratio)
+        self.keep_fraction = keep_fraction
+
+    def keep_indices(self, batch: int, length: int, noise: Optional[torch.Tensor] = None,
+                     device: Optional[torch.device] = None, scores: Optional[torch.Tensor] = None):
+        """[B, visible]: the top-scored patches first (by score), then the random rest."""
+        if scores is None or not self.training or self.mask_ratio <= 0:
+            return super().keep_indices(batch, length, noise, device)
+        if scores.shape != (batch, length):
+            raise ValueError(f"patch scores have shape {tuple(scores.shape)}, expected {(batch, length)}")
+        if noise is None:
+            noise = torch.rand(batch, length, device=device)
+        if noise.shape != (batch, length):
+            raise ValueError(f"mask noise has shape {tuple(noise.shape)}, expected {(batch, length)}")
+        keep = visible_count(length, self.mask_ratio)
+        top = int(round(self.keep_fraction * keep))
+        top_ids = scores.to(device).float().argsort(dim=1, descending=True, stable=True)[:, :top]
+        # The scored patches get noise 2 (> any uniform draw): the rest is the noise's first keep - top.
+        rest_noise = noise.to(device).scatter(1, top_ids, 2.0)
+        rest_ids = rest_noise.argsort(dim=1, stable=True)[:, :keep - top]
+        return torch.cat([top_ids, rest_ids], dim=1)
 
 
-def build_masking(name: str, mask_ratio: float) -> torch.nn.Module:
+MASKING = {"random": RandomMasking, "attentive": AttentiveMasking}
+
+
+def build_masking(name: str, mask_ratio: float, keep_fraction: float = 0.5) -> torch.nn.Module:
     if name not in MASKING:
         raise ValueError(f"model.masking: unknown strategy '{name}'; valid: {', '.join(MASKING)}")
+    if name == "attentive":
+        return AttentiveMasking(mask_ratio, keep_fraction)
     return MASKING[name](mask_ratio)

@@ -22,11 +22,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                cls_attention: bool = False):
+        """-> [batch, tokens, width]; with `cls_attention` instead the first token's attention to
+        every other token, the mean over this rank's heads [batch, tokens - 1] (the attentive
+        masking's patch scores; no mask: an image tower's)."""
         batch, tokens, _ = x.shape
         # -1 heads: under tensor parallelism this rank holds only its share of the heads.
         qkv = self.qkv(x).view(batch, tokens, -1, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [batch, heads, tokens, head_dim]
+        if cls_attention:
+            logits = (q[:, :, :1].float() * self.head_dim ** -0.5) @ k.float().transpose(-2, -1)
+            return logits.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, tokens, -1)
         return self.proj(out)
@@ -61,7 +68,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = MLP(width, mlp_dim, act)
 
-    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False, cls_attention: bool = False):
+        if cls_attention:  # the scores of Attention(cls_attention=True), not the block's output
+            return self.attn(self.ln_1(x), cls_attention=True)
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
         return x + self.mlp(self.ln_2(x))
 

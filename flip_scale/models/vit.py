@@ -84,6 +84,7 @@ class VisionTower(nn.Module):
         pos_embed: str = "sincos",
         ln_pre: bool = False,
         act: str = "gelu",
+        keep_fraction: float = 0.5,
     ):
         super().__init__()
         width = arch.vision.width
@@ -101,7 +102,7 @@ class VisionTower(nn.Module):
             raise ValueError(f"model.vision_pos_embed: '{pos_embed}' is not valid; choose one of sincos, learned")
         self.cls_token = nn.Parameter(torch.zeros(width))
         self.ln_pre = nn.LayerNorm(width, eps=norm_eps) if ln_pre else None
-        self.masking = build_masking(masking, mask_ratio)
+        self.masking = build_masking(masking, mask_ratio, keep_fraction)
         self.blocks = make_blocks(width, arch.vision.layers, arch.vision.heads, arch.vision.mlp_dim, norm_eps, act)
         self.ln_post = nn.LayerNorm(width, eps=norm_eps)
         self.proj = nn.Linear(width, arch.embed_dim, bias=False)
@@ -121,16 +122,18 @@ class VisionTower(nn.Module):
             table = sincos_2d_position_embedding(self.pos_embed.shape[1], self.arch.grid_size)
             self.pos_embed.copy_(torch.from_numpy(table).to(self.pos_embed.dtype))
 
-    def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, return_keep: bool = False):
+    def embed(self, images: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, return_keep: bool = False,
+              patch_scores: Optional[torch.Tensor] = None):
         """images [B, 3, H, W] -> tokens [B, 1 + visible, width] (CLS first); with `return_keep`,
-        (tokens, the kept patches' indices [B, visible] or None)."""
+        (tokens, the kept patches' indices [B, visible] or None). `patch_scores` [B, L]: the
+        attentive strategy's (model.masking=attentive), ignored by the random one."""
         length = (images.shape[-2] // self.patch_size) * (images.shape[-1] // self.patch_size)
         if length != self.arch.num_patches or images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ValueError(
                 f"image of {tuple(images.shape[-2:])} px does not give the model's patches; the model is built for "
                 f"{self.arch.image_size} px ({self.arch.num_patches} patches of {self.patch_size} px)"
             )
-        ids_keep = self.masking.keep_indices(images.shape[0], length, mask_noise, images.device)
+        ids_keep = self.masking.keep_indices(images.shape[0], length, mask_noise, images.device, scores=patch_scores)
         x = self.patch_embed(images, ids_keep)  # [B, visible, width]
         pos = self.pos_embed.to(x.dtype)
         cls = self.cls_token.to(x.dtype)
@@ -156,12 +159,21 @@ class VisionTower(nn.Module):
             pooled = x[:, 0]
         return self.proj(pooled)
 
-    def forward(self, x: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, return_tokens: bool = False):
+    def forward(self, x: torch.Tensor, mask_noise: Optional[torch.Tensor] = None, return_tokens: bool = False,
+                patch_scores: Optional[torch.Tensor] = None, cls_attention: bool = False):
         """-> features; with `return_tokens` (the MAE decoder's input, whole tower only),
-        (features, the tokens after ln_post [B, 1 + visible, width], the keep indices or None)."""
+        (features, the tokens after ln_post [B, 1 + visible, width], the keep indices or None).
+        `patch_scores`: the attentive masking's (see embed). `cls_attention` (the EMA tower's use,
+        whole tower only): instead the last block's CLS-to-patch attention, mean over heads, [B, L]."""
+        if cls_attention:
+            blocks = list(self.blocks.values())
+            x = self.embed(x, mask_noise)
+            for block in blocks[:-1]:
+                x = block(x)
+            return blocks[-1](x, cls_attention=True)
         ids_keep = None
         if self.patch_embed is not None:
-            x, ids_keep = self.embed(x, mask_noise, return_keep=True)
+            x, ids_keep = self.embed(x, mask_noise, return_keep=True, patch_scores=patch_scores)
         for block in self.blocks.values():
             x = block(x)
         if self.ln_post is not None:

@@ -74,11 +74,11 @@ def init_buffers(model: nn.Module) -> None:
     """Recompute the non-persistent buffers (the fixed sin-cos position table) after `to_empty`."""
     from flip_scale.models.vit import sincos_2d_position_embedding
 
-    visual = getattr(model, "visual", None)
-    if (visual is not None and getattr(visual, "pos_embed", None) is not None
-            and getattr(visual, "pos_embed_kind", "sincos") == "sincos"):  # a learned table is a parameter
-        table = sincos_2d_position_embedding(visual.pos_embed.shape[1], visual.arch.grid_size)
-        visual.pos_embed.copy_(torch.from_numpy(table).to(visual.pos_embed.dtype))
+    for visual in (getattr(model, "visual", None), getattr(model, "ema_visual", None)):
+        if (visual is not None and getattr(visual, "pos_embed", None) is not None
+                and getattr(visual, "pos_embed_kind", "sincos") == "sincos"):  # a learned table is a parameter
+            table = sincos_2d_position_embedding(visual.pos_embed.shape[1], visual.arch.grid_size)
+            visual.pos_embed.copy_(torch.from_numpy(table).to(visual.pos_embed.dtype))
     if getattr(model, "decoder", None) is not None:  # MAE's decoder: its own table
         model.decoder.init_weights()
 
@@ -109,6 +109,9 @@ def materialize_and_init(model: nn.Module, model_cfg, seed: int, device, cpu_off
     # and the weights equal those of the one-process model.
     initialize_parameters(model, seed, model_cfg.logit_scale_init, getattr(model_cfg, "logit_bias_init", None))
     init_buffers(model)
+    from flip_scale.models.ema import reset_ema_
+
+    reset_ema_(model)  # the attentive masking's EMA tower starts as the online one (shard by shard)
     return model
 
 

@@ -120,8 +120,10 @@ def apply_fsdp(
     common = dict(mesh=dp_mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload,
                   ignored_params=scalars)
 
-    # MAE's decoder (loss.mae_weight > 0) is sharded like a tower: one unit per block, one for the rest.
-    for tower in (getattr(model, "visual", None), getattr(model, "text", None), getattr(model, "decoder", None)):
+    # MAE's decoder (loss.mae_weight > 0) and the EMA image tower (model.masking=attentive) are sharded
+    # like a tower: one unit per block, one for the rest (the EMA's shards line up with the online's).
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None), getattr(model, "decoder", None),
+                  getattr(model, "ema_visual", None)):
         if tower is None:
             continue
         for block in tower.blocks.values():

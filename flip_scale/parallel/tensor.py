@@ -1,6 +1,6 @@
 """Tensor parallelism: Megatron's column/row split of every transformer block, with DTensor.
 
-Per block of both towers and of MAE's decoder (`flip_scale.models.transformer.Block`):
+Per block of both towers, of MAE's decoder and of the attentive masking's EMA image tower (`flip_scale.models.transformer.Block`):
 
     attn.qkv  column-parallel   each rank computes whole heads (the fused weight is head-interleaved)
     attn.proj row-parallel      partial sums -> all-reduce (or reduce-scatter over tokens with SP)
@@ -27,6 +27,9 @@ plain tensors.
 
 from __future__ import annotations
 
+import functools
+
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -60,8 +63,10 @@ def block_plan(sequence_parallel: bool) -> dict:
 
 
 def _tower_blocks(model: nn.Module):
-    # MAE's decoder (loss.mae_weight > 0) has blocks of the same kind: the same plan, the same hooks.
-    for tower in (getattr(model, "visual", None), getattr(model, "text", None), getattr(model, "decoder", None)):
+    # MAE's decoder (loss.mae_weight > 0) and the attentive masking's EMA image tower have blocks of
+    # the same kind: the same plan, the same hooks (so the EMA's shards line up with the online's).
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None), getattr(model, "decoder", None),
+                  getattr(model, "ema_visual", None)):
         if tower is not None and len(tower.blocks) > 0:
             yield tower
 
@@ -90,13 +95,27 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> nn.Mo
             )
             # Leave the tower: tokens gathered back into a plain replicated tensor for the head.
             blocks[-1].register_forward_hook(_gather_tokens)
+        if tower is getattr(model, "ema_visual", None):
+            # Its last block's CLS attention (the attentive masking's scores) is a mean over this
+            # rank's heads: averaged over the tp group it is the mean over all heads.
+            blocks[-1].register_forward_hook(functools.partial(_average_head_scores, tp_mesh.get_group()))
     return model
 
 
-def _gather_tokens(module: nn.Module, args, output: DTensor):
+def _gather_tokens(module: nn.Module, args, output):
+    if not isinstance(output, DTensor):  # the EMA tower's patch scores (cls_attention), not tokens
+        return None
     # Cloned: to_local() returns a view, and FSDP2 cannot see in-place changes of a view output
     # of its unit (it warns). The copy is one activation per tower and step.
     return output.redistribute(placements=[Replicate()]).to_local().clone()
+
+
+def _average_head_scores(group, module: nn.Module, args, output):
+    if isinstance(output, DTensor) or output.dim() != 2:  # tokens (a plain forward), not scores
+        return None
+    scores = output.clone()
+    dist.all_reduce(scores, group=group)
+    return scores / dist.get_world_size(group)
 
 
 def _replicate_grad_hook(param) -> None:

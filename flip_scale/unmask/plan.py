@@ -271,7 +271,9 @@ def plan_tuning(source: CheckpointSource, samples: Optional[int] = None, warmup_
     lines.append(f"lr: {lr:.3g} = base {base_lr:.3g} x {batch} / 256 ({why})")
 
     # Text masking (if the pre-training used it) is removed too: evaluation sees whole captions.
-    for key, value in (("model.mask_ratio", 0.0), ("model.text_mask_ratio", 0.0), ("train.max_steps", steps), ("schedule.warmup_steps", warmup_steps),
+    # Attentive masking's EMA tower scores patches to remove: with none removed it is left behind.
+    for key, value in (("model.mask_ratio", 0.0), ("model.text_mask_ratio", 0.0), ("model.masking", "random"),
+                       ("train.max_steps", steps), ("schedule.warmup_steps", warmup_steps),
                        ("optim.lr", None), ("optim.base_lr", base_lr)):
         _set(tree, key, value)
 
