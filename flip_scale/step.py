@@ -132,7 +132,10 @@ def forward_backward(
                 outputs.append(mae * (mae_weight / microbatches))
                 grads.append(torch.ones_like(outputs[-1]))
                 mae_total += mae.detach() / microbatches
-            torch.autograd.backward(outputs, grads)
+            # A locked tower's features carry no graph (it runs under no_grad): nothing to push there.
+            pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
+            if pairs:
+                torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
     if mae_weight > 0:
         if stats is not None:
             stats["mae_loss"] = mae_total

@@ -369,3 +369,19 @@ def test_flip_eval_on_the_imported_checkpoint_matches_the_model(tiny_source, syn
     expected = run_evaluation(_flip_model(out), tokenizer, cfg, torch.device("cpu"))
     assert record["zero_shot_top1"] == expected["zero_shot"]["top1"]
     assert record["retrieval_i2t_r1"] == expected["retrieval"]["image_to_text"][1]
+
+
+def test_a_learned_table_or_ln_pre_is_never_dropped_by_a_load(tiny_source):
+    # The learned position table and ln_pre are tensors the recorded architecture does not name: a
+    # model built without them must refuse the imported weights (a resume and a fine-tune start
+    # alike), not load the rest and train without them.
+    from flip_scale.checkpoint import CheckpointError, check_source_architecture
+
+    out = tiny_source[2]
+    cfg = read_consolidated_config(out)
+    check_source_architecture(open_checkpoint(out), cfg.model, functional="refuse")  # the same options load
+    for key, value in (("vision_pos_embed", "sincos"), ("vision_ln_pre", False)):
+        other = dataclasses.replace(cfg.model, **{key: value})
+        for functional in ("refuse", "warn"):
+            with pytest.raises(CheckpointError, match=f"{key}"):
+                check_source_architecture(open_checkpoint(out), other, functional=functional)

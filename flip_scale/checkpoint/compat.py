@@ -32,6 +32,16 @@ def _differences(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
 # Model options that change what the model computes without changing any tensor's shape: weights
 # load into either setting without an error, so they are compared besides the shapes.
 FUNCTIONAL_KEYS = ("vision_pool", "text_causal", "text_pad_mask", "norm_eps", "act", "text_pool")
+# Model options that add or remove tensors the recorded architecture does not name (a learned
+# position table, ln_pre): a non-strict load would drop them silently, so a difference is refused
+# like an architecture difference, for a resume and a fine-tune start alike.
+TENSOR_KEYS = ("vision_pos_embed", "vision_ln_pre")
+
+
+def _option_differences(saved_model: dict, model_config: dict, keys) -> list[tuple[str, Any, Any]]:
+    defaults = asdict(ModelConfig())
+    return [(key, saved_model.get(key, defaults[key]), model_config.get(key, defaults[key])) for key in keys
+            if saved_model.get(key, defaults[key]) != model_config.get(key, defaults[key])]
 
 
 def functional_differences(saved_model: Optional[dict], model_config: dict) -> list[tuple[str, Any, Any]]:
@@ -71,6 +81,8 @@ def compare_architecture(
     if functional not in ("refuse", "warn"):
         raise ValueError(f"functional={functional!r}: expected 'refuse' or 'warn'")
     arch_diffs = _differences(saved_arch, model_arch) if saved_arch is not None else []
+    if saved_model is not None and model_config is not None:
+        arch_diffs += _option_differences(saved_model or {}, model_config, TENSOR_KEYS)
     func_diffs = (
         functional_differences(saved_model, model_config) if saved_model is not None and model_config is not None else []
     )
