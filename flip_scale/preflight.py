@@ -203,7 +203,16 @@ def memory_estimate(plan: RunPlan, params: int) -> dict:
     from .parallel.memory import memory_per_rank
 
     return memory_per_rank(plan.cfg, plan.dims, plan.arch, params, plan.local_batch, dry_run_precision(plan.cfg),
-                           plan.visible_patches, largest_block_parameters(plan.arch), tower_unit_parameters(plan.cfg))
+                           plan.visible_patches, largest_block_parameters(plan.arch), tower_unit_parameters(plan.cfg),
+                           frozen_parameters(plan.cfg))
+
+
+def frozen_parameters(cfg: Config) -> int:
+    """Parameters that never train (locked towers, the attentive masking's EMA tower): their fp32
+    weights only, no gradient and no optimizer moments."""
+    from .models import build_model
+
+    return sum(p.numel() for p in build_model(cfg.model, device="meta").parameters() if not p.requires_grad)
 
 
 def tower_unit_parameters(cfg: Config) -> int:

@@ -228,3 +228,20 @@ def test_gathered_parameters_two_blocks_and_the_tower_unit_or_the_whole_stage():
     piped = plan_run(_config("configs/tiny.yaml", ["train.global_batch_size=8", "parallel.pp=2",
                                                    "parallel.microbatches=2"]), 4)
     assert _estimate(piped)["gathered_params"] == int(params * 4 / 2)  # the stage's half, gathered
+
+
+def test_frozen_parameters_hold_their_weights_only():
+    # A locked tower (LiT) and the attentive masking's EMA tower keep fp32 weights, no gradients and
+    # no moments: 4 bytes per parameter in the states, where a trained one costs 16 (FSDP2) or 20
+    # (DeepSpeed on one rank: its fp32 master copy besides the weights).
+    params = count_parameters(build_model(_config("configs/tiny.yaml", []).model, device="meta"))["params_total"]
+    for engine, cost in (("parallel.engine=fsdp", 16), ("parallel.engine=deepspeed", 20)):
+        base = _estimate(plan_run(_config("configs/tiny.yaml", [engine]), 1))["states"]
+        assert base == cost * params
+        locked = plan_run(_config("configs/tiny.yaml", [engine, "model.lock_vision=true"]), 1)
+        vision = count_parameters(build_model(locked.cfg.model, device="meta"))["params_vision"]
+        assert _estimate(locked)["states"] == base - (cost - 4) * vision
+        if engine.endswith("fsdp"):  # attentive masking runs under FSDP2 only
+            attentive = plan_run(_config("configs/tiny.yaml", [engine, "model.masking=attentive"]), 1)
+            ema = count_parameters(build_model(attentive.cfg.model, device="meta"))["params_ema"]
+            assert _estimate(attentive)["states"] == base + 4 * ema

@@ -4,8 +4,8 @@
     reduce_every_microbatch(cfg, dims, params)                         (bool, why): parallel.reduce_every_microbatch
     can_reduce_every_microbatch(cfg, dims)                             whether that option applies to the layout
 
-State (bytes per rank): fp32 weights + gradients + AdamW's two moments, 16 P / (dp_shard tp pp),
-plus, when gradients are accumulated over micro-batches without a reduce-scatter each
+State (bytes per rank): fp32 weights + gradients + AdamW's two moments, 16 P / (dp_shard tp pp)
+(4 bytes, the weight alone, for a parameter that never trains: a locked tower, the EMA tower), plus, when gradients are accumulated over micro-batches without a reduce-scatter each
 (`set_requires_gradient_sync(False)` for all but the last, FSDP2's default way), the unsharded fp32
 gradients of the rank's tensor-parallel piece of its stage, 4 P / (tp pp), held from the first
 micro-batch's backward to the last; plus the gathered (unsharded) parameters in the compute dtype:
@@ -133,17 +133,19 @@ def activation_elements_per_sample(pcfg, arch, visible: int, blocks_share: float
 
 
 def memory_per_rank(cfg, dims, arch, params: int, local_batch: int, precision: str, visible: int,
-                    block_params: int = 0, root_params: int = 0) -> dict:
+                    block_params: int = 0, root_params: int = 0, frozen_params: int = 0) -> dict:
     """Bytes one rank holds at its peak, by kind (module docstring): states, unsharded_grads,
     gathered_params, activations (of which recompute: the checkpointed block being recomputed),
-    loss, total."""
+    loss, total. `frozen_params` (of `params`: locked towers, an EMA tower) hold their weights only."""
     pcfg = cfg.parallel
     compute_bytes = 2 if precision == "bf16" else 4
     shard_over = dims.dp_shard * dims.tp * dims.pp
-    states = 16 * params / shard_over
+    trained = params - frozen_params
+    states = (16 * trained + 4 * frozen_params) / shard_over
     if pcfg.engine == "deepspeed":  # ZeRO-1 shards the moments, 2 the gradients too, 3 the weights too
         stage, dp = pcfg.zero_stage, dims.dp_size
-        states = params * (12 / dp + 4 * (1 / dp if stage >= 2 else 1) + 4 * (1 / dp if stage >= 3 else 1))
+        weights = params * 4 * (1 / dp if stage >= 3 else 1)
+        states = trained * (12 / dp + 4 * (1 / dp if stage >= 2 else 1)) + weights
     unsharded = unsharded_grad_bytes(params, dims) if keeps_unsharded_grads(cfg, dims, params) else 0
     gathered = 0
     if dims.fsdp_enabled and dims.dp_shard > 1:
