@@ -5,7 +5,8 @@
     can_reduce_every_microbatch(cfg, dims)                             whether that option applies to the layout
 
 State (bytes per rank): fp32 weights + gradients + AdamW's two moments, 16 P / (dp_shard tp pp)
-(4 bytes, the weight alone, for a parameter that never trains: a locked tower, the EMA tower), plus, when gradients are accumulated over micro-batches without a reduce-scatter each
+(4 bytes, the weight alone, for a parameter that never trains: a locked tower, the EMA tower),
+plus, when gradients are accumulated over micro-batches without a reduce-scatter each
 (`set_requires_gradient_sync(False)` for all but the last, FSDP2's default way), the unsharded fp32
 gradients of the rank's tensor-parallel piece of its stage, 4 P / (tp pp), held from the first
 micro-batch's backward to the last; plus the gathered (unsharded) parameters in the compute dtype:
