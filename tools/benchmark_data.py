@@ -18,7 +18,7 @@ A script that prints numbers, never a test; record results in BENCHMARKS.md.
 
 examples:
   python tools/benchmark_data.py
-  python tools/benchmark_data.py --sources --shards 4 --per-shard 250 --repeats 5
+  python tools/benchmark_data.py --sources --shards 4 --per-shard 250 --repeats 5 [--torchvision-decoder]
   python tools/benchmark_data.py --shards 16 --per-shard 500 --image-kib 100 --workers 2 --batch 64
 """
 
@@ -211,9 +211,9 @@ def bench_sources(args) -> int:
         def collate(items):
             return torch.stack([i for i, _ in items]), tokenizer([t for _, t in items])
 
-        def ours(urls):
+        def ours(urls, decoder="pillow"):
             cfg = DataConfig(train_shards=urls, tokenizer=str(tokenizer_path), num_workers=1,
-                             shuffle_buffer=args.shuffle_buffer, streams=args.streams)
+                             shuffle_buffer=args.shuffle_buffer, streams=args.streams, image_decoder=decoder)
             loader = build_train_loader(cfg, 224, str(tokenizer_path), 0, 1, args.batch, seed=0, epochs=1)
             return sum(batch["images"].shape[0] for batch in loader)
 
@@ -223,13 +223,16 @@ def bench_sources(args) -> int:
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1)
             return sum(images.shape[0] for images, _ in loader)
 
+        pipelines = {"ours": ours, "webdataset": theirs}
+        if args.torchvision_decoder:  # ours with data.image_decoder=torchvision
+            pipelines["ours+tv"] = functools.partial(ours, decoder="torchvision")
         subprocess.run(["cat", *shards], stdout=subprocess.DEVNULL, check=True)  # page cache warm for both
         rates: dict = {}
         cpu: dict = {}
         loads = []
         for _ in range(args.repeats):  # alternating: a shared machine's load varies from one minute to the next
             for name, urls in forms.items():
-                for pipeline, run in (("ours", ours), ("webdataset", theirs)):
+                for pipeline, run in pipelines.items():
                     (own0, kids0), started = _cpu_seconds(), time.perf_counter()
                     count = run(urls)
                     seconds, (own1, kids1) = time.perf_counter() - started, _cpu_seconds()
@@ -242,7 +245,7 @@ def bench_sources(args) -> int:
               f"{args.shuffle_buffer}; load average {min(loads):.1f}..{max(loads):.1f} on {os.cpu_count()} cores",
               flush=True)
         for name in forms:
-            for pipeline in ("ours", "webdataset"):
+            for pipeline in pipelines:
                 print(f"  {name:16} {pipeline:10} images/s {_spread(rates[(name, pipeline)])}; CPU ms per image "
                       f"(worker + main process) {_spread(cpu[(name, pipeline)], 2)}", flush=True)
     return 0
@@ -262,6 +265,8 @@ def main(argv=None) -> int:
                         help="JPEG decode (Pillow vs decode_jpeg) and local / pipe:cat / HTTP against webdataset")
     parser.add_argument("--repeats", type=int, default=3, help="--sources: alternating rounds (medians reported)")
     parser.add_argument("--shuffle-buffer", type=int, default=256, help="--sources: both pipelines' shuffle buffer")
+    parser.add_argument("--torchvision-decoder", action="store_true",
+                        help="--sources: ours with data.image_decoder=torchvision too ('ours+tv')")
     parser.add_argument("--streams", type=int, default=0,
                         help="--sources: our data.streams (0: the loader's default, one buffer per stream)")
     args = parser.parse_args(argv)

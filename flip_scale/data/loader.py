@@ -129,6 +129,11 @@ class TrainStream(IterableDataset):
         self.min_image_size = int(data_cfg.min_image_size)
         # Decode JPEGs at reduced scale only while a crop of the smallest area still has full resolution.
         self.decode_min_size = 2 * transform.image_size
+        self.tensor_path = None  # data.image_decoder=torchvision: decode + crop there
+        if getattr(data_cfg, "image_decoder", "pillow") == "torchvision":
+            from .torchvision_decode import TorchvisionTrainPath
+
+            self.tensor_path = TorchvisionTrainPath(transform)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -167,7 +172,10 @@ class TrainStream(IterableDataset):
 
     def _load(self, sample: RawSample, epoch: int, tracker: BadSampleTracker) -> Optional[torch.Tensor]:
         try:
-            image, size = decode_image(image_bytes(sample, self.format), self.decode_min_size, with_size=True)
+            if self.tensor_path is not None:
+                image, size = self.tensor_path.decode(image_bytes(sample, self.format))
+            else:
+                image, size = decode_image(image_bytes(sample, self.format), self.decode_min_size, with_size=True)
         except Exception as error:  # PIL raises many types for corrupt data; none may stop training
             tracker.add_bad(BadSample(sample.shard, sample.key, f"undecodable image ({type(error).__name__}: {error})",
                                       UNDECODABLE_IMAGE))
@@ -178,7 +186,7 @@ class TrainStream(IterableDataset):
             return None
         # Per-sample seed: the same sample in the same epoch gets the same crop whatever the layout.
         rng = random.Random(derive_seed(self.seed, "augment", epoch, sample.shard.rsplit("/", 1)[-1], sample.key))
-        return self.transform(image, rng)
+        return (self.tensor_path or self.transform)(image, rng)
 
     def iter_stream(self, stream: int) -> Iterator[dict]:
         """The chunks of stream `stream`: dicts of `chunk_size` samples (a finite pass ends with fewer)."""
