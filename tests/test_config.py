@@ -190,7 +190,8 @@ def test_choice_options_are_literal_types():
     assert fields["model.act"] == ("gelu", "quick_gelu")
     assert fields["model.text_pool"] == ("auto", "argmax")
     assert fields["model.text_masking"] == ("random", "prioritized")
-    assert len(fields) == 23
+    assert fields["data.image_decoder"] == ("pillow", "torchvision")
+    assert len(fields) == 24
     assert fields["parallel.zero_stage"] == (1, 2, 3)
     assert not hasattr(config_module, "CHOICES")  # the types are the one list of choices
 

@@ -9,15 +9,16 @@ decoding works and the file sizes are real), then measures
     lazily while replaying (the default) and eagerly (as before), to show what replay costs.
 With --sources instead: JPEG shards of about 500x400 images (LAION-like), then
   - the decode of a 224-pixel training crop: Pillow (with `draft`, as the loader does) against
-    torchvision.io.decode_jpeg (libjpeg-turbo) + torchvision's resized crop, per image;
-  - images/s per loader worker (one worker) of our loader over local tar, `pipe:cat` and HTTP from
-    a server on loopback, next to webdataset's own pipeline over the same shards
-    (`wds.WebDataset(...).decode("pil").map(...)` with the same transform and tokenizer).
+    torchvision.io.decode_jpeg (libjpeg-turbo) + torchvision's resized crop, CPU ms per image;
+  - images/s and CPU ms per image of one loader worker of our loader over local tar, `pipe:cat`
+    and HTTP from a server on loopback, next to webdataset's own pipeline over the same shards
+    (`wds.WebDataset(...).decode("pil").map(...)` with the same transform and tokenizer): a whole
+    pass over every sample each, rounds alternating, medians with their range.
 A script that prints numbers, never a test; record results in BENCHMARKS.md.
 
 examples:
   python tools/benchmark_data.py
-  python tools/benchmark_data.py --sources --shards 4 --per-shard 250
+  python tools/benchmark_data.py --sources --shards 4 --per-shard 250 --repeats 5 [--torchvision-decoder]
   python tools/benchmark_data.py --shards 16 --per-shard 500 --image-kib 100 --workers 2 --batch 64
 """
 
@@ -92,24 +93,44 @@ def write_jpeg_shards(out: Path, shards: int, per_shard: int) -> list[str]:
     return paths
 
 
-def bench_decode(shard: str, count: int = 200, size: int = 224) -> dict:
-    """ms per image: bytes -> normalised 224-pixel random crop, Pillow vs torchvision.io.decode_jpeg."""
+def _cpu_seconds() -> tuple[float, float]:
+    """(this process, its reaped children) CPU seconds: a loader worker's time counts once it has exited."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _spread(values: list[float], digits: int = 0) -> str:
+    import statistics
+
+    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f}, "
+            f"{len(values)} runs)")
+
+
+def bench_decode(shard: str, count: int = 200, size: int = 224, repeats: int = 3) -> dict:
+    """CPU ms per image, bytes -> normalised 224-pixel random crop: Pillow (the loader's path, with
+    `draft`) against torchvision.io.decode_jpeg (libjpeg-turbo), each with its own resized crop and
+    with the decode alone; alternating rounds, medians. CPU time, not wall time: a loaded machine's
+    other processes then change the figures far less."""
     import random
 
     import torch
-    from torchvision.io import decode_jpeg
-    from torchvision.transforms.v2 import functional as F
 
     from flip_scale.data.shards import read_tar_samples
     from flip_scale.data.transforms import TrainTransform, decode_image, random_resized_crop_box
 
+    try:
+        from torchvision.io import decode_jpeg
+        from torchvision.transforms.v2 import functional as F
+    except ImportError:
+        print("torchvision is not installed: only Pillow's decode is measured", flush=True)
+        decode_jpeg = None
+    torch.set_num_threads(1)  # as in a loader worker
     images = [s.fields["jpg"] for s in read_tar_samples(shard)][:count]
     transform = TrainTransform(size)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-    def pillow(data, rng):
-        return transform(decode_image(data, 2 * size), rng)
 
     def turbo(data, rng):
         image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
@@ -121,25 +142,38 @@ def bench_decode(shard: str, count: int = 200, size: int = 224) -> dict:
             crop = crop.flip(-1)
         return (crop.float() / 255 - mean) / std
 
-    results = {}
-    for name, fn in (("pillow", pillow), ("decode_jpeg", turbo)):
-        rng = random.Random(0)
-        fn(images[0], rng)
-        started = time.perf_counter()
-        for data in images:
-            fn(data, rng)
-        results[name] = 1000 * (time.perf_counter() - started) / len(images)
-    sizes = [decode_image(d).size for d in images[:5]]
-    print(f"decode + {size}px crop of {len(images)} JPEGs ({sizes[0][0]}x{sizes[0][1]}, "
-          f"{sum(map(len, images)) / len(images) / 1024:.0f} KiB each): Pillow {results['pillow']:.2f} ms/image, "
-          f"torchvision.io.decode_jpeg {results['decode_jpeg']:.2f} ms/image", flush=True)
+    paths = {"pillow decode + crop": lambda data, rng: transform(decode_image(data, 2 * size), rng),
+             "pillow decode alone": lambda data, rng: decode_image(data, 2 * size)}
+    if decode_jpeg is not None:
+        paths["decode_jpeg + torchvision crop"] = turbo
+        paths["decode_jpeg alone"] = lambda data, rng: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    results: dict = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            rng = random.Random(0)
+            fn(images[0], rng)
+            started = time.process_time()
+            for data in images:
+                fn(data, rng)
+            results[name].append(1000 * (time.process_time() - started) / len(images))
+    width, height = decode_image(images[0]).size
+    print(f"{len(images)} JPEGs of {width}x{height}, {sum(map(len, images)) / len(images) / 1024:.0f} KiB each, "
+          f"{size}px crops; CPU ms per image, median (min..max):", flush=True)
+    for name, values in results.items():
+        print(f"  {name}: {_spread(values, 2)}", flush=True)
     return results
 
 
 def bench_sources(args) -> int:
+    """Ours against webdataset's pipeline over the same shards: one loader worker each, the same
+    transform (Pillow decode, our TrainTransform), tokenizer, shuffle buffer and batch, a whole
+    pass over every sample (so both read, decode and hand over exactly the same data, and no
+    buffer fills outside the timed window), shards in the page cache, rounds alternating."""
     import functools
     import http.server
+    import os
     import random
+    import subprocess
     import threading
 
     import torch
@@ -154,8 +188,9 @@ def bench_sources(args) -> int:
         work = Path(work)
         shards = write_jpeg_shards(work, args.shards, args.per_shard)
         size = sum(Path(p).stat().st_size for p in shards)
+        total = args.shards * args.per_shard
         print(f"{args.shards} shards x {args.per_shard} JPEG samples, {size / 2**20:.0f} MiB", flush=True)
-        bench_decode(shards[0])
+        bench_decode(shards[0], repeats=args.repeats)
         tokenizer_path = train_tokenizer((f"a colourful field number {i}" for i in range(200)), work / "tok",
                                          vocab_size=64)
 
@@ -168,15 +203,6 @@ def bench_sources(args) -> int:
         names = [Path(p).name for p in shards]
         forms = {"local tar": shards, "pipe:cat": [f"pipe:cat {p}" for p in shards],
                  "http (loopback)": [f"http://127.0.0.1:{server.server_address[1]}/{n}" for n in names]}
-        total = args.batches * args.batch
-
-        def timed(iterator) -> float:
-            next(iterator)  # worker started, buffers filled
-            started = time.perf_counter()
-            for _ in range(args.batches):
-                next(iterator)
-            return total / (time.perf_counter() - started)
-
         transform, tokenizer = TrainTransform(224), Tokenizer(str(tokenizer_path))
 
         def sample(item):
@@ -185,25 +211,43 @@ def bench_sources(args) -> int:
         def collate(items):
             return torch.stack([i for i, _ in items]), tokenizer([t for _, t in items])
 
-        def ours(urls):
-            cfg = DataConfig(train_shards=urls, tokenizer=str(tokenizer_path), num_workers=1, shuffle_buffer=256)
-            return iter(build_train_loader(cfg, 224, str(tokenizer_path), 0, 1, args.batch, seed=0))
+        def ours(urls, decoder="pillow"):
+            cfg = DataConfig(train_shards=urls, tokenizer=str(tokenizer_path), num_workers=1,
+                             shuffle_buffer=args.shuffle_buffer, streams=args.streams, image_decoder=decoder)
+            loader = build_train_loader(cfg, 224, str(tokenizer_path), 0, 1, args.batch, seed=0, epochs=1)
+            return sum(batch["images"].shape[0] for batch in loader)
 
         def theirs(urls):
-            dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256).decode("pil")
-                       .map(sample).batched(args.batch, collation_fn=collate))
-            return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1))
+            dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(args.shuffle_buffer)
+                       .decode("pil").map(sample).batched(args.batch, collation_fn=collate))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1)
+            return sum(images.shape[0] for images, _ in loader)
 
-        # Alternating, best of --repeats: a shared machine's load varies from one minute to the next.
-        best: dict = {}
-        for _ in range(args.repeats):
+        pipelines = {"ours": ours, "webdataset": theirs}
+        if args.torchvision_decoder:  # ours with data.image_decoder=torchvision
+            pipelines["ours+tv"] = functools.partial(ours, decoder="torchvision")
+        subprocess.run(["cat", *shards], stdout=subprocess.DEVNULL, check=True)  # page cache warm for both
+        rates: dict = {}
+        cpu: dict = {}
+        loads = []
+        for _ in range(args.repeats):  # alternating: a shared machine's load varies from one minute to the next
             for name, urls in forms.items():
-                for pipeline, make in (("ours", ours), ("webdataset pipeline", theirs)):
-                    key = (pipeline, name)
-                    best[key] = max(best.get(key, 0.0), timed(make(urls)))
-        for (pipeline, name), rate in best.items():
-            print(f"{pipeline}, {name}: {rate:.0f} images/s per worker (1 worker, 224 px, best of {args.repeats})")
+                for pipeline, run in pipelines.items():
+                    (own0, kids0), started = _cpu_seconds(), time.perf_counter()
+                    count = run(urls)
+                    seconds, (own1, kids1) = time.perf_counter() - started, _cpu_seconds()
+                    assert count == total, f"{pipeline} gave {count} of {total} samples"
+                    rates.setdefault((name, pipeline), []).append(count / seconds)
+                    cpu.setdefault((name, pipeline), []).append(1000 * ((own1 - own0) + (kids1 - kids0)) / count)
+                    loads.append(os.getloadavg()[0])
         server.shutdown()
+        print(f"a whole pass of {total} samples, 1 loader worker, batch {args.batch}, 224 px, shuffle buffer "
+              f"{args.shuffle_buffer}; load average {min(loads):.1f}..{max(loads):.1f} on {os.cpu_count()} cores",
+              flush=True)
+        for name in forms:
+            for pipeline in pipelines:
+                print(f"  {name:16} {pipeline:10} images/s {_spread(rates[(name, pipeline)])}; CPU ms per image "
+                      f"(worker + main process) {_spread(cpu[(name, pipeline)], 2)}", flush=True)
     return 0
 
 
@@ -219,7 +263,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=20, help="batches timed for the throughput")
     parser.add_argument("--sources", action="store_true",
                         help="JPEG decode (Pillow vs decode_jpeg) and local / pipe:cat / HTTP against webdataset")
-    parser.add_argument("--repeats", type=int, default=3, help="--sources: alternating rounds, best kept")
+    parser.add_argument("--repeats", type=int, default=3, help="--sources: alternating rounds (medians reported)")
+    parser.add_argument("--shuffle-buffer", type=int, default=256, help="--sources: both pipelines' shuffle buffer")
+    parser.add_argument("--torchvision-decoder", action="store_true",
+                        help="--sources: ours with data.image_decoder=torchvision too ('ours+tv')")
+    parser.add_argument("--streams", type=int, default=0,
+                        help="--sources: our data.streams (0: the loader's default, one buffer per stream)")
     args = parser.parse_args(argv)
     if args.sources:
         return bench_sources(args)

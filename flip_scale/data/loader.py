@@ -13,11 +13,12 @@ streams* (`data.streams`), the same S whatever the parallel layout:
 Data-parallel rank r of D takes the streams r*S/D .. (r+1)*S/D - 1 (so D must divide S), whose
 chunks are, in order, rows r*B/D .. (r+1)*B/D of the global batch. The global batch, row for row,
 is therefore the same under every layout, and so is a sample's global index (which seeds its
-mask). Within a rank, DataLoader worker w builds the chunks of the rank's streams j with j % W == w
-(W: the largest divisor of S/D not above data.num_workers) and the main process puts the chunks of
-one batch together in stream order; torch's DataLoader hands out items from its workers in strict
-round-robin order, and every worker yields the same number of chunks per batch, so the chunks of a
-batch arrive together.
+mask). Within a rank, DataLoader worker w builds the chunks of a contiguous block of the rank's
+streams, the w-th of W (W: the largest divisor of S/D not above data.num_workers), and hands them
+over as one part per batch (its chunks joined in stream order, in the worker); the main process
+puts the W parts of one batch together in stream order, and with one worker (or none) takes the
+part as it is, without a copy. torch's DataLoader hands out items from its workers in strict
+round-robin order and every worker yields one part per batch, so the parts of a batch arrive together.
 
 Resume (`TrainLoader.state_dict` / `load_state_dict`): the state is, per stream, the epoch and the
 number of samples drawn from its shuffle buffer in that epoch. It does not depend on the layout:
@@ -39,6 +40,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .chunks import join_chunks, merge_chunks
 from .mixture import iter_mixture, parse_sources
 from .fields import SMALL_IMAGE, UNDECODABLE_IMAGE, SampleFormat, caption_text, check_train_sample, image_bytes
 from .streams import (  # noqa: F401  (check_streams, default_streams, stream_note: also used from here)
@@ -127,6 +129,11 @@ class TrainStream(IterableDataset):
         self.min_image_size = int(data_cfg.min_image_size)
         # Decode JPEGs at reduced scale only while a crop of the smallest area still has full resolution.
         self.decode_min_size = 2 * transform.image_size
+        self.tensor_path = None  # data.image_decoder=torchvision: decode + crop there
+        if getattr(data_cfg, "image_decoder", "pillow") == "torchvision":
+            from .torchvision_decode import TorchvisionTrainPath
+
+            self.tensor_path = TorchvisionTrainPath(transform)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -134,14 +141,15 @@ class TrainStream(IterableDataset):
         workers = info.num_workers if info is not None else 1
         if workers != max(1, self.num_workers):
             raise RuntimeError(f"TrainStream built for {self.num_workers} workers runs in {workers} DataLoader workers")
-        owned = [stream for j, stream in enumerate(self.streams) if j % workers == worker]
+        per_worker = len(self.streams) // workers
+        owned = self.streams[worker * per_worker:(worker + 1) * per_worker]
         chunks = [self.iter_stream(stream) for stream in owned]
         if self.epochs is None:
             for round_ in zip(*chunks):  # endless streams: one chunk of each, batch after batch
-                yield from round_
+                yield join_chunks(round_)
         else:  # finite passes end unevenly: the remainders come last
             for round_ in itertools.zip_longest(*chunks):
-                yield from (chunk for chunk in round_ if chunk is not None)
+                yield join_chunks([chunk for chunk in round_ if chunk is not None])
 
     # -- one stream ---------------------------------------------------------------------------
 
@@ -164,7 +172,10 @@ class TrainStream(IterableDataset):
 
     def _load(self, sample: RawSample, epoch: int, tracker: BadSampleTracker) -> Optional[torch.Tensor]:
         try:
-            image, size = decode_image(image_bytes(sample, self.format), self.decode_min_size, with_size=True)
+            if self.tensor_path is not None:
+                image, size = self.tensor_path.decode(image_bytes(sample, self.format))
+            else:
+                image, size = decode_image(image_bytes(sample, self.format), self.decode_min_size, with_size=True)
         except Exception as error:  # PIL raises many types for corrupt data; none may stop training
             tracker.add_bad(BadSample(sample.shard, sample.key, f"undecodable image ({type(error).__name__}: {error})",
                                       UNDECODABLE_IMAGE))
@@ -175,7 +186,7 @@ class TrainStream(IterableDataset):
             return None
         # Per-sample seed: the same sample in the same epoch gets the same crop whatever the layout.
         rng = random.Random(derive_seed(self.seed, "augment", epoch, sample.shard.rsplit("/", 1)[-1], sample.key))
-        return self.transform(image, rng)
+        return (self.tensor_path or self.transform)(image, rng)
 
     def iter_stream(self, stream: int) -> Iterator[dict]:
         """The chunks of stream `stream`: dicts of `chunk_size` samples (a finite pass ends with fewer)."""
@@ -253,14 +264,6 @@ class TrainStream(IterableDataset):
             yield make_chunk()
 
 
-def _sum_kinds(counts) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for count in counts:
-        for kind, n in count.items():
-            total[kind] = total.get(kind, 0) + n
-    return total
-
-
 class TrainLoader:
     """Iterable of this data-parallel rank's training batch dicts, with a resumable position
     (`state_dict` / `load_state_dict`, layout-free: per sample stream).
@@ -326,50 +329,39 @@ class TrainLoader:
         )
 
     def __iter__(self) -> Iterator[dict]:
-        # A batch takes one chunk of each of the rank's streams, so each worker contributes
-        # streams / workers chunks to it: prefetch two batches' worth.
-        per_worker = len(self.rank_streams) // max(1, self.num_workers)
-        extra = {"prefetch_factor": max(2, 2 * per_worker)} if self.num_workers > 0 else {}
+        # A batch takes one part (its streams' chunks joined) of each worker: prefetch two batches' worth.
+        extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
         loader = DataLoader(
             self._dataset(), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=False, **extra,
         )
         pending: list[dict] = []
-        for chunk in loader:
-            pending.append(chunk)
-            if len(pending) == len(self.rank_streams):
+        covered = 0
+        for part in loader:
+            pending.append(part)
+            covered += len(part["_streams"])
+            if covered >= len(self.rank_streams):
                 yield self._assemble(pending)
-                pending = []
+                pending, covered = [], 0
         if pending:  # the end of a finite pass
             yield self._assemble(pending)
 
-    def _assemble(self, chunks: list[dict]) -> dict:
-        chunks = sorted(chunks, key=lambda chunk: chunk["_stream"])
-        streams = [chunk["_stream"] for chunk in chunks]
+    def _assemble(self, parts: list[dict]) -> dict:
+        parts = sorted(parts, key=lambda part: part["_streams"][0])
+        streams = [stream for part in parts for stream in part["_streams"]]
         if self.epochs is None and streams != self.rank_streams:
             raise RuntimeError(f"data loader: a batch's chunks came from streams {streams}, expected {self.rank_streams}")
-        for chunk in chunks:
-            position = chunk["_position"]
-            self.positions[chunk["_stream"]] = (position if isinstance(position, dict)
-                                                else (int(position[0]), int(position[1])))
+        for part in parts:
+            for stream, position in zip(part["_streams"], part["_positions"]):
+                self.positions[stream] = (position if isinstance(position, dict)
+                                          else (int(position[0]), int(position[1])))
         self.batches += 1
-        samples = sum(chunk["samples"] for chunk in chunks)
+        batch = merge_chunks(parts)  # one part (one worker, or none): no copy
         first = self.dp_rank * self.batch_size  # this rank's rows of the global batch (module docstring)
-        return {
-            "images": torch.cat([chunk["images"] for chunk in chunks]),
-            "tokens": torch.cat([chunk["tokens"] for chunk in chunks]),
-            "skipped": sum(chunk["skipped"] for chunk in chunks),
-            "skipped_kinds": _sum_kinds(chunk["skipped_kinds"] for chunk in chunks),
-            # A mixture's samples and bad samples per source (empty for one source).
-            "source_samples": _sum_kinds(chunk.get("source_samples", {}) for chunk in chunks),
-            "source_skipped": _sum_kinds(chunk.get("source_skipped", {}) for chunk in chunks),
-            "samples": samples,
-            "keys": [key for chunk in chunks for key in chunk["keys"]],
-            "shards": [shard for chunk in chunks for shard in chunk["shards"]],
-            # Each sample's row in the global batch: its mask noise is drawn from it (and the step),
-            # so a sample is masked alike under every layout.
-            "sample_index": torch.arange(first, first + samples),
-        }
+        # Each sample's row in the global batch: its mask noise is drawn from it (and the step),
+        # so a sample is masked alike under every layout.
+        batch["sample_index"] = torch.arange(first, first + batch["samples"])
+        return batch
 
     def state_dict(self) -> dict:
         return {

@@ -203,6 +203,7 @@ def _read_tar(shard: str, select: Optional[Callable[[int], bool]], lazy_images: 
                     log.warning("shard %s ends inside its end-of-archive marker (truncated); its samples are whole",
                                 shard)
                 break
+            tar.members = []  # tarfile keeps every member it met: a long shard's list would only grow
             if not member.isfile():
                 continue
             key, suffix = _split_name(member.name)

@@ -1,0 +1,55 @@
+"""How the chunks of a rank's sample streams become its batch (flip_scale/data/loader.py).
+
+A chunk is what one stream gives one batch: a dict of `images` [n,3,H,W], `tokens` [n,T], the
+counts of the samples and of the bad samples met, the samples' keys and shards, and the stream's
+id and position after it (`_stream`, `_position`). A loader worker joins the chunks of its streams
+into one part per batch (`join_chunks`, rows in stream order); the main process merges the parts
+of its workers (`merge_chunks`). Joining in the worker hands the main process one part per worker
+and batch: fewer tensors passed between processes, and no copy at all in the main process when
+there is one worker (the main process shares the machine's cores with the workers and the model).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+
+def sum_kinds(counts: Iterable[dict]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for kind, n in count.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
+def merge_chunks(items: Sequence[dict]) -> dict:
+    """Chunks or parts, in row order, as one: tensors concatenated (one item: taken as it is, not
+    copied), counts summed; the stream bookkeeping (`_`-keys) is left out."""
+    if len(items) == 1:
+        merged = {name: value for name, value in items[0].items() if not name.startswith("_")}
+        merged.setdefault("source_samples", {})
+        merged.setdefault("source_skipped", {})
+        return merged
+    return {
+        "images": torch.cat([item["images"] for item in items]),
+        "tokens": torch.cat([item["tokens"] for item in items]),
+        "skipped": sum(item["skipped"] for item in items),
+        "skipped_kinds": sum_kinds(item["skipped_kinds"] for item in items),
+        # A mixture's samples and bad samples per source (empty for one source).
+        "source_samples": sum_kinds(item.get("source_samples", {}) for item in items),
+        "source_skipped": sum_kinds(item.get("source_skipped", {}) for item in items),
+        "samples": sum(item["samples"] for item in items),
+        "keys": [key for item in items for key in item["keys"]],
+        "shards": [shard for item in items for shard in item["shards"]],
+    }
+
+
+def join_chunks(chunks: Sequence[dict]) -> dict:
+    """The chunks of consecutive streams (in stream order) of one batch as one part, each stream's
+    position kept (`_streams`, `_positions`: what the main process records for resuming)."""
+    part = merge_chunks(chunks)
+    part["_streams"] = [chunk["_stream"] for chunk in chunks]
+    part["_positions"] = [chunk["_position"] for chunk in chunks]
+    return part
