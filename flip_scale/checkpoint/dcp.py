@@ -127,6 +127,11 @@ class _RestrictedReader(FileSystemReader):
         return metadata
 
 
+def stored_names(path: Path) -> set:
+    """The names of the entries a DCP checkpoint holds (flattened: `model.visual.cls_token`, ...)."""
+    return set(read_dcp_metadata(Path(path)).state_dict_metadata)
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's load planner with non-tensor entries (optimizer hyper-parameters, stored as pickled
     bytes) read by `torch.load(weights_only=True)`: DCP's own planner unpickles them with

@@ -21,6 +21,7 @@ and the unmask tool all ask it, so they agree on what a path is.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -41,6 +42,8 @@ from .deepspeed_reader import DeepSpeedFiles
 from .plain import load_checkpoint
 from .safety import ConvertError, UnsupportedCheckpoint
 from .store import STEP_DIR, CheckpointError, checkpoint_problem, find_latest, resolve_resume
+
+log = logging.getLogger("flip_scale.checkpoint")
 
 # ----------------------------------------------------------------------------- what a path is
 
@@ -253,12 +256,40 @@ def check_source_architecture(source: CheckpointSource, model_cfg, functional: s
     )
 
 
-def _load_dcp_weights_but_ema(path: Path, parts: list) -> None:
-    """The model weights of a DCP checkpoint, the attentive masking's EMA tower left out (the engine
-    sets it equal to the loaded image tower: a random-masking run's checkpoint has none); collective."""
-    from .dcp import ModelOptimizerState, load_state, model_state
+# Tensors a fine-tune start may find missing in its source, which then keep their initial values
+# (logged): the training-only additions a run without them has none of (MAE's decoder, SigLIP's
+# logit bias, starting from a contrastive checkpoint), and the attentive masking's EMA tower, which
+# the engine sets equal to the loaded image tower (models/ema.py) whether the source has one or not.
+OPTIONAL_PREFIXES = ("decoder.", "logit_bias")
+EMA_PREFIX = "ema_visual."
 
-    state = {"model": {name: value for name, value in model_state(parts).items() if not name.startswith("ema_visual.")}}
+
+def _left_at_init(names, in_source) -> tuple[list, list]:
+    """(names to leave unloaded, of them the optional ones the source lacks: to log)."""
+    ema = [name for name in names if name.startswith(EMA_PREFIX)]
+    absent = [name for name in names if name.startswith(OPTIONAL_PREFIXES) and name not in in_source]
+    return ema + absent, absent
+
+
+def _log_left(where: str, absent: list) -> None:
+    if absent:
+        log.warning("%s has no %s (%d tensors): they keep their initial values", where,
+                    ", ".join(sorted({name.split(".")[0] for name in absent})), len(absent))
+
+
+def _load_dcp_weights(path: Path, parts: list) -> None:
+    """The model weights of a DCP checkpoint (collective); the EMA tower and what the source lacks
+    of OPTIONAL_PREFIXES left out."""
+    from .dcp import ModelOptimizerState, load_state, model_state, stored_names
+
+    names = model_state(parts)
+    stored = {name[len("model."):] for name in stored_names(path) if name.startswith("model.")}
+    skip, absent = _left_at_init(names, stored)
+    if not skip:
+        load_checkpoint(path, parts)
+        return
+    _log_left(str(path), absent)
+    state = {"model": {name: value for name, value in names.items() if name not in set(skip)}}
     load_state(state, path)
     ModelOptimizerState(parts).load_state_dict(state)
 
@@ -275,10 +306,7 @@ def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bo
     broadcast_from_rank0=True)` hands every rank its shard."""
     parts = list(model_parts) if isinstance(model_parts, (list, tuple)) else [model_parts]
     if source.kind == "dcp":
-        if any(name.startswith("ema_visual.") for part in parts for name in get_model_state_dict(part)):
-            _load_dcp_weights_but_ema(source.path, parts)
-            return
-        load_checkpoint(source.path, parts)
+        _load_dcp_weights(source.path, parts)
         return
     if source.kind == "deepspeed":
         where = f"the DeepSpeed checkpoint {source.path}"
@@ -292,15 +320,16 @@ def load_weights(source: CheckpointSource, model_parts, broadcast_from_rank0: bo
         _, specs = read_safetensors_header(source.path / MODEL_FILE)
         in_source = {spec.name for spec in specs}
         where = str(source.path / MODEL_FILE)
-    # The attentive masking's EMA tower may be absent (a random-masking run, an OpenCLIP import): the
-    # engine sets it equal to the loaded image tower after loading (models/ema.py).
-    missing = [name for part in parts for name in get_model_state_dict(part)
-               if name not in in_source and not name.startswith("ema_visual.")]
+    names = [name for part in parts for name in get_model_state_dict(part)]
+    skip, absent = _left_at_init(names, in_source)
+    _log_left(where, absent)
+    missing = [name for name in names if name not in in_source and name not in set(skip)]
+    what = "this rank's pipeline stages" if not whole_model else "the model"
     if any_rank(bool(missing)) and not missing:
         raise CheckpointError(f"{where} lacks tensors of another rank's pipeline stages (that rank names them)")
     if missing:
-        raise CheckpointError(f"{where} lacks {len(missing)} tensors of this rank's pipeline "
-                              f"stages: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise CheckpointError(f"{where} lacks {len(missing)} tensors of {what}: "
+                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if source.kind == "deepspeed":  # every rank reads, only its stages' tensors
         own = {name for part in parts for name in get_model_state_dict(part)}
         load_full_state(parts, lambda: files.opened_weights(own), where, strict=False)
