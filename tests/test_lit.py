@@ -87,19 +87,20 @@ def train_engine(cfg: Config, world_size: int) -> dict:
 # ----------------------------------------------------------------------------- which parameters
 
 
+@pytest.mark.parametrize("family", [{}, dict(vision_pos_embed="learned", vision_ln_pre=True)])
 @pytest.mark.parametrize("tower, unlocked", [("vision", 0), ("vision", 1), ("vision", 2), ("vision", 4),
                                              ("vision", 9), ("text", 0), ("text", 2), ("text", 3)])
-def test_frozen_parameters_are_openclips(tower, unlocked):
+def test_frozen_parameters_are_openclips(tower, unlocked, family):
     """The same parameters are trainable as OpenCLIP's lock_image_tower(unlocked_groups) /
     lock_text_tower(unlocked_layers) leave trainable on the exported model (names mapped by the
-    converter's table)."""
+    converter's table); also with OpenCLIP's learned position table and ln_pre (its first group)."""
     open_clip = pytest.importorskip("open_clip")
-    from flip_scale.convert.openclip import POS_EMBED_KEY, key_pairs
+    from flip_scale.convert.openclip import key_pairs
     from flip_scale.convert.openclip_config import openclip_model_config
 
     keys = {"vision": ("lock_vision", "lock_vision_unlocked_blocks"), "text": ("lock_text", "lock_text_unlocked_layers")}
     lock, count = keys[tower]
-    cfg = lit_config(**{lock: True, count: unlocked})
+    cfg = lit_config(**{lock: True, count: unlocked}, **family)
     ours = build_model(cfg.model, device="meta")
     oc_model = open_clip.model.CLIP(**openclip_model_config(cfg.model))
     if tower == "vision":
@@ -108,8 +109,8 @@ def test_frozen_parameters_are_openclips(tower, unlocked):
         oc_model.lock_text_tower(unlocked_layers=unlocked)
     oc_params = dict(oc_model.named_parameters())
     trainable_ours = {name for name, p in ours.named_parameters() if p.requires_grad}
-    trainable_theirs = {pair.flip for pair in key_pairs(ours.arch)
-                        if pair.openclip != POS_EMBED_KEY and oc_params[pair.openclip].requires_grad}
+    trainable_theirs = {pair.flip for pair in key_pairs(ours.arch, cfg.model)
+                        if pair.flip is not None and oc_params[pair.openclip].requires_grad}
     assert trainable_ours == trainable_theirs
     layers = ours.arch.vision.layers if tower == "vision" else ours.arch.text.layers
     assert any(not p.requires_grad for p in ours.parameters()) == (unlocked < layers + 2)

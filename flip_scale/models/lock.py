@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from torch import nn
 
 _WRAPPERS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
-_NORMS = ("ln_1", "ln_2", "ln_post", "ln_final")
+_NORMS = ("ln_1", "ln_2", "ln_pre", "ln_post", "ln_final")
 _HEAD_NORM = {"visual": "ln_post", "text": "ln_final"}
-_EMBEDDINGS = {"visual": ("patch_embed", "cls_token", "pos_embed"), "text": ("token_embedding", "pos_embed")}
+_EMBEDDINGS = {"visual": ("patch_embed", "cls_token", "pos_embed", "ln_pre"), "text": ("token_embedding", "pos_embed")}
 
 
 @dataclass(frozen=True)
