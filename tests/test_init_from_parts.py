@@ -102,3 +102,29 @@ def test_deepspeed_engine_is_refused_with_the_reason():
     cfg.parallel.engine = "deepspeed"
     with pytest.raises(ConfigError, match="needs parallel.engine=fsdp"):
         validate(cfg)
+
+
+def test_to_openclip_note_names_the_models_own_tokenizer(source, tmp_path, capsys):
+    """The exported config's note (and the printed line) follow data.tokenizer: open_clip's BPE for an
+    imported model, sentencepiece only where the model was trained with it."""
+    from flip_scale.convert.openclip import tokenizer_note
+
+    import shutil
+
+    notes = {}
+    for tokenizer in ("sentencepiece", "openclip"):
+        directory = tmp_path / tokenizer
+        shutil.copytree(source, directory)
+        if tokenizer == "openclip":  # this tiny import has a 512-token vocabulary: the file says openclip
+            text = (directory / "flip_config.yaml").read_text()
+            lines = [line if not line.strip().startswith("tokenizer:") else line.split("tokenizer:")[0] + "tokenizer: openclip"
+                     for line in text.splitlines()]
+            (directory / "flip_config.yaml").write_text("\n".join(lines) + "\n")
+        assert convert_main(["to-openclip", str(directory), "--out", str(tmp_path / f"{tokenizer}_oc")]) == 0
+        document = json.loads((tmp_path / f"{tokenizer}_oc" / "open_clip_config.json").read_text())
+        notes[tokenizer] = document["flip_scale"]["note"]
+        assert f"note: {notes[tokenizer]}" in capsys.readouterr().out
+    assert "open_clip's default CLIP BPE" in notes["openclip"] and "sentencepiece" not in notes["openclip"]
+    assert "sentencepiece" in notes["sentencepiece"]
+    assert "get_tokenizer('ViT-B-16')" in tokenizer_note("openclip:ViT-B-16")
+    assert "sentencepiece tokenizer /data/spm.model" in tokenizer_note("/data/spm.model")
