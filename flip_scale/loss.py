@@ -11,8 +11,8 @@ replica hold the same samples and must never be gathered over.
 The sigmoid loss (SigLIP) is the same local-loss form: this rank's image rows against every text
 of the global batch, B_local x B pairs, each pair once over the ranks. Its memory per rank is the
 gathered text features (B x D) and that logit block; big_vision's ring exchange of text chunks
-would hold B/dp x D at a time instead, but the B x D gather is small beside the logit block and
-the activations (docs/design.md, "Sigmoid loss"), so the gather form is the one built.
+would hold B/dp x D at a time instead, but the B x D gather is of the order of the logit block and
+small beside the activations (docs/design.md section 5, "Sigmoid loss"), so the gather form is the one built.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ then, in Python:
 Writes DIR/open_clip_model.safetensors (or open_clip_pytorch_model.bin) and DIR/open_clip_config.json
 ({"model_cfg": ..., "preprocess_cfg": ...}, the format open_clip's local-dir: and hf-hub: loaders read).
 Refused, naming the option: model.text_pad_mask=true, model.vision_pool=avg_all, and
-model.text_causal=true with model.text_pool=auto unless --text-eos-pool. Text must be tokenised with flip_scale's tokenizer.
+model.text_causal=true with model.text_pool=auto unless --text-eos-pool. Text must be tokenised with the model's data.tokenizer (the note in the
+config says which: open_clip's BPE for data.tokenizer=openclip, else flip_scale's sentencepiece model).
 """
 
 FROM_OPENCLIP_EXAMPLES = """\
@@ -187,6 +188,7 @@ def main(argv: Optional[list] = None) -> int:
             _print(r, args.json, [
                 f"wrote {r['weights']} ({r['tensors']} tensors) and {r['config']}",
                 f"load with: open_clip.create_model('local-dir:{r['out']}')",
+                f"note: {r['note']}",
             ])
         elif args.command == "from-openclip":
             r = from_openclip(args.state, args.config, args.out, mask_ratio=args.mask_ratio, dtype=args.dtype,

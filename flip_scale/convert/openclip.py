@@ -253,13 +253,23 @@ def to_openclip(consolidated: Union[str, Path], out_dir: Union[str, Path], text_
             "name": cfg.model.name, "mask_ratio": cfg.model.mask_ratio, "masking": cfg.model.masking,
             "logit_scale_max": cfg.model.logit_scale_max, "step": header.get("step"), "source": str(file.resolve()),
             "tokenizer": cfg.data.tokenizer,
-            "note": "text tokens come from flip_scale's sentencepiece tokenizer (pad 0, bos 2, eos 3), "
-                    "not open_clip's default tokenizer",
+            "note": tokenizer_note(cfg.data.tokenizer),
         },
     }
     (out_dir / OPENCLIP_CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return {"out": str(out_dir), "weights": str(weights), "config": str(out_dir / OPENCLIP_CONFIG_FILE),
-            "tensors": len(out_specs), "model_cfg": model_cfg}
+            "tensors": len(out_specs), "model_cfg": model_cfg, "note": document["flip_scale"]["note"]}
+
+
+def tokenizer_note(tokenizer: str) -> str:
+    """What an OpenCLIP user must tokenise with: open_clip's own BPE for `data.tokenizer: openclip`
+    (or `openclip:NAME`), else flip_scale's sentencepiece model."""
+    if tokenizer == "openclip" or tokenizer.startswith("openclip:"):
+        name = tokenizer.partition(":")[2]
+        return (f"text tokens come from open_clip's tokenizer (open_clip.get_tokenizer({name!r}))" if name else
+                "text tokens come from open_clip's default CLIP BPE tokenizer (open_clip.tokenize)")
+    return (f"text tokens come from flip_scale's sentencepiece tokenizer {tokenizer} (pad 0, bos 2, eos 3), "
+            "not open_clip's default tokenizer")
 
 
 def from_openclip(state_path: Union[str, Path], config_path: Optional[Union[str, Path]], out_dir: Union[str, Path],
