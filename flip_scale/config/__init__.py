@@ -18,7 +18,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .checking import ConfigError, _build, _choice_message, _is_choice, check_attentive, check_model_options, check_reconstruction
+from .checking import (
+    ConfigError, _build, _choice_message, _is_choice, check_attentive, check_locks, check_model_options, check_reconstruction,
+)
 
 
 @dataclass
@@ -391,7 +393,7 @@ def validate(cfg: Config) -> Config:
         if not _is_choice(value, options):
             raise ConfigError(_choice_message(dotted, value, options))
     _resolve_loss_parameters(cfg)
-    _check_locks(cfg)
+    check_locks(cfg)
     if not 0.0 <= cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: {cfg.model.mask_ratio} is outside [0, 1)")
     if cfg.model.text_pad_mask and (cfg.data.tokenizer == "openclip" or cfg.data.tokenizer.startswith("openclip:")):
@@ -478,31 +480,6 @@ def _resolve_loss_parameters(cfg: Config) -> None:
     elif cfg.model.logit_bias_init is not None:
         raise ConfigError(f"model.logit_bias_init: {cfg.model.logit_bias_init} is set, but only loss.kind sigmoid has a "
                           f"logit bias (loss.kind is {cfg.loss.kind}); leave it null or use loss.kind=sigmoid")
-
-
-def _check_locks(cfg: Config) -> None:
-    bad = [part for part in cfg.train.init_from_parts if part not in ("visual", "text")]
-    if bad or len(set(cfg.train.init_from_parts)) != len(cfg.train.init_from_parts):
-        raise ConfigError(f"train.init_from_parts: {cfg.train.init_from_parts} is not a list of distinct towers; "
-                          f"valid entries: visual, text (empty: the whole model)")
-    if cfg.train.init_from_parts and cfg.parallel.engine != "fsdp":
-        raise ConfigError(f"train.init_from_parts: {cfg.train.init_from_parts} needs parallel.engine=fsdp (the "
-                          f"DeepSpeed engine loads whole models only); leave it empty or use the native engine")
-    model = cfg.model
-    for lock, options in (("lock_vision", ("lock_vision_unlocked_blocks", "lock_vision_norm")),
-                          ("lock_text", ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"))):
-        count = getattr(model, options[0])
-        if count < 0:
-            raise ConfigError(f"model.{options[0]}: must be 0 (the whole tower frozen) or the number of groups left "
-                              f"trainable from the end (1: the projection, 2: + the last block), got {count}")
-        if not getattr(model, lock) and (count or getattr(model, options[1])):
-            set_keys = [key for key in options if getattr(model, key)]
-            raise ConfigError(f"model.{set_keys[0]}: set, but model.{lock} is false; it refines a locked tower "
-                              f"(set model.{lock}=true, or leave {', '.join('model.' + k for k in options)} at 0/false)")
-    if model.lock_vision and model.lock_text and not (model.lock_vision_unlocked_blocks or model.lock_text_unlocked_layers):
-        raise ConfigError("model.lock_vision and model.lock_text: both towers wholly frozen leave only the temperature "
-                          "to train; unlock some groups (model.lock_vision_unlocked_blocks / "
-                          "model.lock_text_unlocked_layers) or lock one tower")
 
 
 def config_from_dict(tree: dict) -> Config:

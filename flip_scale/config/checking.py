@@ -181,3 +181,29 @@ def check_attentive(cfg) -> None:
             f"model.masking=attentive with parallel.engine={cfg.parallel.engine}: the DeepSpeed engine owns its "
             f"parameters' partitions and has no per-step EMA update of a frozen tower (nor its checkpoint re-sharding); "
             f"use parallel.engine=fsdp (dp_shard gives ZeRO-3) or model.masking=random")
+
+
+def check_locks(cfg) -> None:
+    """The locked towers (model.lock_*) and train.init_from_parts (a `Config`)."""
+    bad = [part for part in cfg.train.init_from_parts if part not in ("visual", "text")]
+    if bad or len(set(cfg.train.init_from_parts)) != len(cfg.train.init_from_parts):
+        raise ConfigError(f"train.init_from_parts: {cfg.train.init_from_parts} is not a list of distinct towers; "
+                          f"valid entries: visual, text (empty: the whole model)")
+    if cfg.train.init_from_parts and cfg.parallel.engine != "fsdp":
+        raise ConfigError(f"train.init_from_parts: {cfg.train.init_from_parts} needs parallel.engine=fsdp (the "
+                          f"DeepSpeed engine loads whole models only); leave it empty or use the native engine")
+    model = cfg.model
+    for lock, options in (("lock_vision", ("lock_vision_unlocked_blocks", "lock_vision_norm")),
+                          ("lock_text", ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"))):
+        count = getattr(model, options[0])
+        if count < 0:
+            raise ConfigError(f"model.{options[0]}: must be 0 (the whole tower frozen) or the number of groups left "
+                              f"trainable from the end (1: the projection, 2: + the last block), got {count}")
+        if not getattr(model, lock) and (count or getattr(model, options[1])):
+            set_keys = [key for key in options if getattr(model, key)]
+            raise ConfigError(f"model.{set_keys[0]}: set, but model.{lock} is false; it refines a locked tower "
+                              f"(set model.{lock}=true, or leave {', '.join('model.' + k for k in options)} at 0/false)")
+    if model.lock_vision and model.lock_text and not (model.lock_vision_unlocked_blocks or model.lock_text_unlocked_layers):
+        raise ConfigError("model.lock_vision and model.lock_text: both towers wholly frozen leave only the temperature "
+                          "to train; unlock some groups (model.lock_vision_unlocked_blocks / "
+                          "model.lock_text_unlocked_layers) or lock one tower")
