@@ -192,17 +192,21 @@ def _layouts(rank: int, world_size: int, layouts: list) -> list:
 PARTIAL = dict(lock_vision=True, lock_vision_unlocked_blocks=2)
 
 
-def test_partly_locked_model_trains_alike_under_fsdp2_and_tp():
+def test_partly_locked_model_trains_alike_under_fsdp2_tp_and_pp():
     """lock_vision with the last block, ln_post and the projection unlocked (frozen and trainable
-    parameters side by side in FSDP2's groups): dp_shard=2 and tp=2 against one process; and the
+    parameters side by side in FSDP2's groups): dp_shard=2, tp=2 and pp=2 against one process; and the
     per-rank optimizer state of dp_shard=2 shrinks by the frozen share."""
     from dist_utils import run_distributed
 
     reference = train_engine(lit_config(**PARTIAL), 1)
-    layouts = [(dict(dp_shard=2), PARTIAL), (dict(tp=2, dp_shard=1), PARTIAL), (dict(dp_shard=2), {})]
+    layouts = [(dict(dp_shard=2), PARTIAL), (dict(tp=2, dp_shard=1), PARTIAL), (dict(dp_shard=2), {}),
+               (dict(pp=2, dp_shard=1, microbatches=2), PARTIAL)]
     results = run_distributed(_layouts, 2, args=(layouts,), timeout=300)
-    for index, (layout, _) in enumerate(layouts[:2]):
-        got = results[0][index]
+    # Pipeline stages hold disjoint parameters: the two ranks' results together are the model's.
+    staged = {key: {**results[0][3][key], **results[1][3][key]} for key in ("grads", "before", "after")}
+    staged["losses"] = results[0][3]["losses"]
+    for layout, got in ((layouts[0][0], results[0][0]), (layouts[1][0], results[0][1]), (layouts[3][0], staged)):
+        assert set(got["grads"]) == set(reference["grads"]), layout
         assert max(abs(a - b) for a, b in zip(got["losses"], reference["losses"])) < 1e-5, layout
         for name, want in reference["grads"].items():
             if want is None:
