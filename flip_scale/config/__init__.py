@@ -4,7 +4,7 @@ Every recipe is resolved into one `Config` before anything is built. Unknown key
 out-of-range values are refused with a message that names the key, the value and what is valid.
 An option with a fixed set of values is typed `Literal[...]`: its type is the list of choices.
 This package imports nothing else of flip_scale (docs/design.md section 2); `checking.py` holds the
-type checking of a tree against these dataclasses.
+type checking of a tree against these dataclasses and the checks of values and their combinations.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .checking import (
-    ConfigError, _build, _choice_message, _is_choice, check_attentive, check_locks, check_model_options, check_reconstruction,
+    ConfigError, _build, _choice_message, _is_choice, check_attentive, check_locks, check_ranges, check_reconstruction,
+    resolve_loss_parameters,
 )
 
 
@@ -392,94 +393,16 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if not _is_choice(value, options):
             raise ConfigError(_choice_message(dotted, value, options))
-    _resolve_loss_parameters(cfg)
+    resolve_loss_parameters(cfg, ModelConfig.logit_scale_init)
     check_locks(cfg)
-    if not 0.0 <= cfg.model.mask_ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio: {cfg.model.mask_ratio} is outside [0, 1)")
-    if cfg.model.text_pad_mask and (cfg.data.tokenizer == "openclip" or cfg.data.tokenizer.startswith("openclip:")):
-        raise ConfigError(f"model.text_pad_mask=true with data.tokenizer={cfg.data.tokenizer}: OpenCLIP's id 0 pads "
-                          f"and is also the token '!', which the mask would hide; set model.text_pad_mask=false")
-    check_model_options(cfg.model)
-    if not 0.0 <= cfg.model.text_mask_ratio < 1.0:
-        raise ConfigError(f"model.text_mask_ratio: {cfg.model.text_mask_ratio} is outside [0, 1) (0: no text masking)")
-    if cfg.eval.masked_views < 0 or cfg.eval.masked_views == 1:
-        raise ConfigError(f"eval.masked_views: must be 0 (off) or >= 2 views, got {cfg.eval.masked_views}")
-    if cfg.eval.masked_view_ratio and not 0.0 < cfg.eval.masked_view_ratio < 1.0:
-        raise ConfigError(f"eval.masked_view_ratio: {cfg.eval.masked_view_ratio} is outside (0, 1) (0: 1 - 1/masked_views)")
-    positive = {
-        "train.max_steps": cfg.train.max_steps,
-        "train.global_batch_size": cfg.train.global_batch_size,
-        "model.context_length": cfg.model.context_length,
-        "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
-        "parallel.tp": cfg.parallel.tp,
-        "parallel.pp": cfg.parallel.pp,
-        "parallel.dp_replicate": cfg.parallel.dp_replicate,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
-    for key, value in (("parallel.microbatches", cfg.parallel.microbatches),
-                       ("checkpoint.every_steps", cfg.checkpoint.every_steps)):
-        if value < 0:
-            meaning = ("0 (2 x parallel.pp under pipeline parallel, else 1)" if key == "parallel.microbatches"
-                       else "0 (no periodic checkpoints: the final one and preemption saves only)")
-            raise ConfigError(f"{key}: must be {meaning} or >= 1, got {value}")
+    check_ranges(cfg)
     check_reconstruction(cfg)
     check_attentive(cfg)
     if cfg.parallel.microbatches == 0:
         # Resolved here, so that every part (and the saved config.yaml) sees the number that runs.
         cfg.parallel.microbatches = 2 * cfg.parallel.pp if cfg.parallel.pp > 1 else 1
         cfg.parallel.microbatches_from_default = cfg.parallel.pp > 1
-    for key in ("collective_timeout_minutes", "init_timeout_minutes"):
-        if not getattr(cfg.train, key) > 0:
-            raise ConfigError(f"train.{key}: must be > 0, got {getattr(cfg.train, key)}")
-    if cfg.train.spike_factor != 0 and not cfg.train.spike_factor > 1:
-        raise ConfigError(f"train.spike_factor: must be 0 (off) or > 1 (a loss that many times the running median), "
-                          f"got {cfg.train.spike_factor}")
-    if cfg.train.spike_window < 1:
-        raise ConfigError(f"train.spike_window: must be >= 1 steps, got {cfg.train.spike_window}")
-    if cfg.checkpoint.max_failed_saves < 0:
-        raise ConfigError(f"checkpoint.max_failed_saves: must be 0 (stop at the first failed save) or more, got "
-                          f"{cfg.checkpoint.max_failed_saves}")
-    if cfg.train.collective_timeout_seconds < 0:
-        raise ConfigError(f"train.collective_timeout_seconds: must be 0 (use train.collective_timeout_minutes) or "
-                          f"> 0, got {cfg.train.collective_timeout_seconds}")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise ConfigError(f"parallel.dp_shard: must be -1 (fill the world) or >= 1, got {cfg.parallel.dp_shard}")
-    if cfg.optim.max_nonfinite_steps < 0:
-        raise ConfigError(f"optim.max_nonfinite_steps: must be 0 (stop at the first) or more, got "
-                          f"{cfg.optim.max_nonfinite_steps}")
-    if cfg.data.streams < 0:
-        raise ConfigError(f"data.streams: must be 0 (chosen from the shard count and the batch) or >= 1, "
-                          f"got {cfg.data.streams}")
-    if cfg.logging.peak_tflops < 0:
-        raise ConfigError(f"logging.peak_tflops: must be 0 (known GPUs) or a positive TFLOP/s, got {cfg.logging.peak_tflops}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction: {cfg.data.max_bad_fraction} is outside [0, 1]")
-    if not 0.0 < cfg.data.crop_scale_min <= cfg.data.crop_scale_max <= 1.0:
-        raise ConfigError(
-            f"data.crop_scale_min/max: need 0 < min <= max <= 1, got {cfg.data.crop_scale_min}, {cfg.data.crop_scale_max}"
-        )
     return cfg
-
-
-SIGMOID_LOGIT_SCALE_INIT = 2.302585092994046  # log(10), SigLIP's t' init
-SIGMOID_LOGIT_BIAS_INIT = -10.0
-
-
-def _resolve_loss_parameters(cfg: Config) -> None:
-    """loss.kind sigmoid: the model gets a logit bias (init -10) and, unless the recipe set another,
-    the temperature init log 10 (SigLIP); resolved here so the saved config.yaml holds what runs."""
-    if cfg.loss.kind == "sigmoid":
-        if cfg.model.logit_bias_init is None:
-            cfg.model.logit_bias_init = SIGMOID_LOGIT_BIAS_INIT
-            if cfg.model.logit_scale_init == ModelConfig.logit_scale_init:
-                cfg.model.logit_scale_init = SIGMOID_LOGIT_SCALE_INIT
-    elif cfg.model.logit_bias_init is not None:
-        raise ConfigError(f"model.logit_bias_init: {cfg.model.logit_bias_init} is set, but only loss.kind sigmoid has a "
-                          f"logit bias (loss.kind is {cfg.loss.kind}); leave it null or use loss.kind=sigmoid")
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -207,3 +207,87 @@ def check_locks(cfg) -> None:
         raise ConfigError("model.lock_vision and model.lock_text: both towers wholly frozen leave only the temperature "
                           "to train; unlock some groups (model.lock_vision_unlocked_blocks / "
                           "model.lock_text_unlocked_layers) or lock one tower")
+
+
+def check_ranges(cfg) -> None:
+    """The numeric keys against their valid ranges (one ConfigError naming the key, the value and the range)."""
+    if not 0.0 <= cfg.model.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio: {cfg.model.mask_ratio} is outside [0, 1)")
+    if cfg.model.text_pad_mask and (cfg.data.tokenizer == "openclip" or cfg.data.tokenizer.startswith("openclip:")):
+        raise ConfigError(f"model.text_pad_mask=true with data.tokenizer={cfg.data.tokenizer}: OpenCLIP's id 0 pads "
+                          f"and is also the token '!', which the mask would hide; set model.text_pad_mask=false")
+    check_model_options(cfg.model)
+    if not 0.0 <= cfg.model.text_mask_ratio < 1.0:
+        raise ConfigError(f"model.text_mask_ratio: {cfg.model.text_mask_ratio} is outside [0, 1) (0: no text masking)")
+    if cfg.eval.masked_views < 0 or cfg.eval.masked_views == 1:
+        raise ConfigError(f"eval.masked_views: must be 0 (off) or >= 2 views, got {cfg.eval.masked_views}")
+    if cfg.eval.masked_view_ratio and not 0.0 < cfg.eval.masked_view_ratio < 1.0:
+        raise ConfigError(f"eval.masked_view_ratio: {cfg.eval.masked_view_ratio} is outside (0, 1) (0: 1 - 1/masked_views)")
+    positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "model.context_length": cfg.model.context_length,
+        "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
+        "parallel.dp_replicate": cfg.parallel.dp_replicate,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in (("parallel.microbatches", cfg.parallel.microbatches),
+                       ("checkpoint.every_steps", cfg.checkpoint.every_steps)):
+        if value < 0:
+            meaning = ("0 (2 x parallel.pp under pipeline parallel, else 1)" if key == "parallel.microbatches"
+                       else "0 (no periodic checkpoints: the final one and preemption saves only)")
+            raise ConfigError(f"{key}: must be {meaning} or >= 1, got {value}")
+    for key in ("collective_timeout_minutes", "init_timeout_minutes"):
+        if not getattr(cfg.train, key) > 0:
+            raise ConfigError(f"train.{key}: must be > 0, got {getattr(cfg.train, key)}")
+    if cfg.train.spike_factor != 0 and not cfg.train.spike_factor > 1:
+        raise ConfigError(f"train.spike_factor: must be 0 (off) or > 1 (a loss that many times the running median), "
+                          f"got {cfg.train.spike_factor}")
+    if cfg.train.spike_window < 1:
+        raise ConfigError(f"train.spike_window: must be >= 1 steps, got {cfg.train.spike_window}")
+    if cfg.checkpoint.max_failed_saves < 0:
+        raise ConfigError(f"checkpoint.max_failed_saves: must be 0 (stop at the first failed save) or more, got "
+                          f"{cfg.checkpoint.max_failed_saves}")
+    if cfg.train.collective_timeout_seconds < 0:
+        raise ConfigError(f"train.collective_timeout_seconds: must be 0 (use train.collective_timeout_minutes) or "
+                          f"> 0, got {cfg.train.collective_timeout_seconds}")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard: must be -1 (fill the world) or >= 1, got {cfg.parallel.dp_shard}")
+    if cfg.optim.max_nonfinite_steps < 0:
+        raise ConfigError(f"optim.max_nonfinite_steps: must be 0 (stop at the first) or more, got "
+                          f"{cfg.optim.max_nonfinite_steps}")
+    if cfg.data.streams < 0:
+        raise ConfigError(f"data.streams: must be 0 (chosen from the shard count and the batch) or >= 1, "
+                          f"got {cfg.data.streams}")
+    if cfg.logging.peak_tflops < 0:
+        raise ConfigError(f"logging.peak_tflops: must be 0 (known GPUs) or a positive TFLOP/s, got {cfg.logging.peak_tflops}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: {cfg.data.max_bad_fraction} is outside [0, 1]")
+    if not 0.0 < cfg.data.crop_scale_min <= cfg.data.crop_scale_max <= 1.0:
+        raise ConfigError(
+            f"data.crop_scale_min/max: need 0 < min <= max <= 1, got {cfg.data.crop_scale_min}, {cfg.data.crop_scale_max}"
+        )
+
+
+SIGMOID_LOGIT_SCALE_INIT = 2.302585092994046  # log(10), SigLIP's t' init
+SIGMOID_LOGIT_BIAS_INIT = -10.0
+
+
+def resolve_loss_parameters(cfg, default_scale_init: float) -> None:
+    """loss.kind sigmoid: the model gets a logit bias (init -10) and, unless the recipe set another,
+    the temperature init log 10 (SigLIP) in place of the default `default_scale_init`; resolved at
+    validation so the saved config.yaml holds what runs."""
+    if cfg.loss.kind == "sigmoid":
+        if cfg.model.logit_bias_init is None:
+            cfg.model.logit_bias_init = SIGMOID_LOGIT_BIAS_INIT
+            if cfg.model.logit_scale_init == default_scale_init:
+                cfg.model.logit_scale_init = SIGMOID_LOGIT_SCALE_INIT
+    elif cfg.model.logit_bias_init is not None:
+        raise ConfigError(f"model.logit_bias_init: {cfg.model.logit_bias_init} is set, but only loss.kind sigmoid has a "
+                          f"logit bias (loss.kind is {cfg.loss.kind}); leave it null or use loss.kind=sigmoid")
