@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -399,16 +398,7 @@ def run(cfg: Config, run_dir: Path, resume: Optional[str] = None, init_from: Opt
         try:
             result = trainer.fit()
         except Exception as error:
-            if proc.world_size > 1:
-                # A teardown blocked by a dead or hung peer (an asynchronous checkpoint write waiting
-                # in a collective, the process group's shutdown) must not keep this rank alive.
-                guard = threading.Timer(trainer.watchdog.limit_s, os._exit, (1,))
-                guard.daemon = True
-                guard.start()
-            if proc.world_size > 1 and not isinstance(error, (ConfigError, FloatingPointError, CheckpointSaveError)):
-                # Name the step and the rank that stopped (a peer's death surfaces here as a failed collective).
-                log.error("flip_scale: %s", trainer.watchdog.report(error))
-                trainer.watchdog.exit_after_report(error)
+            trainer.watchdog.on_failure(error, expected=(ConfigError, FloatingPointError, CheckpointSaveError))
             raise
         trainer.close()  # commits an asynchronous save still pending (fit may return before its end)
         return result

@@ -248,6 +248,21 @@ class Watchdog:
                 waiting = [key for key in waiting if not self.store.check([key])]
             time.sleep(0.05)
 
+    def on_failure(self, error: BaseException, expected: tuple = ()) -> None:
+        """A failed run on one of several ranks: arm a timer that ends this rank after `limit_s`
+        whatever its teardown waits on (an asynchronous checkpoint write in a collective, the
+        process group's shutdown, blocked by a dead or hung peer); for an error not of the
+        `expected` kinds (a peer's death surfaces as a failed collective) name the step and the rank
+        that stopped and exit now. Returns (for the caller to re-raise) only for expected kinds."""
+        if self.world_size <= 1:
+            return
+        guard = threading.Timer(self.limit_s, os._exit, (1,))
+        guard.daemon = True
+        guard.start()
+        if not isinstance(error, expected):
+            log.error("flip_scale: %s", self.report(error))
+            self.exit_after_report(error)
+
     def exit_after_report(self, error: BaseException) -> None:
         """End this rank now, with EXIT_CODE, after `report` has named the lost peer: the process
         group cannot be torn down (its destroy waits on the dead or unreachable peer; the heartbeat
