@@ -216,8 +216,12 @@ def test_tiny_trains_masked_from_the_import_under_one_process_and_dp2_tp2(tiny_s
     one, four, two = _losses(single), _losses(sharded), _losses(staged)
     print("losses", one, four, two)
     assert [s for s, _ in one] == [s for s, _ in four] == [s for s, _ in two] == [1, 2, 3]
-    for (_, a), (_, b), (_, c) in zip(one, four, two):
-        assert abs(a - b) <= 1e-5 and abs(a - c) <= 1e-5, (one, four, two)
+    # Step 1 sees identical weights: equal to 1e-5. Later steps follow AdamW updates, whose
+    # normalisation turns fp32 reduction-order differences (tp and pipeline sum in another order)
+    # in near-zero gradient entries into lr-sized steps: equal to 1e-4 (CI saw 1.8e-5 at step 2).
+    for step, ((_, a), (_, b), (_, c)) in enumerate(zip(one, four, two)):
+        tolerance = 1e-5 if step == 0 else 1e-4
+        assert abs(a - b) <= tolerance and abs(a - c) <= tolerance, (one, four, two)
     assert one[0][1] != one[2][1]  # it trains
 
     # The trained weights go back to OpenCLIP: strict load, the same embeddings.
