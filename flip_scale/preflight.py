@@ -135,10 +135,16 @@ def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
     return build_tokenizer(cfg.data.tokenizer, context_length=cfg.model.context_length).vocab_size
 
 
+def source_modes(cfg: Config) -> list:
+    """(name, resampled) of each of `data.sources`, as the loader names them (empty: one source)."""
+    return [(str(src.get("name", f"source{i}")), src.get("resampled", cfg.data.resampled))
+            for i, src in enumerate(cfg.data.sources) if isinstance(src, dict)]
+
+
 def describe_plan(plan: RunPlan) -> str:
     """What `flip-train` would run: the layout, the batch split, the data streams, the schedule and
     the model's size and cost (the model is counted on the meta device)."""
-    from .data.loader import stream_note
+    from .data.loader import sampling_note, stream_note
     from .models import build_model, count_parameters
     cfg, dims, arch = plan.cfg, plan.dims, plan.arch
     counts = count_parameters(build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0))
@@ -174,6 +180,7 @@ def describe_plan(plan: RunPlan) -> str:
         f"  data: {shards}; {plan.streams} sample streams ({plan.streams // dims.dp_size} per data-parallel rank, "
         f"{plan.local_batch * dims.dp_size // plan.streams} samples each per step)",
         f"  data streams: {stream_note(plan.streams, plan.num_shards, cfg.train.global_batch_size, not cfg.data.streams)}",
+        f"  data sampling: {sampling_note(cfg.data.resampled, source_modes(cfg))}",
         f"  schedule: {cfg.train.max_steps} steps = {samples / 1e6:.2f}M samples, peak lr {effective_lr(cfg):.3e}, "
         f"warmup {cfg.schedule.warmup_steps}, {cfg.schedule.name}",
         f"  compute: {flops / 1e9:.1f} GFLOPs per training sample, {flops * samples / 1e18:.2f} EFLOP in all",

@@ -75,7 +75,7 @@ class Trainer:
         if with_data:
             try:
                 if cfg.data.sources:
-                    parse_sources(cfg.data.sources)
+                    parse_sources(cfg.data.sources, cfg.data.resampled)
                 else:
                     expand_shards(cfg.data.train_shards, check_exists=False)
             except (ValueError, FileNotFoundError) as error:

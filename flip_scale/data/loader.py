@@ -41,7 +41,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .chunks import join_chunks, merge_chunks
-from .mixture import iter_mixture, parse_sources
+from .mixture import (  # noqa: F401  (sampling_note: also used from here)
+    check_resampled,
+    iter_mixture,
+    parse_sources,
+    sampling_mode,
+    sampling_note,
+)
 from .fields import SMALL_IMAGE, UNDECODABLE_IMAGE, SampleFormat, caption_text, check_train_sample, image_bytes
 from .streams import (  # noqa: F401  (check_streams, default_streams, stream_note: also used from here)
     DEFAULT_STREAMS_CAP,
@@ -60,8 +66,10 @@ from .shards import (
     derive_seed,
     expand_shards,
     read_tar_samples,
+    resampled_shards,
     warn_if_few_shards,
 )
+from .resume import SAVED_DEFAULTS
 from .tokenizer import Tokenizer, build_tokenizer
 from .transforms import TrainTransform, build_train_transform, decode_image
 
@@ -106,10 +114,13 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, streams: Sequence[int],
                  total_streams: int, chunk_size: int, seed: int, num_workers: int, epochs: Optional[int] = None,
-                 start: Optional[dict] = None, sources: Optional[list] = None):
+                 start: Optional[dict] = None, sources: Optional[list] = None, resampled: bool = False):
         self.shards = list(shards)
         self.data_cfg = data_cfg
-        self.sources = sources  # a mixture (flip_scale/data/mixture.py): [(name, weight, shards)]
+        self.sources = sources  # a mixture (flip_scale/data/mixture.py): [Source(name, weight, shards, resampled)]
+        # Shards drawn with replacement, one per draw (flip_scale.data.shards.resampled_shards): the
+        # position's "epoch" then counts draws.
+        self.resampled = resampled
         self.mix_start = dict(start or {}) if sources else {}
         start = None if sources else start
         self.transform = transform
@@ -155,7 +166,8 @@ class TrainStream(IterableDataset):
 
     def _epoch_samples(self, epoch: int, stream: int, tracker: BadSampleTracker) -> Iterator[RawSample]:
         """Usable samples of this stream's shards in `epoch`, before the shuffle buffer."""
-        tasks = assign_shards(self.shards, epoch, self.seed, 0, 1, stream, self.total_streams)
+        tasks = (resampled_shards(self.shards, epoch, self.seed, stream) if self.resampled
+                 else assign_shards(self.shards, epoch, self.seed, 0, 1, stream, self.total_streams))
         for task in tasks:
             # While replaying to a resume point (tracker.quiet) images are only located, not read.
             for sample in read_tar_samples(task.shard, task.select if task.stride > 1 else None,
@@ -202,6 +214,7 @@ class TrainStream(IterableDataset):
         shards: list[str] = []  # each sample's shard, beside its key (a loss spike names both)
         epoch = start_epoch
         position = (epoch, skip)
+        empty_draws = 0  # resampled: draws in a row that gave no usable sample
 
         def make_chunk() -> dict:
             chunk = {
@@ -251,7 +264,16 @@ class TrainStream(IterableDataset):
             # decoded then), even when none is left after it.
             resumed_epoch = epoch == start_epoch and skip > 0
             tracker.quiet = False
-            if produced == 0 or (decoded == 0 and not resumed_epoch):
+            if self.resampled:
+                # One drawn shard may be empty or bad (counted above); only a run of them stops the stream.
+                empty_draws = 0 if decoded or resumed_epoch else empty_draws + 1
+                if empty_draws >= max(64, 4 * len(self.shards)):
+                    raise DataError(
+                        f"no usable samples in {empty_draws} shard draws in a row for stream {stream} of "
+                        f"{self.total_streams} over {len(self.shards)} shards (first: {self.shards[0]}); the "
+                        f"warnings above say why"
+                    )
+            elif produced == 0 or (decoded == 0 and not resumed_epoch):
                 # A stream with nothing usable would otherwise spin through its epochs forever.
                 raise DataError(
                     f"no usable samples in epoch {epoch} for stream {stream} of {self.total_streams} over "
@@ -277,13 +299,21 @@ class TrainLoader:
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, dp_rank: int,
                  dp_size: int, batch_size: int, seed: int, epochs: Optional[int] = None, pin_memory: bool = False,
-                 streams: int = 0, sources: Optional[list] = None):
+                 streams: int = 0, sources: Optional[list] = None, resampled: bool = False):
         self.shards = list(shards)
         self.sources = sources
+        self.resampled = resampled
         if sources and epochs is not None:
             raise ValueError("a mixture of data.sources is an endless stream: epochs must be None")
+        if resampled and epochs is not None:
+            raise ValueError("data.resampled draws shards with replacement, an endless stream: epochs must be None")
         # The digest covers the mixture too: other weights or names are another stream.
-        self.digest_names = self.shards + [f"{n}:{w!r}:{len(s)}" for n, w, s in (sources or [])]
+        self.digest_names = self.shards + [f"{src.name}:{src.weight!r}:{len(src.shards)}" for src in (sources or [])]
+        # Per epoch or with replacement, per source: a resume under the other mode restarts the stream.
+        # (All per epoch is "epochs", as checkpoints from before the key meant.)
+        resampled_any = any(src.resampled for src in sources) if sources else resampled
+        self.sampling = (",".join(f"{src.name}={sampling_mode(src.resampled)}" for src in sources)
+                         if sources and resampled_any else sampling_mode(resampled_any))
         self.data_cfg = data_cfg
         self.transform = transform
         self.tokenizer = tokenizer
@@ -299,6 +329,7 @@ class TrainLoader:
         if dp_rank == 0:
             log.info("data: %s", stream_note(self.total_streams, len(self.shards), batch_size * dp_size,
                                              self.streams_auto))
+            log.info("data: sampling %s", sampling_note(resampled, [(src.name, src.resampled) for src in sources or []]))
 
     def _set_streams(self, streams: int) -> None:
         check_streams(streams, self.dp_size, self.batch_size * self.dp_size)
@@ -318,14 +349,14 @@ class TrainLoader:
 
     def _fresh_position(self):
         if self.sources:
-            return {"batch": 0, "sources": {name: [0, 0] for name, _, _ in self.sources}}
+            return {"batch": 0, "sources": {source.name: [0, 0] for source in self.sources}}
         return (0, 0)
 
     def _dataset(self) -> TrainStream:
         return TrainStream(
             self.shards, self.data_cfg, self.transform, self.tokenizer, self.rank_streams, self.total_streams,
             self.chunk_size, self.seed, self.num_workers, epochs=self.epochs, start=self.positions,
-            sources=self.sources,
+            sources=self.sources, resampled=self.resampled,
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -374,6 +405,7 @@ class TrainLoader:
             "seed": self.seed,
             "num_shards": len(self.shards),
             "shards_digest": shards_digest(self.digest_names),
+            "sampling": self.sampling,
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
             "batch_size": self.batch_size,
@@ -386,8 +418,9 @@ class TrainLoader:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
                              f"stream of an older checkpoint cannot be continued sample for sample")
         differ = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)),
-                                                     ("shards_digest", shards_digest(self.digest_names)))
-                  if state.get(k) != v}
+                                                     ("shards_digest", shards_digest(self.digest_names)),
+                                                     ("sampling", self.sampling))
+                  if state.get(k, SAVED_DEFAULTS.get(k)) != v}
         if differ:
             text = ", ".join(f"{k}: saved {old} now {new}" for k, (old, new) in differ.items())
             raise ValueError(f"cannot resume the data stream: {text}. The stream position is only meaningful for the "
@@ -430,9 +463,10 @@ def build_train_loader(data_cfg, image_size: int, tokenizer: Union[Tokenizer, st
         raise ValueError(f"data.num_workers must be >= 0 (0: load in the training process), got {data_cfg.num_workers}")
     if isinstance(tokenizer, str):
         tokenizer = build_tokenizer(tokenizer)
-    sources = parse_sources(data_cfg.sources) if getattr(data_cfg, "sources", None) else None
-    shards = [s for _, _, part in sources for s in part] if sources else expand_shards(data_cfg.train_shards)
+    resampled = check_resampled(getattr(data_cfg, "resampled", False), "data.resampled")
+    sources = parse_sources(data_cfg.sources, resampled) if getattr(data_cfg, "sources", None) else None
+    shards = [s for source in sources for s in source.shards] if sources else expand_shards(data_cfg.train_shards)
     transform = build_train_transform(data_cfg, image_size)
     return TrainLoader(shards, data_cfg, transform, tokenizer, dp_rank, dp_size, local_batch_size, seed,
                        epochs=epochs, pin_memory=pin_memory, streams=int(getattr(data_cfg, "streams", 0)),
-                       sources=sources)
+                       sources=sources, resampled=resampled)

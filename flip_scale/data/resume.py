@@ -21,7 +21,9 @@ from __future__ import annotations
 from typing import Optional
 
 # What must be equal for the saved positions to mean the same samples in this run.
-_SAME_STREAM_KEYS = ("version", "seed", "num_shards", "shards_digest")
+_SAME_STREAM_KEYS = ("version", "seed", "num_shards", "shards_digest", "sampling")
+# What a checkpoint written before a key existed meant by it (shards drawn per epoch).
+SAVED_DEFAULTS = {"sampling": "epochs"}
 
 
 def merged_positions(blobs: list[dict]) -> dict[str, list]:
@@ -57,8 +59,11 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
     if not blobs:
         return None, None
     first = blobs[0]
-    problems = [f"{key} {first.get(key)} -> {fresh.get(key)}" for key in _SAME_STREAM_KEYS
-                if first.get(key) != fresh.get(key)]
+    def saved(blob, key):
+        return blob.get(key, SAVED_DEFAULTS.get(key))
+
+    problems = [f"{key} {saved(first, key)} -> {saved(fresh, key)}" for key in _SAME_STREAM_KEYS
+                if saved(first, key) != saved(fresh, key)]
     streams = first.get("streams")
     if not problems:
         merged = merged_positions(blobs)

@@ -376,6 +376,15 @@ def assign_shards(shards: Sequence[str], epoch: int, seed: int, dp_rank: int, dp
     return [ShardTask(order[reader % count], offset=reader // count, stride=sharing)]
 
 
+def resampled_shards(shards: Sequence[str], draw: int, seed: int, stream: int) -> list[ShardTask]:
+    """The shard stream `stream` reads in its draw `draw` when sampling with replacement
+    (`data.resampled`, webdataset's `resampled=True`): one shard drawn uniformly from all of them,
+    seeded by (seed, draw, stream), so the draws are the same under every layout and a resume
+    replays them. Every shard is read equally often on average, not exactly once per pass."""
+    rng = random.Random(derive_seed(seed, "shard-resample", draw, stream))
+    return [ShardTask(shards[rng.randrange(len(shards))])]
+
+
 _warned_few_shards: set = set()
 
 
