@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import tarfile
 
 import pytest
+import torch
 
 from flip_scale.config import DataConfig
 from flip_scale.data import Tokenizer, build_train_loader
 from flip_scale.data.resume import data_state_for_resume
-from flip_scale.data.shards import resampled_shards
+from flip_scale.data.shards import DataError, resampled_shards
 from test_data_mixture import _source
 
 
@@ -39,14 +41,22 @@ def _batches(cfg, tokenizer, dp: int, count: int, states=None, batch: int = 8):
 
 def test_resampled_shards_draw_with_replacement_and_deterministically():
     shards = [f"s{i}" for i in range(4)]
-    draws = [resampled_shards(shards, d, seed=3, stream=1)[0].shard for d in range(400)]
-    assert draws == [resampled_shards(shards, d, seed=3, stream=1)[0].shard for d in range(400)]
-    assert draws != [resampled_shards(shards, d, seed=3, stream=2)[0].shard for d in range(400)]
-    counts = collections.Counter(draws)
+
+    def draws(stream=1, streams=4, salt="", count=400):
+        return [[t.shard for t in resampled_shards(shards, d, 3, stream, streams, salt)] for d in range(count)]
+
+    one = draws()
+    assert one == draws() and all(len(d) == 1 for d in one)
+    assert one != draws(stream=2) and one != draws(salt="coyo")
+    counts = collections.Counter(d[0] for d in one)
     assert set(counts) == set(shards) and all(70 < n < 130 for n in counts.values()), counts  # ~100 each
-    # With replacement: some shard comes again before every shard has been drawn once.
-    first_four = draws[:4]
-    assert len(set(first_four)) < 4 or any(draws[i] == draws[i + 1] for i in range(20))
+    # With replacement: 400 independent draws from 4 shards repeat a shard back to back about 100
+    # times (per epoch, at most once per pass boundary, under 100 in all).
+    assert sum(a == b for a, b in zip(one, one[1:])) > 60
+    # A draw reads as many shards as a per-epoch pass gives the stream: 8 shards over 2 streams, 4.
+    shards = [f"s{i}" for i in range(8)]
+    wide = draws(stream=0, streams=2, count=50)
+    assert all(len(d) == 4 for d in wide) and any(len(set(d)) < 4 for d in wide)
 
 
 def test_a_resampled_stream_is_the_same_under_every_layout_and_resumes_exactly(data, caplog):
@@ -56,17 +66,52 @@ def test_a_resampled_stream_is_the_same_under_every_layout_and_resumes_exactly(d
         one, _ = _batches(cfg, tokenizer, 1, 30)
     assert "sampling with replacement" in caplog.text
     assert _batches(cfg, tokenizer, 2, 30)[0] == one
+    assert _batches(cfg, tokenizer, 4, 30)[0] == one
+    assert _batches(dataclasses.replace(cfg, num_workers=2), tokenizer, 1, 30)[0] == one
     # 30 batches = 240 samples = two passes over the 120: drawn with replacement, the counts are
-    # uneven (per epoch they would be exactly 2 each).
+    # uneven (per epoch they are exactly 2 each).
     counts = collections.Counter(key for batch in one for key in batch)
     assert max(counts.values()) > 2 and min(counts.values()) < 2
     per_epoch, _ = _batches(dataclasses.replace(cfg, resampled=False), tokenizer, 1, 30)
     assert set(collections.Counter(key for batch in per_epoch for key in batch).values()) == {2}
-    # Resume after 11 batches under dp 2 into dp 1: the next batches are the same.
+    # Resume after 11 batches under dp 2 into dp 1 and dp 4: the next batches are the same.
     _, loaders = _batches(cfg, tokenizer, 2, 11)
     states = [loader.state_dict() for loader in loaders]
     assert states[0]["sampling"] == "resampled"
     assert _batches(cfg, tokenizer, 1, 19, states)[0] == one[11:]
+    assert _batches(cfg, tokenizer, 4, 19, states)[0] == one[11:]
+
+
+def test_copies_of_a_sample_in_one_batch_are_cropped_apart(data, tmp_path):
+    """Two shards for four streams: streams often read the same shard in the same draw."""
+    cfg, _, _, tokenizer = data
+    cfg = dataclasses.replace(cfg, train_shards=_source(tmp_path, "c", 2, 30), resampled=True, streams=4)
+    batches = iter(build_train_loader(cfg, 8, tokenizer, 0, 1, 8, seed=0))
+    copies = 0
+    for _ in range(20):
+        batch = next(batches)
+        rows: dict = {}
+        for row, key in enumerate(batch["keys"]):
+            rows.setdefault(key, []).append(row)
+        for same in (r for r in rows.values() if len(r) > 1):
+            copies += 1
+            assert not torch.equal(batch["images"][same[0]], batch["images"][same[1]])
+    assert copies > 0
+
+
+def test_empty_or_bad_draws_are_skipped_and_only_a_run_of_them_stops_the_stream(data, tmp_path):
+    cfg, _, _, tokenizer = data
+    good = _source(tmp_path, "g", 3, 10)
+    (tmp_path / "g-000003.tar").write_bytes(b"not a tar file")  # one bad shard among four
+    cfg = dataclasses.replace(cfg, train_shards=good.replace("000002", "000003"), resampled=True, streams=1)
+    batches = iter(build_train_loader(cfg, 8, tokenizer, 0, 1, 8, seed=0))
+    keys = [key for _ in range(20) for key in next(batches)["keys"]]
+    assert len(keys) == 160 and {key[:2] for key in keys} == {"g0", "g1", "g2"}
+    with tarfile.open(tmp_path / "e-000000.tar", "w"):
+        pass  # a shard with no sample
+    empty = dataclasses.replace(cfg, train_shards=str(tmp_path / "e-000000.tar"))
+    with pytest.raises(DataError, match="64 shard draws in a row .* every drawn shard was empty or held only bad"):
+        next(iter(build_train_loader(empty, 8, tokenizer, 0, 1, 8, seed=0)))
 
 
 def test_per_epoch_state_is_read_as_before_and_a_mode_change_restarts_with_the_reason(data):
@@ -77,26 +122,41 @@ def test_per_epoch_state_is_read_as_before_and_a_mode_change_restarts_with_the_r
     # A checkpoint written before the key existed meant per-epoch sampling: it continues.
     old = {k: v for k, v in state.items() if k != "sampling"}
     assert data_state_for_resume([old], build_train_loader(cfg, 8, tokenizer, 0, 1, 8, seed=0).state_dict())[1] is None
+    build_train_loader(cfg, 8, tokenizer, 0, 1, 8, seed=0).load_state_dict(old)
     fresh = build_train_loader(dataclasses.replace(cfg, resampled=True), 8, tokenizer, 0, 1, 8, seed=0)
     restarted, reason = data_state_for_resume([state], fresh.state_dict())
-    assert "sampling epochs -> resampled" in reason and "restarts at epoch 1" in reason
+    assert "drawn another way (sampling epochs -> resampled)" in reason and "restarts at epoch 1" in reason
+    assert "data.streams" not in reason  # the layout advice is for layout changes
     fresh.load_state_dict(restarted)
-    with pytest.raises(ValueError, match="sampling: saved epochs now resampled"):
-        fresh.load_state_dict(state)
+    for saved in (state, old):
+        with pytest.raises(ValueError, match="sampling: saved epochs now resampled.*and sampling mode"):
+            fresh.load_state_dict(saved)
 
 
 def test_a_mixture_with_one_resampled_source(data):
     cfg, a, b, tokenizer = data
     sources = [{"shards": a, "weight": 0.75, "name": "laion"},
                {"shards": b, "weight": 0.25, "name": "coyo", "resampled": True}]
-    cfg = dataclasses.replace(cfg, sources=sources)
+    cfg = dataclasses.replace(cfg, sources=sources, streams=4)
     one, loaders = _batches(cfg, tokenizer, 1, 30)
     assert loaders[0].state_dict()["sampling"] == "laion=epochs,coyo=resampled"
     keys = [key for batch in one for key in batch]
     laion = collections.Counter(k for k in keys if k.startswith("a"))
-    coyo = collections.Counter(k for k in keys if k.startswith("b"))
     assert len(laion) == 120 and set(laion.values()) <= {1, 2}  # per epoch: none seen a third time
-    assert len(coyo) < 40 or max(coyo.values()) - min(coyo.values()) > 1  # resampled: uneven
+    # Rows 2s, 2s+1 of each batch are stream s's, and a draw (or epoch) of a stream reads one coyo
+    # shard of 10 samples: per epoch the four streams split the four shards in every round; drawn
+    # with replacement, streams meet on a shard in some round.
+    def rounds(batches):
+        per_stream = [[k[:2] for batch in batches for k in batch[2 * s:2 * s + 2] if k.startswith("b")]
+                      for s in range(4)]
+        count = min(len(keys) for keys in per_stream) // 10
+        return [{keys[10 * r] for keys in per_stream} for r in range(count)]
+
+    long_run = _batches(cfg, tokenizer, 1, 80)[0]
+    assert long_run[:30] == one and len(rounds(long_run)) >= 3
+    assert any(len(shards) < 4 for shards in rounds(long_run))
+    per_epoch = dataclasses.replace(cfg, sources=[sources[0], dict(sources[1], resampled=False)])
+    assert all(len(shards) == 4 for shards in rounds(_batches(per_epoch, tokenizer, 1, 80)[0]))
     assert _batches(cfg, tokenizer, 2, 30)[0] == one
     _, loaders = _batches(cfg, tokenizer, 2, 13)
     assert _batches(cfg, tokenizer, 1, 17, [loader.state_dict() for loader in loaders])[0] == one[13:]

@@ -114,13 +114,15 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: Sequence[str], data_cfg, transform: TrainTransform, tokenizer, streams: Sequence[int],
                  total_streams: int, chunk_size: int, seed: int, num_workers: int, epochs: Optional[int] = None,
-                 start: Optional[dict] = None, sources: Optional[list] = None, resampled: bool = False):
+                 start: Optional[dict] = None, sources: Optional[list] = None, resampled: bool = False,
+                 source: str = ""):
         self.shards = list(shards)
         self.data_cfg = data_cfg
         self.sources = sources  # a mixture (flip_scale/data/mixture.py): [Source(name, weight, shards, resampled)]
-        # Shards drawn with replacement, one per draw (flip_scale.data.shards.resampled_shards): the
-        # position's "epoch" then counts draws.
+        # Shards drawn with replacement (flip_scale.data.shards.resampled_shards): the position's
+        # "epoch" then counts draws. `source`: a mixture's source name, salting the draws.
         self.resampled = resampled
+        self.source = source
         self.mix_start = dict(start or {}) if sources else {}
         start = None if sources else start
         self.transform = transform
@@ -166,7 +168,8 @@ class TrainStream(IterableDataset):
 
     def _epoch_samples(self, epoch: int, stream: int, tracker: BadSampleTracker) -> Iterator[RawSample]:
         """Usable samples of this stream's shards in `epoch`, before the shuffle buffer."""
-        tasks = (resampled_shards(self.shards, epoch, self.seed, stream) if self.resampled
+        tasks = (resampled_shards(self.shards, epoch, self.seed, stream, self.total_streams, self.source)
+                 if self.resampled
                  else assign_shards(self.shards, epoch, self.seed, 0, 1, stream, self.total_streams))
         for task in tasks:
             # While replaying to a resume point (tracker.quiet) images are only located, not read.
@@ -182,7 +185,7 @@ class TrainStream(IterableDataset):
                     continue
                 yield sample
 
-    def _load(self, sample: RawSample, epoch: int, tracker: BadSampleTracker) -> Optional[torch.Tensor]:
+    def _load(self, sample: RawSample, epoch: int, stream: int, tracker: BadSampleTracker) -> Optional[torch.Tensor]:
         try:
             if self.tensor_path is not None:
                 image, size = self.tensor_path.decode(image_bytes(sample, self.format))
@@ -197,7 +200,11 @@ class TrainStream(IterableDataset):
                                       f"data.min_image_size={self.min_image_size}", SMALL_IMAGE))
             return None
         # Per-sample seed: the same sample in the same epoch gets the same crop whatever the layout.
-        rng = random.Random(derive_seed(self.seed, "augment", epoch, sample.shard.rsplit("/", 1)[-1], sample.key))
+        # Drawn with replacement, two streams can read one shard in one draw: the stream is in the
+        # seed too, so the copies are cropped apart.
+        name = sample.shard.rsplit("/", 1)[-1]
+        where = (epoch, name, sample.key, stream) if self.resampled else (epoch, name, sample.key)
+        rng = random.Random(derive_seed(self.seed, "augment", *where))
         return (self.tensor_path or self.transform)(image, rng)
 
     def iter_stream(self, stream: int) -> Iterator[dict]:
@@ -247,7 +254,7 @@ class TrainStream(IterableDataset):
                     if drawn == skip:
                         tracker.quiet = False
                     continue
-                image = self._load(sample, epoch, tracker)
+                image = self._load(sample, epoch, stream, tracker)
                 drawn += 1
                 if image is None:
                     continue
@@ -270,8 +277,8 @@ class TrainStream(IterableDataset):
                 if empty_draws >= max(64, 4 * len(self.shards)):
                     raise DataError(
                         f"no usable samples in {empty_draws} shard draws in a row for stream {stream} of "
-                        f"{self.total_streams} over {len(self.shards)} shards (first: {self.shards[0]}); the "
-                        f"warnings above say why"
+                        f"{self.total_streams} over {len(self.shards)} shards (first: {self.shards[0]}): every "
+                        f"drawn shard was empty or held only bad samples (bad ones are in the warnings above)"
                     )
             elif produced == 0 or (decoded == 0 and not resumed_epoch):
                 # A stream with nothing usable would otherwise spin through its epochs forever.
@@ -345,7 +352,7 @@ class TrainLoader:
                    "streams evenly (worker counts that fit: %s; or choose data.streams as dp size x workers)",
                    self.num_workers, self.requested_workers, per_rank, fits)
         self.positions = {stream: self._fresh_position() for stream in self.rank_streams}
-        warn_if_few_shards(len(self.shards), streams)
+        warn_if_few_shards(len(self.shards), streams, self.resampled and not self.sources)
 
     def _fresh_position(self):
         if self.sources:
@@ -417,14 +424,14 @@ class TrainLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}: the data "
                              f"stream of an older checkpoint cannot be continued sample for sample")
-        differ = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)),
+        differ = {k: (state.get(k, SAVED_DEFAULTS.get(k)), v) for k, v in (("seed", self.seed), ("num_shards", len(self.shards)),
                                                      ("shards_digest", shards_digest(self.digest_names)),
                                                      ("sampling", self.sampling))
                   if state.get(k, SAVED_DEFAULTS.get(k)) != v}
         if differ:
             text = ", ".join(f"{k}: saved {old} now {new}" for k, (old, new) in differ.items())
             raise ValueError(f"cannot resume the data stream: {text}. The stream position is only meaningful for the "
-                             f"same seed and shard list; start the data stream afresh instead")
+                             f"same seed, shard list and sampling mode; start the data stream afresh instead")
         streams = int(state["streams"])
         if streams != self.total_streams:
             if not self.streams_auto:

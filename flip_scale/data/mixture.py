@@ -41,7 +41,7 @@ def sampling_note(resampled: bool, sources: list) -> str:
     """How the shards are drawn, for the start-up log and the dry run (`sources`: a mixture's
     (name, resampled) pairs, or empty)."""
     def one(flag: bool) -> str:
-        return ("with replacement (resampled: each draw reads one shard chosen from (seed, draw, stream))"
+        return ("with replacement (resampled: each draw reads shards chosen from (seed, draw, stream))"
                 if flag else "per epoch, without replacement (every shard read once per epoch)")
 
     if not sources:
@@ -101,7 +101,7 @@ def iter_mixture(stream_cls, owner, stream: int) -> Iterator[dict]:
     subs = []
     for name, _, shards, resampled in owner.sources:
         sub = stream_cls(shards, owner.data_cfg, owner.transform, owner.tokenizer, [stream], owner.total_streams, 1,
-                         owner.seed, 0, start={stream: positions[name]}, resampled=resampled)
+                         owner.seed, 0, start={stream: positions[name]}, resampled=resampled, source=name)
         subs.append(sub.iter_stream(stream))
     names = [source.name for source in owner.sources]
     while True:

@@ -86,6 +86,15 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
         return [epoch, 0]
 
     state = dict(fresh, positions={stream: restart(p) for stream, p in fresh["positions"].items()}, batches=0)
+    if [key for key in _SAME_STREAM_KEYS if saved(first, key) != saved(fresh, key)] == ["sampling"]:
+        # Only the sampling mode changed: the saved "epochs" count draws on one side, so the number
+        # is only a fresh seed here, and the layout advice does not apply.
+        reason = (
+            f"the checkpoint's data was drawn another way ({'; '.join(problems)}): its stream positions mean "
+            f"nothing to this run, so the data restarts at epoch {epoch} (a draw or epoch index no stream had "
+            f"begun, for a fresh shuffle) for every stream and every source"
+        )
+        return state, reason
     reason = (
         f"the checkpoint's data stream cannot continue sample for sample in this run ({'; '.join(problems)}); "
         f"it restarts at epoch {epoch}, the first no stream had begun. To keep the stream across layouts, "

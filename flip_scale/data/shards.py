@@ -376,23 +376,36 @@ def assign_shards(shards: Sequence[str], epoch: int, seed: int, dp_rank: int, dp
     return [ShardTask(order[reader % count], offset=reader // count, stride=sharing)]
 
 
-def resampled_shards(shards: Sequence[str], draw: int, seed: int, stream: int) -> list[ShardTask]:
-    """The shard stream `stream` reads in its draw `draw` when sampling with replacement
-    (`data.resampled`, webdataset's `resampled=True`): one shard drawn uniformly from all of them,
-    seeded by (seed, draw, stream), so the draws are the same under every layout and a resume
-    replays them. Every shard is read equally often on average, not exactly once per pass."""
-    rng = random.Random(derive_seed(seed, "shard-resample", draw, stream))
-    return [ShardTask(shards[rng.randrange(len(shards))])]
+def resampled_shards(shards: Sequence[str], draw: int, seed: int, stream: int, streams: int,
+                     salt: str = "") -> list[ShardTask]:
+    """The shards stream `stream` (of `streams`) reads in its draw `draw` when sampling with
+    replacement (`data.resampled`, webdataset's `resampled=True`): each drawn uniformly and
+    independently from all of them, seeded by (seed, salt, draw, stream), so the draws are the same
+    under every layout and a resume replays them. Every shard is read equally often on average, not
+    exactly once per pass. A draw reads as many shards as a per-epoch pass gives a stream
+    (`len(shards) // streams`, at least one), so the shuffle buffer spans as many shards, and a
+    resume replays as much, in both modes. `salt` (a mixture's source name) keeps two sources with
+    the same shard count from drawing alike."""
+    rng = random.Random(derive_seed(seed, "shard-resample", salt, draw, stream))
+    return [ShardTask(shards[rng.randrange(len(shards))]) for _ in range(max(1, len(shards) // streams))]
 
 
 _warned_few_shards: set = set()
 
 
-def warn_if_few_shards(count: int, streams: int) -> None:
+def warn_if_few_shards(count: int, streams: int, resampled: bool = False) -> None:
     """Say once when the sample streams outnumber the shards (each shard is then read by several)."""
-    if count >= streams or (count, streams) in _warned_few_shards:
+    if count >= streams or (count, streams, resampled) in _warned_few_shards:
         return
-    _warned_few_shards.add((count, streams))
+    _warned_few_shards.add((count, streams, resampled))
+    if resampled:
+        log.warning(
+            "only %d shards for data.streams=%d sample streams drawing with replacement: several streams read "
+            "the same shard in each draw, so batches often hold a sample more than once (cropped apart). "
+            "Write many more shards than %d, or lower data.streams.",
+            count, streams, streams,
+        )
+        return
     log.warning(
         "only %d shards for data.streams=%d sample streams: each shard is shared by up to %d streams that each "
         "keep every k-th sample (disjoint, but every such stream reads the whole shard). Write at least %d "
