@@ -12,7 +12,7 @@ from PIL import Image
 
 from flip_scale.config import DataConfig
 from flip_scale.data import build_train_loader, train_tokenizer
-from flip_scale.data.chunks import join_chunks, merge_chunks
+from flip_scale.data.chunks import join_chunks, merge_chunks, stack_rows
 
 IMAGE = 8
 
@@ -92,3 +92,20 @@ def test_batches_and_resume_alike_with_one_two_or_no_workers(tmp_path, tokenizer
         resumed = loader(workers)
         resumed.load_state_dict(state)
         assert [b["keys"] for b in take(resumed, 3)] == [b["keys"] for b in reference[2:5]], workers
+
+
+class _StackInWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        rows = [torch.full((3, 2, 2), float(i)) for i in range(4)]
+        stacked = stack_rows(rows)
+        # Chunks hold lists of rows: a part stacks them once.
+        part = join_chunks([dict(chunk(0, 1, (0, 1)), images=rows[:1]), dict(chunk(1, 3, (0, 3)), images=rows[1:])])
+        yield stacked, stacked.is_shared(), part["images"]
+
+
+def test_rows_are_stacked_once_and_in_a_worker_into_shared_memory():
+    rows = [torch.full((3, 2, 2), float(i)) for i in range(4)]
+    assert not stack_rows(rows).is_shared()  # the main process: a plain stack
+    stacked, shared, images = next(iter(torch.utils.data.DataLoader(_StackInWorker(), batch_size=None,
+                                                                    num_workers=1)))
+    assert shared and torch.equal(stacked, torch.stack(rows)) and torch.equal(images, torch.stack(rows))

@@ -1,6 +1,8 @@
 """How the chunks of a rank's sample streams become its batch (flip_scale/data/loader.py).
 
-A chunk is what one stream gives one batch: a dict of `images` [n,3,H,W], `tokens` [n,T], the
+A chunk is what one stream gives one batch: a dict of `images` (a list of n [3,H,W] tensors: they
+are stacked once, when the chunks become a part, not once per chunk and again per part), `tokens`
+[n,T], the
 counts of the samples and of the bad samples met, the samples' keys and shards, and the stream's
 id and position after it (`_stream`, `_position`). A loader worker joins the chunks of its streams
 into one part per batch (`join_chunks`, rows in stream order); the main process merges the parts
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 
 
 def sum_kinds(counts: Iterable[dict]) -> dict[str, int]:
@@ -24,16 +27,34 @@ def sum_kinds(counts: Iterable[dict]) -> dict[str, int]:
     return total
 
 
+def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`rows` stacked into one tensor; in a DataLoader worker, straight into shared memory, so that
+    handing it to the main process copies nothing more (as torch's default collate does)."""
+    if get_worker_info() is None:
+        return torch.stack(list(rows))
+    first = rows[0]
+    storage = first._typed_storage()._new_shared(len(rows) * first.numel(), device=first.device)
+    return torch.stack(list(rows), out=first.new(storage).resize_(len(rows), *first.shape))
+
+
 def merge_chunks(items: Sequence[dict]) -> dict:
-    """Chunks or parts, in row order, as one: tensors concatenated (one item: taken as it is, not
-    copied), counts summed; the stream bookkeeping (`_`-keys) is left out."""
+    """Chunks or parts, in row order, as one: images stacked (chunks hold lists) or concatenated
+    (parts hold tensors; one part is taken as it is, not copied), counts summed; the stream
+    bookkeeping (`_`-keys) is left out."""
+    if isinstance(items[0]["images"], list):
+        images = stack_rows([row for item in items for row in item["images"]])
+    elif len(items) == 1:
+        images = items[0]["images"]
+    else:
+        images = torch.cat([item["images"] for item in items])
     if len(items) == 1:
         merged = {name: value for name, value in items[0].items() if not name.startswith("_")}
+        merged["images"] = images
         merged.setdefault("source_samples", {})
         merged.setdefault("source_skipped", {})
         return merged
     return {
-        "images": torch.cat([item["images"] for item in items]),
+        "images": images,
         "tokens": torch.cat([item["tokens"] for item in items]),
         "skipped": sum(item["skipped"] for item in items),
         "skipped_kinds": sum_kinds(item["skipped_kinds"] for item in items),

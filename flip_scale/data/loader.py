@@ -225,7 +225,7 @@ class TrainStream(IterableDataset):
 
         def make_chunk() -> dict:
             chunk = {
-                "images": torch.stack(images),
+                "images": list(images),  # stacked once per part (flip_scale.data.chunks)
                 "tokens": self.tokenizer(captions),
                 "skipped": tracker.take_skipped(),
                 "skipped_kinds": tracker.take_skipped_kinds(),

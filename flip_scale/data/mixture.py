@@ -119,7 +119,7 @@ def iter_mixture(stream_cls, owner, stream: int) -> Iterator[dict]:
             for kind, n in part["skipped_kinds"].items():
                 kinds[kind] = kinds.get(kind, 0) + n
         yield {
-            "images": torch.cat([p["images"] for p in parts]),
+            "images": [row for p in parts for row in p["images"]],
             "tokens": torch.cat([p["tokens"] for p in parts]),
             "skipped": sum(p["skipped"] for p in parts),
             "skipped_kinds": kinds,
