@@ -44,3 +44,13 @@ def test_ruff_is_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "flip_scale", "tools", "tests"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_ruff_reads_every_package_file():
+    """The excludes (runs/, the synthetic data/) must not drop a package folder of the same name."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--show-files", "flip_scale", "tools", "tests"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    shown = {Path(line).resolve() for line in result.stdout.splitlines() if line.endswith(".py")}
+    missing = [str(path.relative_to(REPO)) for path in sorted(Path(REPO, "flip_scale").rglob("*.py"))
+               if path.resolve() not in shown]
+    assert not missing, f"ruff skips {missing}"

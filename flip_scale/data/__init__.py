@@ -1,6 +1,7 @@
 """Data pipeline: webdataset shards -> augmented images + tokens, split by data-parallel rank.
 
-`data` knows no model: it gets the data-parallel rank and size as numbers (docs/design.md section 2); evaluation datasets live in flip_scale.evaluation.
+`data` knows no model: it gets the data-parallel rank and size as numbers (docs/design.md section 2);
+evaluation datasets live in flip_scale.evaluation.
 """
 
 from .loader import TrainLoader, TrainStream, build_train_loader

@@ -1,6 +1,6 @@
 """Weighted mixtures of shard sources (`data.sources: [{shards, weight, name}, ...]`).
 
-Each sample stream s (flip_scale/data/loader.py) keeps one sub-stream per source: source j's
+Each sample stream s (flip_scale/data/sample_stream.py) keeps one sub-stream per source: source j's
 shards read as stream s of S, exactly as a single-source stream reads its shards (its own shuffle,
 its own epochs, bad samples counted per source). Row i of global batch k (the step, from 0) comes
 from the source drawn from (seed, k, i) with the sources' weights; stream s owns the rows

@@ -6,7 +6,7 @@ resumed run gets every blob, in rank order, and a freshly built loader's `state_
     state, reason = data_state_for_resume(blobs, fresh)   # reason is None: continues sample for sample
     loader.load_state_dict(state)
 
-The positions are per sample stream (flip_scale/data/loader.py), not per rank, so the merge of
+The positions are per sample stream (flip_scale/data/sample_stream.py), not per rank, so the merge of
 every rank's positions continues the stream under any layout whose data-parallel size divides the
 stream count. Where it cannot continue (another seed, other shards, a layout the stream count does
 not split) the stream restarts at a fresh epoch and `reason` says why.

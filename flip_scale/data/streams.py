@@ -1,5 +1,5 @@
 """How many sample streams the training data is drawn from, and how a rank's streams split over its
-loader workers (the streams themselves: flip_scale/data/loader.py).
+loader workers (the streams themselves: flip_scale/data/sample_stream.py).
 
 `data.streams: 0` chooses the count from the data (`data_streams`), so that a fresh run of one
 config draws the same batches under every data-parallel size dividing it; `stream_note` says
