@@ -1,4 +1,4 @@
-"""tools/benchmark.py --config: the JSON line users and BENCHMARKS.md read, with and without OpenCLIP."""
+"""tools/benchmark.py --config: the JSON line users and BENCHMARKS.md read, with and without OpenCLIP; tools/benchmark_data.py runs."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def test_a_config_openclip_cannot_express_is_refused_by_name():
     assert proc.returncode == 2
     assert "model.text_pad_mask=true has no OpenCLIP equivalent" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_benchmark_data_runs_its_throughput_and_both_replays():
+    """tools/benchmark_data.py patches the stream's reader for its eager replay: it must still reach it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark_data.py"), "--shards", "2", "--per-shard",
+                             "16", "--batch", "8", "--batches", "2", "--image-kib", "4", "--image-size", "16",
+                             "--workers", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "throughput:" in result.stdout
+    assert "(lazy replay)" in result.stdout and "(eager replay)" in result.stdout

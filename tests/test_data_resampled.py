@@ -53,10 +53,13 @@ def test_resampled_shards_draw_with_replacement_and_deterministically():
     # With replacement: 400 independent draws from 4 shards repeat a shard back to back about 100
     # times (per epoch, at most once per pass boundary, under 100 in all).
     assert sum(a == b for a, b in zip(one, one[1:])) > 60
-    # A draw reads as many shards as a per-epoch pass gives the stream: 8 shards over 2 streams, 4.
+    # A draw reads as many shards as a per-epoch pass gives the stream: 8 shards over 2 streams, 4,
+    # distinct within the draw (a shard read twice in one draw would repeat its crops), and the
+    # two streams' draws overlap (drawn independently).
     shards = [f"s{i}" for i in range(8)]
-    wide = draws(stream=0, streams=2, count=50)
-    assert all(len(d) == 4 for d in wide) and any(len(set(d)) < 4 for d in wide)
+    wide, other = draws(stream=0, streams=2, count=50), draws(stream=1, streams=2, count=50)
+    assert all(len(d) == len(set(d)) == 4 for d in wide)
+    assert any(set(a) & set(b) for a, b in zip(wide, other)) and len({tuple(sorted(d)) for d in wide}) > 20
 
 
 def test_a_resampled_stream_is_the_same_under_every_layout_and_resumes_exactly(data, caplog):

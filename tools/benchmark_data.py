@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     if args.sources:
         return bench_sources(args)
 
-    import flip_scale.data.loader as loader_module
+    import flip_scale.data.sample_stream as stream_module  # its reader is patched for the eager replay
     from flip_scale.config import DataConfig
     from flip_scale.data import build_train_loader
     from flip_scale.data.tokenizer import train_tokenizer
@@ -314,10 +314,10 @@ def main(argv=None) -> int:
         del iterator
 
         results = {}
-        original = loader_module.read_tar_samples
+        original = stream_module.read_tar_samples
         for mode in ("lazy", "eager"):
             if mode == "eager":  # as before lazy replay: every image read while fast-forwarding
-                loader_module.read_tar_samples = (lambda shard, select=None, lazy_images=None, **kw:
+                stream_module.read_tar_samples = (lambda shard, select=None, lazy_images=None, **kw:
                                                   original(shard, select, **kw))
             try:
                 resumed = build()
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
                 batch = next(iter(resumed))
                 seconds, read = time.perf_counter() - started, _rchar() - before
             finally:
-                loader_module.read_tar_samples = original
+                stream_module.read_tar_samples = original
             assert batch["keys"] == expected, "the resumed stream must continue where it stopped"
             results[mode] = (seconds, read)
             where = "this process" if args.workers == 0 else "the main process (workers read on their own)"

@@ -131,9 +131,10 @@ class DataConfig:
     # A weighted mixture instead of train_shards: [{shards: PATTERN, weight: W, name: N}, ...]
     # (flip_scale/data/mixture.py); each row of a batch is drawn from a source with the weights.
     sources: list = field(default_factory=list)
-    # Shards drawn with replacement (webdataset's resampled: each draw of a sample stream reads one
-    # shard chosen from (seed, draw, stream)) instead of per epoch, every shard once (the default: it
-    # sees every sample equally often). A source of data.sources may say `resampled` for itself.
+    # Shards drawn with replacement (webdataset's resampled: each draw of a sample stream reads
+    # shards chosen from (seed, draw, stream), flip_scale.data.shards.resampled_shards) instead of
+    # per epoch, every shard once (the default: it sees every sample equally often). A source of
+    # data.sources may say `resampled` for itself.
     resampled: bool = False
     # A sentencepiece model file, or `openclip` / `openclip:NAME`: OpenCLIP's BPE (49408 tokens; needs
     # pip install "flip_scale[openclip]"; flip_scale/data/openclip_tokenizer.py).

@@ -2,8 +2,7 @@
 
 A chunk is what one stream gives one batch: a dict of `images` (a list of n [3,H,W] tensors: they
 are stacked once, when the chunks become a part, not once per chunk and again per part), `tokens`
-[n,T], the
-counts of the samples and of the bad samples met, the samples' keys and shards, and the stream's
+[n,T], the counts of the samples and of the bad samples met, the samples' keys and shards, and the stream's
 id and position after it (`_stream`, `_position`). A loader worker joins the chunks of its streams
 into one part per batch (`join_chunks`, rows in stream order); the main process merges the parts
 of its workers (`merge_chunks`). Joining in the worker hands the main process one part per worker

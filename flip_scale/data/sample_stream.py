@@ -5,10 +5,11 @@ streams* (`data.streams`), the same S whatever the parallel layout:
 
     stream s = 0 .. S-1, epoch e = 0, 1, 2, ...  (the stream never ends)
       shard order = shuffle seeded by (seed, e); stream s takes its share (`assign_shards`, S readers)
-        (data.resampled: shards drawn with replacement from (seed, e, s), `resampled_shards`)
+        (data.resampled: e counts draws, each of shards drawn from (seed, source, e, s), `resampled_shards`)
       -> tar samples, malformed ones counted and skipped
       -> shuffle buffer seeded by (seed, e, s), drained at the end of the epoch
-      -> decode + augment (per-sample seed from (seed, e, shard, key)) -> chunks of B / S samples
+      -> decode + augment (per-sample seed from (seed, e, shard, key), and s when resampled)
+      -> chunks of B / S samples
     global batch k = chunk k of stream 0, chunk k of stream 1, ..., chunk k of stream S-1
 
 Data-parallel rank r of D takes the streams r*S/D .. (r+1)*S/D - 1 (so D must divide S), whose

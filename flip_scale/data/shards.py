@@ -379,15 +379,17 @@ def assign_shards(shards: Sequence[str], epoch: int, seed: int, dp_rank: int, dp
 def resampled_shards(shards: Sequence[str], draw: int, seed: int, stream: int, streams: int,
                      salt: str = "") -> list[ShardTask]:
     """The shards stream `stream` (of `streams`) reads in its draw `draw` when sampling with
-    replacement (`data.resampled`, webdataset's `resampled=True`): each drawn uniformly and
-    independently from all of them, seeded by (seed, salt, draw, stream), so the draws are the same
-    under every layout and a resume replays them. Every shard is read equally often on average, not
-    exactly once per pass. A draw reads as many shards as a per-epoch pass gives a stream
+    replacement (`data.resampled`, webdataset's `resampled=True`): drawn uniformly from all of
+    them, distinct within the draw, independently of every other draw and stream, seeded by
+    (seed, salt, draw, stream), so the draws are the same under every layout and a resume replays
+    them. Every shard is read equally often on average, not exactly once per pass. A draw reads as many shards as a per-epoch pass gives a stream
     (`len(shards) // streams`, at least one), so the shuffle buffer spans as many shards, and a
     resume replays as much, in both modes. `salt` (a mixture's source name) keeps two sources with
     the same shard count from drawing alike."""
     rng = random.Random(derive_seed(seed, "shard-resample", salt, draw, stream))
-    return [ShardTask(shards[rng.randrange(len(shards))]) for _ in range(max(1, len(shards) // streams))]
+    # Distinct within one draw (a shard read twice in a draw would give identical crops), drawn
+    # afresh every draw.
+    return [ShardTask(shards[i]) for i in rng.sample(range(len(shards)), max(1, len(shards) // streams))]
 
 
 _warned_few_shards: set = set()
