@@ -218,12 +218,21 @@ class Watchdog:
         except Exception as error:  # noqa: BLE001 - a store that is gone is an answer too
             return f"the process group's store (on rank 0) does not answer ({error}): rank 0 is gone"
         still = [r for r, a, b in zip(others, first, second) if a == b]
+        # A rank that has run its own probe was alive at the failure and reported it itself; it may
+        # have ended since (only rank 0 lingers), which a late probe (a loaded machine) would
+        # otherwise read as a rank that stopped reporting.
+        ended: list[int] = []
+        with contextlib.suppress(Exception):
+            ended = [r for r in still if self.store.check([f"{_PROBED}{r}"])]
+        still = [r for r in still if r not in ended]
         self._stopped = still
         with contextlib.suppress(Exception):  # rank 0 waits for this before it ends (linger_for_peers)
             self.store.set(f"{_PROBED}{self.rank}", "1")
+        also = (f"; {'ranks' if len(ended) > 1 else 'rank'} {', '.join(map(str, ended))} reported the failure "
+                f"{'themselves' if len(ended) > 1 else 'itself'} and ended") if ended else ""
         if not still:
-            return "every other rank still reports (the fault is on this rank or in the network)"
-        return "rank(s) " + ", ".join(map(str, still)) + " stopped reporting (dead or hung)"
+            return "every other rank still reports (the fault is on this rank or in the network)" + also
+        return "rank(s) " + ", ".join(map(str, still)) + " stopped reporting (dead or hung)" + also
 
     def report(self, error: Optional[BaseException] = None) -> str:
         """The sentence a failing rank logs: where it was, what failed, which peer stopped."""

@@ -186,8 +186,9 @@ def test_a_lost_network_then_a_dead_node_fail_the_job_which_is_requeued_and_resu
     assert {0, 1} <= set(died_at), restart_text[-4000:]
     for line in re.findall(r"\] flip_scale: rank [01] at step .*", restart_text):  # no live rank named
         # Rank 0 lingers for rank 1's probe (at most one probe's time); on a loaded machine rank 1
-        # may probe after rank 0 has ended, and then says so (true by then). Never is a live rank
-        # named among those that stopped reporting.
+        # may probe after rank 0 has ended, and then says so (true by then), and rank 0 probing
+        # after rank 1 has reported and ended names it as such. Never is a live rank named among
+        # those that stopped reporting.
         assert "rank(s) 2, 3 stopped reporting" in line or line.rstrip().endswith("rank 0 is gone"), line
         assert not re.search(r"rank\(s\) ([0-9, ]*\b[01]\b)", line), line
 

@@ -134,3 +134,29 @@ def test_ranks_failing_together_do_not_name_each_other_among_the_stopped():
     assert reports[0].endswith("rank(s) 2, 3 stopped reporting (dead or hung)"), reports
     assert reports[1].endswith("rank(s) 2, 3 stopped reporting (dead or hung)"), reports
     assert reports[1].startswith("rank 1 at step 4 (step 3 was the last finished): a collective or the step failed")
+
+
+def test_a_late_probe_names_a_rank_that_reported_and_ended_as_such():
+    """On a loaded machine rank 0 may probe after rank 1 has reported the same failure and ended:
+    rank 1's heartbeat has stopped by then, but it is not among the dead or hung."""
+    import torch.distributed as dist
+
+    from flip_scale.watchdog import Watchdog
+
+    store = dist.HashStore()
+    dogs = [Watchdog(rank, 4, first_limit_s=60, limit_s=60, store=store, tick_s=0.1).start(step=3) for rank in range(4)]
+    time.sleep(0.3)
+    for dead in dogs[2:]:
+        dead.close()
+    dogs[1].stop()
+    first = dogs[1].report(RuntimeError("peer gone"))
+    dogs[1].close()  # rank 1 ends (os._exit in a run)
+    time.sleep(0.2)
+    dogs[0].stop()
+    late = dogs[0].report(RuntimeError("peer gone"))
+    dogs[0].close()
+    assert first.endswith("rank(s) 2, 3 stopped reporting (dead or hung)"), first
+    assert late.endswith("rank(s) 2, 3 stopped reporting (dead or hung); rank 1 reported the failure itself and ended"), late
+    started = time.monotonic()
+    dogs[0].linger_for_peers()  # nobody left to wait for
+    assert time.monotonic() - started < 0.5
