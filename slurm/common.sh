@@ -56,6 +56,12 @@
 
 set -o pipefail
 
+# A SIGUSR1 that comes before the handler below is installed (Slurm signals at once when the time
+# limit is at or under the signal's lead, while the start-up still runs Python) would kill this
+# shell (bash's default for USR1). Record it now; it is handled as soon as the handler exists.
+FLIP_EARLY_SIGNAL=0
+trap 'FLIP_EARLY_SIGNAL=1' USR1
+
 flip_die() {
   echo "flip_scale: $*" >&2
   exit 2
@@ -174,6 +180,9 @@ flip_forward_signal() {
   fi
 }
 trap flip_forward_signal USR1
+if [ "$FLIP_EARLY_SIGNAL" = 1 ]; then
+  flip_forward_signal
+fi
 
 # flip_requeue REASON EXIT_CODE: requeue this job unless the limit is reached; never returns.
 flip_requeue() {

@@ -127,6 +127,16 @@ fi
 exit "${FAKE_RC:-0}"
 """
 FAKE_SCONTROL = """#!/bin/bash
+if [ -n "$FAKE_SIGNAL_EARLY" ] && [ "$1" = show ]; then
+  # SIGUSR1 to the batch shell (the outermost bash running the template) while its start-up runs.
+  pid=$$ shell=
+  while [ "$pid" -gt 1 ]; do
+    pid=$(awk '/^PPid:/ {print $2}' /proc/$pid/status)
+    tr '\\0' ' ' < /proc/$pid/cmdline | grep -q 'slurm/.*[.]sh' && shell=$pid
+  done
+  kill -USR1 "$shell"
+  sleep 0.2
+fi
 if [ "$1" = show ]; then  # the job's record: only its time limit matters to the templates
   [ -n "$FAKE_TIME_LIMIT" ] && echo "JobId=4242 JobName=fake TimeLimit=$FAKE_TIME_LIMIT TimeMin=N/A"
   exit 0
@@ -368,6 +378,22 @@ def test_a_time_limit_under_the_signal_lead_is_reported_and_the_signal_moved(tmp
     assert "signals itself 10 s after its start instead (a lead of 10 s, half the limit)" in proc.stderr
     assert "SIGUSR1 at 0 s ignored" in proc.stdout or "SIGUSR1 at 1 s ignored" in proc.stdout, proc.stdout
     assert not (tmp_path / "srun_signals").exists() and not (tmp_path / "scontrol_calls").exists()
+
+
+def test_a_signal_during_the_start_up_is_kept_not_fatal(tmp_path):
+    """Slurm may signal at once (a limit under the lead) while the batch shell still starts up,
+    before its handler exists: bash's default for USR1 would end the job (it did, as signal 10).
+    Under the lead it is ignored as any early signal; above it, it preempts before the launch."""
+    proc = _run_template(tmp_path, "flip_b16", rc=0, extra_env={"FAKE_TIME_LIMIT": "00:00:20",
+                                                                 "FAKE_SIGNAL_EARLY": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"SIGUSR1 at \d+ s ignored", proc.stdout), proc.stdout
+    assert (tmp_path / "srun_args").exists()  # the trainers ran
+    later = tmp_path / "later"
+    later.mkdir()
+    proc = _run_template(later, "flip_b16", rc=0, extra_env={"FAKE_TIME_LIMIT": "01:00:00", "FAKE_SIGNAL_EARLY": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "requeue 4242" in (later / "scontrol_calls").read_text() and not (later / "srun_args").exists()
 
 
 def test_template_refuses_bad_settings_with_what_is_valid(tmp_path):

@@ -146,7 +146,18 @@ class TwoNodeSlurm(LocalSlurm):
             except OSError:
                 return False
             return Path(args[0]).name.startswith("python") and "flip_scale.train" in args
-        return [pid for pid in self.node_pids(node) if is_rank(pid)]
+
+        def parent(pid: int) -> int:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return 0
+            return int(next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), 0))
+
+        # A rank's own children share its command line (a loader worker, a fork about to exec):
+        # only the processes whose parent is not a rank are ranks.
+        ranks = [pid for pid in self.node_pids(node) if is_rank(pid)]
+        return [pid for pid in ranks if parent(pid) not in ranks]
 
     def kill_node(self, node: str) -> list[int]:
         """SIGKILL every process of the node (its slurmd, step daemons and ranks) at once."""
