@@ -195,3 +195,43 @@ def deepspeed_files_problem(step_dir: Union[str, Path], world_size: int) -> Opti
     return None
 
 
+def find_optim_files(directory: Path, dp_world_size: int, model_file: str) -> list[Path]:
+    """The optimizer file of every data-parallel rank of a DeepSpeed folder, in rank order; a rank's
+    file missing, one of another model-parallel rank, or two saves mixed is a CheckpointError."""
+    by_rank: dict = {}
+    for file in directory.iterdir():
+        match = _OPTIM_FILE.match(file.name)
+        if match is None:
+            continue
+        if int(match.group(3)) != 0:
+            raise CheckpointError(f"{file}: model-parallel rank {int(match.group(3))}; flip_scale reads "
+                                  f"data-parallel DeepSpeed checkpoints (mp_rank_00 only)")
+        by_rank.setdefault(int(match.group(2)), []).append(file)
+    ranks = sorted(by_rank)
+    if ranks != list(range(dp_world_size)):
+        missing = sorted(set(range(dp_world_size)) - set(ranks))
+        detail = (f"rank {missing[0]}'s ({optim_states(missing[0])}) is missing" if missing
+                  else f"found ranks {ranks}")
+        raise CheckpointError(f"{directory}: written by {dp_world_size} data-parallel ranks "
+                              f"(dp_world_size in {model_file}), but the optimizer files do not match: {detail}")
+    for rank in ranks:
+        if len(by_rank[rank]) > 1:
+            raise CheckpointError(f"{directory}: rank {rank} has both a bf16_ and a plain optimizer file "
+                                  f"(two saves mixed in one folder)")
+    return [by_rank[rank][0] for rank in ranks]
+
+
+def checked_optimizer_state(file: Path, state, zero_stage: int, dp_world_size: int) -> dict:
+    """The ZeRO optimizer state dict loaded from `file`, checked against the model states' stage and
+    rank count."""
+    osd = state.get("optimizer_state_dict") if isinstance(state, dict) else None
+    if not isinstance(osd, dict):
+        raise CheckpointError(f"{file} is not a DeepSpeed ZeRO optimizer file (no optimizer_state_dict)")
+    stage = osd.get("zero_stage")  # DeepSpeed's BF16_Optimizer (ZeRO-1, bf16, fp32 accumulation) has none
+    if stage is not None and int(stage) != zero_stage:
+        raise CheckpointError(f"{file}: ZeRO stage {int(stage)}, the model states say {zero_stage}")
+    count = osd.get("partition_count")
+    count = max(count) if isinstance(count, (list, tuple)) else count
+    if count is not None and int(count) != dp_world_size:
+        raise CheckpointError(f"{file}: partitioned over {int(count)} ranks, the model states say {dp_world_size}")
+    return osd

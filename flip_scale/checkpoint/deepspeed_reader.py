@@ -46,8 +46,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .deepspeed_files import (
-    _OPTIM_FILE, DEFAULT_RELEASE_BYTES, DS_TAG, MODEL_STATES, STATES, optim_states, safe_torch_load, tag_dir,
-    zero3_model_states,
+    DEFAULT_RELEASE_BYTES, DS_TAG, MODEL_STATES, STATES, checked_optimizer_state, find_optim_files, safe_torch_load,
+    tag_dir, zero3_model_states,
 )
 from .errors import CheckpointError
 
@@ -134,7 +134,7 @@ class DeepSpeedFiles:
             raise CheckpointError(f"{model_file}: ZeRO stage {self.zero_stage} in its config, with "
                                   f"{'per-rank' if per_rank else 'one'} model states; flip_scale reads ZeRO-1 and 2 "
                                   f"({MODEL_STATES}) and ZeRO-3 ({zero3_model_states(0)}, ...) checkpoints")
-        self._optim_files = self._find_optim_files()
+        self._optim_files = find_optim_files(self.directory, self.dp_world_size, self._model_file.name)
         self.bf16 = self._optim_files[0].name.startswith("bf16_")
 
         self._group_shapes = [OrderedDict((name, _as_shape(shape)) for name, shape in group.items())
@@ -178,30 +178,6 @@ class DeepSpeedFiles:
     def _load(file: Path):
         return safe_torch_load(file, mmap=True)
 
-    def _find_optim_files(self) -> list[Path]:
-        by_rank: dict = {}
-        for file in self.directory.iterdir():
-            match = _OPTIM_FILE.match(file.name)
-            if match is None:
-                continue
-            if int(match.group(3)) != 0:
-                raise CheckpointError(f"{file}: model-parallel rank {int(match.group(3))}; flip_scale reads "
-                                      f"data-parallel DeepSpeed checkpoints (mp_rank_00 only)")
-            by_rank.setdefault(int(match.group(2)), []).append(file)
-        ranks = sorted(by_rank)
-        if ranks != list(range(self.dp_world_size)):
-            missing = sorted(set(range(self.dp_world_size)) - set(ranks))
-            detail = (f"rank {missing[0]}'s ({optim_states(missing[0])}) is missing" if missing
-                      else f"found ranks {ranks}")
-            raise CheckpointError(f"{self.directory}: written by {self.dp_world_size} data-parallel ranks "
-                                  f"(dp_world_size in {self._model_file.name}), but the optimizer files do not match: "
-                                  f"{detail}")
-        for rank in ranks:
-            if len(by_rank[rank]) > 1:
-                raise CheckpointError(f"{self.directory}: rank {rank} has both a bf16_ and a plain optimizer file "
-                                      f"(two saves mixed in one folder)")
-        return [by_rank[rank][0] for rank in ranks]
-
     @property
     def files(self) -> list[str]:
         """The checkpoint's file names in the DeepSpeed folder."""
@@ -209,19 +185,7 @@ class DeepSpeedFiles:
 
     def _optimizer_state(self, rank: int) -> dict:
         file = self._optim_files[rank]
-        state = self._load(file)
-        osd = state.get("optimizer_state_dict") if isinstance(state, dict) else None
-        if not isinstance(osd, dict):
-            raise CheckpointError(f"{file} is not a DeepSpeed ZeRO optimizer file (no optimizer_state_dict)")
-        stage = osd.get("zero_stage")  # DeepSpeed's BF16_Optimizer (ZeRO-1, bf16, fp32 accumulation) has none
-        if stage is not None and int(stage) != self.zero_stage:
-            raise CheckpointError(f"{file}: ZeRO stage {int(stage)}, the model states say {self.zero_stage}")
-        count = osd.get("partition_count")
-        count = max(count) if isinstance(count, (list, tuple)) else count
-        if count is not None and int(count) != self.dp_world_size:
-            raise CheckpointError(f"{file}: partitioned over {int(count)} ranks, the model states say "
-                                  f"{self.dp_world_size}")
-        return osd
+        return checked_optimizer_state(file, self._load(file), self.zero_stage, self.dp_world_size)
 
     def _view(self, rank: int) -> dict:
         """state name -> this rank's flat vectors of it, memory-mapped: ZeRO-1/2 a list (one per
