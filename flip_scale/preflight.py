@@ -137,14 +137,22 @@ def tokenizer_vocab_if_present(cfg: Config) -> Optional[int]:
 
 def source_modes(cfg: Config) -> list:
     """(name, resampled) of each of `data.sources`, as the loader names them (empty: one source)."""
-    return [(str(src.get("name", f"source{i}")), src.get("resampled", cfg.data.resampled))
-            for i, src in enumerate(cfg.data.sources) if isinstance(src, dict)]
+    from .data.mixture import check_resampled, source_entries
+
+    try:
+        check_resampled(cfg.data.resampled, "data.resampled")
+        if not cfg.data.sources:
+            return []
+        return [(name, flag) for name, _, _, flag in source_entries(cfg.data.sources, cfg.data.resampled)]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def describe_plan(plan: RunPlan) -> str:
     """What `flip-train` would run: the layout, the batch split, the data streams, the schedule and
     the model's size and cost (the model is counted on the meta device)."""
-    from .data.loader import sampling_note, stream_note
+    from .data.loader import stream_note
+    from .data.mixture import sampling_note
     from .models import build_model, count_parameters
     cfg, dims, arch = plan.cfg, plan.dims, plan.arch
     counts = count_parameters(build_model(cfg.model, device="meta", mae_decoder=cfg.loss.mae_weight > 0))

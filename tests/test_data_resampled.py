@@ -187,3 +187,33 @@ def test_the_dry_run_says_how_shards_are_drawn(capsys, monkeypatch, tmp_path):
     assert "data sampling: with replacement" in capsys.readouterr().out
     assert main(["--dry-run"]) == 0
     assert "data sampling: per epoch, without replacement" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_flip_train_with_resampled_shards_logs_the_same_losses_under_dp2_and_resumed(tmp_path, synthetic_dir):
+    """Through the entry point users run: a resampled run in one process, under dp_shard=2, and
+    resumed from its step-2 checkpoint, logs the same losses."""
+    import json
+    import shutil
+
+    from dist_utils import run_distributed
+    from test_data_layouts import _args, _losses, _ranks
+
+    from flip_scale.train import main
+
+    args = ("data.resampled=true", "checkpoint.every_steps=2")
+    assert main(_args(synthetic_dir, tmp_path / "one", *args)) == 0
+    one = _losses(tmp_path / "one")
+    saved = [json.loads(p.read_text()) for p in (tmp_path / "one" / "step_00000002").rglob("data*.json")]
+    assert saved and all(blob["sampling"] == "resampled" for blob in saved), saved
+    run_distributed(_ranks, 2, args=([_args(synthetic_dir, tmp_path / "dp2", *args, "parallel.dp_shard=2")],))
+    assert _losses(tmp_path / "dp2") == pytest.approx(one, abs=1e-4)
+    per_epoch = tmp_path / "per_epoch"
+    assert main(_args(synthetic_dir, per_epoch, "checkpoint.every_steps=2")) == 0
+    assert _losses(per_epoch) != pytest.approx(one, abs=1e-4)  # other batches than per epoch
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "one", resumed)
+    shutil.rmtree(resumed / "step_00000003")
+    (resumed / "metrics.jsonl").unlink()
+    assert main(["--resume", "auto", *_args(synthetic_dir, resumed, *args)]) == 0
+    assert _losses(resumed)[-1] == pytest.approx(one[-1], abs=1e-6)

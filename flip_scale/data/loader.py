@@ -23,13 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .chunks import merge_chunks
-from .mixture import (  # noqa: F401  (sampling_note: also used from here)
-    check_resampled,
-    iter_mixture,
-    parse_sources,
-    sampling_mode,
-    sampling_note,
-)
+from .mixture import check_resampled, parse_sources, sampling_mode, sampling_note
 from .streams import (  # noqa: F401  (check_streams, default_streams, stream_note: also used from here)
     DEFAULT_STREAMS_CAP,
     check_streams,

@@ -59,6 +59,13 @@ def check_resampled(value, where: str) -> bool:
 def parse_sources(sources, resampled: bool = False) -> list[Source]:
     """The `Source`s of `data.sources`, refusing what cannot be a mixture (`resampled`: the default
     of a source that does not say, `data.resampled`)."""
+    return [Source(name, weight, expand_shards(shards), flag)
+            for name, weight, shards, flag in source_entries(sources, resampled)]
+
+
+def source_entries(sources, resampled: bool = False) -> list[tuple]:
+    """(name, weight, shard pattern, resampled) of each of `data.sources`, checked, the shards not
+    yet expanded (the dry run names the sources without the data at hand)."""
     parsed, names = [], set()
     for i, source in enumerate(sources):
         if not isinstance(source, dict) or "shards" not in source:
@@ -75,7 +82,7 @@ def parse_sources(sources, resampled: bool = False) -> list[Source]:
             raise ValueError(f"data.sources[{i}]: name {name!r} must be unique and made of letters, digits, - and _")
         names.add(name)
         flag = check_resampled(source.get("resampled", resampled), f"data.sources[{i}].resampled ({name})")
-        parsed.append(Source(name, weight, expand_shards(source["shards"]), flag))
+        parsed.append((name, weight, source["shards"], flag))
     if not parsed:
         raise ValueError("data.sources is empty: give at least one {shards, weight, name}, or use data.train_shards")
     return parsed

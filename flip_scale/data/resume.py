@@ -62,8 +62,8 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
     def saved(blob, key):
         return blob.get(key, SAVED_DEFAULTS.get(key))
 
-    problems = [f"{key} {saved(first, key)} -> {saved(fresh, key)}" for key in _SAME_STREAM_KEYS
-                if saved(first, key) != saved(fresh, key)]
+    changed = [key for key in _SAME_STREAM_KEYS if saved(first, key) != saved(fresh, key)]
+    problems = [f"{key} {saved(first, key)} -> {saved(fresh, key)}" for key in changed]
     streams = first.get("streams")
     if not problems:
         merged = merged_positions(blobs)
@@ -86,7 +86,7 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
         return [epoch, 0]
 
     state = dict(fresh, positions={stream: restart(p) for stream, p in fresh["positions"].items()}, batches=0)
-    if [key for key in _SAME_STREAM_KEYS if saved(first, key) != saved(fresh, key)] == ["sampling"]:
+    if changed == ["sampling"]:
         # Only the sampling mode changed: the saved "epochs" count draws on one side, so the number
         # is only a fresh seed here, and the layout advice does not apply.
         reason = (
