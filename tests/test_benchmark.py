@@ -48,6 +48,23 @@ def test_a_config_openclip_cannot_express_is_refused_by_name():
     assert "Traceback" not in proc.stderr
 
 
+def test_the_layout_sweep_measures_a_sharded_layout_and_counts_its_traffic():
+    """The sweep's ranks count their collectives on one extra step (CommCounter on the trainer's device)."""
+    proc = _benchmark("--layouts", "1", "dp_shard=2", "--batch", "8", "--steps", "1", "--warmup", "0")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]]
+            for line in proc.stdout.splitlines() if line.count("|") == 7 and "layout" not in line}
+    assert set(rows) == {"1", "dp_shard=2"}, proc.stdout
+    assert rows["1"][0] == "1" and rows["dp_shard=2"][0] == "2"
+    assert float(rows["1"][5]) == 0.0 and float(rows["dp_shard=2"][5]) > 0  # comm MB/step: FSDP2's gathers
+
+
+def test_a_failed_layout_fails_the_sweep():
+    proc = _benchmark("--layouts", "tp=3", "--batch", "8", "--steps", "1", "--warmup", "0")
+    assert proc.returncode == 1
+    assert "1 of 1 layouts failed: tp=3" in proc.stderr
+
+
 def test_benchmark_data_runs_its_throughput_and_both_replays():
     """tools/benchmark_data.py patches the stream's reader for its eager replay: it must still reach it."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

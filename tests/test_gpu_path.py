@@ -341,3 +341,20 @@ def test_the_loop_reads_nothing_back_from_the_device_between_log_steps(tmp_path,
     assert trainer.fit()["step"] == 5
     assert reads == [("item", "_agree", "runtime.py")] * 4, reads
     trainer.close()
+
+
+def test_fsdp_casts_weights_only_for_the_precision_the_step_resolves_to(monkeypatch):
+    """train.precision=auto on a GPU without bf16 runs fp32 (no autocast): FSDP must not cast the weights to
+    bf16 for it; with bf16 it takes parallel.param_dtype / reduce_dtype; the CPU is always fp32."""
+    from flip_scale.config import load_config
+    from flip_scale.parallel import mixed_precision_dtypes
+
+    cuda = torch.device("cuda")
+    auto = load_config("configs/tiny.yaml", ["train.precision=auto"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert runtime.resolve_precision(auto, cuda) == "fp32"
+    assert mixed_precision_dtypes(auto, cuda) == (torch.float32, torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert mixed_precision_dtypes(auto, cuda)[0] == torch.bfloat16
+    assert mixed_precision_dtypes(load_config("configs/tiny.yaml", ["train.precision=bf16"]), "cpu") == \
+        (torch.float32, torch.float32)

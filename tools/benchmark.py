@@ -166,7 +166,7 @@ def worker(args) -> dict:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - started
             # Communication is counted on one more step, outside the timed ones (the counter costs time).
-            with CommCounter() as comm:
+            with CommCounter(trainer.device) as comm:
                 trainer.train_step(batch())
             peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             state = state_bytes(trainer.engine)
@@ -269,7 +269,7 @@ def split_step(trainer, batch: dict) -> dict:
 def run_config(args) -> dict:
     """--config mode: measure the configured run in this process (each rank under torchrun)."""
     from flip_scale.config import load_config
-    from flip_scale.distributed import init_distributed, shutdown
+    from flip_scale.distributed import init_distributed, needs_cpu_collectives, shutdown
     from flip_scale.runtime import setup_logging
     from flip_scale.train import Trainer
 
@@ -279,7 +279,7 @@ def run_config(args) -> dict:
     cfg = load_config(args.config, overrides)
     if cfg.train.max_steps < args.steps + args.warmup + 1:
         cfg = load_config(args.config, overrides + [f"train.max_steps={args.steps + args.warmup + 1}"])
-    proc = init_distributed(cfg.train.device)
+    proc = init_distributed(cfg.train.device, cpu_collectives=needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank if args.verbose else 1)
     try:
         if args.compare_openclip:
@@ -405,11 +405,16 @@ def main(argv=None) -> int:
     print(f"model {args.model}, global batch {args.batch}, mask {args.mask_ratio}, {args.device}/{args.precision}, "
           f"AC {args.ac}{', compiled blocks' if args.compile else ''}, {args.steps} timed steps after {args.warmup}")
     print(f"{'layout':>28} | ranks | images/s   | step s   | peak GiB  | state MiB/rank | comm MB/step | TFLOP/s/rank")
+    failed = []
     for layout in layouts:
         results = launch(args, layout)
         if results:
             print(summarize(layout, results), flush=True)
-    return 0
+        else:
+            failed.append(layout)
+    if failed:
+        print(f"benchmark: {len(failed)} of {len(layouts)} layouts failed: {' '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

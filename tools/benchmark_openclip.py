@@ -79,8 +79,8 @@ class OpenClipStepper:
             getattr(self.model, "_orig_mod", self.model).logit_scale.clamp_(0, 4.6052)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize()
 
 

@@ -48,11 +48,13 @@ def build_model_parts(cfg, dims: ParallelDims, device) -> tuple[list[nn.Module],
 
 
 def mixed_precision_dtypes(cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(param_dtype, reduce_dtype) for FSDP: fp32 on the CPU or with train.precision=fp32."""
+    """(param_dtype, reduce_dtype) for FSDP: fp32 on the CPU, or where the resolved precision is fp32
+    (train.precision=fp32, or "auto" on a GPU without bf16: the weights are not cast for a step that
+    runs without autocast)."""
+    from ..runtime import resolve_precision
     from .fsdp import as_dtype
 
-    precision = getattr(cfg.train, "precision", "auto")
-    if precision == "fp32" or torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" or resolve_precision(cfg, device) == "fp32":
         return torch.float32, torch.float32
     return as_dtype(cfg.parallel.param_dtype), as_dtype(cfg.parallel.reduce_dtype)
 
