@@ -8,6 +8,7 @@
     set_host_group(group)                     the CPU-tensor group those agree over (init_distributed sets it)
     reduce_float(value, group, device, "sum") a data-parallel sum / max of one number
     write_json_atomic(path, value)            a reader never sees half a file
+    host_to_device(tensor, device)            a host tensor to the GPU through pinned memory (no host stall)
 
 Nothing here knows the model, the data or the layout: the parts and the entry points import it,
 it imports no part of the package. torch is imported by the functions that need it, so the
@@ -103,6 +104,20 @@ def autocast_for(cfg, device):
     """The autocast the trainer runs `cfg` under on `device` (train.precision, resolved): evaluation
     of a checkpoint uses it too, so that it sees the numbers the trainer's own evaluations see."""
     return autocast_context(resolve_precision(cfg, device), device)
+
+
+def host_to_device(tensor, device):
+    """A host tensor on `device` without stalling the host: on CUDA through page-locked memory (a
+    copy from pageable memory, non_blocking or not, waits for the GPU's queue to drain), elsewhere
+    `.to(device)`."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- rank agreement

@@ -32,7 +32,7 @@ from .models import build_model, count_parameters, sample_mask_noise
 from .models.flops import train_flops_per_sample
 from .nonfinite import NonfiniteSteps
 from .preflight import check_tokenizer_size, plan_run
-from .runtime import on_rank0_for_all
+from .runtime import host_to_device, on_rank0_for_all
 from .train_state import DataPosition, TrainerRecord, TrainState
 from .spikes import SpikeDetector
 from .watchdog import Watchdog
@@ -224,8 +224,8 @@ class Trainer:
         text_tokens = self.arch.context_length if self.cfg.model.text_mask_ratio > 0 else 0
         if self.cfg.model.mask_ratio <= 0 and not text_tokens:
             return None
-        return sample_mask_noise(self.cfg.train.seed, step, sample_index, self.arch.num_patches,
-                                 text_tokens).to(self.device)
+        return host_to_device(sample_mask_noise(self.cfg.train.seed, step, sample_index, self.arch.num_patches,
+                                                text_tokens), self.device)
 
     def train_step(self, batch: dict) -> dict:
         images = batch["images"].to(self.device, non_blocking=True)

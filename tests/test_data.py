@@ -599,3 +599,34 @@ def test_batches_are_pinned_for_a_cuda_device_only(tmp_path, tokenizer, monkeypa
                                     pin_memory=pin_memory_for(device))
         next(iter(loader))
     assert asked == [False, True]
+
+
+def test_a_batch_joined_from_several_workers_is_joined_into_pinned_memory(tmp_path, tokenizer, monkeypatch):
+    """With 2 workers a batch is joined from their parts: the DataLoader must not pin each part (the join
+    would copy it into pageable memory again); the join writes into page-locked memory itself, so the
+    trainer's non_blocking copy overlaps. Checked without a GPU: the pinned allocation is recorded."""
+    from flip_scale.data import chunks as chunks_module
+    from flip_scale.data import loader as loader_module
+
+    shards = write_good_shards(tmp_path, 4, 8)
+    asked, pinned = [], []
+    real = loader_module.DataLoader
+
+    def recording(*args, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return real(*args, pin_memory=False, **kwargs)
+
+    def fake_pinned(shape, dtype):
+        pinned.append((tuple(shape), dtype))
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(loader_module, "DataLoader", recording)
+    monkeypatch.setattr(chunks_module, "pinned_empty", fake_pinned)
+    cfg = data_cfg(shards, num_workers=2, streams=4)
+    want = take(build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 4, seed=0), 2)
+    got = take(build_train_loader(cfg, IMAGE, tokenizer, 0, 1, 4, seed=0, pin_memory=True), 2)
+    assert asked == [False, False]
+    assert pinned == [((4, 3, IMAGE, IMAGE), torch.float32), ((4, tokenizer.context_length), torch.long)] * 2
+    for a, b in zip(want, got):  # the same batches either way
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
+        assert a["keys"] == b["keys"]

@@ -358,3 +358,37 @@ def test_fsdp_casts_weights_only_for_the_precision_the_step_resolves_to(monkeypa
     assert mixed_precision_dtypes(auto, cuda)[0] == torch.bfloat16
     assert mixed_precision_dtypes(load_config("configs/tiny.yaml", ["train.precision=bf16"]), "cpu") == \
         (torch.float32, torch.float32)
+
+
+def test_host_tensors_reach_cuda_through_pinned_memory_without_a_host_stall(monkeypatch):
+    """The step's mask noise is made on the host (the same under every layout): it goes to a GPU through
+    page-locked memory with non_blocking=True, since a copy from pageable memory waits for the GPU's queue
+    (checked without a GPU: the calls are recorded); on the CPU it is a plain `.to`."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(("to", str(a[0]), k)) or self)
+    runtime.host_to_device(torch.zeros(2), torch.device("cuda", 0))
+    assert calls == ["pin", ("to", "cuda:0", {"non_blocking": True})]
+    calls.clear()
+    runtime.host_to_device(torch.zeros(2), "cpu")
+    assert calls == [("to", "cpu", {})]
+
+
+def test_the_trainer_sends_its_mask_noise_through_host_to_device(tmp_path, monkeypatch):
+    from flip_scale import trainer as trainer_module
+    from flip_scale.config import load_config
+    from flip_scale.distributed import init_distributed, shutdown
+
+    sent = []
+    real = trainer_module.host_to_device
+    monkeypatch.setattr(trainer_module, "host_to_device", lambda t, d: sent.append(tuple(t.shape)) or real(t, d))
+    cfg = load_config("configs/tiny.yaml", ["train.device=cpu", "train.global_batch_size=4", "logging.tensorboard=false",
+                                            "model.vocab_size=512"])
+    proc = init_distributed("cpu")
+    try:
+        trainer = trainer_module.Trainer(cfg, tmp_path, proc, with_data=False)
+        trainer.mask_noise(0, torch.arange(4))
+    finally:
+        shutdown()
+    assert sent == [(4, trainer.arch.num_patches)]

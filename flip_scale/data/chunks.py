@@ -36,25 +36,40 @@ def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(rows), out=first.new(storage).resize_(len(rows), *first.shape))
 
 
-def merge_chunks(items: Sequence[dict]) -> dict:
+def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory (needs CUDA): a batch joined into it goes to the GPU asynchronously."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _cat(tensors: list, pin: bool) -> torch.Tensor:
+    if not pin:
+        return torch.cat(tensors)
+    out = pinned_empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), tensors[0].dtype)
+    return torch.cat(tensors, out=out)
+
+
+def merge_chunks(items: Sequence[dict], pin: bool = False) -> dict:
     """Chunks or parts, in row order, as one: images stacked (chunks hold lists) or concatenated
     (parts hold tensors; one part is taken as it is, not copied), counts summed; the stream
-    bookkeeping (`_`-keys) is left out."""
+    bookkeeping (`_`-keys) is left out. `pin`: parts are joined straight into page-locked memory
+    (the DataLoader's own pinning of each part would be lost in the join)."""
     if isinstance(items[0]["images"], list):
         images = stack_rows([row for item in items for row in item["images"]])
     elif len(items) == 1:
-        images = items[0]["images"]
+        images = items[0]["images"].pin_memory() if pin else items[0]["images"]
     else:
-        images = torch.cat([item["images"] for item in items])
+        images = _cat([item["images"] for item in items], pin)
     if len(items) == 1:
         merged = {name: value for name, value in items[0].items() if not name.startswith("_")}
         merged["images"] = images
+        if pin:
+            merged["tokens"] = merged["tokens"].pin_memory()
         merged.setdefault("source_samples", {})
         merged.setdefault("source_skipped", {})
         return merged
     return {
         "images": images,
-        "tokens": torch.cat([item["tokens"] for item in items]),
+        "tokens": _cat([item["tokens"] for item in items], pin),
         "skipped": sum(item["skipped"] for item in items),
         "skipped_kinds": sum_kinds(item["skipped_kinds"] for item in items),
         # A mixture's samples and bad samples per source (empty for one source).

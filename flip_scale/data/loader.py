@@ -107,6 +107,11 @@ class TrainLoader:
         self.positions = {stream: self._fresh_position() for stream in self.rank_streams}
         warn_if_few_shards(len(self.shards), streams, self.resampled and not self.sources)
 
+    @property
+    def joins_parts(self) -> bool:
+        """A batch is joined from more than one worker's part."""
+        return self.num_workers > 1
+
     def _fresh_position(self):
         if self.sources:
             return {"batch": 0, "sources": {source.name: [0, 0] for source in self.sources}}
@@ -122,9 +127,11 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         # A batch takes one part (its streams' chunks joined) of each worker: prefetch two batches' worth.
         extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
+        # With several workers a batch is joined from their parts: joined straight into page-locked
+        # memory (`_assemble`), not pinned part by part by the DataLoader first (a copy the join discards).
         loader = DataLoader(
-            self._dataset(), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=False, **extra,
+            self._dataset(), batch_size=None, num_workers=self.num_workers,
+            pin_memory=self.pin_memory and not self.joins_parts, persistent_workers=False, **extra,
         )
         pending: list[dict] = []
         covered = 0
@@ -147,7 +154,8 @@ class TrainLoader:
                 self.positions[stream] = (position if isinstance(position, dict)
                                           else (int(position[0]), int(position[1])))
         self.batches += 1
-        batch = merge_chunks(parts)  # one part (one worker, or none): no copy
+        # One part (one worker, or none) is taken as it is, pinned by the DataLoader where asked.
+        batch = merge_chunks(parts, pin=self.pin_memory and self.joins_parts)
         first = self.dp_rank * self.batch_size  # this rank's rows of the global batch (module docstring)
         # Each sample's row in the global batch: its mask noise is drawn from it (and the step),
         # so a sample is masked alike under every layout.
