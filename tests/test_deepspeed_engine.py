@@ -786,3 +786,32 @@ def test_one_process_leaves_no_launcher_variables_behind(tmp_path: Path):
                          env={**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LEFT []" in out.stdout
+
+
+def test_on_cuda_fused_adam_is_taken_only_when_prebuilt(monkeypatch):
+    """DeepSpeed builds FusedAdam with nvcc on its first use when it was not prebuilt (minutes at the
+    start of a job): the engine then takes PyTorch's fused AdamW instead (checked without a GPU)."""
+    import types
+
+    import deepspeed.ops.adam
+
+    from flip_scale.config import load_config
+    from flip_scale.engine import deepspeed as ds_engine
+
+    class FakeFusedAdam(torch.optim.AdamW):
+        def __init__(self, groups, adam_w_mode=True, **kwargs):
+            super().__init__(groups, **kwargs)
+
+    monkeypatch.setattr(deepspeed.ops.adam, "FusedAdam", FakeFusedAdam)
+    fake = types.SimpleNamespace(cfg=load_config("configs/tiny.yaml", ["parallel.engine=deepspeed"]),
+                                 device=torch.device("cuda"))
+    model = torch.nn.Linear(4, 4)
+    for prebuilt, kind in ((False, "PyTorch AdamW (fused)"), (True, "DeepSpeed FusedAdam (AdamW mode)")):
+        monkeypatch.setattr(ds_engine, "fused_adam_prebuilt", lambda prebuilt=prebuilt: prebuilt)
+        optimizer = ds_engine.DeepSpeedEngine._build_optimizer(fake, model)
+        assert fake.optimizer_kind == kind
+        assert isinstance(optimizer, FakeFusedAdam) == prebuilt
+    from deepspeed.git_version_info import installed_ops
+
+    monkeypatch.undo()
+    assert ds_engine.fused_adam_prebuilt() == bool(installed_ops.get("fused_adam", False))

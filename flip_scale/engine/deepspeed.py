@@ -106,6 +106,16 @@ def _forget_process_groups() -> None:
             setattr(groups, name, None)
 
 
+
+def fused_adam_prebuilt() -> bool:
+    """DeepSpeed's FusedAdam was compiled when DeepSpeed was installed (else its first use builds it)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("fused_adam", False))
+
+
 class DeepSpeedEngine(ZeroStateMixin, Engine):
     name = "deepspeed"
     checkpoint_kind = "files"
@@ -212,6 +222,13 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
                 ) from error
             self.optimizer_kind = "DeepSpeed CPU Adam (AdamW mode, offloaded optimizer)"
             return optimizer
+        if self.device.type == "cuda" and cfg.optim.fused != "false" and not fused_adam_prebuilt():
+            # Built on first use otherwise: minutes of nvcc at the start of every job on a new node,
+            # for a kernel no faster than PyTorch's fused AdamW.
+            log.info("DeepSpeed's FusedAdam is not prebuilt in this install (DS_BUILD_FUSED_ADAM=1): using "
+                     "PyTorch's fused AdamW")
+            self.optimizer_kind = "PyTorch AdamW (fused)"
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
         if self.device.type == "cuda" and cfg.optim.fused != "false":
             try:
                 from deepspeed.ops.adam import FusedAdam
