@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 NUMBERS = ("images_per_s", "step_s", "step_s_min", "step_s_max", "tflops_per_s_per_rank", "mfu", "peak_tflops",
@@ -74,3 +75,24 @@ def test_benchmark_data_runs_its_throughput_and_both_replays():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "throughput:" in result.stdout
     assert "(lazy replay)" in result.stdout and "(eager replay)" in result.stdout
+
+
+def test_activation_checkpointing_is_compared_like_for_like():
+    """Full checkpointing is built on the OpenCLIP side too (its grad_checkpointing, the same towers);
+    selective (every k-th block) has no OpenCLIP equivalent and is refused by name, not compared unfairly."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from benchmark_openclip import build_openclip, refuse_for_openclip
+
+    from flip_scale.config import load_config
+
+    selective = load_config(str(REPO / "configs/tiny.yaml"), ["parallel.activation_checkpointing=selective"])
+    with pytest.raises(ValueError, match="parallel.activation_checkpointing=selective has no OpenCLIP equivalent"):
+        refuse_for_openclip(selective, 1)
+    for towers, vision, text in (("both", True, True), ("vision", True, False), ("text", False, True)):
+        cfg = load_config(str(REPO / "configs/tiny.yaml"), ["parallel.activation_checkpointing=full",
+                                                             f"parallel.activation_checkpointing_towers={towers}"])
+        refuse_for_openclip(cfg, 1)
+        model, _, _ = build_openclip(cfg, torch.device("cpu"))
+        assert model.visual.transformer.grad_checkpointing is vision and model.transformer.grad_checkpointing is text
+    model, _, _ = build_openclip(load_config(str(REPO / "configs/tiny.yaml")), torch.device("cpu"))
+    assert not model.visual.transformer.grad_checkpointing and not model.transformer.grad_checkpointing

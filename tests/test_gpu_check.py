@@ -28,8 +28,10 @@ def test_gpu_check_smoke_reports_every_section():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["mode"] == "smoke" and report["skipped"] == [] and report["pass"] is True
     sections = report["sections"]
-    assert set(sections) == {"flash", "bf16_vs_fp32", "deepspeed", "throughput", "openclip", "memory", "batch_search"}
-    assert sections["flash"]["pass"] is None and "not applicable on CPU" in sections["flash"]["note"]
+    assert set(sections) == {"flash", "host_syncs", "bf16_vs_fp32", "deepspeed", "throughput", "openclip", "memory",
+                             "batch_search"}
+    for name in ("flash", "host_syncs"):
+        assert sections[name]["pass"] is None and "not applicable on CPU" in sections[name]["note"]
     for name in ("bf16_vs_fp32", "deepspeed"):
         check = sections[name]
         assert check["pass"] is True, (name, check)
@@ -78,4 +80,44 @@ def test_batch_search_catches_oom_and_bisects():
     assert result == {"largest": 100, "tries": len(trainer.tried), "bounded": False}, (result, trainer.tried)
     assert trainer.tried[:5] == [8, 16, 32, 64, 128]
     assert largest_batch(FakeTrainer(), torch.device("cpu"), start=8, bound=64, step=4, max_tries=10)["largest"] == 64
-    assert largest_batch(FakeTrainer(), torch.device("cpu"), start=128, bound=256, step=4, max_tries=10)["largest"] == 0
+    # A start above the limit (the memory model's guess too high) is halved, then the search goes on.
+    trainer = FakeTrainer()
+    result = largest_batch(trainer, torch.device("cpu"), start=256, bound=4096, step=4, max_tries=10, growth=1.5)
+    assert trainer.tried[:3] == [256, 128, 64] and trainer.tried[3] == 96
+    assert result["largest"] == 100 and result["tries"] == len(trainer.tried), (result, trainer.tried)
+    never = FakeTrainer()
+    never.train_step = lambda batch: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("fake"))
+    assert largest_batch(never, torch.device("cpu"), start=64, bound=256, step=16, max_tries=10)["largest"] == 0
+
+
+def test_a_failed_or_skipped_run_fails_the_report(monkeypatch):
+    """One throughput run that raised (an inductor or OOM failure), or a run left out against the deadline,
+    must not let the report say "all checks pass"."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_check
+    import gpu_check_sections as sections
+
+    setup = gpu_check.smoke_setup()
+    calls = []
+
+    def run_config(args):
+        calls.append(args.overrides)
+        if len(calls) == 2:
+            raise RuntimeError("inductor: no C compiler (fake)")
+        return {"images_per_s": 1.0, "mfu": 0.5, "tflops_per_s_per_rank": 0.1, "peak_mem_bytes": 10,
+                "mem_baseline_bytes": 4, "ratio": 1.0}
+
+    monkeypatch.setattr(sections, "run_config", run_config)
+    monkeypatch.setattr(sections, "model_memory", lambda config, overrides: 6)
+    result = sections.throughput(setup, deadline=float("inf"))
+    assert result["pass"] is False and len(result["rows"]) == 3
+    assert result["rows"][1]["error"] == "RuntimeError: inductor: no C compiler (fake)"
+    assert result["rows"][0]["peak_mem_bytes"] == 6  # the peak less what the process held before the run
+
+    for name in ("flash_check", "host_syncs", "bf16_vs_fp32", "deepspeed_vs_native"):
+        monkeypatch.setattr(sections, name, lambda setup: {"pass": True})
+    monkeypatch.setattr(sections, "throughput", lambda setup, deadline: {"pass": True, "rows": [],
+                                                                         "skipped": ["B/16 mask 0.75 compiled"]})
+    monkeypatch.setattr(sections, "batch_search", lambda setup, deadline: {"pass": True, "skipped": []})
+    report = gpu_check.run_sections(setup, total_budget=1000.0)
+    assert report["skipped"] == ["throughput: B/16 mask 0.75 compiled"] and report["pass"] is False

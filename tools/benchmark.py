@@ -284,6 +284,8 @@ def run_config(args) -> dict:
     try:
         if args.compare_openclip:
             refuse_for_openclip(cfg, proc.world_size)
+        # What the process holds on the GPU before this run (another run's leftovers, in gpu_check).
+        baseline = int(torch.cuda.memory_allocated()) if proc.device.type == "cuda" else 0
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(cfg, Path(run_dir), proc, with_data=False)
             arch, device, local = trainer.arch, trainer.device, trainer.local_batch
@@ -320,7 +322,7 @@ def run_config(args) -> dict:
                 "world_size": proc.world_size, "threads": torch.get_num_threads(),
                 "compiled_blocks": bool(cfg.parallel.compile), "steps": args.steps, "warmup": args.warmup,
                 **mine, "tflops_per_s_per_rank": tflops, "peak_tflops": peak, "peak_tflops_source": source,
-                "mfu": tflops / peak, "peak_mem_bytes": result_peak,
+                "mfu": tflops / peak, "peak_mem_bytes": result_peak, "mem_baseline_bytes": baseline,
                 "peak_mem_kind": "cuda allocated" if device.type == "cuda" else "process peak RSS",
                 **split,
             }

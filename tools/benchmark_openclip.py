@@ -28,6 +28,10 @@ def refuse_for_openclip(cfg, world_size: int) -> None:
     if cfg.optim.grad_accum_steps != 1:
         raise ValueError(f"--compare-openclip: optim.grad_accum_steps={cfg.optim.grad_accum_steps} is not built on the "
                          "OpenCLIP side (its accum_freq is a different loop). Valid: optim.grad_accum_steps=1")
+    if cfg.parallel.activation_checkpointing == "selective":
+        raise ValueError("--compare-openclip: parallel.activation_checkpointing=selective has no OpenCLIP equivalent "
+                         "(its grad_checkpointing recomputes every block). Valid: none, or full (both sides "
+                         "recompute every block)")
     if cfg.parallel.engine != "fsdp":
         raise ValueError(f"--compare-openclip: parallel.engine={cfg.parallel.engine}; the comparison is of the native "
                          "engine. Valid: parallel.engine=fsdp")
@@ -47,6 +51,10 @@ def build_openclip(cfg, device: torch.device, compile_model: bool = False):
     model_cfg = openclip_model_config(cfg.model, text_eos_pool=True)
     model_cfg["vision_cfg"]["patch_dropout"] = float(cfg.model.mask_ratio)
     model = CLIP(**model_cfg).to(device).train()
+    if cfg.parallel.activation_checkpointing == "full":  # every block of the same towers recomputed, as ours
+        towers = cfg.parallel.activation_checkpointing_towers
+        model.visual.set_grad_checkpointing(towers in ("both", "vision"))
+        model.transformer.grad_checkpointing = towers in ("both", "text")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.optim.weight_decay)
     if compile_model:
         model = torch.compile(model)
@@ -119,14 +127,20 @@ def summary(seconds: list, batch: int) -> dict:
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "GH200": 989.0}
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, reps: int = 3) -> float:
-    """The best of `reps` square matmuls: the compute this device reaches at all, a ceiling for MFU."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):  # the first is a warm-up
-        best = min(best, timed(lambda _: a @ b, None, device))
-    return 2 * size**3 / best / 1e12
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, reps: int = 3,
+                       enough_s: float = 0.05) -> float:
+    """The best of `reps` square matmuls: the compute this device reaches at all, a ceiling for MFU.
+    From 256 the side doubles up to `size` while one product takes under `enough_s`, so that a dtype
+    this CPU only emulates (bf16 without AVX-512 BF16: a 2048 product takes a minute) stays quick."""
+    side, best = 128, 0.0
+    while side < size and best < enough_s:
+        side *= 2
+        a = torch.randn(side, side, device=device, dtype=dtype)
+        b = torch.randn(side, side, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(reps + 1):  # the first is a warm-up
+            best = min(best, timed(lambda _, a=a, b=b: a @ b, None, device))
+    return 2 * side**3 / best / 1e12
 
 
 def peak_tflops(given: float, device: torch.device, precision: str) -> tuple[float, str]:

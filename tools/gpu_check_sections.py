@@ -41,6 +41,8 @@ def random_batch(arch, size: int, seed: int = 0) -> dict:
 
 
 def release(device: torch.device) -> None:
+    """Free what the last run left: compiled graphs (they hold their inputs' memory), then the cache."""
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -71,11 +73,50 @@ def flash_check(setup) -> dict:
             ops = sorted({e.key for e in flash if e.device_type == DeviceType.CPU})  # the aten ops launching them
         except RuntimeError as failure:  # "No available kernel": some attention call needs another backend
             error, kernels, ops = str(failure).splitlines()[0], [], []
+        # Unrestricted, as training runs: which SDPA op PyTorch's own priority picks (flash, cuDNN or
+        # memory-efficient), reported; restricting proves only that flash can run these shapes.
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.train_step(batch)
+            torch.cuda.synchronize()
+        default_ops = sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")
+                              and e.device_type == DeviceType.CPU})
         precision = trainer.precision
         del trainer
     release(torch.device(setup.device))
     return {"pass": precision == "bf16" and error is None and bool(kernels or ops), "precision": precision,
-            "flash_kernels": kernels[:6], "flash_ops": ops[:6], "error": error}
+            "flash_kernels": kernels[:6], "flash_ops": ops[:6], "error": error,
+            "default_sdpa_ops": default_ops[:6],
+            "default_is_flash": bool(default_ops) and all("flash" in op for op in default_ops)}
+
+
+def host_syncs(setup) -> dict:
+    """Steps that are not log steps read nothing back from the GPU: two B/16 training steps under
+    `torch.cuda.set_sync_debug_mode("warn")` (after one untimed step), every synchronising call counted."""
+    if setup.device == "cpu":
+        return {"pass": None, "note": "not applicable on CPU (there is no device queue to stall)"}
+    import warnings
+
+    config, overrides = setup.models["B/16"]
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg, trainer = build_trainer(config, overrides + [f"train.global_batch_size={setup.small_batch}"], run_dir)
+        batch = {name: tensor.pin_memory() for name, tensor in random_batch(trainer.arch, setup.small_batch).items()}
+        trainer.train_step(batch)
+        trainer.state.step += 1
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(2):
+                    trainer.train_step(batch)
+                    trainer.state.step += 1
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        del trainer
+    release(torch.device(setup.device))
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"pass": not syncs, "syncs_in_two_steps": len(syncs), "first": list(dict.fromkeys(syncs))[:4]}
 
 
 def throughput(setup, deadline: float) -> dict:
@@ -101,14 +142,17 @@ def throughput(setup, deadline: float) -> dict:
                     row = {"model": name, "mask_ratio": mask, "compiled": compiled, "batch": batch,
                            "images_per_s": result["images_per_s"], "mfu": result["mfu"],
                            "tflops_per_s_per_rank": result["tflops_per_s_per_rank"],
-                           "peak_mem_bytes": result["peak_mem_bytes"], "ratio_vs_openclip": result.get("ratio"),
+                           "peak_mem_bytes": result["peak_mem_bytes"] - result.get("mem_baseline_bytes", 0),
+                           "mem_baseline_bytes": result.get("mem_baseline_bytes", 0),
+                           "ratio_vs_openclip": result.get("ratio"),
                            "model_mem_bytes": model_memory(config, args.overrides)}
-                except (RuntimeError, ValueError) as error:
-                    row = {"model": name, "mask_ratio": mask, "compiled": compiled, "error": str(error).splitlines()[0]}
+                except Exception as error:  # noqa: BLE001 - inductor, OOM, disk: this run failed, the rest still run
+                    row = {"model": name, "mask_ratio": mask, "compiled": compiled,
+                           "error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
                 rows.append(row)
                 release(torch.device(setup.device))
                 longest = max(longest, time.perf_counter() - started)
-    return {"rows": rows, "skipped": skipped}
+    return {"pass": not any("error" in row for row in rows), "rows": rows, "skipped": skipped}
 
 
 def model_memory(config: str, overrides: list) -> int:
@@ -155,14 +199,21 @@ def fits(trainer, batch_size: int, device: torch.device) -> bool:
     return ok
 
 
-def largest_batch(trainer, device: torch.device, start: int, bound: int, step: int, max_tries: int) -> dict:
-    """Doubling from `start` (which must fit) up to `bound`, then bisection in multiples of `step`."""
+def largest_batch(trainer, device: torch.device, start: int, bound: int, step: int, max_tries: int,
+                  growth: float = 2.0) -> dict:
+    """Growing from `start` by `growth` up to `bound` (a start that does not fit is halved first),
+    then bisection in multiples of `step`; at most `max_tries` steps after the start."""
     tries = 0
-    if not fits(trainer, start, device):
-        return {"largest": 0, "tries": 1, "bounded": False}
-    good, bad = start, None
+    bad = None
+    while not fits(trainer, start, device):  # the start is too big: halve it until one fits
+        tries += 1
+        bad = start
+        if start <= step or tries >= max_tries:
+            return {"largest": 0, "tries": tries, "bounded": False}
+        start = max(step, start // 2 // step * step)
+    good = start
     while bad is None and good < bound and tries < max_tries:
-        candidate = min(bound, 2 * good)
+        candidate = min(bound, max(good + step, int(good * growth) // step * step))
         tries += 1
         if fits(trainer, candidate, device):
             good = candidate
@@ -189,16 +240,37 @@ def batch_search(setup, deadline: float) -> dict:
                 skipped.append(label)
                 continue
             started = time.perf_counter()
-            with tempfile.TemporaryDirectory() as run_dir:
-                _, trainer = build_trainer(config, overrides + [f"model.mask_ratio={mask}",
-                                                                f"parallel.activation_checkpointing={ac}",
-                                                                f"train.global_batch_size={setup.search_start}"], run_dir)
-                results[label] = largest_batch(trainer, trainer.device, setup.search_start, setup.search_bound,
-                                               setup.search_step, setup.search_tries)
-                del trainer
+            run = overrides + [f"model.mask_ratio={mask}", f"parallel.activation_checkpointing={ac}"]
+            start = search_start(setup, config, run)
+            try:
+                with tempfile.TemporaryDirectory() as run_dir:
+                    _, trainer = build_trainer(config, run + [f"train.global_batch_size={start}"], run_dir)
+                    # Near the model's estimate on a GPU: grow by half, not double, past it.
+                    results[label] = largest_batch(trainer, trainer.device, start, setup.search_bound,
+                                                   setup.search_step, setup.search_tries,
+                                                   growth=1.5 if setup.device == "cuda" else 2.0)
+                    results[label]["start"] = start
+                    del trainer
+            except Exception as error:  # noqa: BLE001 - reported; the other searches still run
+                results[label] = {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
             release(torch.device(setup.device))
             longest = max(longest, time.perf_counter() - started)
-    return {"largest_batch": results, "bound": setup.search_bound, "skipped": skipped}
+    return {"pass": not any("error" in r for r in results.values()), "largest_batch": results,
+            "bound": setup.search_bound, "skipped": skipped}
+
+
+def search_start(setup, config: str, overrides: list) -> int:
+    """Where the search starts: 3/4 of the batch the README's memory model says fits the GPU (in
+    multiples of the search step, within [step, bound]), so that a few tries find the edge; on the
+    CPU (no memory to fill), `setup.search_start`."""
+    if setup.device != "cuda":
+        return setup.search_start
+    free, _ = torch.cuda.mem_get_info()
+    one, two = (model_memory(config, overrides + [f"train.global_batch_size={b}"]) for b in (32, 64))
+    per_sample = max(1.0, (two - one) / 32)
+    fitting = (free - (one - 32 * per_sample)) / per_sample
+    start = int(0.75 * fitting) // setup.search_step * setup.search_step
+    return max(setup.search_step, min(setup.search_bound, start))
 
 
 def _snapshot(trainer) -> dict:
