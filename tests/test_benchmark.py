@@ -42,11 +42,28 @@ def test_benchmark_json_has_every_field_as_a_number(compare):
         assert "ratio" not in result
 
 
-def test_a_config_openclip_cannot_express_is_refused_by_name():
-    proc = _benchmark("--config", "configs/tiny.yaml", "model.text_pad_mask=true", "--compare-openclip", "--json")
+@pytest.mark.parametrize("separate", [False, True], ids=["one-process", "separate-processes"])
+def test_a_config_openclip_cannot_express_is_refused_by_name(separate):
+    proc = _benchmark("--config", "configs/tiny.yaml", "model.text_pad_mask=true", "--compare-openclip", "--json",
+                      *(["--separate-processes", "2"] if separate else []))
     assert proc.returncode == 2
     assert "model.text_pad_mask=true has no OpenCLIP equivalent" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_each_side_in_a_process_of_its_own():
+    """--separate-processes: ours and OpenCLIP each alone in a process (nothing of the other in its heap),
+    the medians over both processes' timed steps, the same JSON fields as the one-process comparison."""
+    proc = _benchmark("--config", "configs/tiny.yaml", "--steps", "2", "--warmup", "0", "--json", "--compare-openclip",
+                      "--separate-processes", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in NUMBERS + OPENCLIP_NUMBERS:
+        value = result[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), (key, value)
+    assert result["separate_processes"] == 1 and len(result["step_times"]) == 2
+    assert result["ratio"] == pytest.approx(result["images_per_s"] / result["openclip_images_per_s"])
+    assert "round 1/1 ours" in proc.stderr and "round 1/1 openclip" in proc.stderr
 
 
 def test_the_layout_sweep_measures_a_sharded_layout_and_counts_its_traffic():

@@ -11,7 +11,9 @@ that run in this process (or in each rank, under torchrun): images/s, the median
 spread, TFLOP/s per rank and MFU, peak memory, and a split of one extra step into forward /
 backward / optimizer / communication; `--json` makes the last line one JSON object of those.
 `--compare-openclip` also builds the same architecture in OpenCLIP (its PatchDropout at the same
-mask ratio, ClipLoss, AdamW) and steps both on the same batches, in turn, in this process.
+mask ratio, ClipLoss, AdamW) and steps both on the same batches, in turn, in this process;
+`--separate-processes R` runs each side in a process of its own instead, R alternating rounds
+(in one process the two share the heap and the allocator's state, which moves each by a few %).
 
 examples:
   python tools/benchmark.py                                   # tiny model, a sweep of CPU layouts
@@ -282,19 +284,16 @@ def run_config(args) -> dict:
     proc = init_distributed(cfg.train.device, cpu_collectives=needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank if args.verbose else 1)
     try:
-        if args.compare_openclip:
+        if args.compare_openclip or args.side == "openclip":
             refuse_for_openclip(cfg, proc.world_size)
+        if args.side == "openclip":
+            return openclip_only(args, cfg, proc)
         # What the process holds on the GPU before this run (another run's leftovers, in gpu_check).
         baseline = int(torch.cuda.memory_allocated()) if proc.device.type == "cuda" else 0
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(cfg, Path(run_dir), proc, with_data=False)
             arch, device, local = trainer.arch, trainer.device, trainer.local_batch
-            generator = torch.Generator().manual_seed(proc.rank)
-            batches = [{"images": torch.randn(local, 3, arch.image_size, arch.image_size, generator=generator),
-                        "tokens": torch.randint(4, arch.vocab_size, (local, arch.context_length), generator=generator)}
-                       for _ in range(args.steps)]
-            if device.type == "cuda":  # as the loader's batches are: the copy to the GPU does not stall the host
-                batches = [{name: tensor.pin_memory() for name, tensor in b.items()} for b in batches]
+            batches = random_batches(arch, local, args.steps, proc.rank, device)
 
             def ours(batch):
                 trainer.train_step(batch)
@@ -307,7 +306,7 @@ def run_config(args) -> dict:
             split = split_step(trainer, batches[0])
             steppers = {"ours": ours}
             result_peak = peak_memory_bytes(device)  # before OpenCLIP's model exists
-            if args.compare_openclip:
+            if args.compare_openclip and args.side == "both":
                 openclip = OpenClipStepper(cfg, device, trainer.precision, compile_model=args.compile_openclip)
                 for index in range(args.warmup):
                     openclip.step(batches[index % len(batches)])
@@ -324,9 +323,9 @@ def run_config(args) -> dict:
                 **mine, "tflops_per_s_per_rank": tflops, "peak_tflops": peak, "peak_tflops_source": source,
                 "mfu": tflops / peak, "peak_mem_bytes": result_peak, "mem_baseline_bytes": baseline,
                 "peak_mem_kind": "cuda allocated" if device.type == "cuda" else "process peak RSS",
-                **split,
+                **split, "step_times": times["ours"],
             }
-            if args.compare_openclip:
+            if "openclip" in times:
                 theirs = summary(times["openclip"], cfg.train.global_batch_size)
                 result.update({"openclip_images_per_s": theirs["images_per_s"], "openclip_step_s": theirs["step_s"],
                                "openclip_step_s_min": theirs["step_s_min"], "openclip_step_s_max": theirs["step_s_max"],
@@ -343,6 +342,76 @@ def run_config(args) -> dict:
             return result
     finally:
         shutdown()
+
+
+def random_batches(arch, local: int, steps: int, rank: int, device: torch.device) -> list[dict]:
+    generator = torch.Generator().manual_seed(rank)
+    batches = [{"images": torch.randn(local, 3, arch.image_size, arch.image_size, generator=generator),
+                "tokens": torch.randint(4, arch.vocab_size, (local, arch.context_length), generator=generator)}
+               for _ in range(steps)]
+    if device.type == "cuda":  # as the loader's batches are: the copy to the GPU does not stall the host
+        batches = [{name: tensor.pin_memory() for name, tensor in b.items()} for b in batches]
+    return batches
+
+
+def openclip_only(args, cfg, proc) -> dict:
+    """--side openclip: OpenCLIP alone in this process (no model of ours beside it), same batches."""
+    from flip_scale.preflight import plan_run
+    from flip_scale.runtime import resolve_precision
+
+    plan = plan_run(cfg, proc.world_size)
+    precision = resolve_precision(cfg, proc.device)
+    batches = random_batches(plan.arch, plan.local_batch, args.steps, proc.rank, proc.device)
+    openclip = OpenClipStepper(cfg, proc.device, precision, compile_model=args.compile_openclip)
+    for index in range(args.warmup):
+        openclip.step(batches[index % len(batches)])
+    times = interleave({"openclip": openclip.step}, batches, proc.device)["openclip"]
+    theirs = summary(times, cfg.train.global_batch_size)
+    result = {"config": args.config, "model": cfg.model.name, "mask_ratio": cfg.model.mask_ratio, "side": "openclip",
+              "openclip_images_per_s": theirs["images_per_s"], "openclip_step_s": theirs["step_s"],
+              "openclip_step_times": times, "openclip_compiled": bool(args.compile_openclip)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def separate_processes(args) -> dict:
+    """--separate-processes R: ours and OpenCLIP each in a process of its own, alternating R rounds
+    (the side that starts alternates too), each child its warm-up then --steps timed steps; the
+    medians over every timed step of each side. In one process the two trainers share the heap, the
+    page cache and the allocator's state, which moves each one's step by several percent."""
+    command = [sys.executable, __file__, "--config", args.config, *args.overrides, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--json"] + (["--threads", str(args.threads)] if args.threads else [])
+    command += ["--compile-openclip"] if args.compile_openclip else []
+    if args.peak_tflops:
+        command += ["--peak-tflops", str(args.peak_tflops)]
+    from flip_scale.config import load_config
+
+    refuse_for_openclip(load_config(args.config, list(args.overrides)), int(os.environ.get("WORLD_SIZE", "1")))
+    ours_runs, theirs_times = [], []
+    for round_index in range(args.separate_processes):
+        for side in (("ours", "openclip") if round_index % 2 == 0 else ("openclip", "ours")):
+            child = subprocess.run(command + ["--side", side], capture_output=True, text=True)
+            lines = child.stdout.strip().splitlines()
+            if child.returncode != 0 or not lines:
+                raise RuntimeError(f"--separate-processes: the {side} process failed (exit {child.returncode}): "
+                                   + " | ".join((child.stderr.strip().splitlines() or ["no output"])[-3:]))
+            result = json.loads(lines[-1])
+            if side == "ours":
+                ours_runs.append(result)
+            else:
+                theirs_times += result["openclip_step_times"]
+            print(f"benchmark: round {round_index + 1}/{args.separate_processes} {side}: "
+                  f"{result.get('step_s', result.get('openclip_step_s')):.3f} s a step", file=sys.stderr, flush=True)
+    result = dict(ours_runs[-1])
+    times = [t for run in ours_runs for t in run["step_times"]]
+    mine, theirs = summary(times, result["global_batch"]), summary(theirs_times, result["global_batch"])
+    scale = mine["images_per_s"] / result["images_per_s"]  # the last run's FLOP rate, at the median of all
+    result.update(mine, step_times=times, tflops_per_s_per_rank=result["tflops_per_s_per_rank"] * scale,
+                  mfu=result["mfu"] * scale, separate_processes=args.separate_processes,
+                  openclip_images_per_s=theirs["images_per_s"], openclip_step_s=theirs["step_s"],
+                  openclip_step_s_min=theirs["step_s_min"], openclip_step_s_max=theirs["step_s_max"],
+                  openclip_compiled=bool(args.compile_openclip), ratio=mine["images_per_s"] / theirs["images_per_s"])
+    return result
 
 
 def print_result(result: dict, as_json: bool) -> None:
@@ -385,6 +454,10 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-openclip", action="store_true",
                         help="with --config: the same architecture in OpenCLIP, stepped in turn on the same batches")
     parser.add_argument("--compile-openclip", action="store_true", help="with --compare-openclip: torch.compile OpenCLIP")
+    parser.add_argument("--separate-processes", type=int, default=0, metavar="R",
+                        help="with --compare-openclip: each side in a process of its own, R alternating rounds")
+    parser.add_argument("--side", default="both", choices=["both", "ours", "openclip"],
+                        help="with --config: measure only one side in this process (what --separate-processes runs)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the device's peak for MFU (default: known GPUs' bf16 peak, else a measured matmul)")
     args = parser.parse_args(argv)
@@ -393,11 +466,21 @@ def main(argv=None) -> int:
     if args.config is not None:
         if args.steps < 1 or args.warmup < 0:
             parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+        if args.separate_processes < 0 or (args.separate_processes and not args.compare_openclip):
+            parser.error("--separate-processes R (R >= 1) goes with --compare-openclip")
         try:
-            run_config(args)
+            if args.separate_processes:
+                print_result(separate_processes(args), args.json)
+            else:
+                run_config(args)
         except ValueError as error:
             print(f"benchmark: {error}", file=sys.stderr)
             return 2
+        except RuntimeError as error:
+            if not args.separate_processes:
+                raise
+            print(f"benchmark: {error}", file=sys.stderr)
+            return 1
         return 0
     if args.layout is not None and args.layouts:
         parser.error("give --layout or --layouts, not both")
