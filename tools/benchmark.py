@@ -283,10 +283,11 @@ def run_config(args) -> dict:
         cfg = load_config(args.config, overrides + [f"train.max_steps={args.steps + args.warmup + 1}"])
     proc = init_distributed(cfg.train.device, cpu_collectives=needs_cpu_collectives(cfg.parallel))
     setup_logging(proc.rank if args.verbose else 1)
+    side = getattr(args, "side", "both")  # callers that build the arguments (gpu_check) may leave it out
     try:
-        if args.compare_openclip or args.side == "openclip":
+        if args.compare_openclip or side == "openclip":
             refuse_for_openclip(cfg, proc.world_size)
-        if args.side == "openclip":
+        if side == "openclip":
             return openclip_only(args, cfg, proc)
         # What the process holds on the GPU before this run (another run's leftovers, in gpu_check).
         baseline = int(torch.cuda.memory_allocated()) if proc.device.type == "cuda" else 0
@@ -306,7 +307,7 @@ def run_config(args) -> dict:
             split = split_step(trainer, batches[0])
             steppers = {"ours": ours}
             result_peak = peak_memory_bytes(device)  # before OpenCLIP's model exists
-            if args.compare_openclip and args.side == "both":
+            if args.compare_openclip and side == "both":
                 openclip = OpenClipStepper(cfg, device, trainer.precision, compile_model=args.compile_openclip)
                 for index in range(args.warmup):
                     openclip.step(batches[index % len(batches)])
