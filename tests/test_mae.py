@@ -238,8 +238,11 @@ def test_deepspeed_zero3_matches_one_process(tmp_path):
     got = run_distributed(_deepspeed_zero3, world_size=2, args=(str(tmp_path / "ds"),), timeout=300)[0]
     assert sum(got["losses"], []) == pytest.approx(sum(want["losses"], []), abs=TOL)
     assert set(got["params"]) == set(want["params"])
+    # 1e-5, a tenth of these steps' size: on an AVX2-only CPU (no AVX-512) the two-rank gradient sums
+    # in another order and one qkv-bias element whose gradient is near optim.eps (AdamW divides by
+    # sqrt(v) + eps, so such an element's step follows the rounding) lands 7.6e-6 away.
     for name, value in want["params"].items():
-        assert (got["params"][name] - value).abs().max().item() <= 5e-6, name
+        assert (got["params"][name] - value).abs().max().item() <= 1e-5, name
 
 
 # ----------------------------------------------------------------------------- resume, export, report
