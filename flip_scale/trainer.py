@@ -228,8 +228,8 @@ class Trainer:
                                                 text_tokens), self.device)
 
     def train_step(self, batch: dict) -> dict:
-        images = batch["images"].to(self.device, non_blocking=True)
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        images = host_to_device(batch["images"], self.device)  # the loader's are pinned already
+        tokens = host_to_device(batch["tokens"], self.device)
         index = batch.get("sample_index")
         if index is None:  # a batch made by hand (benchmarks, tests): this rank's rows in order
             first = self.dims.dp_rank * images.shape[0]

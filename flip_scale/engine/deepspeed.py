@@ -106,7 +106,6 @@ def _forget_process_groups() -> None:
             setattr(groups, name, None)
 
 
-
 def fused_adam_prebuilt() -> bool:
     """DeepSpeed's FusedAdam was compiled when DeepSpeed was installed (else its first use builds it)."""
     try:
@@ -222,24 +221,22 @@ class DeepSpeedEngine(ZeroStateMixin, Engine):
                 ) from error
             self.optimizer_kind = "DeepSpeed CPU Adam (AdamW mode, offloaded optimizer)"
             return optimizer
-        if self.device.type == "cuda" and cfg.optim.fused != "false" and not fused_adam_prebuilt():
-            # Built on first use otherwise: minutes of nvcc at the start of every job on a new node,
-            # for a kernel no faster than PyTorch's fused AdamW.
-            log.info("DeepSpeed's FusedAdam is not prebuilt in this install (DS_BUILD_FUSED_ADAM=1): using "
-                     "PyTorch's fused AdamW")
+        if self.device.type == "cuda" and cfg.optim.fused != "false":
+            # Not prebuilt, FusedAdam is built with nvcc on first use (minutes at the start of a job on
+            # a new node) for a kernel no faster than PyTorch's fused AdamW: that one is taken then.
+            why = "not prebuilt in this install (DS_BUILD_FUSED_ADAM=1)"
+            if fused_adam_prebuilt():
+                try:
+                    from deepspeed.ops.adam import FusedAdam
+
+                    optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
+                    self.optimizer_kind = "DeepSpeed FusedAdam (AdamW mode)"
+                    return optimizer
+                except Exception as error:
+                    why = f"not available ({error})"
+            log.warning("DeepSpeed's FusedAdam is %s: using PyTorch's fused AdamW", why)
             self.optimizer_kind = "PyTorch AdamW (fused)"
             return torch.optim.AdamW(groups, fused=True, **kwargs)
-        if self.device.type == "cuda" and cfg.optim.fused != "false":
-            try:
-                from deepspeed.ops.adam import FusedAdam
-
-                optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
-                self.optimizer_kind = "DeepSpeed FusedAdam (AdamW mode)"
-                return optimizer
-            except Exception as error:
-                log.warning("DeepSpeed's FusedAdam is not available (%s): using PyTorch's fused AdamW", error)
-                self.optimizer_kind = "PyTorch AdamW (fused)"
-                return torch.optim.AdamW(groups, fused=True, **kwargs)
         fused = self.device.type == "cuda" and cfg.optim.fused == "true"
         self.optimizer_kind = f"PyTorch AdamW ({'fused' if fused else 'foreach'})"
         return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else True, **kwargs)
