@@ -113,7 +113,7 @@ def host_to_device(tensor, device):
     import torch
 
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or tensor.device.type != "cpu":  # only a host tensor can be page-locked
         return tensor.to(device)
     if not tensor.is_pinned():
         tensor = tensor.pin_memory()

@@ -177,6 +177,39 @@ def test_model_evaluation_counts_the_configured_samples(one_process):
         unmasked["zero_shot"]["top1"], unmasked["retrieval"]["image_to_text"])
 
 
+def test_evaluation_sends_images_tokens_and_noise_through_host_to_device(synthetic_dir, monkeypatch):
+    """On a GPU a copy from pageable memory waits for the device's queue: every batch tensor the evaluation
+    feeds the model (images, captions, prompts, mask noise, each masked view's noise) goes through
+    `runtime.host_to_device` (pinned, non_blocking on CUDA). Checked on the CPU by recording the calls."""
+    from flip_scale.data import Tokenizer
+    from flip_scale.evaluation import masked_views, runner
+
+    sent = []
+
+    def record(tensor, device):
+        sent.append((tensor.dtype, tensor.shape[-1]))
+        return tensor.to(device)
+
+    monkeypatch.setattr(runner, "host_to_device", record)
+    monkeypatch.setattr(masked_views, "host_to_device", record)
+    cfg = eval_config(synthetic_dir)
+    cfg.eval.max_samples = 8
+    model, dims = _build(cfg, 1)
+    tokenizer, cpu = Tokenizer(cfg.data.tokenizer), torch.device("cpu")
+    arch = runner._arch(model)
+    image_size, context, patches = arch.image_size, arch.context_length, arch.num_patches
+    run_evaluation(model, tokenizer, cfg, cpu, EvalGroup.from_dims(dims), mask_ratio=0.5)
+    kinds = set(sent)
+    assert (torch.float32, image_size) in kinds  # images
+    assert (torch.long, context) in kinds  # captions and prompts
+    assert (torch.float32, patches) in kinds  # mask noise
+    sent.clear()
+    views = runner._ImageView(model, None, 0, masked_views=2)
+    with views.mode():
+        views(torch.zeros(2, 3, image_size, image_size), torch.arange(2), cpu)
+    assert sent == [(torch.float32, image_size)] + [(torch.float32, patches)] * 2
+
+
 @pytest.mark.slow
 def test_dp_shard_tp_and_pp_give_the_numbers_of_one_process(synthetic_dir, one_process):
     layouts = {"dp_shard=2": dict(dp_shard=2), "tp=2": dict(dp_shard=1, tp=2),

@@ -373,6 +373,9 @@ def test_host_tensors_reach_cuda_through_pinned_memory_without_a_host_stall(monk
     calls.clear()
     runtime.host_to_device(torch.zeros(2), "cpu")
     assert calls == [("to", "cpu", {})]
+    calls.clear()  # a tensor already off the host (here: meta) cannot be page-locked: a plain `.to`
+    runtime.host_to_device(torch.zeros(2, device="meta"), torch.device("cuda", 0))
+    assert calls == [("to", "cuda:0", {})]
 
 
 def test_the_trainer_sends_its_mask_noise_through_host_to_device(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import masking_noise, visible_count
+from ..runtime import host_to_device
 
 
 def view_keep_count(num_patches: int, views: int, ratio: float = 0.0) -> int:
@@ -55,5 +56,5 @@ def ensemble_image_features(model, images: torch.Tensor, noises: list) -> torch.
     The model's image tower must keep `keep` patches (runner: `evaluation_mode(model, ratio_keeping(L, keep))`);
     one forward per view, every rank alike (collective)."""
     device = images.device
-    features = [model(images, None, noise.to(device))[0].float() for noise in noises]
+    features = [model(images, None, host_to_device(noise, device))[0].float() for noise in noises]
     return F.normalize(torch.stack(features).mean(dim=0), dim=-1)

@@ -24,6 +24,7 @@ import torch
 
 from ..models import masking_noise
 from ..models.masking import ratio_keeping
+from ..runtime import host_to_device
 from .datasets import ClassificationSet, caption_batches, open_classification
 from .group import EvalGroup, EvalProgress, Field, lockstep_batches
 from .masked_views import ensemble_image_features, view_keep_count, view_noises
@@ -67,7 +68,7 @@ def _arch(model):
 def _image_noise(model, index: torch.Tensor, mask_ratio: Optional[float], mask_seed: int, device):
     if not mask_ratio:
         return None
-    return masking_noise(mask_seed, 0, index.clamp(min=0), _arch(model).num_patches).to(device)
+    return host_to_device(masking_noise(mask_seed, 0, index.clamp(min=0), _arch(model).num_patches), device)
 
 
 class _ImageView:
@@ -87,7 +88,7 @@ class _ImageView:
         return evaluation_mode(self.model, self.mask_ratio)
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
-        images = images.to(device)
+        images = host_to_device(images, device)
         if not self.views:
             noise = _image_noise(self.model, index, self.mask_ratio, self.mask_seed, device)
             return self.model(images, None, noise)[0]
@@ -115,7 +116,7 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str], temp
                             total=len(prompts))
     with evaluation_mode(model):
         for start in range(0, per_rank, batch_size):
-            tokens = tokenizer(mine[start : start + batch_size]).to(device)
+            tokens = host_to_device(tokenizer(mine[start : start + batch_size]), device)
             _, text_features, _ = model(None, tokens)
             features.append(text_features.float())
             progress.update(min(len(prompts), (start + batch_size) * group.size))
@@ -180,10 +181,11 @@ def retrieval_recall(model, loader, device, batch_size: int, max_samples: int = 
                                       label="retrieval pairs"):
             if masked_views:  # the views' forwards embed images only; the captions once, apart
                 image_features = view(batch["images"], batch["index"], device)
-                _, text_features, _ = model(None, batch["tokens"].to(device))
+                _, text_features, _ = model(None, host_to_device(batch["tokens"], device))
             else:
                 noise = _image_noise(model, batch["index"], mask_ratio, mask_seed, device)
-                image_features, text_features, _ = model(batch["images"].to(device), batch["tokens"].to(device), noise)
+                image_features, text_features, _ = model(host_to_device(batch["images"], device),
+                                                         host_to_device(batch["tokens"], device), noise)
             valid = batch["valid"].to(device)
             images.append(image_features.float()[valid])
             texts.append(text_features.float()[valid])
