@@ -168,6 +168,28 @@ def test_a_mixture_with_one_resampled_source(data):
     assert every.state_dict()["sampling"] == "laion=resampled,coyo=resampled"
 
 
+def test_a_mixture_warns_of_each_source_with_fewer_shards_than_streams(data, caplog):
+    """Each source's shards are split over the streams on their own: 4 + 4 shards under 8 streams are
+    two sources each read by two streams a shard (the union's 8 would say nothing), and the
+    resampled one gets the with-replacement wording."""
+    import logging
+
+    from flip_scale.data import shards as shards_module
+
+    cfg, a, b, tokenizer = data
+    sources = [{"shards": a, "weight": 0.75, "name": "laion"},
+               {"shards": b, "weight": 0.25, "name": "coyo", "resampled": True}]
+    shards_module._warned_few_shards.clear()  # the warning is logged once per process
+    with caplog.at_level(logging.WARNING, logger="flip_scale.data"):
+        build_train_loader(dataclasses.replace(cfg, sources=sources, streams=8), 8, tokenizer, 0, 1, 8, seed=0)
+    assert "only 4 shards in source 'laion' for data.streams=8 sample streams: each shard is shared" in caplog.text
+    assert "only 4 shards in source 'coyo' for data.streams=8 sample streams drawing with replacement" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flip_scale.data"):
+        build_train_loader(dataclasses.replace(cfg, sources=sources, streams=4), 8, tokenizer, 0, 1, 8, seed=0)
+    assert "only" not in caplog.text  # 4 shards a source for 4 streams: each read once
+
+
 def test_refusals(data):
     cfg, a, _, tokenizer = data
     with pytest.raises(ValueError, match="data.resampled must be true or false"):

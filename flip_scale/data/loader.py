@@ -105,7 +105,11 @@ class TrainLoader:
                    "streams evenly (worker counts that fit: %s; or choose data.streams as dp size x workers)",
                    self.num_workers, self.requested_workers, per_rank, fits)
         self.positions = {stream: self._fresh_position() for stream in self.rank_streams}
-        warn_if_few_shards(len(self.shards), streams, self.resampled and not self.sources)
+        if self.sources:  # each source's shards are split over the streams on their own
+            for source in self.sources:
+                warn_if_few_shards(len(source.shards), streams, source.resampled, source.name)
+        else:
+            warn_if_few_shards(len(self.shards), streams, self.resampled)
 
     @property
     def joins_parts(self) -> bool:

@@ -395,22 +395,24 @@ def resampled_shards(shards: Sequence[str], draw: int, seed: int, stream: int, s
 _warned_few_shards: set = set()
 
 
-def warn_if_few_shards(count: int, streams: int, resampled: bool = False) -> None:
-    """Say once when the sample streams outnumber the shards (each shard is then read by several)."""
-    if count >= streams or (count, streams, resampled) in _warned_few_shards:
+def warn_if_few_shards(count: int, streams: int, resampled: bool = False, source: str = "") -> None:
+    """Say once when the sample streams outnumber the shards (each shard is then read by several);
+    `source`: the mixture source these shards are (each source's shards are split over the streams)."""
+    if count >= streams or (count, streams, resampled, source) in _warned_few_shards:
         return
-    _warned_few_shards.add((count, streams, resampled))
+    _warned_few_shards.add((count, streams, resampled, source))
+    of = f" in source {source!r}" if source else ""
     if resampled:
         log.warning(
-            "only %d shards for data.streams=%d sample streams drawing with replacement: several streams read "
+            "only %d shards%s for data.streams=%d sample streams drawing with replacement: several streams read "
             "the same shard in each draw, so batches often hold a sample more than once (cropped apart). "
             "Write many more shards than %d, or lower data.streams.",
-            count, streams, streams,
+            count, of, streams, streams,
         )
         return
     log.warning(
-        "only %d shards for data.streams=%d sample streams: each shard is shared by up to %d streams that each "
+        "only %d shards%s for data.streams=%d sample streams: each shard is shared by up to %d streams that each "
         "keep every k-th sample (disjoint, but every such stream reads the whole shard). Write at least %d "
         "shards, or lower data.streams, to read each shard once.",
-        count, streams, math.ceil(streams / count), streams,
+        count, of, streams, math.ceil(streams / count), streams,
     )
