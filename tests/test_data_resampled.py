@@ -168,6 +168,35 @@ def test_a_mixture_with_one_resampled_source(data):
     assert every.state_dict()["sampling"] == "laion=resampled,coyo=resampled"
 
 
+def test_a_mode_change_of_one_source_restarts_only_that_source(data):
+    """coyo turns from per-epoch to resampled at a resume (under another layout): laion's samples and the
+    mixture's rows continue sample for sample, coyo starts at a draw index no stream had begun."""
+    cfg, a, b, tokenizer = data
+    sources = [{"shards": a, "weight": 0.75, "name": "laion"}, {"shards": b, "weight": 0.25, "name": "coyo"}]
+    before = dataclasses.replace(cfg, sources=sources, streams=4)
+    after = dataclasses.replace(cfg, sources=[sources[0], dict(sources[1], resampled=True)], streams=4)
+    whole = _batches(before, tokenizer, 1, 20)[0]
+    _, loaders = _batches(before, tokenizer, 2, 8)
+    blobs = [loader.state_dict() for loader in loaders]
+    fresh = build_train_loader(after, 8, tokenizer, 0, 1, 8, seed=0)
+    state, reason = data_state_for_resume(blobs, fresh.state_dict())
+    assert "drew 'coyo' another way (sampling epochs -> laion=epochs,coyo=resampled)" in reason
+    assert "that source restarts at coyo epoch 1" in reason and "laion" not in reason.split(":")[1].split("(")[0]
+    assert all(p["sources"]["laion"] != [0, 0] and p["sources"]["coyo"] == [1, 0] for p in state["positions"].values())
+    fresh.load_state_dict(state)
+    it = iter(fresh)
+    resumed = [list(next(it)["keys"]) for _ in range(12)]
+    for got, want in zip(resumed, whole[8:]):
+        assert [k[0] for k in got] == [k[0] for k in want]  # each row from the same source
+        assert [k for k in got if k.startswith("a")] == [k for k in want if k.startswith("a")]  # laion continues
+    coyo_seen = {k for batch in whole[:8] for k in batch if k.startswith("b")}
+    assert {k for batch in resumed for k in batch if k.startswith("b")} - coyo_seen  # coyo is drawn afresh
+    # A mode change of every source restarts every source (the rows still continue).
+    every = dataclasses.replace(after, resampled=True, sources=[dict(s, resampled=True) for s in sources])
+    _, reason = data_state_for_resume(blobs, build_train_loader(every, 8, tokenizer, 0, 1, 8, seed=0).state_dict())
+    assert "drew 'laion', 'coyo' another way" in reason and "those sources restart" in reason
+
+
 def test_a_mixture_warns_of_each_source_with_fewer_shards_than_streams(data, caplog):
     """Each source's shards are split over the streams on their own: 4 + 4 shards under 8 streams are
     two sources each read by two streams a shard (the union's 8 would say nothing), and the

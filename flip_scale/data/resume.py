@@ -46,6 +46,42 @@ def _restart_epoch(blobs: list[dict]) -> int:
                for epoch, drawn in pairs(position))
 
 
+def _source_modes(sampling: str, names: list) -> dict:
+    """A mixture's sampling string ("epochs", or "laion=epochs,coyo=resampled") as name -> mode."""
+    if "=" not in sampling:
+        return {name: sampling for name in names}
+    return dict(part.split("=", 1) for part in sampling.split(","))
+
+
+def _sources_redrawn(first: dict, fresh: dict) -> Optional[list]:
+    """The mixture sources whose sampling mode changed between the checkpoint and this run, when the
+    rest of the stream (the sources, their positions' layout) is the same; None otherwise."""
+    positions = list(fresh["positions"].values())
+    if not positions or not isinstance(positions[0], dict):
+        return None
+    names = list(positions[0]["sources"])
+    saved = _source_modes(first.get("sampling", SAVED_DEFAULTS["sampling"]), names)
+    now = _source_modes(fresh["sampling"], names)
+    if sorted(saved) != sorted(now):
+        return None
+    return [name for name in names if saved[name] != now[name]]
+
+
+def _layout_problem(first: dict, fresh: dict, merged: dict) -> Optional[str]:
+    """Why the saved positions cannot be split over this run's layout (None: they can)."""
+    streams = first.get("streams")
+    dp_size, global_batch = fresh["dp_size"], fresh["batch_size"] * fresh["dp_size"]
+    if not fresh.get("streams_auto", True) and fresh["streams"] != streams:
+        return f"data.streams {streams} -> {fresh['streams']}"
+    if streams % dp_size:
+        return f"its {streams} data streams do not split over {dp_size} data-parallel ranks"
+    if global_batch % streams:
+        return f"train.global_batch_size={global_batch} is not a multiple of its {streams} data streams"
+    if sorted(int(k) for k in merged) != list(range(streams)):
+        return f"positions of {streams - len(merged)} of its {streams} streams are missing"
+    return None
+
+
 def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict], Optional[str]]:
     """The loader state to resume with, and why the stream cannot continue sample for sample (or None).
 
@@ -54,7 +90,9 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
     newly built loader of this run. The merged positions continue the stream under any layout
     whose data-parallel size divides the stream count, with the same seed and shards. Otherwise the
     stream restarts at the first epoch no stream of the checkpoint had begun, so no sample of an
-    epoch is seen twice (the rest of the epochs in progress is not seen).
+    epoch is seen twice (the rest of the epochs in progress is not seen). In a mixture where only
+    some sources' sampling mode changed, only those sources restart; the others, and the mixture's
+    row draws, continue.
     """
     if not blobs:
         return None, None
@@ -64,20 +102,15 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
 
     changed = [key for key in _SAME_STREAM_KEYS if saved(first, key) != saved(fresh, key)]
     problems = [f"{key} {saved(first, key)} -> {saved(fresh, key)}" for key in changed]
-    streams = first.get("streams")
+    merged = merged_positions(blobs)
+    layout = _layout_problem(first, fresh, merged) if not problems or changed == ["sampling"] else None
     if not problems:
-        merged = merged_positions(blobs)
-        dp_size, global_batch = fresh["dp_size"], fresh["batch_size"] * fresh["dp_size"]
-        if not fresh.get("streams_auto", True) and fresh["streams"] != streams:
-            problems.append(f"data.streams {streams} -> {fresh['streams']}")
-        elif streams % dp_size:
-            problems.append(f"its {streams} data streams do not split over {dp_size} data-parallel ranks")
-        elif global_batch % streams:
-            problems.append(f"train.global_batch_size={global_batch} is not a multiple of its {streams} data streams")
-        elif sorted(int(k) for k in merged) != list(range(streams)):
-            problems.append(f"positions of {streams - len(merged)} of its {streams} streams are missing")
-        else:
+        if layout is None:
             return dict(first, positions=merged), None
+        problems.append(layout)
+    redrawn = _sources_redrawn(first, fresh) if changed == ["sampling"] and layout is None else None
+    if redrawn:
+        return _restart_sources(blobs, merged, fresh, redrawn)
 
     epoch = _restart_epoch(blobs)
     def restart(position):
@@ -99,5 +132,27 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
         f"the checkpoint's data stream cannot continue sample for sample in this run ({'; '.join(problems)}); "
         f"it restarts at epoch {epoch}, the first no stream had begun. To keep the stream across layouts, "
         f"give data.streams a value that every data-parallel size you use divides (e.g. 256)"
+    )
+    return state, reason
+
+
+def _restart_sources(blobs: list[dict], merged: dict, fresh: dict, redrawn: list) -> tuple[dict, str]:
+    """Continue a mixture whose `redrawn` sources changed their sampling mode: every stream keeps its
+    batch index and the other sources' positions; each redrawn source starts at the first epoch (or
+    draw) no stream had begun of it."""
+    starts = {name: max((epoch + 1 if drawn > 0 else epoch)
+                        for position in merged.values() for epoch, drawn in [position["sources"][name]])
+              for name in redrawn}
+    positions = {stream: {"batch": position["batch"],
+                          "sources": {name: ([starts[name], 0] if name in starts else list(pair))
+                                      for name, pair in position["sources"].items()}}
+                 for stream, position in merged.items()}
+    state = dict(blobs[0], positions=positions, sampling=fresh["sampling"])
+    reason = (
+        f"the checkpoint drew {', '.join(repr(n) for n in redrawn)} another way (sampling {blobs[0].get('sampling', SAVED_DEFAULTS['sampling'])} "
+        f"-> {fresh['sampling']}): {'that source restarts' if len(redrawn) == 1 else 'those sources restart'} at "
+        + ", ".join(f"{name} epoch {starts[name]}" for name in redrawn)
+        + " (an index no stream had begun, for a fresh shuffle); the other sources and the mixture's rows continue "
+        "sample for sample"
     )
     return state, reason
