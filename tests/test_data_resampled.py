@@ -181,7 +181,7 @@ def test_a_mode_change_of_one_source_restarts_only_that_source(data):
     fresh = build_train_loader(after, 8, tokenizer, 0, 1, 8, seed=0)
     state, reason = data_state_for_resume(blobs, fresh.state_dict())
     assert "drew 'coyo' another way (sampling epochs -> laion=epochs,coyo=resampled)" in reason
-    assert "that source restarts at coyo epoch 1" in reason and "laion" not in reason.split(":")[1].split("(")[0]
+    assert "that source restarts at coyo draw 1" in reason and "laion" not in reason.split(":")[1].split("(")[0]
     assert all(p["sources"]["laion"] != [0, 0] and p["sources"]["coyo"] == [1, 0] for p in state["positions"].values())
     fresh.load_state_dict(state)
     it = iter(fresh)

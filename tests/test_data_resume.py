@@ -45,3 +45,34 @@ def test_missing_streams_restart_and_no_blobs_start_from_the_beginning():
     assert "restarts at epoch 1" in reason
     assert data_state_for_resume([], fresh) == (None, None)
     assert merged_positions(SAVED) == {"0": [1, 5], "1": [1, 0], "2": [0, 9], "3": [1, 2]}
+
+
+def test_a_version_1_state_with_positions_as_a_list_restarts_at_a_fresh_epoch():
+    """Version 1 saved one rank's positions as a list (not per stream): it cannot continue, and the
+    positions are not merged (they have no stream keys), only read for the restart epoch."""
+    old = dict(_state(0, 1, None), version=1, positions=[[1, 3], [0, 2]])
+    fresh = _state(0, 1, {str(s): [0, 0] for s in range(4)})
+    restarted, reason = data_state_for_resume([old], fresh)
+    assert "version 1 -> 2" in reason and "restarts at epoch 2" in reason
+    assert restarted["positions"] == {str(s): [2, 0] for s in range(4)}
+
+
+def _mixture(rank, dp, sampling, positions, **changes):
+    return _state(rank, dp, {s: {"batch": 3, "sources": dict(p)} for s, p in positions.items()}, sampling=sampling,
+                  **changes)
+
+
+def test_mixture_mode_changes_name_what_restarts_and_what_blocks_the_rest():
+    saved = [_mixture(0, 1, "epochs", {str(s): {"a": [0, 4], "b": [1, 2]} for s in range(4)})]
+    # Every source changed: each restarts (a draw index for the resampled one); the rows' draws continue.
+    fresh = _mixture(0, 1, "a=resampled,b=resampled", {str(s): {"a": [0, 0], "b": [0, 0]} for s in range(4)})
+    state, reason = data_state_for_resume(saved, fresh)
+    assert "those sources restart at a draw 1, b draw 2" in reason and "other sources" not in reason
+    assert all(p == {"batch": 3, "sources": {"a": [1, 0], "b": [2, 0]}} for p in state["positions"].values())
+    # One source changed but data.streams was changed too: everything restarts, and the layout is named.
+    fresh = _mixture(0, 1, "a=epochs,b=resampled", {str(s): {"a": [0, 0], "b": [0, 0]} for s in range(8)},
+                     streams=8, streams_auto=False)
+    state, reason = data_state_for_resume(saved, fresh)
+    assert "data.streams 4 -> 8" in reason and "for every stream and every source" in reason
+    assert "sources whose mode did not change would continue" in reason
+    assert all(p == {"batch": 0, "sources": {"a": [2, 0], "b": [2, 0]}} for p in state["positions"].values())

@@ -102,7 +102,9 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
 
     changed = [key for key in _SAME_STREAM_KEYS if saved(first, key) != saved(fresh, key)]
     problems = [f"{key} {saved(first, key)} -> {saved(fresh, key)}" for key in changed]
-    merged = merged_positions(blobs)
+    # The positions are read only where they can still mean this run's samples (an older version's
+    # may not even be per stream).
+    merged = merged_positions(blobs) if not problems or changed == ["sampling"] else {}
     layout = _layout_problem(first, fresh, merged) if not problems or changed == ["sampling"] else None
     if not problems:
         if layout is None:
@@ -121,11 +123,17 @@ def data_state_for_resume(blobs: list[dict], fresh: dict) -> tuple[Optional[dict
     state = dict(fresh, positions={stream: restart(p) for stream, p in fresh["positions"].items()}, batches=0)
     if changed == ["sampling"]:
         # Only the sampling mode changed: the saved "epochs" count draws on one side, so the number
-        # is only a fresh seed here, and the layout advice does not apply.
+        # is only a fresh seed here. The layout advice applies only where the layout also blocked a
+        # mixture's unchanged sources from continuing.
+        advice = ""
+        if layout is not None:
+            problems.append(layout)
+            advice = (". With a layout the streams split over, a mixture's sources whose mode did not change would "
+                      "continue: give data.streams a value that every data-parallel size you use divides (e.g. 256)")
         reason = (
             f"the checkpoint's data was drawn another way ({'; '.join(problems)}): its stream positions mean "
             f"nothing to this run, so the data restarts at epoch {epoch} (a draw or epoch index no stream had "
-            f"begun, for a fresh shuffle) for every stream and every source"
+            f"begun, for a fresh shuffle) for every stream and every source{advice}"
         )
         return state, reason
     reason = (
@@ -148,11 +156,15 @@ def _restart_sources(blobs: list[dict], merged: dict, fresh: dict, redrawn: list
                                       for name, pair in position["sources"].items()}}
                  for stream, position in merged.items()}
     state = dict(blobs[0], positions=positions, sampling=fresh["sampling"])
+    names = list(next(iter(merged.values()))["sources"])
+    now = _source_modes(fresh["sampling"], names)
+    where = ", ".join(f"{name} {'draw' if now[name] == 'resampled' else 'epoch'} {starts[name]}" for name in redrawn)
+    rest = ("the other sources and the mixture's rows continue sample for sample" if len(redrawn) < len(names)
+            else "the mixture's rows continue as drawn (which source each row takes)")
     reason = (
-        f"the checkpoint drew {', '.join(repr(n) for n in redrawn)} another way (sampling {blobs[0].get('sampling', SAVED_DEFAULTS['sampling'])} "
-        f"-> {fresh['sampling']}): {'that source restarts' if len(redrawn) == 1 else 'those sources restart'} at "
-        + ", ".join(f"{name} epoch {starts[name]}" for name in redrawn)
-        + " (an index no stream had begun, for a fresh shuffle); the other sources and the mixture's rows continue "
-        "sample for sample"
+        f"the checkpoint drew {', '.join(repr(n) for n in redrawn)} another way (sampling "
+        f"{blobs[0].get('sampling', SAVED_DEFAULTS['sampling'])} -> {fresh['sampling']}): "
+        f"{'that source restarts' if len(redrawn) == 1 else 'those sources restart'} at {where} (an index no "
+        f"stream had begun, for a fresh shuffle); {rest}"
     )
     return state, reason
