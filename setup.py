@@ -25,7 +25,7 @@ setup(
         "matplotlib",  # tools/plot_runs.py, tools/scaling_fit.py (headless: the Agg backend)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "open-clip-torch", "timm>=1.0", "ruff", "import-linter"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "open-clip-torch", "timm>=1.0", "ruff", "import-linter"],
         "openclip": ["open-clip-torch"],  # data.tokenizer: openclip
         "timm": ["timm>=1.0"],  # loading a `convert_ckpt to-timm` export
     },
