@@ -12,31 +12,39 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _NEEDS_DEEPSPEED_OPS = ("test_deepspeed_engine.py",)
 
 
-# Under `-n 2` (README, pytest-xdist): the files that start a Slurm cluster or time a fault run on one
-# worker, one test at a time as in a serial run; every other file runs whole on one worker, so
-# that its module fixtures (the layouts' reference runs) are computed once, not once per worker.
-_RUN_ALONE = ("tests/faults/", "tests/test_slurm.py", "tests/test_studies.py")
+# Under `-n 2` (README, pytest-xdist): the files that start a Slurm cluster or time a fault are one
+# unit, so they run one after another on one worker and never beside each other; the other worker
+# meanwhile runs other files (their timing bounds allow that load: three -n 2 runs passed, see
+# BENCHMARKS.md). Every other file is a unit of its own, so that its module fixtures (the layouts'
+# reference runs) are computed once, not once per worker.
+_SLURM_AND_FAULTS = ("tests/faults/", "tests/test_slurm.py", "tests/test_studies.py")
+SLURM_AND_FAULTS = "slurm-and-faults"
 
 
 def xdist_scope(nodeid: str) -> str:
-    """The worker unit a test belongs to: its file, or "alone" for the files of `_RUN_ALONE`."""
+    """The unit a test is sent to a worker in: its file, or SLURM_AND_FAULTS."""
     path = nodeid.split("::", 1)[0]
-    return "alone" if path.startswith(_RUN_ALONE) else path
+    return SLURM_AND_FAULTS if path.startswith(_SLURM_AND_FAULTS) else path
+
+
+def file_scheduling():
+    """pytest-xdist's scope scheduling with `xdist_scope` as the scope, in collection order
+    (tests/faults/ first, the DeepSpeed engine's file last)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return FileScheduling
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    from xdist.scheduler import LoadScopeScheduling
-
-    class FileScheduling(LoadScopeScheduling):
-        """A scope per file, and one for the files of `_RUN_ALONE` together; sent in collection
-        order (tests/faults/ first, the DeepSpeed engine's file last)."""
-
-        def _split_scope(self, nodeid: str) -> str:
-            return xdist_scope(nodeid)
-
+    if config.getvalue("dist") != "load":  # what `-n N` sets; another --dist mode is left to xdist
+        return None
     config.option.loadscopereorder = False
-    return FileScheduling(config, log)
+    return file_scheduling()(config, log)
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -44,8 +52,9 @@ def pytest_collection_modifyitems(session, config, items):
     if not later or len(later) == len(items):
         return
     items[:] = [item for item in items if item.path.name not in _NEEDS_DEEPSPEED_OPS] + later
-    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":  # one build; a worker without it waits on its lock
-        ds_ops.start(Path(str(config.rootpath)) / ".pytest_logs")
+    # One build per session (worker gw0's, or the only process's); another worker's wait() polls it.
+    ds_ops.start(Path(str(config.rootpath)) / ".pytest_logs",
+                 build_here=os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -22,6 +22,7 @@ from typing import Optional
 LIBAIO_HEADER = Path("/usr/include/libaio.h")
 _process: Optional[subprocess.Popen] = None
 _log: Optional[Path] = None
+_done: Optional[Path] = None
 
 
 def install_libaio() -> Optional[str]:
@@ -65,18 +66,37 @@ def prebuild() -> int:
     return 0
 
 
-def start(log_dir: Path) -> None:
-    """Start `prebuild()` in a niced subprocess (once per session)."""
-    global _process, _log
-    if _process is not None or os.environ.get("FLIP_TEST_NO_PREBUILD"):
+def _done_file(log_dir: Path) -> Path:
+    """Written when this session's build has ended; one name per session (pytest-xdist gives its
+    workers one run id), so a file of an earlier session is never taken for it."""
+    return log_dir / f"deepspeed_ops_prebuild.{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'serial')}.done"
+
+
+def _prebuild_then_mark(done: str) -> int:
+    try:
+        return prebuild()
+    finally:
+        Path(done).touch()
+
+
+def start(log_dir: Path, build_here: bool = True) -> None:
+    """Start `prebuild()` in a niced subprocess (once per session). `build_here=False` (a second
+    pytest-xdist worker): another process of the session builds; `wait()` then polls for its end."""
+    global _process, _log, _done
+    if _process is not None or _done is not None or os.environ.get("FLIP_TEST_NO_PREBUILD"):
         return
     try:
         import deepspeed  # noqa: F401  (only where the engine is installed)
     except ImportError:
         return
     log_dir.mkdir(parents=True, exist_ok=True)
+    _done = _done_file(log_dir)
+    if not build_here:
+        return
+    for old in log_dir.glob("deepspeed_ops_prebuild.*.done"):
+        old.unlink(missing_ok=True)
     _log = log_dir / "deepspeed_ops_prebuild.log"
-    command = [sys.executable, "-c", "import sys, ds_ops; sys.exit(ds_ops.prebuild())"]
+    command = [sys.executable, "-c", "import sys, ds_ops; sys.exit(ds_ops._prebuild_then_mark(sys.argv[1]))", str(_done)]
     if shutil.which("nice"):
         command = ["nice", "-n", "19", *command]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
@@ -85,14 +105,19 @@ def start(log_dir: Path) -> None:
 
 
 def wait(timeout: float = 900.0) -> None:
-    """Wait for the background build, if one was started; its failure is not an error here (the
-    test then builds, or skips with its own reason)."""
-    if _process is None:
+    """Wait for the background build, if one was started here or by another worker of the
+    session; its failure is not an error here (the test then builds, or skips with its own
+    reason)."""
+    if _process is not None:
+        try:
+            _process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
         return
-    try:
-        _process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
+    if _done is not None:  # another worker's build: its done-file, written however it ended
+        deadline = time.time() + timeout
+        while not _done.exists() and time.time() < deadline:
+            time.sleep(1)
 
 
 def stop() -> None:
