@@ -14,8 +14,8 @@ _NEEDS_DEEPSPEED_OPS = ("test_deepspeed_engine.py",)
 
 # Under `-n 2` (README, pytest-xdist): the files that start a Slurm cluster or time a fault are one
 # unit, so they run one after another on one worker and never beside each other; the other worker
-# meanwhile runs other files (their timing bounds allow that load: three -n 2 runs passed, see
-# BENCHMARKS.md). Every other file is a unit of its own, so that its module fixtures (the layouts'
+# meanwhile runs other files (their timing bounds allow that load: every -n 2 run in BENCHMARKS.md
+# passed). Every other file is a unit of its own, so that its module fixtures (the layouts'
 # reference runs) are computed once, not once per worker.
 _SLURM_AND_FAULTS = ("tests/faults/", "tests/test_slurm.py", "tests/test_studies.py")
 SLURM_AND_FAULTS = "slurm-and-faults"
@@ -27,24 +27,20 @@ def xdist_scope(nodeid: str) -> str:
     return SLURM_AND_FAULTS if path.startswith(_SLURM_AND_FAULTS) else path
 
 
-def file_scheduling():
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's scope scheduling with `xdist_scope` as the scope, in collection order
     (tests/faults/ first, the DeepSpeed engine's file last)."""
+    if config.getvalue("dist") != "load":  # what `-n N` sets; another --dist mode is left to xdist
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return xdist_scope(nodeid)
 
-    return FileScheduling
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    if config.getvalue("dist") != "load":  # what `-n N` sets; another --dist mode is left to xdist
-        return None
     config.option.loadscopereorder = False
-    return file_scheduling()(config, log)
+    return FileScheduling(config, log)
 
 
 def pytest_collection_modifyitems(session, config, items):

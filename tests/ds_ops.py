@@ -1,9 +1,9 @@
 """DeepSpeed's CPU ops (shared-memory collectives, CPU Adam, async I/O), built once per test session in the background.
 
 DeepSpeed compiles these on first use, minutes each on 2 cores, and the NVMe op needs libaio's
-header, which apt-get installs when absent. The conftest starts `prebuild()` as a niced
-subprocess as soon as a test that needs them is collected, and moves those tests to the end of the
-run, so the compiler gets the cycles other tests leave idle (waits on timeouts, schedulers,
+header, which apt-get installs when absent. The conftest starts `prebuild()` as a subprocess
+(niced in a serial run) as soon as a test that needs them is collected, and moves those tests to
+the end of the run, so the compiler gets the cycles other tests leave idle (waits on timeouts, schedulers,
 process start-up). A test that needs an op calls `wait()` first; a build still under way then
 holds that test only for what is left of it. torch's extension loader takes a file lock, so a
 build the test starts itself (the prebuild failed, or was not started) is still correct.
@@ -21,7 +21,6 @@ from typing import Optional
 
 LIBAIO_HEADER = Path("/usr/include/libaio.h")
 _process: Optional[subprocess.Popen] = None
-_log: Optional[Path] = None
 _done: Optional[Path] = None
 
 
@@ -80,9 +79,9 @@ def _prebuild_then_mark(done: str) -> int:
 
 
 def start(log_dir: Path, build_here: bool = True) -> None:
-    """Start `prebuild()` in a niced subprocess (once per session). `build_here=False` (a second
+    """Start `prebuild()` in a subprocess (once per session). `build_here=False` (a second
     pytest-xdist worker): another process of the session builds; `wait()` then polls for its end."""
-    global _process, _log, _done
+    global _process, _done
     if _process is not None or _done is not None or os.environ.get("FLIP_TEST_NO_PREBUILD"):
         return
     try:
@@ -95,7 +94,6 @@ def start(log_dir: Path, build_here: bool = True) -> None:
         return
     for old in log_dir.glob("deepspeed_ops_prebuild.*.done"):
         old.unlink(missing_ok=True)
-    _log = log_dir / "deepspeed_ops_prebuild.log"
     command = [sys.executable, "-c", "import sys, ds_ops; sys.exit(ds_ops._prebuild_then_mark(sys.argv[1]))", str(_done)]
     # Niced in a serial run, whose waits leave a core idle about half the time. Under pytest-xdist
     # the two workers keep both cores busy, so a niced build got almost nothing until the end and
@@ -103,7 +101,7 @@ def start(log_dir: Path, build_here: bool = True) -> None:
     if shutil.which("nice") and not os.environ.get("PYTEST_XDIST_WORKER"):
         command = ["nice", "-n", "19", *command]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    with open(_log, "w") as log:
+    with open(log_dir / "deepspeed_ops_prebuild.log", "w") as log:
         _process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
